@@ -1,0 +1,115 @@
+"""`hub serve | token | publish | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from hub import __version__
+from hub.settings import SettingsError, load_settings
+
+
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="run a node")
+    serve.add_argument("--host", help="bind address (HUB_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (HUB_PORT, default 8000; 0 = any free)")
+    serve.add_argument("--redis-url", dest="redis_url", help="Redis URL (HUB_REDIS_URL)")
+    serve.add_argument("--node-id", dest="node_id", help="node id (HUB_NODE_ID)")
+    serve.add_argument("--dev", action="store_const", const=True,
+                       help="dev mode: no token needed, loopback only (HUB_DEV=1)")
+    serve.add_argument("--config", help="TOML file with [namespaces.NAME] tables (HUB_CONFIG)")
+
+
+def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser("token", help="print an HS256 token signed with HUB_JWT_SECRET")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--channels", action="append", default=[], help="subscribe pattern")
+    token.add_argument("--publish", action="append", default=[], help="publish pattern")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until expiry")
+    token.add_argument("--info", help="JSON object shown in presence")
+
+
+def _publish_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    publish = commands.add_parser("publish", help="publish through a node's HTTP API")
+    publish.add_argument("channel")
+    publish.add_argument("data", help="JSON value")
+    publish.add_argument("--event")
+    publish.add_argument("--url", default="http://127.0.0.1:8000", help="node address")
+    publish.add_argument("--api-key", default=os.environ.get("HUB_API_KEY"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub", description="WebSocket pub/sub hub")
+    parser.add_argument("--version", action="version", version=f"hub {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands)
+    _token_parser(commands)
+    _publish_parser(commands)
+    bench = commands.add_parser("bench", help="fan-out benchmark (see benchmarks/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _token(args: argparse.Namespace) -> int:
+    from hub.auth import mint_token
+
+    secret = os.environ.get("HUB_JWT_SECRET")
+    if not secret:
+        print("hub token: set HUB_JWT_SECRET", file=sys.stderr)
+        return 2
+    info = None
+    if args.info:
+        try:
+            info = json.loads(args.info)
+        except json.JSONDecodeError as exc:
+            print(f"hub token: --info is not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(info, dict):
+            print("hub token: --info must be a JSON object", file=sys.stderr)
+            return 2
+    print(mint_token(secret, args.sub, ttl=args.ttl, channels=args.channels,
+                     publish=args.publish, info=info))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"hub publish: data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    body = {"channel": args.channel, "data": data}
+    if args.event:
+        body["event"] = args.event
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    response = httpx.post(f"{args.url.rstrip('/')}/api/publish", json=body, headers=headers)
+    print(response.text)
+    return 0 if response.is_success else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return _token(args)
+    if args.command == "publish":
+        return _publish(args)
+    if args.command == "bench":
+        from benchmarks.fanout import main as bench_main
+
+        code: int = bench_main(args.args)
+        return code
+    from hub.server import serve
+
+    flags = {k: v for k, v in vars(args).items() if k in
+             {"host", "port", "redis_url", "node_id", "dev", "config"}}
+    try:
+        settings = load_settings(flags)
+    except SettingsError as exc:
+        print(f"hub serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)

@@ -1,0 +1,135 @@
+"""The `/ws` endpoint as a plain ASGI app: handshake, authentication, then a Session.
+
+It sits in front of Starlette's routing so that it gets the server's own `send` (no
+per-frame wrappers on the hot path) and so that every refusal can be a close code a
+browser can read: the socket is always accepted first (PROTOCOL §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+from urllib.parse import parse_qs
+
+from hub import protocol as p
+from hub.auth import AuthFailed, Identity
+from hub.errors import CloseCode
+from hub.node import Node
+from hub.session import ASGIReceive, ASGISend, Session
+
+log = logging.getLogger("hub.connection")
+
+
+def new_client_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+class WebSocketEndpoint:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        node = self.node
+        limit = node.settings.max_connections
+        if node.draining or (limit and len(node.hub.sessions) >= limit):
+            reason = "node draining" if node.draining else "node full"
+            await _close(send, CloseCode.TRY_AGAIN_LATER, reason)
+            node.metrics.disconnections.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+            return
+        try:
+            identity = await self._authenticate(scope, receive)
+        except AuthFailed as exc:
+            node.metrics.auth_failures.labels(exc.reason).inc()
+            node.metrics.disconnections.labels(str(int(exc.code))).inc()
+            await _close(send, exc.code, str(exc)[:120])
+            return
+        except _Gone:
+            return
+        await self._serve(identity, send, receive)
+
+    async def _serve(self, identity: Identity, send: ASGISend, receive: ASGIReceive) -> None:
+        node = self.node
+        session = Session(node, send, new_client_id(), identity)
+        interval = node.settings.ping_interval
+        session.reply(p.Welcome(
+            client=session.client_id,
+            user=identity.user,
+            node=node.node_id,
+            expires=identity.expires,
+            ping_interval=int(interval) if interval == int(interval) else interval,
+        ))
+        code: int = CloseCode.INTERNAL_ERROR
+        try:
+            await node.connect(session)
+            code = await session.run(receive)
+        finally:
+            await node.disconnect(session, code)
+
+    async def _authenticate(self, scope: dict[str, Any], receive: ASGIReceive) -> Identity:
+        node = self.node
+        token = _token_from_handshake(scope)
+        if token is None and node.settings.dev:
+            return _dev_identity(scope)
+        if token is None:
+            token = await self._token_from_first_frame(receive)
+        if not node.authenticator.configured:
+            raise AuthFailed("invalid", "no token verification key is configured")
+        return await node.authenticator.verify(token)
+
+    async def _token_from_first_frame(self, receive: ASGIReceive) -> str:
+        try:
+            async with asyncio.timeout(self.node.settings.auth_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise AuthFailed("timeout", "no auth frame in time") from None
+        if message["type"] == "websocket.disconnect":
+            raise _Gone
+        text = message.get("text")
+        if text is None:
+            raise AuthFailed("invalid", "expected an auth frame")
+        try:
+            command = p.decode_command(text)
+        except p.BadFrame as exc:
+            raise AuthFailed("invalid", f"expected an auth frame: {exc.message}") from None
+        if not isinstance(command, p.Auth):
+            raise AuthFailed("missing", "the first frame must be auth")
+        return command.token
+
+
+class _Gone(Exception):
+    """The client left during the handshake."""
+
+
+async def _close(send: ASGISend, code: int, reason: str) -> None:
+    with contextlib.suppress(OSError):
+        await send({"type": "websocket.close", "code": int(code), "reason": reason})
+
+
+def _token_from_handshake(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, credentials = bytes(value).decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+    tokens = _query(scope).get("token")
+    return str(tokens[0]) if tokens else None
+
+
+def _query(scope: dict[str, Any]) -> dict[str, list[str]]:
+    return parse_qs(scope.get("query_string", b"").decode("latin-1"))
+
+
+def _dev_identity(scope: dict[str, Any]) -> Identity:
+    users = _query(scope).get("user")
+    user = users[0][:128] if users and users[0] else "dev-" + secrets.token_hex(4)
+    return Identity(user=user, expires=None)
+

@@ -1,0 +1,134 @@
+"""Local connections and subscriptions of one node, and the fan-out hot path.
+
+A message is encoded once per node into one ASGI send event, which is put without awaiting
+into the bounded queue of every local subscriber (`Session.push`); nothing here awaits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+from hub.broker import StreamPosition
+from hub.channels import is_personal
+from hub.protocol import Message, encode_text
+
+if TYPE_CHECKING:
+    from hub.session import Session
+
+SendEvent = dict[str, Any]
+"""An ASGI `websocket.send` event, shared by every recipient of one frame."""
+
+
+def send_event(frame_text: str) -> SendEvent:
+    return {"type": "websocket.send", "text": frame_text}
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.sessions_by_user: dict[str, set[Session]] = {}
+        self.subscribers_by_channel: dict[str, set[Session]] = {}
+        # Sessions between asking to subscribe and getting `subscribed`: what the channel
+        # carries meanwhile is held for them, then delivered after the reply.
+        self.joining_by_channel: dict[str, dict[Session, list[Message | SendEvent]]] = {}
+        # Channels being refilled from history after a broker outage: live messages wait.
+        self.refilling: dict[str, list[Message]] = {}
+        self.last_position_by_channel: dict[str, StreamPosition] = {}
+        self.subscription_count = 0
+        self.channel_count = 0
+
+    # connections
+
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.client_id] = session
+        self.sessions_by_user.setdefault(session.user, set()).add(session)
+
+    def remove_session(self, session: Session) -> None:
+        self.sessions.pop(session.client_id, None)
+        user_sessions = self.sessions_by_user.get(session.user)
+        if user_sessions is not None:
+            user_sessions.discard(session)
+            if not user_sessions:
+                del self.sessions_by_user[session.user]
+
+    # subscriptions
+
+    def has_interest(self, channel: str) -> bool:
+        return channel in self.subscribers_by_channel or channel in self.joining_by_channel
+
+    def begin_join(self, channel: str, session: Session) -> None:
+        self.joining_by_channel.setdefault(channel, {})[session] = []
+
+    def abort_join(self, channel: str, session: Session) -> None:
+        joining = self.joining_by_channel.get(channel)
+        if joining is not None:
+            joining.pop(session, None)
+            if not joining:
+                del self.joining_by_channel[channel]
+
+    def finish_join(self, channel: str, session: Session) -> list[Message | SendEvent]:
+        """Make `session` a subscriber; returns what the channel carried while it joined."""
+        held: list[Message | SendEvent] = []
+        joining = self.joining_by_channel.get(channel)
+        if joining is not None:
+            held = joining.pop(session, [])
+            if not joining:
+                del self.joining_by_channel[channel]
+        subscribers = self.subscribers_by_channel.get(channel)
+        if subscribers is None:
+            subscribers = self.subscribers_by_channel[channel] = set()
+            self.channel_count += not is_personal(channel)
+        subscribers.add(session)
+        self.subscription_count += not is_personal(channel)
+        return held
+
+    def remove_subscriber(self, channel: str, session: Session) -> bool:
+        """True if `session` was subscribed."""
+        subscribers = self.subscribers_by_channel.get(channel)
+        if subscribers is None or session not in subscribers:
+            return False
+        subscribers.discard(session)
+        if not subscribers:
+            del self.subscribers_by_channel[channel]
+            self.last_position_by_channel.pop(channel, None)
+            self.channel_count -= not is_personal(channel)
+        self.subscription_count -= not is_personal(channel)
+        return True
+
+    def note_position(self, channel: str, position: StreamPosition) -> None:
+        known = self.last_position_by_channel.get(channel)
+        if known is None or known.epoch != position.epoch or known.offset < position.offset:
+            self.last_position_by_channel[channel] = position
+
+    # fan-out
+
+    def fan_out_message(self, channel: str, message: Message) -> int:
+        """Deliver a relayed publication to local subscribers; returns how many got it."""
+        if message.offset is not None and message.epoch is not None:
+            if channel in self.refilling:
+                self.refilling[channel].append(message)
+                return 0
+            self.note_position(channel, StreamPosition(message.offset, message.epoch))
+        joining = self.joining_by_channel.get(channel)
+        if joining:
+            for held in joining.values():
+                held.append(message)
+        subscribers = self.subscribers_by_channel.get(channel)
+        if not subscribers:
+            return 0
+        return self.fan_out(subscribers, send_event(encode_text(message)))
+
+    def fan_out(self, sessions: Collection[Session], event: SendEvent) -> int:
+        for session in sessions:
+            session.push(event)
+        return len(sessions)
+
+    # statistics
+
+    def channel_counts(self) -> dict[str, int]:
+        return {
+            channel: len(subscribers)
+            for channel, subscribers in self.subscribers_by_channel.items()
+            if not is_personal(channel)
+        }

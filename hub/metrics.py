@@ -1,0 +1,71 @@
+"""Prometheus collectors of PROTOCOL §8, in the app's own registry (no global state).
+
+Label values are bounded: close codes, error codes, fixed reasons and sources — never a
+channel or user name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+
+from hub import __version__
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    def __init__(self, node_id: str) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("hub_connections", "Open WebSocket connections", registry=registry)
+        self.subscriptions = Gauge(
+            "hub_subscriptions", "Channel subscriptions (personal ones excluded)", registry=registry
+        )
+        self.channels = Gauge("hub_channels", "Distinct channels with a local subscriber",
+                              registry=registry)
+        self.connections_accepted = Counter(
+            "hub_connections_accepted", "Connections authenticated and welcomed", registry=registry
+        )
+        self.disconnections = Counter(
+            "hub_disconnections", "Connections closed, by close code", ["code"], registry=registry
+        )
+        self.messages_published = Counter(
+            "hub_messages_published", "Messages published, by source", ["source"],
+            registry=registry,
+        )
+        self.messages_delivered = Counter(
+            "hub_messages_delivered", "Frames of messages put into connection queues",
+            registry=registry,
+        )
+        self.messages_dropped = Counter(
+            "hub_messages_dropped", "Messages not delivered, by reason", ["reason"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "hub_auth_failures", "Failed authentications, by reason", ["reason"], registry=registry
+        )
+        self.command_errors = Counter(
+            "hub_command_errors", "Commands answered with an error, by code", ["code"],
+            registry=registry,
+        )
+        self.broker_up = Gauge(
+            "hub_broker_up", "1 while the broker is reachable", registry=registry
+        )
+        self.broker_reconnects = Counter(
+            "hub_broker_reconnects", "Broker connections re-established", registry=registry
+        )
+        self.publish_seconds = Histogram(
+            "hub_publish_seconds", "Time to hand a publication to the broker",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.delivery_lag_seconds = Histogram(
+            "hub_delivery_lag_seconds", "From publish to enqueue on the delivering node",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.node_info = Info("hub_node", "This node", registry=registry)
+        self.node_info.info({"node": node_id, "version": __version__})
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """Prometheus text, or OpenMetrics when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

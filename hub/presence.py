@@ -1,0 +1,102 @@
+"""Who is where: channel presence, node heartbeats and cluster statistics.
+
+`Presence` is the interface; `MemoryPresence` serves a single node; the Redis one keeps the
+same data in Redis with TTLs so a node that dies without a word drops out.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from hub.protocol import ClientInfo
+
+
+class NodeStats(msgspec.Struct, frozen=True):
+    node: str
+    connections: int
+    users: int
+    subscriptions: int
+    channels: int
+    started: int
+    updated: int
+
+
+class NodeSnapshot(msgspec.Struct, frozen=True):
+    """This node as it is now: what a heartbeat writes and what cluster reads merge in."""
+
+    stats: NodeStats
+    subscribers_by_channel: dict[str, int]
+    users: frozenset[str]
+
+
+class Presence(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def add(self, channel: str, member: ClientInfo) -> None: ...
+
+    async def remove(self, channel: str, client: str) -> None: ...
+
+    async def members(self, channel: str) -> list[ClientInfo]: ...
+
+    async def heartbeat(self, local: NodeSnapshot) -> None:
+        """Publish this node's snapshot; called on a schedule well inside the TTL."""
+
+    async def leave(self) -> None:
+        """Remove this node and its members at once (graceful shutdown)."""
+
+    async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:
+        """Every live node, this one as `local` says (fresher than its last heartbeat)."""
+
+    async def distinct_users(self, local: NodeSnapshot) -> int: ...
+
+    async def channels(self, local: NodeSnapshot, prefix: str = "") -> dict[str, int]:
+        """Subscriber count of each channel with subscribers, cluster-wide."""
+
+
+class MemoryPresence:
+    """The single node is the whole cluster."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, dict[str, ClientInfo]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._members.clear()
+
+    async def add(self, channel: str, member: ClientInfo) -> None:
+        self._members.setdefault(channel, {})[member.client] = member
+
+    async def remove(self, channel: str, client: str) -> None:
+        members = self._members.get(channel)
+        if members is not None:
+            members.pop(client, None)
+            if not members:
+                del self._members[channel]
+
+    async def members(self, channel: str) -> list[ClientInfo]:
+        return list(self._members.get(channel, {}).values())
+
+    async def heartbeat(self, local: NodeSnapshot) -> None:
+        return None
+
+    async def leave(self) -> None:
+        self._members.clear()
+
+    async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:
+        return [local.stats]
+
+    async def distinct_users(self, local: NodeSnapshot) -> int:
+        return len(local.users)
+
+    async def channels(self, local: NodeSnapshot, prefix: str = "") -> dict[str, int]:
+        return {
+            name: count
+            for name, count in local.subscribers_by_channel.items()
+            if name.startswith(prefix)
+        }

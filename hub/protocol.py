@@ -1,0 +1,270 @@
+"""Frames of PROTOCOL §3 as msgspec Structs: decoding of client frames and encoding of
+server frames happen here and nowhere else.
+
+`Message`, `Join`, `Leave` and `Disconnect` are also what travels between nodes through
+the broker, so a node decodes a relayed publication once and encodes its frame once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from hub.errors import ErrorCode, HubError
+
+
+class Since(msgspec.Struct, frozen=True):
+    offset: int
+    epoch: str
+
+
+# Client → server
+
+
+class _Command(msgspec.Struct, tag_field="type"):
+    id: int | None = None
+
+
+class Auth(_Command, tag="auth"):
+    token: str = ""
+
+
+class Subscribe(_Command, tag="subscribe"):
+    channel: str = ""
+    since: Since | None = None
+
+
+class Unsubscribe(_Command, tag="unsubscribe"):
+    channel: str = ""
+
+
+class Publish(_Command, tag="publish"):
+    channel: str = ""
+    data: msgspec.Raw = msgspec.Raw(b"")
+    event: str | None = None
+
+
+class PresenceRequest(_Command, tag="presence"):
+    channel: str = ""
+
+
+class HistoryRequest(_Command, tag="history"):
+    channel: str = ""
+    since: Since | None = None
+    limit: int | None = None
+
+
+class Refresh(_Command, tag="refresh"):
+    token: str = ""
+
+
+class Ping(_Command, tag="ping"):
+    pass
+
+
+Command = (
+    Auth | Subscribe | Unsubscribe | Publish | PresenceRequest | HistoryRequest | Refresh | Ping
+)
+COMMAND_TYPES = frozenset(
+    {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping"}
+)
+_REQUIRED: dict[type[Any], tuple[str, ...]] = {
+    Auth: ("token",),
+    Subscribe: ("channel",),
+    Unsubscribe: ("channel",),
+    Publish: ("channel", "data"),
+    PresenceRequest: ("channel",),
+    HistoryRequest: ("channel",),
+    Refresh: ("token",),
+}
+
+
+class _Head(msgspec.Struct):
+    """What is read of a frame that failed to decode, to answer it properly."""
+
+    type: Any = None
+    id: Any = None
+
+
+_command_decoder = msgspec.json.Decoder(Command)
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+class BadFrame(HubError):
+    def __init__(self, code: ErrorCode, message: str, frame_id: int | None) -> None:
+        super().__init__(code, message)
+        self.frame_id = frame_id
+
+
+def decode_command(text: str | bytes) -> Command:
+    """Decode one client frame; raise BadFrame with the code the contract gives."""
+    try:
+        command: Command = _command_decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        raise _explain(text, exc) from None
+    for field in _REQUIRED.get(type(command), ()):
+        value = getattr(command, field)
+        if value == "" or (isinstance(value, msgspec.Raw) and len(value) == 0):
+            raise BadFrame(ErrorCode.BAD_REQUEST, f"missing field `{field}`", command.id)
+    return command
+
+
+def _explain(text: str | bytes, exc: msgspec.DecodeError) -> BadFrame:
+    try:
+        head = _head_decoder.decode(text)
+    except msgspec.DecodeError:
+        return BadFrame(ErrorCode.BAD_REQUEST, "frame is not a JSON object", None)
+    frame_id = head.id if type(head.id) is int else None
+    if head.type is None:
+        return BadFrame(ErrorCode.BAD_REQUEST, "missing field `type`", frame_id)
+    if not isinstance(head.type, str) or head.type not in COMMAND_TYPES:
+        return BadFrame(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {head.type!r}", frame_id)
+    return BadFrame(ErrorCode.BAD_REQUEST, str(exc), frame_id)
+
+
+# Server → client (and between nodes)
+
+
+class _Frame(msgspec.Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Welcome(_Frame, tag="welcome"):
+    client: str
+    user: str
+    node: str
+    expires: int | None
+    ping_interval: float
+
+
+class Message(_Frame, tag="message"):
+    channel: str
+    data: msgspec.Raw
+    ts: int
+    event: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+    offset: int | None = None
+    epoch: str | None = None
+
+
+class Join(_Frame, tag="join"):
+    channel: str
+    user: str
+    client: str
+
+
+class Leave(_Frame, tag="leave"):
+    channel: str
+    user: str
+    client: str
+
+
+class Disconnect(_Frame, tag="disconnect"):
+    """Node-to-node only: close every connection of `user` (sent on its `@user` channel)."""
+
+    user: str
+    code: int
+    reason: str = ""
+
+
+class Reset(_Frame, tag="reset"):
+    channel: str
+    epoch: str
+    offset: int
+
+
+class Subscribed(_Frame, tag="subscribed"):
+    channel: str
+    id: int | None = None
+    offset: int | None = None
+    epoch: str | None = None
+    recovered: bool | None = None
+
+
+class Unsubscribed(_Frame, tag="unsubscribed"):
+    channel: str
+    id: int | None = None
+
+
+class Published(_Frame, tag="published"):
+    channel: str
+    id: int | None = None
+    offset: int | None = None
+    epoch: str | None = None
+
+
+class ClientInfo(msgspec.Struct, omit_defaults=True, frozen=True):
+    """One subscriber as presence shows it; `node` is dropped from client frames."""
+
+    client: str
+    user: str
+    node: str | None = None
+    info: msgspec.Raw | None = None
+
+
+class PresenceReply(_Frame, tag="presence"):
+    channel: str
+    clients: list[ClientInfo]
+    id: int | None = None
+
+
+class HistoryItem(msgspec.Struct, omit_defaults=True):
+    offset: int
+    data: msgspec.Raw
+    ts: int
+    event: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+
+
+class HistoryReply(_Frame, tag="history"):
+    channel: str
+    epoch: str
+    offset: int
+    messages: list[HistoryItem]
+    id: int | None = None
+
+
+class Refreshed(_Frame, tag="refreshed"):
+    expires: int | None
+    id: int | None = None
+
+
+class Pong(_Frame, tag="pong"):
+    id: int | None = None
+
+
+class Error(_Frame, tag="error"):
+    code: str
+    message: str
+    id: int | None = None
+
+
+Relayed = Message | Join | Leave | Disconnect
+"""What one node hands to the others through the broker."""
+
+_encoder = msgspec.json.Encoder()
+_relayed_decoder = msgspec.json.Decoder(Relayed)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    return _encoder.encode(frame)
+
+
+def encode_text(frame: msgspec.Struct) -> str:
+    """Frames go out as WebSocket text; decoding once here saves it per recipient."""
+    return _encoder.encode(frame).decode()
+
+
+def decode_relayed(payload: bytes) -> Relayed:
+    relayed: Relayed = _relayed_decoder.decode(payload)
+    return relayed
+
+
+def history_item(message: Message) -> HistoryItem:
+    assert message.offset is not None
+    return HistoryItem(message.offset, message.data, message.ts, message.event, message.from_)
+
+
+def is_json_object(raw: msgspec.Raw) -> bool:
+    return bytes(raw[:1]) == b"{" if len(raw) else False

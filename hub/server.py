@@ -1,0 +1,98 @@
+"""Running a node under uvicorn, with the drain of PROTOCOL §7 on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from hub.app import create_app, node_of
+from hub.logs import configure
+from hub.settings import Settings
+
+log = logging.getLogger("hub.server")
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+EXIT_GRACE_SECONDS = 5.0
+
+
+class HubServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: drain, then exit. A second one, or the deadline: exit now."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self._drain: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        for server in self.servers:
+            for listening in server.sockets:
+                host, port = listening.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"hub listening on http://{shown}:{port} (ws://{shown}:{port}/ws)",
+                      flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None or not self.started:
+            self.should_exit = True
+            self.force_exit = self._drain is not None
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        settings = self.settings
+        deadline = settings.drain_delay + settings.drain_seconds + EXIT_GRACE_SECONDS - 1
+        try:
+            await asyncio.wait_for(node_of(self.config.app).drain(), deadline)
+        except TimeoutError:
+            log.warning("drain deadline reached; exiting")
+        except Exception:
+            log.exception("drain failed; exiting")
+        self.should_exit = True
+
+
+def uvicorn_config(
+    app: Starlette, settings: Settings, log_config: dict[str, Any] | None = None
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ping_interval or None,
+        ws_ping_timeout=settings.ping_interval or None,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_config=log_config,
+        log_level=None if log_config else "warning",
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(EXIT_GRACE_SECONDS),
+        server_header=False,
+    )
+
+
+def serve(settings: Settings) -> int:
+    if settings.dev and settings.host not in LOOPBACK:
+        print(f"hub: refusing --dev on non-loopback address {settings.host}", file=sys.stderr)
+        return 2
+    log_config = configure(settings.log_level, settings.log_format, settings.node_id)
+    config = uvicorn_config(create_app(settings), settings, log_config)
+    server = HubServer(config, settings)
+    server.run()
+    return 0 if server.started else 1
+
+
+

@@ -1,0 +1,244 @@
+"""One WebSocket connection after it authenticated: a reader that runs commands in order,
+a writer task that drains a bounded queue, a token-bucket rate limit and the token's expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from hub import protocol as p
+from hub.auth import AuthFailed, Identity
+from hub.channels import Permissions
+from hub.errors import CloseCode, ErrorCode, HubError
+from hub.hub import SendEvent, send_event
+
+if TYPE_CHECKING:
+    from hub.node import Node
+
+log = logging.getLogger("hub.session")
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Session:
+    __slots__ = (
+        "_expiry_timer",
+        "_limited_since",
+        "_refilled_at",
+        "_send",
+        "_tokens",
+        "_waiter",
+        "_writer",
+        "client_id",
+        "close_code",
+        "identity",
+        "joining",
+        "node",
+        "permissions",
+        "queue",
+        "queue_limit",
+        "subscriptions",
+        "user",
+    )
+
+    def __init__(self, node: Node, send: ASGISend, client_id: str, identity: Identity) -> None:
+        self.node = node
+        self._send = send
+        self.client_id = client_id
+        self.identity = identity
+        self.user = identity.user
+        self.permissions = Permissions(node.settings, identity.channels, identity.publish)
+        self.subscriptions: set[str] = set()
+        self.joining: set[str] = set()
+        self.queue: deque[SendEvent] = deque()
+        self.queue_limit = node.settings.queue_limit
+        self.close_code: int | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._tokens = 2 * node.settings.rate_limit
+        self._refilled_at = time.monotonic()
+        self._limited_since = 0.0
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    # outbound
+
+    def push(self, event: SendEvent) -> None:
+        """Queue a frame without awaiting; a queue past its limit closes with 4008."""
+        if self.close_code is not None:
+            return
+        queue = self.queue
+        if len(queue) >= self.queue_limit:
+            self.node.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
+            return
+        queue.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def reply(self, frame: msgspec.Struct) -> None:
+        self.push(send_event(p.encode_text(frame)))
+
+    def error(self, code: ErrorCode, message: str, frame_id: int | None) -> None:
+        self.node.metrics.command_errors.labels(code.value).inc()
+        self.reply(p.Error(code=code.value, message=message, id=frame_id))
+
+    def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
+        """Close after the queued frames (`flush`) or at once, dropping them."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        if not flush:
+            self.queue.clear()
+        self.queue.append({"type": "websocket.close", "code": code, "reason": reason})
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self.node.drop_connection_later(self._send)
+
+    async def _write_loop(self) -> None:
+        queue, send = self.queue, self._send
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while queue:
+                    event = queue.popleft()
+                    await send(event)
+                    if event["type"] == "websocket.close":
+                        return
+                self._waiter = loop.create_future()
+                await self._waiter
+        except OSError:
+            return  # the peer is gone; the reader sees the disconnect
+
+    # inbound
+
+    async def run(self, receive: ASGIReceive) -> int:
+        """Serve until the connection closes; returns the close code."""
+        self._writer = asyncio.create_task(self._write_loop())
+        self._arm_expiry()
+        code: int = CloseCode.NORMAL
+        try:
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    text = message.get("text")
+                    if text is None:
+                        self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
+                        continue
+                    if self.close_code is None and self._allow():
+                        await self.handle(text)
+                elif kind == "websocket.disconnect":
+                    code = int(message.get("code", CloseCode.NORMAL))
+                    break
+        finally:
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+            if self.close_code is not None:
+                code = self.close_code
+            self.close_code = self.close_code or code
+            writer = self._writer
+            if writer is not None and not writer.done():
+                writer.cancel()
+        return code
+
+    def _allow(self) -> bool:
+        rate = self.node.settings.rate_limit
+        if not rate:
+            return True
+        now = time.monotonic()
+        self._tokens = min(2 * rate, self._tokens + (now - self._refilled_at) * rate)
+        self._refilled_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._limited_since = 0.0
+            return True
+        if not self._limited_since:
+            self._limited_since = now
+        elif now - self._limited_since >= self.node.settings.rate_limit_grace:
+            self.close(CloseCode.TOO_MANY_COMMANDS, "too many commands", flush=False)
+            return False
+        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", None)
+        return False
+
+    async def handle(self, text: str) -> None:
+        frame_id: int | None = None
+        try:
+            command = p.decode_command(text)
+            frame_id = command.id
+            await self.dispatch(command)
+        except p.BadFrame as exc:
+            self.error(exc.code, exc.message, exc.frame_id)
+        except HubError as exc:
+            self.error(exc.code, exc.message, frame_id)
+        except Exception:
+            log.exception("command failed", extra={"client": self.client_id, "user": self.user})
+            self.error(ErrorCode.INTERNAL, "internal error", frame_id)
+
+    async def dispatch(self, command: p.Command) -> None:
+        node = self.node
+        match command:
+            case p.Subscribe(id=frame_id, channel=channel, since=since):
+                await node.subscribe(self, channel, since, frame_id)
+            case p.Unsubscribe(id=frame_id, channel=channel):
+                await node.unsubscribe(self, channel)
+                self.reply(p.Unsubscribed(channel=channel, id=frame_id))
+            case p.Publish(id=frame_id, channel=channel, data=data, event=event):
+                position = await node.publish_from_client(self, channel, data, event)
+                self.reply(p.Published(
+                    channel=channel, id=frame_id,
+                    offset=position.offset if position else None,
+                    epoch=position.epoch if position else None,
+                ))
+            case p.PresenceRequest(id=frame_id, channel=channel):
+                self.permissions.check_subscribe(channel)
+                clients = await node.presence_of(channel)
+                anonymous = [p.ClientInfo(c.client, c.user, None, c.info) for c in clients]
+                self.reply(p.PresenceReply(channel=channel, clients=anonymous, id=frame_id))
+            case p.HistoryRequest(id=frame_id, channel=channel, since=since, limit=limit):
+                self.permissions.check_subscribe(channel)
+                reply = await node.history(channel, since, limit)
+                reply.id = frame_id
+                self.reply(reply)
+            case p.Refresh(id=frame_id, token=token):
+                await self.refresh(token, frame_id)
+            case p.Ping(id=frame_id):
+                self.reply(p.Pong(id=frame_id))
+            case p.Auth(id=frame_id):
+                raise HubError(ErrorCode.BAD_REQUEST, "already authenticated; use refresh")
+
+    # token lifetime
+
+    async def refresh(self, token: str, frame_id: int | None) -> None:
+        try:
+            identity = await self.node.authenticator.verify(token)
+        except AuthFailed as exc:
+            raise HubError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}") from None
+        if identity.user != self.user:
+            raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
+        self.identity = identity
+        self.permissions = Permissions(self.node.settings, identity.channels, identity.publish)
+        self._arm_expiry()
+        self.reply(p.Refreshed(expires=identity.expires, id=frame_id))
+
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        expires = self.identity.expires
+        if expires is None:
+            return
+        delay = max(0.0, expires - time.time())
+        self._expiry_timer = asyncio.get_running_loop().call_later(
+            delay, self.close, CloseCode.TOKEN_EXPIRED, "token expired"
+        )

@@ -1,0 +1,229 @@
+"""Configuration: one frozen Struct, built once from flags, HUB_* variables and the TOML file.
+
+Every option of PROTOCOL §10 is both a flag and a variable; the flag wins. Values are
+validated here, once, so the rest of the code can trust them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+SubscribePolicy = Literal["token", "any"]
+PublishPolicy = Literal["none", "token", "any"]
+LogFormat = Literal["text", "json"]
+
+DEFAULT_NAMESPACE = "default"
+
+
+class SettingsError(ValueError):
+    """Configuration that cannot run; the message says which option and why."""
+
+
+class Namespace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Options of one channel namespace (PROTOCOL §4)."""
+
+    subscribe: SubscribePolicy = "token"
+    publish: PublishPolicy = "none"
+    history_size: int = 0
+    history_ttl: float = 0
+    presence: bool = False
+    join_leave: bool = False
+
+    @property
+    def has_history(self) -> bool:
+        return self.history_size > 0 and self.history_ttl > 0
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    node_id: str = ""
+    dev: bool = False
+    config: str | None = None
+    namespaces: dict[str, Namespace] = msgspec.field(default_factory=dict)
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_require_exp: bool = True
+    api_key: str | None = None
+    max_connections: int = 0
+    max_frame_bytes: int = 65536
+    queue_limit: int = 1000
+    max_subscriptions: int = 512
+    auth_timeout: float = 5.0
+    ping_interval: float = 25.0
+    drain_seconds: float = 10.0
+    drain_delay: float = 1.0
+    rate_limit: float = 100.0
+    rate_limit_grace: float = 10.0
+    recovery_max: int = 10000
+    presence_ttl: float = 30.0
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+    access_log: bool = False
+
+    def namespace_of(self, channel: str) -> Namespace:
+        """Options for a channel: its namespace's, else the default namespace's."""
+        name, sep, _ = channel.partition(":")
+        if sep:
+            found = self.namespaces.get(name)
+            if found is not None:
+                return found
+        return self.namespaces.get(DEFAULT_NAMESPACE, _BUILTIN_NAMESPACE)
+
+
+_BUILTIN_NAMESPACE = Namespace()
+
+# Option name → environment variable. Every Settings field but `namespaces` has one.
+_ENV_NAMES: dict[str, str] = {
+    name: "HUB_" + name.upper() for name in Settings.__struct_fields__ if name != "namespaces"
+}
+_ENV_NAMES["jwks_url"] = "HUB_JWKS_URL"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingsError(f"{name}: expected 1/0/true/false, got {raw!r}")
+
+
+def _coerce(name: str, raw: object, kind: Any) -> object:
+    if not isinstance(raw, str):
+        return raw
+    if kind is bool:
+        return _parse_bool(name, raw)
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def load_namespaces(path: str) -> dict[str, Namespace]:
+    """Read `[namespaces.NAME]` tables; options a namespace leaves out come from `default`."""
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"HUB_CONFIG: cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"HUB_CONFIG: {path} is not valid TOML: {exc}") from None
+    unknown = set(document) - {"namespaces"}
+    if unknown:
+        raise SettingsError(f"HUB_CONFIG: unknown top-level keys {sorted(unknown)}")
+    tables = document.get("namespaces", {})
+    if not isinstance(tables, dict):
+        raise SettingsError("HUB_CONFIG: [namespaces] must be a table of tables")
+    defaults = tables.get(DEFAULT_NAMESPACE, {})
+    namespaces: dict[str, Namespace] = {}
+    for name, options in tables.items():
+        if not isinstance(options, dict):
+            raise SettingsError(f"HUB_CONFIG: [namespaces.{name}] must be a table")
+        merged = {**defaults, **options}
+        try:
+            namespaces[name] = msgspec.convert(merged, Namespace)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"HUB_CONFIG: [namespaces.{name}]: {exc}") from None
+    return namespaces
+
+
+def _read_public_key(value: str) -> str:
+    """HUB_JWT_PUBLIC_KEY is PEM text or the path of a PEM file."""
+    if "-----BEGIN" in value:
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        raise SettingsError(
+            f"HUB_JWT_PUBLIC_KEY: not PEM text and not a readable file: {exc}"
+        ) from None
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags (`overrides`, None meaning "not given") over HUB_* variables over defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, field_type in Settings.__annotations__.items():
+        if name == "namespaces":
+            continue
+        raw: object = None
+        if overrides is not None and overrides.get(name) is not None:
+            raw = overrides[name]
+        elif _ENV_NAMES[name] in env:
+            raw = env[_ENV_NAMES[name]]
+        if raw is None:
+            continue
+        kind = {"bool": bool, "int": int, "float": float}.get(str(field_type), str)
+        values[name] = _coerce(_ENV_NAMES[name], raw, kind)
+    for optional_text in ("redis_url", "jwt_secret", "jwks_url", "api_key", "config"):
+        if values.get(optional_text) == "":
+            values[optional_text] = None
+    if values.get("config"):
+        values["namespaces"] = load_namespaces(str(values["config"]))
+    if values.get("jwt_public_key"):
+        values["jwt_public_key"] = _read_public_key(str(values["jwt_public_key"]))
+    if not values.get("node_id"):
+        values["node_id"] = default_node_id()
+    if "log_level" in values:
+        values["log_level"] = str(values["log_level"]).lower()
+    try:
+        settings = msgspec.convert(values, Settings)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(str(exc)) from None
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    checks: list[tuple[bool, str]] = [
+        (0 < settings.port < 65536, "HUB_PORT must be 1-65535"),
+        (settings.max_connections >= 0, "HUB_MAX_CONNECTIONS must be >= 0"),
+        (settings.max_frame_bytes >= 256, "HUB_MAX_FRAME_BYTES must be >= 256"),
+        (settings.queue_limit >= 1, "HUB_QUEUE_LIMIT must be >= 1"),
+        (settings.max_subscriptions >= 0, "HUB_MAX_SUBSCRIPTIONS must be >= 0"),
+        (settings.auth_timeout > 0, "HUB_AUTH_TIMEOUT must be > 0"),
+        (settings.ping_interval >= 0, "HUB_PING_INTERVAL must be >= 0"),
+        (settings.drain_seconds >= 0, "HUB_DRAIN_SECONDS must be >= 0"),
+        (settings.drain_delay >= 0, "HUB_DRAIN_DELAY must be >= 0"),
+        (settings.rate_limit >= 0, "HUB_RATE_LIMIT must be >= 0 (0 = no limit)"),
+        (settings.recovery_max >= 0, "HUB_RECOVERY_MAX must be >= 0"),
+        (settings.presence_ttl >= 1, "HUB_PRESENCE_TTL must be >= 1"),
+        (
+            settings.log_level in {"critical", "error", "warning", "info", "debug", "trace"},
+            "HUB_LOG_LEVEL must be one of critical, error, warning, info, debug, trace",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(message)
+    for name, namespace in settings.namespaces.items():
+        if namespace.history_size < 0 or namespace.history_ttl < 0:
+            raise SettingsError(f"[namespaces.{name}]: history_size and history_ttl must be >= 0")

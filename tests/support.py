@@ -1,0 +1,234 @@
+"""Real nodes for tests: in-process uvicorn on a free port, or `python -m hub serve`
+subprocesses; and a small WebSocket client that reads JSON frames with bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+import uvicorn
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from hub.app import create_app, node_of
+from hub.node import Node
+from hub.server import uvicorn_config
+from hub.settings import Settings
+
+WAIT = 5.0
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+API_KEY = "test-api-key"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "port": 0, "node_id": "test-node", "jwt_secret": SECRET, "api_key": API_KEY,
+        "drain_delay": 0, "drain_seconds": 0.5,
+    }
+    base.update(overrides)
+    return msgspec.convert(base, Settings)
+
+
+@dataclass
+class RunningNode:
+    url: str
+    ws_url: str
+    node: Node
+    server: uvicorn.Server
+
+    def api(self, **headers: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url, headers={"X-API-Key": API_KEY, **headers}, timeout=WAIT
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
+    """A real uvicorn server with the hub app, in this event loop, on a free port."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(WAIT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("server stopped during start-up")
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        yield RunningNode(url, f"ws://127.0.0.1:{port}/ws", node_of(app), server)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+
+
+class Client:
+    """A `websockets` connection that speaks JSON frames."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self.welcome: dict[str, Any] = {}
+        self._next_id = 0
+
+    async def send(self, frame: Mapping[str, Any]) -> None:
+        await self.connection.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.connection.recv(), timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    async def request(self, frame: Mapping[str, Any]) -> dict[str, Any]:
+        """Send a command with a fresh id and return its reply (or error), skipping
+        other frames (which are returned by `recv` later only if kept: they are not)."""
+        self._next_id += 1
+        frame_id = self._next_id
+        await self.send({**frame, "id": frame_id})
+        async with asyncio.timeout(WAIT):
+            while True:
+                reply = await self.recv()
+                if reply.get("id") == frame_id:
+                    return reply
+
+    async def subscribe(self, channel: str, **extra: Any) -> dict[str, Any]:
+        reply = await self.request({"type": "subscribe", "channel": channel, **extra})
+        assert reply["type"] == "subscribed", reply
+        return reply
+
+    async def expect(self, kind: str, timeout: float = WAIT) -> dict[str, Any]:
+        """The next frame, which must be of type `kind`."""
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def closed(self, timeout: float = WAIT) -> int:
+        """Wait for the server to close; returns the close code (frames before are dropped)."""
+        async with asyncio.timeout(timeout):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    await self.connection.recv()
+        code = self.connection.close_code
+        assert code is not None
+        return code
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    ws_url: str,
+    token: str | None = None,
+    *,
+    query: str = "",
+    header: bool = True,
+    welcome: bool = True,
+) -> AsyncIterator[Client]:
+    """Open a connection; by default with the token in the Authorization header and the
+    welcome frame read."""
+    headers = {"Authorization": f"Bearer {token}"} if token and header else {}
+    url = ws_url
+    params = [query] if query else []
+    if token and not header:
+        params.append(f"token={token}")
+    if params:
+        url += "?" + "&".join(params)
+    connection = await websockets.connect(url, additional_headers=headers, open_timeout=WAIT,
+                                          max_size=None)
+    client = Client(connection)
+    try:
+        if welcome:
+            client.welcome = await client.expect("welcome")
+        yield client
+    finally:
+        await connection.close()
+
+
+# Nodes as processes, for cluster, fault and shutdown tests.
+
+_LISTENING = re.compile(r"hub listening on http://([^ ]+)")
+
+
+class NodeProcess:
+    def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
+        self.env = {**os.environ, **env}
+        self.args = args or []
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.ws_url = ""
+
+    def start(self, timeout: float = 15.0) -> NodeProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hub", "serve", "--port", "0", *self.args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"node exited early with {self.process.wait()}")
+            found = _LISTENING.search(line)
+            if found:
+                self.url = "http://" + found.group(1)
+                self.ws_url = self.url.replace("http://", "ws://") + "/ws"
+                self.wait_ready(deadline - time.monotonic())
+                return self
+        raise TimeoutError("node did not start")
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("node never became ready")
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def token(user: str = "alice", **claims: Any) -> str:
+    """An HS256 token for `user`; by default it may subscribe and publish anywhere."""
+    from hub.auth import mint_token
+
+    return mint_token(
+        SECRET, user, ttl=claims.get("ttl", 3600), channels=claims.get("channels", ["*"]),
+        publish=claims.get("publish", ["*"]), info=claims.get("info"),
+    )
