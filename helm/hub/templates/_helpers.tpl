@@ -93,7 +93,7 @@ app.kubernetes.io/component: hub
 {{- define "hub.configToml" -}}
 {{- if .Values.config.toml }}
 {{- .Values.config.toml }}
-{{- else }}
+{{- else -}}
 # Channel namespaces (PROTOCOL §4), rendered by the hub chart from config.namespaces.
 {{- range $name, $options := .Values.config.namespaces }}
 
