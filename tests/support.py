@@ -59,7 +59,6 @@ async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
     """A real uvicorn server with the hub app, in this event loop, on a free port."""
     app = create_app(settings)
     server = uvicorn.Server(uvicorn_config(app, settings))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(WAIT):

@@ -1,0 +1,214 @@
+"""Presence in Redis with TTLs, so a node that dies without a word drops out (PROTOCOL §6).
+
+Channel members and node snapshots are both kept as a hash (entry → value) beside a zset
+(entry → expiry on the Redis clock), the approach of Centrifuge's presence_redis.go: each
+node rewrites its own entries on every heartbeat, and whatever nobody rewrote within the
+TTL is left out of reads and deleted by the next script that passes by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeAlias, cast
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from hub.errors import BrokerUnavailable
+from hub.presence import NodeSnapshot, NodeStats
+from hub.protocol import ClientInfo, encode
+from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident
+
+log = logging.getLogger("hub.redis")
+
+_ERRORS = (RedisError, OSError, TimeoutError)
+# Members per script call: keeps each call's argument list well under Lua's stack limit.
+_BATCH = 500
+
+
+class _StoredMember(msgspec.Struct):
+    """ClientInfo as read back: msgspec cannot decode `Raw | None`, so absent is empty."""
+
+    client: str
+    user: str
+    node: str | None = None
+    info: msgspec.Raw = msgspec.Raw()
+
+    def client_info(self) -> ClientInfo:
+        return ClientInfo(self.client, self.user, self.node, self.info if len(self.info) else None)
+
+
+_member_decoder = msgspec.json.Decoder(_StoredMember)
+_snapshot_decoder = msgspec.json.Decoder(NodeSnapshot)
+
+# redis-py's inline annotations make `Redis` plain; the types-redis stubs make it generic.
+RedisClient: TypeAlias = "Redis[bytes]"  # type: ignore[type-arg, unused-ignore]
+
+
+class _Script(NamedTuple):
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+_Call = tuple[_Script, list[bytes], list[bytes | str | int]]
+
+
+class RedisPresence:
+    """`Presence` over Redis. The members this node added are also kept here, so every
+    heartbeat can rewrite them (and a Redis that restarted empty gets them back)."""
+
+    def __init__(
+        self, client: RedisClient, node_id: str, ttl: float, *, prefix: str = "hub:"
+    ) -> None:
+        self._client = client
+        self._node_id = node_id
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._prefix = prefix.encode()
+        self._touch = _Script.of(TOUCH_LUA)
+        self._live = _Script.of(LIVE_LUA)
+        self._forget = _Script.of(FORGET_LUA)
+        self._local: dict[str, dict[str, bytes]] = {}
+        # Members removed while a heartbeat (which may write them again) is in flight.
+        self._removed_during_beat: list[tuple[str, str]] | None = None
+        self._incident = Incident(log, "Redis presence")
+
+    async def start(self) -> None:
+        """Load the scripts now so the first heartbeat is one round trip; a Redis that is
+        not there yet is not an error (the heartbeat retries)."""
+        try:
+            for script in (self._touch, self._live, self._forget):
+                await self._load(script)
+        except _ERRORS as exc:
+            self._incident.failed(exc)
+
+    async def close(self) -> None:
+        self._local.clear()
+        await self._client.connection_pool.disconnect()
+
+    async def add(self, channel: str, member: ClientInfo) -> None:
+        """Kept locally even when Redis fails (then BrokerUnavailable): the next heartbeat
+        writes it."""
+        if member.node is None:
+            member = msgspec.structs.replace(member, node=self._node_id)
+        encoded = encode(member)
+        self._local.setdefault(channel, {})[member.client] = encoded
+        args: list[bytes | str | int] = [self._ttl_ms, member.client, encoded]
+        await self._run([(self._touch, self._member_keys(channel), args)])
+
+    async def remove(self, channel: str, client: str) -> None:
+        members = self._local.get(channel)
+        if members is not None:
+            members.pop(client, None)
+            if not members:
+                del self._local[channel]
+        if self._removed_during_beat is not None:
+            self._removed_during_beat.append((channel, client))
+        await self._run([(self._forget, self._member_keys(channel), [client])])
+
+    async def members(self, channel: str) -> list[ClientInfo]:
+        (flat,) = await self._run([(self._live, self._member_keys(channel), [])])
+        return [_member_decoder.decode(value).client_info() for value in flat[1::2]]
+
+    async def heartbeat(self, local: NodeSnapshot) -> None:
+        """One round trip: this node's snapshot and every member it holds, with a new TTL."""
+        calls: list[_Call] = [
+            (self._touch, self._node_keys(), [self._ttl_ms, self._node_id, encode(local)])
+        ]
+        for channel, members in self._local.items():
+            pairs = [item for client, value in members.items() for item in (client, value)]
+            for start in range(0, len(pairs), 2 * _BATCH):
+                args: list[bytes | str | int] = [self._ttl_ms, *pairs[start : start + 2 * _BATCH]]
+                calls.append((self._touch, self._member_keys(channel), args))
+        self._removed_during_beat = []
+        try:
+            await self._run(calls)
+        finally:
+            removed, self._removed_during_beat = self._removed_during_beat, None
+        if removed:
+            forget: list[_Call] = [
+                (self._forget, self._member_keys(c), [client]) for c, client in removed
+            ]
+            await self._run(forget)
+
+    async def leave(self) -> None:
+        """Never raises: a node that cannot reach Redis at shutdown drops out by the TTL."""
+        calls: list[_Call] = [(self._forget, self._node_keys(), [self._node_id])]
+        for channel, members in self._local.items():
+            clients = list(members)
+            for start in range(0, len(clients), _BATCH):
+                batch: list[bytes | str | int] = [*clients[start : start + _BATCH]]
+                calls.append((self._forget, self._member_keys(channel), batch))
+        self._local.clear()
+        try:
+            await self._run(calls)
+        except BrokerUnavailable:
+            log.warning("could not leave presence; this node's entries expire by their TTL")
+
+    async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:
+        return [snapshot.stats for snapshot in await self._snapshots(local)]
+
+    async def distinct_users(self, local: NodeSnapshot) -> int:
+        users: set[str] = set()
+        for snapshot in await self._snapshots(local):
+            users.update(snapshot.users)
+        return len(users)
+
+    async def channels(self, local: NodeSnapshot, prefix: str = "") -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for snapshot in await self._snapshots(local):
+            for name, count in snapshot.subscribers_by_channel.items():
+                if count > 0 and name.startswith(prefix):
+                    totals[name] = totals.get(name, 0) + count
+        return totals
+
+    async def _snapshots(self, local: NodeSnapshot) -> list[NodeSnapshot]:
+        """Every live node's last heartbeat, this node's replaced by `local`, by node id."""
+        (flat,) = await self._run([(self._live, self._node_keys(), [])])
+        by_node = {
+            node.decode(errors="surrogateescape"): _snapshot_decoder.decode(value)
+            for node, value in zip(flat[::2], flat[1::2], strict=True)
+        }
+        by_node[self._node_id] = local
+        return [by_node[node] for node in sorted(by_node)]
+
+    def _member_keys(self, channel: str) -> list[bytes]:
+        name = channel.encode(errors="surrogatepass")
+        return [self._prefix + b"p:" + name, self._prefix + b"pe:" + name]
+
+    def _node_keys(self) -> list[bytes]:
+        return [self._prefix + b"nodes", self._prefix + b"nodes:exp"]
+
+    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
+        """Run scripts in one pipelined round trip; load them once if Redis lost them."""
+        try:
+            results = await self._pipeline(calls)
+            if any(isinstance(result, NoScriptError) for result in results):
+                for script in {call[0] for call in calls}:
+                    await self._load(script)
+                results = await self._pipeline(calls)
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        except _ERRORS as exc:
+            self._incident.failed(exc)
+            raise BrokerUnavailable("presence failed: Redis is unreachable") from exc
+        self._incident.recovered()
+        return results
+
+    async def _load(self, script: _Script) -> None:
+        # Untyped in one of redis-py's two sets of annotations (inline and types-redis).
+        await cast(Any, self._client).script_load(script.source)
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results

@@ -1,0 +1,66 @@
+"""A real `BrokerEvents` for broker tests: it records what the broker tells the node, and
+waits (always bounded) for what a test expects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from hub.protocol import Message, Relayed
+
+WAIT = 10.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.relayed: list[tuple[str, Relayed]] = []
+        self.ups: list[bool] = []
+        self.downs = 0
+        self.events: list[str] = []
+        self._changed = asyncio.Event()
+
+    def on_relayed(self, channel: str, relayed: Relayed) -> None:
+        self.relayed.append((channel, relayed))
+        self._record(f"relayed:{channel}")
+
+    def on_broker_up(self, reconnected: bool) -> None:
+        self.ups.append(reconnected)
+        self._record(f"up:{reconnected}")
+
+    def on_broker_down(self) -> None:
+        self.downs += 1
+        self._record("down")
+
+    def data_on(self, channel: str) -> list[bytes]:
+        """Payloads of the messages relayed on `channel`, in arrival order."""
+        return [
+            bytes(relayed.data)
+            for name, relayed in self.relayed
+            if name == channel and isinstance(relayed, Message)
+        ]
+
+    async def wait_for(self, condition: Callable[[], bool], within: float = WAIT) -> float:
+        """Seconds it took for `condition` to hold; fails the test past `within`."""
+        started = time.monotonic()
+        async with asyncio.timeout(within):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        return time.monotonic() - started
+
+    def _record(self, event: str) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], within: float = WAIT, interval: float = 0.05
+) -> float:
+    """Poll an async `condition` until it holds; seconds it took, or fail past `within`."""
+    started = time.monotonic()
+    async with asyncio.timeout(within):
+        while True:
+            if await condition():
+                return time.monotonic() - started
+            await asyncio.sleep(interval)
