@@ -141,9 +141,10 @@ def mint_token(
     info: dict[str, Any] | None = None,
 ) -> str:
     """An HS256 token, for `hub token`, tests and benchmarks."""
-    claims: dict[str, Any] = {"sub": user, "iat": int(time.time())}
+    now = time.time()  # read once: `exp - iat` is exactly the ttl
+    claims: dict[str, Any] = {"sub": user, "iat": int(now)}
     if ttl is not None:
-        claims["exp"] = int(time.time() + ttl)
+        claims["exp"] = int(now + ttl)
     if channels:
         claims["channels"] = channels
     if publish:

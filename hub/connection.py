@@ -39,11 +39,7 @@ class WebSocketEndpoint:
             return
         await send({"type": "websocket.accept"})
         node = self.node
-        limit = node.settings.max_connections
-        if node.draining or (limit and len(node.hub.sessions) >= limit):
-            reason = "node draining" if node.draining else "node full"
-            await _close(send, CloseCode.TRY_AGAIN_LATER, reason)
-            node.metrics.disconnections.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+        if await self._refused(send):
             return
         try:
             identity = await self._authenticate(scope, receive)
@@ -54,7 +50,23 @@ class WebSocketEndpoint:
             return
         except _Gone:
             return
+        # Again: the node may have filled up or begun draining while this one authenticated
+        # (an `auth` frame takes a while). From here to the session's registration nothing
+        # awaits, so the limit holds.
+        if await self._refused(send):
+            return
         await self._serve(identity, send, receive)
+
+    async def _refused(self, send: ASGISend) -> bool:
+        """Close with 1013 when the node is full or draining."""
+        node = self.node
+        limit = node.settings.max_connections
+        if not (node.draining or (limit and len(node.hub.sessions) >= limit)):
+            return False
+        reason = "node draining" if node.draining else "node full"
+        await _close(send, CloseCode.TRY_AGAIN_LATER, reason)
+        node.metrics.disconnections.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+        return True
 
     async def _serve(self, identity: Identity, send: ASGISend, receive: ASGIReceive) -> None:
         node = self.node

@@ -62,6 +62,10 @@ class Metrics:
             "hub_delivery_lag_seconds", "From publish to enqueue on the delivering node",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )
+        # Label values known up front start at 0, so rate() sees the first increment.
+        for source in ("api", "client"):
+            self.messages_published.labels(source)
+        self.messages_dropped.labels("slow_consumer")
         self.node_info = Info("hub_node", "This node", registry=registry)
         self.node_info.info({"node": node_id, "version": __version__})
 

@@ -239,6 +239,8 @@ class Node:
         limit = self.settings.max_subscriptions
         if limit and len(session.subscriptions) + len(session.joining) >= limit:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
+        if not self.broker.up:
+            raise BrokerUnavailable()
         options = history_options(namespace)
         hub = self.hub
         session.joining.add(channel)

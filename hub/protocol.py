@@ -22,41 +22,45 @@ class Since(msgspec.Struct, frozen=True):
 # Client → server
 
 
-class _Command(msgspec.Struct, tag_field="type"):
+class _Command(msgspec.Struct, tag_field="type", kw_only=True):
     id: int | None = None
 
 
+# Fields without a default are required: a frame without them fails to decode and is
+# answered `bad_request`, while a present but empty `channel` is `invalid_channel`.
+
+
 class Auth(_Command, tag="auth"):
-    token: str = ""
+    token: str
 
 
 class Subscribe(_Command, tag="subscribe"):
-    channel: str = ""
+    channel: str
     since: Since | None = None
 
 
 class Unsubscribe(_Command, tag="unsubscribe"):
-    channel: str = ""
+    channel: str
 
 
 class Publish(_Command, tag="publish"):
-    channel: str = ""
-    data: msgspec.Raw = msgspec.Raw(b"")
+    channel: str
+    data: msgspec.Raw
     event: str | None = None
 
 
 class PresenceRequest(_Command, tag="presence"):
-    channel: str = ""
+    channel: str
 
 
 class HistoryRequest(_Command, tag="history"):
-    channel: str = ""
+    channel: str
     since: Since | None = None
     limit: int | None = None
 
 
 class Refresh(_Command, tag="refresh"):
-    token: str = ""
+    token: str
 
 
 class Ping(_Command, tag="ping"):
@@ -69,15 +73,6 @@ Command = (
 COMMAND_TYPES = frozenset(
     {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping"}
 )
-_REQUIRED: dict[type[Any], tuple[str, ...]] = {
-    Auth: ("token",),
-    Subscribe: ("channel",),
-    Unsubscribe: ("channel",),
-    Publish: ("channel", "data"),
-    PresenceRequest: ("channel",),
-    HistoryRequest: ("channel",),
-    Refresh: ("token",),
-}
 
 
 class _Head(msgspec.Struct):
@@ -103,10 +98,6 @@ def decode_command(text: str | bytes) -> Command:
         command: Command = _command_decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise _explain(text, exc) from None
-    for field in _REQUIRED.get(type(command), ()):
-        value = getattr(command, field)
-        if value == "" or (isinstance(value, msgspec.Raw) and len(value) == 0):
-            raise BadFrame(ErrorCode.BAD_REQUEST, f"missing field `{field}`", command.id)
     return command
 
 

@@ -27,10 +27,31 @@ log = logging.getLogger("hub.session")
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
+# Refusals closer together than this are one stretch of abuse; a stretch that lasts
+# HUB_RATE_LIMIT_GRACE closes the connection with 4029.
+RATE_LIMIT_STRETCH_GAP = 1.0
+
+
+class _FrameId(msgspec.Struct):
+    id: Any = None
+
+
+_frame_id_decoder = msgspec.json.Decoder(_FrameId)
+
+
+def _frame_id(text: str) -> int | None:
+    """The `id` of a frame that is refused unread, so its error still echoes it."""
+    try:
+        found = _frame_id_decoder.decode(text).id
+    except msgspec.DecodeError:
+        return None
+    return found if type(found) is int else None
+
 
 class Session:
     __slots__ = (
         "_expiry_timer",
+        "_limited_at",
         "_limited_since",
         "_refilled_at",
         "_send",
@@ -66,6 +87,7 @@ class Session:
         self._tokens = 2 * node.settings.rate_limit
         self._refilled_at = time.monotonic()
         self._limited_since = 0.0
+        self._limited_at = 0.0
         self._expiry_timer: asyncio.TimerHandle | None = None
 
     # outbound
@@ -136,7 +158,7 @@ class Session:
                     if text is None:
                         self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
                         continue
-                    if self.close_code is None and self._allow():
+                    if self.close_code is None and self._allow(text):
                         await self.handle(text)
                 elif kind == "websocket.disconnect":
                     code = int(message.get("code", CloseCode.NORMAL))
@@ -152,7 +174,7 @@ class Session:
                 writer.cancel()
         return code
 
-    def _allow(self) -> bool:
+    def _allow(self, text: str) -> bool:
         rate = self.node.settings.rate_limit
         if not rate:
             return True
@@ -161,14 +183,16 @@ class Session:
         self._refilled_at = now
         if self._tokens >= 1:
             self._tokens -= 1
-            self._limited_since = 0.0
             return True
-        if not self._limited_since:
+        # A client over its rate gets a command through now and then as tokens trickle
+        # back; that does not end the stretch, only a pause in refusals does.
+        if not self._limited_since or now - self._limited_at > RATE_LIMIT_STRETCH_GAP:
             self._limited_since = now
         elif now - self._limited_since >= self.node.settings.rate_limit_grace:
             self.close(CloseCode.TOO_MANY_COMMANDS, "too many commands", flush=False)
             return False
-        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", None)
+        self._limited_at = now
+        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", _frame_id(text))
         return False
 
     async def handle(self, text: str) -> None:

@@ -7,6 +7,7 @@ validated here, once, so the rest of the code can trust them.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 import uuid
@@ -183,7 +184,10 @@ def load_settings(
             continue
         kind = {"bool": bool, "int": int, "float": float}.get(str(field_type), str)
         values[name] = _coerce(_ENV_NAMES[name], raw, kind)
-    for optional_text in ("redis_url", "jwt_secret", "jwks_url", "api_key", "config"):
+    for optional_text in (
+        "redis_url", "jwt_secret", "jwt_public_key", "jwks_url", "jwt_audience", "jwt_issuer",
+        "api_key", "config",
+    ):
         if values.get(optional_text) == "":
             values[optional_text] = None
     if values.get("config"):
@@ -192,19 +196,23 @@ def load_settings(
         values["jwt_public_key"] = _read_public_key(str(values["jwt_public_key"]))
     if not values.get("node_id"):
         values["node_id"] = default_node_id()
-    if "log_level" in values:
-        values["log_level"] = str(values["log_level"]).lower()
+    for lowered in ("log_level", "log_format"):
+        if lowered in values:
+            values[lowered] = str(values[lowered]).lower()
     try:
         settings = msgspec.convert(values, Settings)
     except msgspec.ValidationError as exc:
-        raise SettingsError(str(exc)) from None
+        # msgspec names the field (`$.log_format`); the user knows the variable.
+        found = re.search(r"`\$\.(\w+)", str(exc))
+        option = _ENV_NAMES.get(found.group(1), "") if found else ""
+        raise SettingsError(f"{option}: {exc}" if option else str(exc)) from None
     validate(settings)
     return settings
 
 
 def validate(settings: Settings) -> None:
     checks: list[tuple[bool, str]] = [
-        (0 < settings.port < 65536, "HUB_PORT must be 1-65535"),
+        (0 <= settings.port < 65536, "HUB_PORT must be 0-65535 (0 = any free port)"),
         (settings.max_connections >= 0, "HUB_MAX_CONNECTIONS must be >= 0"),
         (settings.max_frame_bytes >= 256, "HUB_MAX_FRAME_BYTES must be >= 256"),
         (settings.queue_limit >= 1, "HUB_QUEUE_LIMIT must be >= 1"),

@@ -14,7 +14,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
 import msgspec
@@ -164,18 +165,30 @@ _LISTENING = re.compile(r"hub listening on http://([^ ]+)")
 
 
 class NodeProcess:
-    def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        args: list[str] | None = None,
+        *,
+        stderr: Path | None = None,
+    ) -> None:
+        """`stderr`: a file that gets the node's stderr (its logs); by default it is dropped."""
         self.env = {**os.environ, **env}
         self.args = args or []
+        self.stderr = stderr
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self.ws_url = ""
 
     def start(self, timeout: float = 15.0) -> NodeProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub", "serve", "--port", "0", *self.args],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
+        with contextlib.ExitStack() as files:
+            stderr: IO[bytes] | int = subprocess.DEVNULL
+            if self.stderr is not None:
+                stderr = files.enter_context(self.stderr.open("ab"))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "hub", "serve", "--port", "0", *self.args],
+                env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            )
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None
         while time.monotonic() < deadline:

@@ -1,0 +1,310 @@
+"""Subscriptions end to end: replies, duplicates, limits, unsubscribing, join/leave and
+presence frames, and the statistics of /api/stats and /api/channels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import WAIT, Client, RunningNode, connect, make_settings, running_node, token
+
+_http_clients: dict[str, httpx.AsyncClient] = {}
+
+
+def api(running: RunningNode) -> httpx.AsyncClient:
+    """One HTTP client per node and test (creating one costs more than a request)."""
+    client = _http_clients.get(running.url)
+    if client is None:
+        client = _http_clients[running.url] = running.api()
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_http_clients() -> AsyncIterator[None]:
+    yield
+    for client in _http_clients.values():
+        await client.aclose()
+    _http_clients.clear()
+
+
+async def publish(running: RunningNode, channel: str, data: Any) -> None:
+    http = api(running)
+    response = await http.post("/api/publish", json={"channel": channel, "data": data})
+    assert response.status_code == 200, response.text
+
+
+async def next_message(client: Client) -> dict[str, Any]:
+    frame = await client.expect("message")
+    return frame
+
+
+async def wait_for_frame(receiver: Client, kind: str, **fields: Any) -> dict[str, Any]:
+    """Skip frames until one of `kind` with these fields (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            frame = await receiver.recv()
+            if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
+                return frame
+
+
+async def api_get(running: RunningNode, path: str) -> Any:
+    http = api(running)
+    response = await http.get(path)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def wait_for_stats(running: RunningNode, **expected: int) -> dict[str, Any]:
+    """Poll /api/stats until its total has these values (disconnects are processed
+    asynchronously after the socket closes)."""
+    total: dict[str, Any] = {}
+    async with asyncio.timeout(WAIT):
+        while True:
+            total = (await api_get(running, "/api/stats"))["total"]
+            if all(total[k] == v for k, v in expected.items()):
+                return total
+            await asyncio.sleep(0.02)
+
+
+async def test_subscribe_and_unsubscribe_replies_echo_id(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        await client.send({"type": "subscribe", "channel": "room1", "id": 41})
+        assert await client.expect("subscribed") == {
+            "type": "subscribed", "channel": "room1", "id": 41,
+        }
+        await client.send({"type": "unsubscribe", "channel": "room1", "id": 42})
+        assert await client.expect("unsubscribed") == {
+            "type": "unsubscribed", "channel": "room1", "id": 42,
+        }
+        await client.send({"type": "subscribe", "channel": "room1"})
+        assert await client.expect("subscribed") == {"type": "subscribed", "channel": "room1"}
+
+
+async def test_duplicate_subscribe_is_already_subscribed_and_delivers_one_copy(
+    node: RunningNode,
+) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        await client.subscribe("room1")
+        reply = await client.request({"type": "subscribe", "channel": "room1"})
+        assert reply["type"] == "error"
+        assert reply["code"] == "already_subscribed"
+        await publish(node, "room1", 1)
+        await publish(node, "room1", 2)
+        # A second copy of 1 would come before 2.
+        assert (await next_message(client))["data"] == 1
+        assert (await next_message(client))["data"] == 2
+        http = api(node)
+        channels = (await http.get("/api/channels")).json()["channels"]
+        assert channels == {"room1": 1}
+
+
+async def test_unsubscribe_from_a_channel_never_subscribed_is_not_subscribed(
+    node: RunningNode,
+) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        await client.subscribe("room1")
+        reply = await client.request({"type": "unsubscribe", "channel": "room2"})
+        assert (reply["type"], reply["code"]) == ("error", "not_subscribed")
+        await publish(node, "room1", "still here")
+        assert (await next_message(client))["data"] == "still here"
+
+
+async def test_unsubscribe_twice_is_not_subscribed_the_second_time(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        await client.subscribe("room1")
+        assert (await client.request({"type": "unsubscribe", "channel": "room1"}))["type"] == (
+            "unsubscribed"
+        )
+        reply = await client.request({"type": "unsubscribe", "channel": "room1"})
+        assert reply["code"] == "not_subscribed"
+
+
+async def test_one_connection_on_several_channels_gets_each_tagged(node: RunningNode) -> None:
+    channels = ["room1", "room2", "chat:room3", "feed:room4"]
+    async with connect(node.ws_url, token("alice")) as client:
+        for channel in channels:
+            await client.subscribe(channel)
+            if channel.startswith("chat:"):
+                await wait_for_frame(client, "join", channel=channel)  # our own join
+        for index, channel in enumerate(channels):
+            await publish(node, channel, {"n": index})
+        for index, channel in enumerate(channels):
+            message = await next_message(client)
+            assert message["channel"] == channel
+            assert message["data"] == {"n": index}
+
+
+async def test_max_subscriptions_gives_too_many_subscriptions() -> None:
+    async with (
+        running_node(make_settings(max_subscriptions=2)) as running,
+        connect(running.ws_url, token("alice")) as client,
+    ):
+        # The personal channel @alice is already subscribed and does not count.
+        await client.subscribe("room1")
+        await client.subscribe("room2")
+        reply = await client.request({"type": "subscribe", "channel": "room3"})
+        assert (reply["type"], reply["code"]) == ("error", "too_many_subscriptions")
+        # The refused subscription did not happen; the others go on.
+        await publish(running, "room3", "not for us")
+        await publish(running, "room2", "for us")
+        assert (await next_message(client))["data"] == "for us"
+        # Room is made by unsubscribing.
+        await client.request({"type": "unsubscribe", "channel": "room1"})
+        await client.subscribe("room3")
+        http = api(running)
+        response = await http.post("/api/send", json={"user": "alice", "data": "personal"})
+        assert response.status_code == 200
+        assert (await next_message(client))["channel"] == "@alice"
+
+
+async def test_limit_is_per_connection() -> None:
+    async with (
+        running_node(make_settings(max_subscriptions=1)) as running,
+        connect(running.ws_url, token("alice")) as first,
+        connect(running.ws_url, token("alice")) as second,
+    ):
+        await first.subscribe("room1")
+        await second.subscribe("room1")
+        reply = await second.request({"type": "subscribe", "channel": "room2"})
+        assert reply["code"] == "too_many_subscriptions"
+
+
+async def test_unsubscribed_connection_stops_receiving(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        await client.subscribe("room1")
+        await client.subscribe("room2")
+        await publish(node, "room1", "before")
+        assert (await next_message(client))["data"] == "before"
+        reply = await client.request({"type": "unsubscribe", "channel": "room1"})
+        assert reply["type"] == "unsubscribed"
+        await publish(node, "room1", "after")
+        await publish(node, "room2", "barrier")
+        message = await next_message(client)
+        assert (message["channel"], message["data"]) == ("room2", "barrier")
+
+
+async def test_unsubscribe_of_one_connection_leaves_the_others_subscribed(
+    node: RunningNode,
+) -> None:
+    async with (
+        connect(node.ws_url, token("alice")) as leaving,
+        connect(node.ws_url, token("alice")) as staying,
+    ):
+        await leaving.subscribe("room1")
+        await staying.subscribe("room1")
+        await leaving.request({"type": "unsubscribe", "channel": "room1"})
+        await publish(node, "room1", "still")
+        assert (await next_message(staying))["data"] == "still"
+
+
+async def test_join_and_leave_are_seen_by_other_subscribers(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as watcher:
+        await watcher.subscribe("chat:room")
+        async with connect(node.ws_url, token("bob")) as joiner:
+            await joiner.subscribe("chat:room")
+            bob = joiner.welcome["client"]
+            join = await wait_for_frame(watcher, "join", client=bob)
+            assert join == {"type": "join", "channel": "chat:room", "user": "bob", "client": bob}
+            reply = await joiner.request({"type": "unsubscribe", "channel": "chat:room"})
+            assert reply["type"] == "unsubscribed"
+            leave = await watcher.expect("leave")
+            assert leave == {"type": "leave", "channel": "chat:room", "user": "bob", "client": bob}
+
+
+async def test_leave_is_sent_when_a_subscriber_disconnects(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as watcher:
+        await watcher.subscribe("chat:room")
+        async with connect(node.ws_url, token("bob")) as joiner:
+            await joiner.subscribe("chat:room")
+            bob = joiner.welcome["client"]
+            await wait_for_frame(watcher, "join", client=bob)
+        leave = await watcher.expect("leave")
+        assert leave == {"type": "leave", "channel": "chat:room", "user": "bob", "client": bob}
+
+
+async def test_no_join_or_leave_where_the_namespace_has_them_off(node: RunningNode) -> None:
+    async with (
+        connect(node.ws_url, token("alice")) as watcher,
+        connect(node.ws_url, token("bob")) as joiner,
+    ):
+        await watcher.subscribe("room1")
+        await joiner.subscribe("room1")
+        await joiner.request({"type": "unsubscribe", "channel": "room1"})
+        await publish(node, "room1", "barrier")
+        assert (await next_message(watcher))["data"] == "barrier"
+
+
+async def test_presence_frame_lists_clients_without_node(node: RunningNode) -> None:
+    async with (
+        connect(node.ws_url, token("alice", info={"color": "red"})) as alice,
+        connect(node.ws_url, token("bob")) as bob,
+    ):
+        await alice.subscribe("chat:room")
+        await bob.subscribe("chat:room")
+        await wait_for_frame(alice, "join", client=bob.welcome["client"])
+        reply = await alice.request({"type": "presence", "channel": "chat:room"})
+        assert reply["type"] == "presence"
+        assert reply["channel"] == "chat:room"
+        clients = sorted(reply["clients"], key=lambda c: str(c["user"]))
+        assert clients == [
+            {"client": alice.welcome["client"], "user": "alice", "info": {"color": "red"}},
+            {"client": bob.welcome["client"], "user": "bob"},
+        ]
+        # The HTTP API shows the node as well.
+        presence = await api_get(node, "/api/presence/chat:room")
+        assert {c["node"] for c in presence["clients"]} == {"test-node"}
+        # Unsubscribing leaves presence.
+        await bob.request({"type": "unsubscribe", "channel": "chat:room"})
+        reply = await alice.request({"type": "presence", "channel": "chat:room"})
+        assert [c["user"] for c in reply["clients"]] == ["alice"]
+
+
+async def test_presence_where_the_namespace_has_it_off_is_forbidden(node: RunningNode) -> None:
+    async with connect(node.ws_url, token("alice")) as client:
+        reply = await client.request({"type": "presence", "channel": "room1"})
+        assert reply["code"] == "forbidden"
+
+
+async def test_stats_follow_connects_and_disconnects(node: RunningNode) -> None:
+    await wait_for_stats(node, connections=0, users=0, subscriptions=0, channels=0)
+    async with connect(node.ws_url, token("alice")) as first:
+        await first.subscribe("room1")
+        async with connect(node.ws_url, token("alice")) as second:
+            await second.subscribe("room1")
+            await second.subscribe("room2")
+            async with connect(node.ws_url, token("bob")):
+                stats = await api_get(node, "/api/stats")
+                assert stats["total"] == {
+                    "nodes": 1, "connections": 3, "users": 2, "subscriptions": 3, "channels": 2,
+                }
+                [local] = stats["nodes"]
+                assert local["node"] == "test-node"
+                assert local["connections"] == 3
+                assert isinstance(local["started"], int)
+                assert isinstance(local["updated"], int)
+            await wait_for_stats(node, connections=2, users=1, subscriptions=3, channels=2)
+        await wait_for_stats(node, connections=1, users=1, subscriptions=1, channels=1)
+    await wait_for_stats(node, connections=0, users=0, subscriptions=0, channels=0)
+
+
+async def test_api_channels_counts_subscribers(node: RunningNode) -> None:
+    async with (
+        connect(node.ws_url, token("alice")) as alice,
+        connect(node.ws_url, token("bob")) as bob,
+    ):
+        await alice.subscribe("room1")
+        await bob.subscribe("room1")
+        await bob.subscribe("chat:lobby")
+        channels = (await api_get(node, "/api/channels"))["channels"]
+        assert channels == {"room1": 2, "chat:lobby": 1}  # personal channels are not listed
+        assert (await api_get(node, "/api/channels?prefix=chat:"))["channels"] == {
+            "chat:lobby": 1
+        }
+        await bob.request({"type": "unsubscribe", "channel": "room1"})
+        assert (await api_get(node, "/api/channels"))["channels"] == {
+            "room1": 1, "chat:lobby": 1,
+        }
