@@ -6,7 +6,8 @@ dedicated connection read by a supervised loop: it probes a silent connection wi
 reconnects with backoff and jitter, resubscribes, and tells the node (`BrokerEvents`) when
 Redis goes and comes back so it can fill the gap from history. Publishing with history is
 one Lua script (epoch check, offset, XADD, EXPIRE, PUBLISH) in one round trip; without
-history it is one PUBLISH. Commands go through one connection pool shared with presence.
+history a small script around PUBLISH. Both refuse to run past a deadline on the Redis
+clock, so a publish answered `unavailable` (timed out) is never carried out later. Commands go through one connection pool shared with presence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -31,7 +33,7 @@ from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message, Relayed, decode_relayed, encode
 from hub.redis_presence import RedisClient, RedisPresence
-from hub.redis_support import HISTORY_LUA, PUBLISH_LUA, Incident
+from hub.redis_support import HISTORY_LUA, PUBLISH_LUA, RELAY_LUA, Incident
 from hub.settings import Settings
 
 log = logging.getLogger("hub.redis")
@@ -102,6 +104,10 @@ class RedisBroker:
         self._timeout = timeout
         self._backoff_cap = backoff_cap
         self._publish_script = client.register_script(PUBLISH_LUA)
+        self._relay_script = client.register_script(RELAY_LUA)
+        # Redis clock minus ours (ms), measured at each connect: publish deadlines are
+        # judged on the Redis clock.
+        self._clock_skew_ms = 0.0
         self._history_script = client.register_script(HISTORY_LUA)
         self._events: BrokerEvents | None = None
         self._task: asyncio.Task[None] | None = None
@@ -206,13 +212,20 @@ class RedisBroker:
             if history is not None and isinstance(relayed, Message):
                 position = await self._publish_with_history(channel, relayed, history)
             else:
-                await self._client.publish(self._topic(channel), encode(relayed))
+                args = [self._deadline_ms(), self._topic(channel), encode(relayed)]
+                if await self._relay_script(keys=[], args=args) is None:
+                    raise TimeoutError("publish reached Redis after its deadline")
                 position = None
         except REDIS_ERRORS as exc:
             self._commands.failed(exc)
             raise BrokerUnavailable("publish failed: Redis is unreachable") from exc
         self._commands.recovered()
         return position
+
+    def _deadline_ms(self) -> int:
+        """Redis must run a publish before the client gives up on the reply; a quarter of
+        the timeout is left for the reply's way back."""
+        return int(time.time() * 1000 + self._clock_skew_ms + self._timeout * 750)
 
     async def history(
         self,
@@ -261,8 +274,12 @@ class RedisBroker:
             encode(message),
             max(history.size, 1),
             self._topic(channel),
+            self._deadline_ms(),
         ]
-        offset, epoch = await self._publish_script(keys=self._history_keys(channel), args=args)
+        reply = await self._publish_script(keys=self._history_keys(channel), args=args)
+        if reply is None:
+            raise TimeoutError("publish reached Redis after its deadline")
+        offset, epoch = reply
         message.offset, message.epoch = int(offset), epoch.decode()
         return StreamPosition(message.offset, message.epoch)
 
@@ -303,6 +320,7 @@ class RedisBroker:
         before all confirmations, to be delivered after `on_broker_up`."""
         # `connect` is untyped in redis-py's own annotations.
         await cast(Any, conn).connect()
+        await self._measure_clock(conn)
         async with self._lock:
             topics = list(self._channel_by_topic)
             for start in range(0, len(topics), 1000):
@@ -323,6 +341,14 @@ class RedisBroker:
             self._sent = set(topics)
             self._conn = conn
         return backlog
+
+    async def _measure_clock(self, conn: AbstractConnection) -> None:
+        sent = time.time() * 1000
+        await conn.send_command("TIME")
+        seconds, micros = await conn.read_response(timeout=self._timeout)
+        received = time.time() * 1000
+        redis_ms = int(seconds) * 1000 + int(micros) / 1000
+        self._clock_skew_ms = redis_ms - (sent + received) / 2
 
     async def _read(self, conn: AbstractConnection) -> None:
         """Read until the connection fails. A connection silent for a ping interval gets a

@@ -33,12 +33,28 @@ if not epoch or (top > 0 and redis.call('EXISTS', stream_key) == 0) then
 end
 """
 
+# A publish carries a deadline on the Redis clock (ARGV[1]): when Redis runs it later than
+# that (it was frozen, or the command sat in a buffer), the node has already answered
+# `unavailable`, and PROTOCOL §5 says such a publish reaches nobody. So it is refused here.
+# ARGV: deadline_ms, pub/sub topic, payload. Returns 1, or nil past the deadline.
+RELAY_LUA = (
+    _NOW
+    + """
+if now > tonumber(ARGV[1]) then return false end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+)
+
 # KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, payload (a JSON object without offset
-# and epoch), stream size, pub/sub topic. The stream entry ID is the offset, so ranges by
+# and epoch), stream size, pub/sub topic, deadline_ms. The stream entry ID is the offset, so ranges by
 # offset are plain XRANGEs; `t` is when it was added, so entries expire one by one like in
 # MemoryBroker. PUBLISH happens here, in offset order, so every node sees offsets ascend.
 PUBLISH_LUA = (
     _NOW
+    + """
+if now > tonumber(ARGV[6]) then return false end
+"""
     + _EPOCH
     + """
 local offset = redis.call('HINCRBY', meta_key, 's', 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import sys
@@ -17,7 +18,15 @@ from hub.logs import configure
 from hub.settings import Settings
 
 log = logging.getLogger("hub.server")
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 EXIT_GRACE_SECONDS = 5.0
 
 
@@ -85,7 +94,7 @@ def uvicorn_config(
 
 
 def serve(settings: Settings) -> int:
-    if settings.dev and settings.host not in LOOPBACK:
+    if settings.dev and not is_loopback(settings.host):
         print(f"hub: refusing --dev on non-loopback address {settings.host}", file=sys.stderr)
         return 2
     log_config = configure(settings.log_level, settings.log_format, settings.node_id)

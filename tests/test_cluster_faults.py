@@ -387,11 +387,6 @@ async def test_a_frozen_redis_is_noticed_within_ten_seconds_and_survived(
         assert await readyz(http, b) == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: a publish that times out against a frozen Redis is answered 503 but Redis runs "
-    "it when it thaws (it takes an offset and is delivered), against PROTOCOL §5 'a publish "
-    "answered with an error was not published'"
-))
 async def test_a_publish_refused_while_redis_is_frozen_reaches_nobody(
     redis_factory: Factory, tmp_path: Path
 ) -> None:
