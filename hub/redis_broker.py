@@ -7,7 +7,8 @@ reconnects with backoff and jitter, resubscribes, and tells the node (`BrokerEve
 Redis goes and comes back so it can fill the gap from history. Publishing with history is
 one Lua script (epoch check, offset, XADD, EXPIRE, PUBLISH) in one round trip; without
 history a small script around PUBLISH. Both refuse to run past a deadline on the Redis
-clock, so a publish answered `unavailable` (timed out) is never carried out later. Commands go through one connection pool shared with presence.
+clock, so a publish answered `unavailable` (timed out) is never carried out later.
+Commands go through one connection pool shared with presence.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ class RedisBroker:
             if history is not None and isinstance(relayed, Message):
                 position = await self._publish_with_history(channel, relayed, history)
             else:
-                args = [self._deadline_ms(), self._topic(channel), encode(relayed)]
+                topic = self._topic(channel)
+                args: list[bytes | int] = [self._deadline_ms(), topic, encode(relayed)]
                 if await self._relay_script(keys=[], args=args) is None:
                     raise TimeoutError("publish reached Redis after its deadline")
                 position = None

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 import redis.asyncio
 
 from tests.redis_server import RedisServer
