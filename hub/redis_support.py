@@ -49,7 +49,8 @@ return 1
 # KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, payload (a JSON object without offset
 # and epoch), stream size, pub/sub topic, deadline_ms. The stream entry ID is the offset,
 # so ranges by offset are plain XRANGEs; `t` is when it was added, so entries expire one by
-# one like in MemoryBroker. PUBLISH happens here, in offset order, so every node sees offsets ascend.
+# one like in MemoryBroker. PUBLISH happens here, in offset order, so every node sees
+# offsets ascend.
 PUBLISH_LUA = (
     _NOW
     + """
