@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     _token_parser(commands)
     _publish_parser(commands)
-    bench = commands.add_parser("bench", help="fan-out benchmark (see benchmarks/)")
+    # "+" as prefix: every argument after `bench`, options included, goes to hub.bench.
+    bench = commands.add_parser("bench", help="fan-out benchmark (see benchmarks/)",
+                                prefix_chars="+", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -99,10 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "publish":
         return _publish(args)
     if args.command == "bench":
-        from benchmarks.fanout import main as bench_main
+        from hub.bench import main as bench_main
 
-        code: int = bench_main(args.args)
-        return code
+        return bench_main(args.args)
     from hub.server import serve
 
     flags = {k: v for k, v in vars(args).items() if k in
