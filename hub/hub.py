@@ -6,22 +6,20 @@ into the bounded queue of every local subscriber (`Session.push`); nothing here 
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from hub.broker import StreamPosition
 from hub.channels import is_personal
-from hub.protocol import Message, encode_text
+from hub.protocol import Message
+from hub.wire import frame_of
 
 if TYPE_CHECKING:
     from hub.session import Session
 
-SendEvent = dict[str, Any]
-"""An ASGI `websocket.send` event, shared by every recipient of one frame."""
-
-
-def send_event(frame_text: str) -> SendEvent:
-    return {"type": "websocket.send", "text": frame_text}
+Held = Message | bytes
+"""What a joining session is owed: a relayed message (checked against the offset its
+`subscribed` announces) or a frame that is delivered as it is."""
 
 
 class Hub:
@@ -31,7 +29,7 @@ class Hub:
         self.subscribers_by_channel: dict[str, set[Session]] = {}
         # Sessions between asking to subscribe and getting `subscribed`: what the channel
         # carries meanwhile is held for them, then delivered after the reply.
-        self.joining_by_channel: dict[str, dict[Session, list[Message | SendEvent]]] = {}
+        self.joining_by_channel: dict[str, dict[Session, list[Held]]] = {}
         # Channels being refilled from history after a broker outage: live messages wait.
         self.refilling: dict[str, list[Message]] = {}
         self.last_position_by_channel: dict[str, StreamPosition] = {}
@@ -67,9 +65,9 @@ class Hub:
             if not joining:
                 del self.joining_by_channel[channel]
 
-    def finish_join(self, channel: str, session: Session) -> list[Message | SendEvent]:
+    def finish_join(self, channel: str, session: Session) -> list[Held]:
         """Make `session` a subscriber; returns what the channel carried while it joined."""
-        held: list[Message | SendEvent] = []
+        held: list[Held] = []
         joining = self.joining_by_channel.get(channel)
         if joining is not None:
             held = joining.pop(session, [])
@@ -117,12 +115,14 @@ class Hub:
         subscribers = self.subscribers_by_channel.get(channel)
         if not subscribers:
             return 0
-        return self.fan_out(subscribers, send_event(encode_text(message)))
+        return self.fan_out(subscribers, frame_of(message))
 
-    def fan_out(self, sessions: Collection[Session], event: SendEvent) -> int:
+    def fan_out(self, sessions: Iterable[Session], frame: bytes) -> int:
+        """The hot path: one frame, already on the wire's terms, to every session."""
+        delivered = 0
         for session in sessions:
-            session.push(event)
-        return len(sessions)
+            delivered += session.push(frame)
+        return delivered
 
     # statistics
 

@@ -21,11 +21,12 @@ from hub.auth import Authenticator
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import check_name, is_personal, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
-from hub.hub import Hub, send_event
+from hub.hub import Held, Hub
 from hub.metrics import Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.relay import RelaySubscriptions
 from hub.settings import Namespace, Settings
+from hub.wire import frame_of
 
 if TYPE_CHECKING:
     from hub.session import ASGISend, Session
@@ -126,7 +127,7 @@ class Node:
         elif isinstance(relayed, p.Join | p.Leave):
             subscribers = hub.subscribers_by_channel.get(channel)
             if subscribers:
-                hub.fan_out(subscribers, send_event(p.encode_text(relayed)))
+                hub.fan_out(subscribers, frame_of(relayed))
         elif isinstance(relayed, p.Disconnect):
             for session in list(hub.sessions_by_user.get(relayed.user, ())):
                 session.close(relayed.code, relayed.reason)
@@ -173,12 +174,13 @@ class Node:
         page = await self.broker.history(channel, options, known, self.settings.recovery_max + 1)
         subscribers = hub.subscribers_by_channel.get(channel, set())
         if self._recovered(page):
+            delivered = 0
             for message in page.messages:
-                hub.fan_out(subscribers, send_event(p.encode_text(message)))
-            self.metrics.messages_delivered.inc(len(page.messages) * len(subscribers))
+                delivered += hub.fan_out(subscribers, frame_of(message))
+            self.metrics.messages_delivered.inc(delivered)
         else:
             reset = p.Reset(channel=channel, epoch=page.position.epoch, offset=page.position.offset)
-            hub.fan_out(subscribers, send_event(p.encode_text(reset)))
+            hub.fan_out(subscribers, frame_of(reset))
         hub.last_position_by_channel[channel] = page.position
         held = hub.refilling.pop(channel, [])
         for message in held:
@@ -204,7 +206,7 @@ class Node:
         except BrokerUnavailable:
             log.warning("broker down: personal channel of a new connection waits for it")
         for held in hub.finish_join(channel, session):
-            session.push(held if isinstance(held, dict) else send_event(p.encode_text(held)))
+            session.push(held if isinstance(held, bytes) else frame_of(held))
 
     async def disconnect(self, session: Session, code: int) -> None:
         hub = self.hub
@@ -274,7 +276,7 @@ class Node:
         frame_id: int | None,
         since: p.Since | None,
         page: HistoryPage | None,
-        held: list[p.Message | dict[str, object]],
+        held: list[Held],
     ) -> None:
         if page is None:
             session.reply(p.Subscribed(channel=channel, id=frame_id))
@@ -290,7 +292,7 @@ class Node:
                 session.reply(message)
             self.hub.note_position(channel, last)
         for item in held:
-            if isinstance(item, dict):
+            if isinstance(item, bytes):
                 session.push(item)
                 continue
             if last is not None and _already_seen(item, last):

@@ -17,7 +17,7 @@ from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.channels import Permissions
 from hub.errors import CloseCode, ErrorCode, HubError
-from hub.hub import SendEvent, send_event
+from hub.wire import frame_of, outbound_for
 
 if TYPE_CHECKING:
     from hub.node import Node
@@ -48,11 +48,20 @@ def _frame_id(text: str) -> int | None:
     return found if type(found) is int else None
 
 
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
 class Session:
     __slots__ = (
         "_expiry_timer",
         "_limited_at",
         "_limited_since",
+        "_outbound",
         "_refilled_at",
         "_send",
         "_tokens",
@@ -79,7 +88,8 @@ class Session:
         self.permissions = Permissions(node.settings, identity.channels, identity.publish)
         self.subscriptions: set[str] = set()
         self.joining: set[str] = set()
-        self.queue: deque[SendEvent] = deque()
+        self.queue: deque[bytes | _Close] = deque()
+        self._outbound = outbound_for(send)
         self.queue_limit = node.settings.queue_limit
         self.close_code: int | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -92,24 +102,30 @@ class Session:
 
     # outbound
 
-    def push(self, event: SendEvent) -> None:
-        """Queue a frame without awaiting; a queue past its limit closes with 4008."""
+    def push(self, frame: bytes) -> bool:
+        """Hand over a frame without awaiting: straight to the socket when nothing is
+        queued and it is writable, else into the bounded queue for the writer task; a
+        queue past its limit closes the connection with 4008. False: not delivered."""
         if self.close_code is not None:
-            return
+            return False
         queue = self.queue
-        if len(queue) >= self.queue_limit:
+        if not queue:
+            if self._outbound.write_now(frame):
+                return True
+        elif len(queue) >= self.queue_limit:
             self.node.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
-            return
-        queue.append(event)
+            return False
+        queue.append(frame)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        return True
 
     def reply(self, frame: msgspec.Struct) -> None:
-        self.push(send_event(p.encode_text(frame)))
+        self.push(frame_of(frame))
 
     def error(self, code: ErrorCode, message: str, frame_id: int | None) -> None:
         self.node.metrics.command_errors.labels(code.value).inc()
@@ -122,23 +138,34 @@ class Session:
         self.close_code = code
         if not flush:
             self.queue.clear()
-        self.queue.append({"type": "websocket.close", "code": code, "reason": reason})
+        self.queue.append(_Close(code, reason))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.node.drop_connection_later(self._send)
 
     async def _write_loop(self) -> None:
-        queue, send = self.queue, self._send
+        """Drains what `push` could not write at once, in order, as the socket allows."""
+        queue, outbound = self.queue, self._outbound
         loop = asyncio.get_running_loop()
         try:
             while True:
-                while queue:
-                    event = queue.popleft()
-                    await send(event)
-                    if event["type"] == "websocket.close":
-                        return
-                self._waiter = loop.create_future()
-                await self._waiter
+                if not queue:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    continue
+                await outbound.ready()
+                frames: list[bytes] = []
+                while queue and type(queue[0]) is bytes:
+                    frames.append(queue.popleft())  # type: ignore[arg-type]
+                if frames:
+                    await outbound.write(frames)
+                    continue
+                closing = queue.popleft()
+                assert isinstance(closing, _Close)
+                await self._send(
+                    {"type": "websocket.close", "code": closing.code, "reason": closing.reason}
+                )
+                return
         except OSError:
             return  # the peer is gone; the reader sees the disconnect
 
