@@ -66,6 +66,8 @@ class Metrics:
         for source in ("api", "client"):
             self.messages_published.labels(source)
         self.messages_dropped.labels("slow_consumer")
+        for reason in ("missing", "invalid", "expired", "timeout"):
+            self.auth_failures.labels(reason)
         self.node_info = Info("hub_node", "This node", registry=registry)
         self.node_info.info({"node": node_id, "version": __version__})
 

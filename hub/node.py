@@ -204,9 +204,20 @@ class Node:
         try:
             await self.relay.ensure(channel)
         except BrokerUnavailable:
-            log.warning("broker down: personal channel of a new connection waits for it")
+            log.warning("personal channel not subscribed yet; retrying in the background")
+            self.spawn(self._retry_relay(channel))
         for held in hub.finish_join(channel, session):
             session.push(held if isinstance(held, bytes) else frame_of(held))
+
+    async def _retry_relay(self, channel: str) -> None:
+        """A SUBSCRIBE that failed while the broker seemed up is tried again, with backoff,
+        for as long as a local connection wants the channel."""
+        delay = 0.25
+        while self.hub.has_interest(channel) and channel not in self.relay.channels:
+            await asyncio.sleep(delay)
+            with contextlib.suppress(BrokerUnavailable):
+                await self.relay.ensure(channel)
+            delay = min(delay * 2, 5.0)
 
     async def disconnect(self, session: Session, code: int) -> None:
         hub = self.hub
