@@ -21,6 +21,7 @@ import httpx
 import msgspec
 import uvicorn
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from hub.app import create_app, node_of
@@ -244,3 +245,31 @@ def token(user: str = "alice", **claims: Any) -> str:
         SECRET, user, ttl=claims.get("ttl", 3600), channels=claims.get("channels", ["*"]),
         publish=claims.get("publish", ["*"]), info=claims.get("info"),
     )
+
+
+_http_clients: dict[str, httpx.AsyncClient] = {}
+
+
+def api(running: RunningNode) -> httpx.AsyncClient:
+    """One HTTP client per node and test (creating one costs more than a request); the
+    conftest closes them after each test."""
+    client = _http_clients.get(running.url)
+    if client is None:
+        client = _http_clients[running.url] = running.api()
+    return client
+
+
+async def close_api_clients() -> None:
+    for client in _http_clients.values():
+        await client.aclose()
+    _http_clients.clear()
+
+
+async def metric(running: RunningNode, name: str, **labels: str) -> float:
+    """A sample of /metrics, 0 when absent."""
+    text = (await api(running).get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -18,35 +18,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import msgspec
 import pytest
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from prometheus_client.parser import text_string_to_metric_families
 
 from hub.settings import Settings, load_settings
-from tests.support import SECRET, Client, RunningNode, connect, make_settings, running_node, token
-
-_http_clients: dict[str, httpx.AsyncClient] = {}
-
-
-def api(running: RunningNode) -> httpx.AsyncClient:
-    """One HTTP client per node and test (creating one costs more than a request)."""
-    client = _http_clients.get(running.url)
-    if client is None:
-        client = _http_clients[running.url] = running.api()
-    return client
-
-
-@pytest.fixture(autouse=True)
-async def _close_http_clients() -> AsyncIterator[None]:
-    yield
-    for client in _http_clients.values():
-        await client.aclose()
-    _http_clients.clear()
+from tests.support import (
+    SECRET,
+    Client,
+    RunningNode,
+    api,
+    connect,
+    make_settings,
+    metric,
+    running_node,
+    token,
+)
 
 
 def hs_token(claims: dict[str, Any], secret: str = SECRET, **headers: Any) -> str:
@@ -68,17 +58,6 @@ def hs256_with_raw_key(claims: dict[str, Any], key: bytes) -> str:
 
 def claims_for(user: str = "alice", ttl: int = 3600, **extra: Any) -> dict[str, Any]:
     return {"sub": user, "exp": int(time.time()) + ttl, **extra}
-
-
-async def metric(running: RunningNode, name: str, **labels: str) -> float:
-    """A sample of /metrics, 0 when absent."""
-    http = api(running)
-    text = (await http.get("/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 @contextlib.asynccontextmanager

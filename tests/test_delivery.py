@@ -9,30 +9,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import WAIT, Client, RunningNode, connect, make_settings, running_node, token
-
-_http_clients: dict[str, httpx.AsyncClient] = {}
-
-
-def api(running: RunningNode) -> httpx.AsyncClient:
-    """One HTTP client per node and test (creating one costs more than a request)."""
-    client = _http_clients.get(running.url)
-    if client is None:
-        client = _http_clients[running.url] = running.api()
-    return client
-
-
-@pytest.fixture(autouse=True)
-async def _close_http_clients() -> AsyncIterator[None]:
-    yield
-    for client in _http_clients.values():
-        await client.aclose()
-    _http_clients.clear()
-
+from tests.support import (
+    WAIT,
+    Client,
+    RunningNode,
+    api,
+    connect,
+    make_settings,
+    metric,
+    running_node,
+    token,
+)
 
 NAMESPACES: dict[str, dict[str, Any]] = {
     "default": {"subscribe": "token", "publish": "none"},
@@ -49,17 +38,6 @@ async def node() -> AsyncIterator[RunningNode]:
     """Overrides conftest's `node`: namespaces for the application events below."""
     async with running_node(make_settings(namespaces=NAMESPACES)) as running:
         yield running
-
-
-async def metric(running: RunningNode, name: str, **labels: str) -> float:
-    """A sample of /metrics, 0 when absent."""
-    http = api(running)
-    text = (await http.get("/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 async def api_post(running: RunningNode, path: str, body: dict[str, Any]) -> Any:

@@ -4,31 +4,18 @@ presence frames, and the statistics of /api/stats and /api/channels."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-import pytest
-
-from tests.support import WAIT, Client, RunningNode, connect, make_settings, running_node, token
-
-_http_clients: dict[str, httpx.AsyncClient] = {}
-
-
-def api(running: RunningNode) -> httpx.AsyncClient:
-    """One HTTP client per node and test (creating one costs more than a request)."""
-    client = _http_clients.get(running.url)
-    if client is None:
-        client = _http_clients[running.url] = running.api()
-    return client
-
-
-@pytest.fixture(autouse=True)
-async def _close_http_clients() -> AsyncIterator[None]:
-    yield
-    for client in _http_clients.values():
-        await client.aclose()
-    _http_clients.clear()
+from tests.support import (
+    WAIT,
+    Client,
+    RunningNode,
+    api,
+    connect,
+    make_settings,
+    running_node,
+    token,
+)
 
 
 async def publish(running: RunningNode, channel: str, data: Any) -> None:
