@@ -35,6 +35,7 @@ log = logging.getLogger("hub.node")
 
 HISTORY_LIMIT = 1000
 CLOSE_HANDSHAKE_SECONDS = 5.0
+REFILL_CONCURRENCY = 32
 
 
 def now_ms() -> int:
@@ -154,16 +155,23 @@ class Node:
             try:
                 await self.relay.ensure(channel)
             except BrokerUnavailable:
-                log.warning("resubscribing %d channels failed; waiting for the broker", 1)
+                log.warning("resubscribing after a broker outage failed; waiting for it")
                 break
-        for channel in channels:
-            try:
-                await self._refill_channel(channel)
-            except Exception as exc:
-                log.warning("refilling a channel from history failed: %s", exc)
-            finally:
-                for message in self.hub.refilling.pop(channel, []):
-                    self.on_relayed(channel, message)
+        # Channels are refilled side by side (bounded), so thousands of them still catch up
+        # within seconds of the broker's return.
+        parallel = asyncio.Semaphore(REFILL_CONCURRENCY)
+
+        async def refill(channel: str) -> None:
+            async with parallel:
+                try:
+                    await self._refill_channel(channel)
+                except Exception as exc:
+                    log.warning("refilling a channel from history failed: %s", exc)
+                finally:
+                    for message in self.hub.refilling.pop(channel, []):
+                        self.on_relayed(channel, message)
+
+        await asyncio.gather(*(refill(channel) for channel in channels))
 
     async def _refill_channel(self, channel: str) -> None:
         hub = self.hub
