@@ -76,7 +76,7 @@ class Authenticator:
             except jwt.PyJWTError as exc:
                 raise AuthFailed("invalid", f"no matching JWKS key: {exc}") from None
             return signing_key.key
-        raise AuthFailed("invalid", f"token algorithm {algorithm!r} is not accepted")
+        raise AuthFailed("invalid", f"token algorithm {ascii(algorithm)[:24]} is not accepted")
 
     def _decode(self, token: str, key: Any, algorithm: object) -> dict[str, Any]:
         s = self._settings

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
-from hub.errors import CloseCode
+from hub.errors import CloseCode, close_reason
 from hub.node import Node
 from hub.session import ASGIReceive, ASGISend, Session
 
@@ -46,7 +46,7 @@ class WebSocketEndpoint:
         except AuthFailed as exc:
             node.metrics.auth_failures.labels(exc.reason).inc()
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
-            await _close(send, exc.code, str(exc)[:120])
+            await _close(send, exc.code, str(exc))
             return
         except _Gone:
             return
@@ -123,7 +123,7 @@ class _Gone(Exception):
 
 async def _close(send: ASGISend, code: int, reason: str) -> None:
     with contextlib.suppress(OSError):
-        await send({"type": "websocket.close", "code": int(code), "reason": reason})
+        await send({"type": "websocket.close", "code": int(code), "reason": close_reason(reason)})
 
 
 def _token_from_handshake(scope: dict[str, Any]) -> str | None:

@@ -12,7 +12,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hub import protocol as p
-from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, CloseCode, HubError
+from hub.errors import (
+    HTTP_STATUS_BY_CODE,
+    BrokerUnavailable,
+    CloseCode,
+    HubError,
+    close_reason,
+)
 from hub.node import Node
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -162,10 +168,7 @@ async def disconnect(request: Request, node: Node) -> Response:
     _check_user(body.user)
     if not (body.code == 1000 or 3000 <= body.code <= 4999):
         raise ApiError(400, "bad_request", "`code` must be 1000 or 3000-4999")
-    # A close frame's reason is at most 123 bytes of UTF-8, not characters: a longer one
-    # makes the close itself fail and the client sees 1006 instead of the code.
-    reason = body.reason.encode()[:123].decode(errors="ignore")
-    await node.disconnect_user(body.user, body.code, reason)
+    await node.disconnect_user(body.user, body.code, close_reason(body.reason))
     return json_response({})
 
 

@@ -43,6 +43,18 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
 }
 
 
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """A close frame's reason fits in 123 bytes of UTF-8; a longer one makes the close
+    itself fail (the client would see 1006, not the code)."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return encoded[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
 class HubError(Exception):
     """A failure that is answered to the caller with a contract error code, never a crash."""
 

@@ -6,6 +6,7 @@ into the bounded queue of every local subscriber (`Session.push`); nothing here 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,15 @@ from hub.wire import frame_of
 if TYPE_CHECKING:
     from hub.session import Session
 
-Held = Message | bytes
-"""What a joining session is owed: a relayed message (checked against the offset its
-`subscribed` announces) or a frame that is delivered as it is."""
+class Refill:
+    """A channel catching up from history after a broker outage: live messages wait in
+    `held`, and subscribes wait for `done`."""
+
+    __slots__ = ("done", "held")
+
+    def __init__(self) -> None:
+        self.held: list[Message] = []
+        self.done = asyncio.Event()
 
 
 class Hub:
@@ -29,9 +36,9 @@ class Hub:
         self.subscribers_by_channel: dict[str, set[Session]] = {}
         # Sessions between asking to subscribe and getting `subscribed`: what the channel
         # carries meanwhile is held for them, then delivered after the reply.
-        self.joining_by_channel: dict[str, dict[Session, list[Held]]] = {}
+        self.joining_by_channel: dict[str, dict[Session, list[Message]]] = {}
         # Channels being refilled from history after a broker outage: live messages wait.
-        self.refilling: dict[str, list[Message]] = {}
+        self.refilling: dict[str, Refill] = {}
         self.last_position_by_channel: dict[str, StreamPosition] = {}
         self.subscription_count = 0
         self.channel_count = 0
@@ -64,10 +71,12 @@ class Hub:
             joining.pop(session, None)
             if not joining:
                 del self.joining_by_channel[channel]
+        if not self.has_interest(channel):
+            self.last_position_by_channel.pop(channel, None)
 
-    def finish_join(self, channel: str, session: Session) -> list[Held]:
+    def finish_join(self, channel: str, session: Session) -> list[Message]:
         """Make `session` a subscriber; returns what the channel carried while it joined."""
-        held: list[Held] = []
+        held: list[Message] = []
         joining = self.joining_by_channel.get(channel)
         if joining is not None:
             held = joining.pop(session, [])
@@ -104,8 +113,9 @@ class Hub:
     def fan_out_message(self, channel: str, message: Message) -> int:
         """Deliver a relayed publication to local subscribers; returns how many got it."""
         if message.offset is not None and message.epoch is not None:
-            if channel in self.refilling:
-                self.refilling[channel].append(message)
+            refill = self.refilling.get(channel)
+            if refill is not None:
+                refill.held.append(message)
                 return 0
             self.note_position(channel, StreamPosition(message.offset, message.epoch))
         joining = self.joining_by_channel.get(channel)

@@ -10,8 +10,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from hub import __version__
+from hub.errors import CloseCode
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+# Close codes a client may send are its own choice; only these become label values.
+_KNOWN_CLOSE_CODES = frozenset(int(code) for code in CloseCode) | {1002, 1005, 1006, 1007, 1010}
+
+
+def close_code_label(code: int) -> str:
+    return str(code) if code in _KNOWN_CLOSE_CODES else "other"
 
 
 class Metrics:

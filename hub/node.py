@@ -18,12 +18,13 @@ import msgspec
 
 from hub import protocol as p
 from hub.auth import Authenticator
-from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
+from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, is_personal, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
-from hub.hub import Held, Hub
-from hub.metrics import Metrics
+from hub.hub import Hub
+from hub.metrics import Metrics, close_code_label
 from hub.presence import NodeSnapshot, NodeStats, Presence
+from hub.refill import Refiller, already_seen, history_options
 from hub.relay import RelaySubscriptions
 from hub.settings import Namespace, Settings
 from hub.wire import frame_of
@@ -35,21 +36,10 @@ log = logging.getLogger("hub.node")
 
 HISTORY_LIMIT = 1000
 CLOSE_HANDSHAKE_SECONDS = 5.0
-REFILL_CONCURRENCY = 32
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _already_seen(message: p.Message, position: StreamPosition) -> bool:
-    return message.epoch == position.epoch and (message.offset or 0) <= position.offset
-
-
-def history_options(namespace: Namespace) -> HistoryOptions | None:
-    if not namespace.has_history:
-        return None
-    return HistoryOptions(namespace.history_size, namespace.history_ttl)
 
 
 class ClusterStats(msgspec.Struct):
@@ -68,6 +58,7 @@ class Node:
         self.metrics = metrics
         self.hub = Hub()
         self.relay = RelaySubscriptions(broker)
+        self.refiller = Refiller(self.hub, broker, settings, metrics, self.on_relayed)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
         self.draining = False
@@ -92,6 +83,7 @@ class Node:
         self.spawn(self._heartbeat_loop())
 
     async def stop(self) -> None:
+        await self.refiller.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -134,67 +126,12 @@ class Node:
                 session.close(relayed.code, relayed.reason)
 
     def on_broker_up(self, reconnected: bool) -> None:
-        if not reconnected:
-            return
-        self.metrics.broker_reconnects.inc()
-        refilling = [
-            channel for channel in self.hub.last_position_by_channel
-            if history_options(self.settings.namespace_of(channel)) is not None
-        ]
-        for channel in refilling:
-            self.hub.refilling.setdefault(channel, [])
-        self.spawn(self._refill(refilling))
+        if reconnected:
+            self.metrics.broker_reconnects.inc()
+            self.refiller.start()
 
     def on_broker_down(self) -> None:
         log.warning("broker connection lost; serving connections, commands answer unavailable")
-
-    async def _refill(self, channels: list[str]) -> None:
-        """After an outage: subscribe again where we lost it, then give subscribers what
-        they missed (or a `reset`) before the live messages held meanwhile."""
-        for channel in list(self.hub.subscribers_by_channel):
-            try:
-                await self.relay.ensure(channel)
-            except BrokerUnavailable:
-                log.warning("resubscribing after a broker outage failed; waiting for it")
-                break
-        # Channels are refilled side by side (bounded), so thousands of them still catch up
-        # within seconds of the broker's return.
-        parallel = asyncio.Semaphore(REFILL_CONCURRENCY)
-
-        async def refill(channel: str) -> None:
-            async with parallel:
-                try:
-                    await self._refill_channel(channel)
-                except Exception as exc:
-                    log.warning("refilling a channel from history failed: %s", exc)
-                finally:
-                    for message in self.hub.refilling.pop(channel, []):
-                        self.on_relayed(channel, message)
-
-        await asyncio.gather(*(refill(channel) for channel in channels))
-
-    async def _refill_channel(self, channel: str) -> None:
-        hub = self.hub
-        known = hub.last_position_by_channel.get(channel)
-        options = history_options(self.settings.namespace_of(channel))
-        if known is None or options is None:
-            return
-        page = await self.broker.history(channel, options, known, self.settings.recovery_max + 1)
-        subscribers = hub.subscribers_by_channel.get(channel, set())
-        if self._recovered(page):
-            delivered = 0
-            for message in page.messages:
-                delivered += hub.fan_out(subscribers, frame_of(message))
-            self.metrics.messages_delivered.inc(delivered)
-        else:
-            reset = p.Reset(channel=channel, epoch=page.position.epoch, offset=page.position.offset)
-            hub.fan_out(subscribers, frame_of(reset))
-        hub.last_position_by_channel[channel] = page.position
-        held = hub.refilling.pop(channel, [])
-        for message in held:
-            if _already_seen(message, page.position):
-                continue
-            self.on_relayed(channel, message)
 
     def _recovered(self, page: HistoryPage) -> bool:
         return page.complete and len(page.messages) <= self.settings.recovery_max
@@ -214,8 +151,11 @@ class Node:
         except BrokerUnavailable:
             log.warning("personal channel not subscribed yet; retrying in the background")
             self.spawn(self._retry_relay(channel))
+        except BaseException:
+            hub.abort_join(channel, session)
+            raise
         for held in hub.finish_join(channel, session):
-            session.push(held if isinstance(held, bytes) else frame_of(held))
+            session.reply(held)
 
     async def _retry_relay(self, channel: str) -> None:
         """A SUBSCRIBE that failed while the broker seemed up is tried again, with backoff,
@@ -226,20 +166,30 @@ class Node:
             with contextlib.suppress(BrokerUnavailable):
                 await self.relay.ensure(channel)
             delay = min(delay * 2, 5.0)
+        if not self.hub.has_interest(channel):
+            await self._release(channel)  # the last connection left while we retried
 
     async def disconnect(self, session: Session, code: int) -> None:
         hub = self.hub
         hub.remove_session(session)
         if not hub.sessions:
             self._idle.set()
-        self.metrics.disconnections.labels(str(code)).inc()
+        self.metrics.disconnections.labels(close_code_label(code)).inc()
         for channel in list(session.joining):
             hub.abort_join(channel, session)
-        for channel in list(session.subscriptions):
-            await self._leave(session, channel)
+        # Local bookkeeping first and at once; then the broker work side by side, so a
+        # connection on hundreds of channels leaves in one round of round trips.
+        channels = list(session.subscriptions)
+        session.subscriptions.clear()
         personal = personal_channel(session.user)
-        hub.remove_subscriber(personal, session)
-        await self._release(personal)
+        for channel in (*channels, personal):
+            hub.remove_subscriber(channel, session)
+        await asyncio.gather(*(self._release(channel) for channel in (*channels, personal)))
+        if self.broker.up:  # else presence expires by TTL, and leave events cannot go out
+            await asyncio.gather(*(
+                self._announce(session, channel, self.settings.namespace_of(channel), False)
+                for channel in channels
+            ))
 
     async def _release(self, channel: str) -> None:
         try:
@@ -262,7 +212,11 @@ class Node:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
         if not self.broker.up:
             raise BrokerUnavailable()
-        options = history_options(namespace)
+        try:
+            await self.refiller.wait(channel)
+        except TimeoutError:
+            raise BrokerUnavailable("the channel is still catching up; try again") from None
+        options = history_options(self.settings, channel)
         hub = self.hub
         session.joining.add(channel)
         hub.begin_join(channel, session)
@@ -295,7 +249,7 @@ class Node:
         frame_id: int | None,
         since: p.Since | None,
         page: HistoryPage | None,
-        held: list[Held],
+        held: list[p.Message],
     ) -> None:
         if page is None:
             session.reply(p.Subscribed(channel=channel, id=frame_id))
@@ -311,10 +265,7 @@ class Node:
                 session.reply(message)
             self.hub.note_position(channel, last)
         for item in held:
-            if isinstance(item, bytes):
-                session.push(item)
-                continue
-            if last is not None and _already_seen(item, last):
+            if last is not None and already_seen(item, last):
                 continue
             session.reply(item)
 
@@ -370,9 +321,7 @@ class Node:
         source: str = "api",
     ) -> StreamPosition | None:
         check_name(channel)
-        options = None if is_personal(channel) else history_options(
-            self.settings.namespace_of(channel)
-        )
+        options = None if is_personal(channel) else history_options(self.settings, channel)
         message = p.Message(channel=channel, data=data, ts=now_ms(), event=event, from_=from_user)
         started = time.perf_counter()
         position = await self.broker.publish(channel, message, options)
@@ -400,7 +349,7 @@ class Node:
         self, channel: str, since: p.Since | None, limit: int | None
     ) -> p.HistoryReply:
         check_name(channel)
-        options = history_options(self.settings.namespace_of(channel))
+        options = history_options(self.settings, channel)
         if options is None or is_personal(channel):
             raise HubError(ErrorCode.FORBIDDEN, "history is off for this channel's namespace")
         if limit is not None and limit < 0:

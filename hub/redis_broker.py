@@ -135,9 +135,21 @@ class RedisBroker:
         """Start the pub/sub loop and wait for its first attempt to connect. If Redis is not
         there yet, the node starts anyway (not ready) and the loop keeps trying."""
         self._events = events
-        self._task = asyncio.create_task(self._supervise(), name="hub-redis-pubsub")
+        self._start_loop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._first_attempt.wait(), timeout=3 * self._timeout)
+
+    def _start_loop(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="hub-redis-pubsub")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The loop only ends by `close`; anything else is a bug, logged, and restarted so
+        the node does not lose its relay for good."""
+        if task is not self._task or task.cancelled():
+            return
+        log.error("Redis pub/sub loop ended unexpectedly (%r); restarting it", task.exception())
+        self._start_loop()
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -307,7 +319,8 @@ class RedisBroker:
             finally:
                 await self._drop(conn)
                 self._first_attempt.set()
-            delay = min(self._backoff_cap, 0.05 * 2**failures)
+            # The exponent is capped: 2**1024 overflows a float after a long outage.
+            delay = min(self._backoff_cap, 0.05 * 2 ** min(failures, 16))
             await asyncio.sleep(random.uniform(delay / 2, delay))
 
     def _new_connection(self) -> AbstractConnection:

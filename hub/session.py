@@ -16,7 +16,7 @@ import msgspec
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.channels import Permissions
-from hub.errors import CloseCode, ErrorCode, HubError
+from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.wire import frame_of, outbound_for
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class Session:
         self.close_code = code
         if not flush:
             self.queue.clear()
-        self.queue.append(_Close(code, reason))
+        self.queue.append(_Close(code, close_reason(reason)))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.node.drop_connection_later(self._send)
