@@ -537,3 +537,11 @@ async def test_unreachable_jwks_url_closes_4001(rsa_key: rsa.RSAPrivateKey) -> N
     async with running_node(settings) as running:
         signed = jwt.encode(claims_for(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
         assert await close_code_of(running.ws_url, signed) == 4001
+
+
+async def test_a_long_non_ascii_algorithm_still_closes_4001(node: RunningNode) -> None:
+    """The close reason echoes what was wrong; it must still fit a close frame."""
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "é" * 100}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(b'{"sub":"x"}').rstrip(b"=")
+    forged = b".".join((header, body, b"c2ln")).decode()
+    assert await close_code_of(node.ws_url, forged) == 4001

@@ -400,3 +400,11 @@ def test_broker_up_follows_redis(redis_factory: Callable[..., RedisServer]) -> N
         current = poll(process.url, lambda s: s("hub_broker_up") == 1, 15)
         assert current("hub_broker_reconnects_total") == 1
         assert httpx.get(process.url + "/readyz", timeout=2).status_code == 200
+
+
+async def test_a_clients_own_close_code_is_not_a_label_value(node: RunningNode) -> None:
+    """Clients choose their close codes (3000-4999): only known ones become label values."""
+    async with connect(node.ws_url, token("closer")) as client:
+        await client.connection.close(code=3999, reason="mine")
+    after = await eventually(node, lambda s: s("hub_disconnections_total", code="other") >= 1)
+    assert after("hub_disconnections_total", code="3999") == 0
