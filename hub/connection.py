@@ -18,7 +18,8 @@ from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.errors import CloseCode, close_reason
 from hub.node import Node
-from hub.session import ASGIReceive, ASGISend, Session
+from hub.session import ASGIReceive, Session
+from hub.wire import ASGISend
 
 log = logging.getLogger("hub.connection")
 

@@ -100,8 +100,6 @@ async def _body(request: Request, kind: type[BodyT]) -> BodyT:
         body = msgspec.json.decode(b"".join(chunks), type=kind)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_request", f"malformed body: {exc}") from None
-    if len(getattr(body, "data", b"x")) == 0:
-        raise ApiError(400, "bad_request", "missing field `data`")
     return body
 
 

@@ -19,23 +19,23 @@ import msgspec
 from hub import protocol as p
 from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
-from hub.channels import check_name, is_personal, personal_channel
+from hub.channels import check_client_channel, check_name, is_personal, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.hub import Hub
 from hub.metrics import Metrics, close_code_label
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.refill import Refiller, already_seen, history_options
 from hub.relay import RelaySubscriptions
+from hub.session import CLOSE_HANDSHAKE_SECONDS
 from hub.settings import Namespace, Settings
 from hub.wire import frame_of
 
 if TYPE_CHECKING:
-    from hub.session import ASGISend, Session
+    from hub.session import Session
 
 log = logging.getLogger("hub.node")
 
 HISTORY_LIMIT = 1000
-CLOSE_HANDSHAKE_SECONDS = 5.0
 
 
 def now_ms() -> int:
@@ -270,9 +270,7 @@ class Node:
             session.reply(item)
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
-        check_name(channel)
-        if is_personal(channel):
-            raise HubError(ErrorCode.FORBIDDEN, "personal channels are closed to clients")
+        check_client_channel(channel)
         if channel not in session.subscriptions:
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
         await self._leave(session, channel)
@@ -395,22 +393,6 @@ class Node:
         return await self.presence.channels(self.snapshot(), prefix)
 
     # shutdown
-
-    def drop_connection_later(self, send: ASGISend) -> None:
-        """Give a close handshake CLOSE_HANDSHAKE_SECONDS, then drop the TCP connection.
-
-        ASGI has no "abort"; uvicorn's send is a bound method of its protocol, whose
-        transport we abort when the peer never read our close frame (a slow consumer)."""
-        protocol = getattr(send, "__self__", None)
-        transport = getattr(protocol, "transport", None)
-        if transport is None:
-            return
-
-        def drop() -> None:
-            if not getattr(protocol, "disconnected", True):
-                transport.abort()
-
-        asyncio.get_running_loop().call_later(CLOSE_HANDSHAKE_SECONDS, drop)
 
     async def drain(self) -> None:
         """PROTOCOL §7: refuse new connections, then close existing ones with 1012 spread

@@ -101,10 +101,22 @@ def decode_command(text: str | bytes) -> Command:
     return command
 
 
-def _explain(text: str | bytes, exc: msgspec.DecodeError) -> BadFrame:
+def _read_head(text: str | bytes) -> _Head | None:
     try:
-        head = _head_decoder.decode(text)
+        return _head_decoder.decode(text)
     except msgspec.DecodeError:
+        return None
+
+
+def frame_id_of(text: str | bytes) -> int | None:
+    """The `id` of a frame refused unread (rate limit), so its error still echoes it."""
+    head = _read_head(text)
+    return head.id if head is not None and type(head.id) is int else None
+
+
+def _explain(text: str | bytes, exc: msgspec.DecodeError) -> BadFrame:
+    head = _read_head(text)
+    if head is None:
         return BadFrame(ErrorCode.BAD_REQUEST, "frame is not a JSON object", None)
     frame_id = head.id if type(head.id) is int else None
     if head.type is None:
@@ -242,11 +254,6 @@ def encode(frame: msgspec.Struct) -> bytes:
     return _encoder.encode(frame)
 
 
-def encode_text(frame: msgspec.Struct) -> str:
-    """Frames go out as WebSocket text; decoding once here saves it per recipient."""
-    return _encoder.encode(frame).decode()
-
-
 def decode_relayed(payload: bytes) -> Relayed:
     relayed: Relayed = _relayed_decoder.decode(payload)
     return relayed
@@ -256,6 +263,3 @@ def history_item(message: Message) -> HistoryItem:
     assert message.offset is not None
     return HistoryItem(message.offset, message.data, message.ts, message.event, message.from_)
 
-
-def is_json_object(raw: msgspec.Raw) -> bool:
-    return bytes(raw[:1]) == b"{" if len(raw) else False

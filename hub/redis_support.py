@@ -190,10 +190,6 @@ class Incident:
         self._what = what
         self._failures = 0
 
-    @property
-    def failing(self) -> bool:
-        return self._failures > 0
-
     def failed(self, exc: BaseException) -> None:
         self._failures += 1
         if self._failures == 1:

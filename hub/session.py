@@ -17,7 +17,7 @@ from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.channels import Permissions
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
-from hub.wire import frame_of, outbound_for
+from hub.wire import ASGISend, frame_of, outbound_for
 
 if TYPE_CHECKING:
     from hub.node import Node
@@ -25,27 +25,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("hub.session")
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+# A close handshake gets this long once our close frame is out (PROTOCOL §5: 5 s), then the
+# TCP connection is dropped.
+CLOSE_HANDSHAKE_SECONDS = 5.0
 
 # Refusals closer together than this are one stretch of abuse; a stretch that lasts
 # HUB_RATE_LIMIT_GRACE closes the connection with 4029.
 RATE_LIMIT_STRETCH_GAP = 1.0
 
-
-class _FrameId(msgspec.Struct):
-    id: Any = None
-
-
-_frame_id_decoder = msgspec.json.Decoder(_FrameId)
-
-
-def _frame_id(text: str) -> int | None:
-    """The `id` of a frame that is refused unread, so its error still echoes it."""
-    try:
-        found = _frame_id_decoder.decode(text).id
-    except msgspec.DecodeError:
-        return None
-    return found if type(found) is int else None
 
 
 class _Close:
@@ -141,7 +128,8 @@ class Session:
         self.queue.append(_Close(code, close_reason(reason)))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        self.node.drop_connection_later(self._send)
+        if not flush:  # its queue was dropped: the close goes out now or never
+            self._outbound.abort_later(CLOSE_HANDSHAKE_SECONDS)
 
     async def _write_loop(self) -> None:
         """Drains what `push` could not write at once, in order, as the socket allows."""
@@ -165,6 +153,7 @@ class Session:
                 await self._send(
                     {"type": "websocket.close", "code": closing.code, "reason": closing.reason}
                 )
+                outbound.abort_later(CLOSE_HANDSHAKE_SECONDS)
                 return
         except OSError:
             return  # the peer is gone; the reader sees the disconnect
@@ -219,7 +208,7 @@ class Session:
             self.close(CloseCode.TOO_MANY_COMMANDS, "too many commands", flush=False)
             return False
         self._limited_at = now
-        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", _frame_id(text))
+        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", p.frame_id_of(text))
         return False
 
     async def handle(self, text: str) -> None:

@@ -10,6 +10,7 @@ every connection.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -53,6 +54,9 @@ class Outbound(Protocol):
     async def write(self, frames: list[bytes]) -> None:
         """Write frames in order; call right after `ready`. OSError when the peer is gone."""
 
+    def abort_later(self, delay: float) -> None:
+        """Drop the TCP connection if its close handshake has not finished by then."""
+
 
 class AsgiOutbound:
     """Any ASGI server: one `websocket.send` per frame, always through the writer task."""
@@ -73,6 +77,9 @@ class AsgiOutbound:
         for frame in frames:
             await send({"type": "websocket.send", "text": payload_of(frame).decode()})
 
+    def abort_later(self, delay: float) -> None:
+        return None  # ASGI has no abort; the server's own close timeout applies
+
 
 class DirectOutbound:
     """uvicorn's websockets-sansio protocol: bytes straight to its transport, honouring its
@@ -86,7 +93,8 @@ class DirectOutbound:
         self._writable = protocol.writable
 
     def write_now(self, frame: bytes) -> bool:
-        if not self._writable.is_set() or self._closed():
+        protocol = self._protocol
+        if protocol.disconnected or protocol.close_sent or not self._writable.is_set():
             return False
         self._transport.write(frame)
         return True
@@ -100,6 +108,13 @@ class DirectOutbound:
         if self._closed():
             raise ConnectionResetError("connection closed")
         self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def abort_later(self, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._protocol.disconnected:
+            self._transport.abort()
 
     def _closed(self) -> bool:
         protocol = self._protocol
