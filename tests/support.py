@@ -273,3 +273,19 @@ async def metric(running: RunningNode, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+async def publish(
+    running: RunningNode, channel: str, data: Any, event: str | None = None
+) -> Any:
+    """Publish through the HTTP API, which must answer 200; returns its reply."""
+    body: dict[str, Any] = {"channel": channel, "data": data}
+    if event is not None:
+        body["event"] = event
+    response = await api(running).post("/api/publish", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def next_message(client: Client) -> dict[str, Any]:
+    return await client.expect("message")

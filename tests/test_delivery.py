@@ -13,12 +13,13 @@ import pytest
 
 from tests.support import (
     WAIT,
-    Client,
     RunningNode,
     api,
     connect,
     make_settings,
     metric,
+    next_message,
+    publish,
     running_node,
     token,
 )
@@ -45,17 +46,6 @@ async def api_post(running: RunningNode, path: str, body: dict[str, Any]) -> Any
     response = await http.post(path, json=body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-async def publish(running: RunningNode, channel: str, data: Any, event: str | None = None) -> Any:
-    body: dict[str, Any] = {"channel": channel, "data": data}
-    if event is not None:
-        body["event"] = event
-    return await api_post(running, "/api/publish", body)
-
-
-async def next_message(client: Client) -> dict[str, Any]:
-    return await client.expect("message")
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]]) -> None:

@@ -15,6 +15,7 @@ from tests.support import (
     connect,
     make_settings,
     metric,
+    publish,
     running_node,
     token,
 )
@@ -30,12 +31,6 @@ async def wait_for_metric(running: RunningNode, value: float, name: str, **label
             if await metric(running, name, **labels) == value:
                 return
             await asyncio.sleep(0.02)
-
-
-async def publish(running: RunningNode, channel: str, data: Any) -> None:
-    http = api(running)
-    response = await http.post("/api/publish", json={"channel": channel, "data": data})
-    assert response.status_code == 200, response.text
 
 
 async def still_delivers(running: RunningNode, client: Client, channel: str = CHANNEL) -> None:

@@ -13,20 +13,11 @@ from tests.support import (
     api,
     connect,
     make_settings,
+    next_message,
+    publish,
     running_node,
     token,
 )
-
-
-async def publish(running: RunningNode, channel: str, data: Any) -> None:
-    http = api(running)
-    response = await http.post("/api/publish", json={"channel": channel, "data": data})
-    assert response.status_code == 200, response.text
-
-
-async def next_message(client: Client) -> dict[str, Any]:
-    frame = await client.expect("message")
-    return frame
 
 
 async def wait_for_frame(receiver: Client, kind: str, **fields: Any) -> dict[str, Any]:
