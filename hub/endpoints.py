@@ -20,6 +20,7 @@ from hub.errors import (
     close_reason,
 )
 from hub.node import Node
+from hub.presence import cluster_stats
 
 MAX_BODY_BYTES = 1024 * 1024
 BodyT = TypeVar("BodyT")
@@ -199,13 +200,14 @@ async def history(request: Request, node: Node) -> Response:
 
 @api
 async def channels(request: Request, node: Node) -> Response:
-    counts = await node.channels(request.query_params.get("prefix", ""))
+    prefix = request.query_params.get("prefix", "")
+    counts = await node.presence.channels(node.snapshot(), prefix)
     return json_response({"channels": counts})
 
 
 @api
 async def stats(request: Request, node: Node) -> Response:
-    return json_response(await node.cluster_stats())
+    return json_response(await cluster_stats(node.presence, node.snapshot()))
 
 
 async def metrics(request: Request) -> Response:

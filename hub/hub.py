@@ -7,11 +7,13 @@ into the bounded queue of every local subscriber (`Session.push`); nothing here 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from hub.broker import StreamPosition
 from hub.channels import is_personal
+from hub.presence import NodeSnapshot, NodeStats
 from hub.protocol import Message
 from hub.wire import frame_of
 
@@ -135,6 +137,19 @@ class Hub:
         return delivered
 
     # statistics
+
+    def snapshot(self, node_id: str, started: int) -> NodeSnapshot:
+        """This node as presence and stats see it."""
+        stats = NodeStats(
+            node=node_id,
+            connections=len(self.sessions),
+            users=len(self.sessions_by_user),
+            subscriptions=self.subscription_count,
+            channels=self.channel_count,
+            started=started,
+            updated=int(time.time()),
+        )
+        return NodeSnapshot(stats, self.channel_counts(), frozenset(self.sessions_by_user))
 
     def channel_counts(self) -> dict[str, int]:
         return {

@@ -23,7 +23,7 @@ from hub.channels import check_client_channel, check_name, is_personal, personal
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.hub import Hub
 from hub.metrics import Metrics, close_code_label
-from hub.presence import NodeSnapshot, NodeStats, Presence
+from hub.presence import NodeSnapshot, Presence
 from hub.refill import Refiller, already_seen, history_options
 from hub.relay import RelaySubscriptions
 from hub.session import CLOSE_HANDSHAKE_SECONDS
@@ -40,11 +40,6 @@ HISTORY_LIMIT = 1000
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class ClusterStats(msgspec.Struct):
-    nodes: list[NodeStats]
-    total: dict[str, int]
 
 
 class Node:
@@ -363,34 +358,7 @@ class Node:
         )
 
     def snapshot(self) -> NodeSnapshot:
-        hub = self.hub
-        stats = NodeStats(
-            node=self.node_id,
-            connections=len(hub.sessions),
-            users=len(hub.sessions_by_user),
-            subscriptions=hub.subscription_count,
-            channels=hub.channel_count,
-            started=self.started,
-            updated=int(time.time()),
-        )
-        return NodeSnapshot(stats, hub.channel_counts(), frozenset(hub.sessions_by_user))
-
-    async def cluster_stats(self) -> ClusterStats:
-        local = self.snapshot()
-        nodes = await self.presence.nodes(local)
-        users = await self.presence.distinct_users(local)
-        channels = await self.presence.channels(local)
-        total = {
-            "nodes": len(nodes),
-            "connections": sum(n.connections for n in nodes),
-            "users": users,
-            "subscriptions": sum(n.subscriptions for n in nodes),
-            "channels": len(channels),
-        }
-        return ClusterStats(nodes, total)
-
-    async def channels(self, prefix: str) -> dict[str, int]:
-        return await self.presence.channels(self.snapshot(), prefix)
+        return self.hub.snapshot(self.node_id, self.started)
 
     # shutdown
 

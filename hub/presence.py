@@ -31,6 +31,27 @@ class NodeSnapshot(msgspec.Struct, frozen=True):
     users: frozenset[str]
 
 
+class ClusterStats(msgspec.Struct):
+    """`/api/stats`: every live node and the cluster totals."""
+
+    nodes: list[NodeStats]
+    total: dict[str, int]
+
+
+async def cluster_stats(presence: Presence, local: NodeSnapshot) -> ClusterStats:
+    nodes = await presence.nodes(local)
+    users = await presence.distinct_users(local)
+    channels = await presence.channels(local)
+    total = {
+        "nodes": len(nodes),
+        "connections": sum(n.connections for n in nodes),
+        "users": users,
+        "subscriptions": sum(n.subscriptions for n in nodes),
+        "channels": len(channels),
+    }
+    return ClusterStats(nodes, total)
+
+
 class Presence(Protocol):
     async def start(self) -> None: ...
 
