@@ -1,0 +1,85 @@
+"""A client process (`python -m hub.bench --client CONFIG`): many subscribers in one loop.
+
+Commands come on stdin, reports go to stdout, one JSON line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from hub.bench.subscriber import ClientState, Subscriber
+
+CONNECT_CONCURRENCY = 64
+
+
+async def _read_line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def run_client(config: dict[str, Any]) -> int:
+    """One client process: connect, subscribe, report `ready`, wait for `go`, count,
+    report `done`. Commands come on stdin, reports go to stdout, one JSON line each."""
+    from hub.auth import mint_token
+
+    secret = os.environ["HUB_JWT_SECRET"]
+    targets: list[tuple[str, int]] = [(str(h), int(p)) for h, p in config["targets"]]
+    first, count, channel = int(config["first"]), int(config["count"]), str(config["channel"])
+    state = ClientState(int(config["sample"]))
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    subscribers: list[Subscriber] = []
+    ttl = float(config.get("ttl", 3600))
+
+    async def connect(index: int) -> None:
+        host, port = targets[index % len(targets)]
+        token = mint_token(secret, f"bench-{index}", ttl=ttl)
+        async with gate:
+            protocol = Subscriber(state, host, port, token, channel)
+            subscribers.append(protocol)
+            try:
+                await loop.create_connection(lambda: protocol, host, port)
+                await asyncio.wait_for(protocol.ready, 30)
+            except (OSError, TimeoutError) as exc:
+                state.error(f"{host}:{port}: {exc!r}")
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+
+    started = time.time()
+    await asyncio.gather(*(connect(first + k) for k in range(count)))
+    _emit({
+        "event": "ready", "subscribed": state.subscribed, "failed": count - state.subscribed,
+        "seconds": round(time.time() - started, 3), "errors": state.errors,
+    })
+    command = json.loads(await _read_line() or '{"cmd": "quit"}')
+    if command.get("cmd") == "go":
+        cpu_before = time.process_time()
+        state.expected = int(command["messages"]) * state.subscribed
+        state.check_finished()
+        remaining = float(command["deadline"]) - time.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.finished.wait(), max(0.0, remaining))
+        counts = [s.frames for s in subscribers if s.live] or [0]
+        _emit({
+            "event": "done", "received": state.received, "expected": state.expected,
+            "first": state.first, "last": state.last,
+            "min_per_connection": min(counts), "max_per_connection": max(counts),
+            "latencies_us": state.latencies_us, "hub_latencies_ms": state.hub_latencies_ms,
+            "closes": {str(k): v for k, v in state.closes.items()}, "errors": state.errors,
+            "cpu_seconds": round(time.process_time() - cpu_before, 3),
+        })
+        await _read_line()  # stay connected while the parent takes its readings
+    for subscriber in subscribers:
+        if subscriber.transport is not None:
+            subscriber.transport.abort()
+    return 0

@@ -1,0 +1,227 @@
+"""One run: start Redis and the nodes, connect the clients, publish, take the readings,
+and stop everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from hub.bench.common import CHANNEL, BenchError
+from hub.bench.httpclient import http_request
+from hub.bench.processes import (
+    ClientProcess,
+    NodeProcess,
+    start_node,
+    start_redis,
+    stop_process,
+    wait_ready,
+)
+from hub.bench.procfs import cpu_seconds, machine_cpu, rss_kib
+from hub.bench.publisher import Publishing, publisher
+from hub.bench.redis_stats import redis_commandstats
+from hub.bench.report import summarise
+
+CONFIG_TOML = '[namespaces.bench]\nsubscribe = "any"\npublish = "any"\n'
+
+
+def _bench_env(workdir: Path, redis_url: str | None) -> tuple[dict[str, str], str]:
+    config = workdir / "hub.toml"
+    config.write_text(CONFIG_TOML)
+    api_key = secrets_token()
+    env = dict(os.environ)
+    env.update({
+        "HUB_JWT_SECRET": secrets_token(),
+        "HUB_API_KEY": api_key,
+        "HUB_CONFIG": str(config),
+        "HUB_LOG_LEVEL": env.get("HUB_LOG_LEVEL", "warning"),
+        "HUB_DRAIN_DELAY": "0",
+        "HUB_DRAIN_SECONDS": "0",
+    })
+    env.pop("HUB_DEV", None)
+    env.pop("HUB_REDIS_URL", None)
+    if redis_url:
+        env["HUB_REDIS_URL"] = redis_url
+    return env, api_key
+
+
+def secrets_token() -> str:
+    return base64.urlsafe_b64encode(os.urandom(24)).decode()
+
+
+async def _gather_reports(
+    clients: list[ClientProcess], within: float, what: str
+) -> list[dict[str, Any]]:
+    tasks = [asyncio.ensure_future(client.report()) for client in clients]
+    try:
+        async with asyncio.timeout(within):
+            return list(await asyncio.gather(*tasks))
+    except TimeoutError:
+        raise BenchError(f"client processes did not report {what} in {within:.0f} s") from None
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """SIGTERM or SIGHUP cancels the run, so the nodes and Redis it started are stopped."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await _run(args)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
+    redis_process: asyncio.subprocess.Process | None = None
+    nodes: list[NodeProcess] = []
+    clients: list[ClientProcess] = []
+    publishing: asyncio.Future[None] | None = None
+    try:
+        redis_url: str | None = args.redis_url
+        if args.redis_server:
+            redis_process, redis_url = await start_redis(workdir)
+        env, api_key = _bench_env(workdir, redis_url)
+        nodes = list(await asyncio.gather(
+            *(start_node(f"bench-{i}", env, workdir) for i in range(args.nodes))
+        ))
+        await asyncio.gather(*(wait_ready(node) for node in nodes))
+        for node in nodes:  # warm the API path, then take the idle footprint
+            await http_request(node.host, node.port, "POST", "/api/publish",
+                               b'{"channel":"bench:warm","data":1}', api_key)
+            node.rss_idle = rss_kib(node.pid)
+        for index in range(args.subscribers):
+            nodes[index % len(nodes)].connections += 1
+
+        clients = await _start_clients(args, nodes, env, workdir)
+        setup_timeout = 30 + args.subscribers / 100
+        ready = await _gather_reports(clients, setup_timeout, "ready")
+        for client, report in zip(clients, ready, strict=True):
+            client.ready = report
+        subscribed = sum(int(r["subscribed"]) for r in ready)
+        if subscribed < args.subscribers:
+            errors = [e for r in ready for e in r["errors"]][:5]
+            raise BenchError(f"only {subscribed} of {args.subscribers} subscribed: {errors}")
+        await asyncio.sleep(args.settle)
+        for node in nodes:
+            node.rss_connected = rss_kib(node.pid)
+        if args.hold:
+            pids = " ".join(str(node.pid) for node in nodes)
+            print(f"hub bench: holding {args.hold:.0f} s before publishing; node pids {pids}",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(args.hold)
+
+        stats_before = await redis_commandstats(redis_url) if redis_url else {}
+        redis_cpu_before = cpu_seconds(redis_process.pid) if redis_process else 0.0
+        own_cpu_before = time.process_time()
+        machine_before = machine_cpu()
+        for node in nodes:
+            node.cpu_before = cpu_seconds(node.pid)
+        for client in clients:
+            client.cpu_before = cpu_seconds(client.process.pid)
+        start = time.time()
+        deadline = start + args.duration
+        go = json.dumps({"cmd": "go", "messages": args.messages, "deadline": deadline})
+        for client in clients:
+            assert client.process.stdin is not None
+            client.process.stdin.write(go.encode() + b"\n")
+            await client.process.stdin.drain()
+        job = Publishing(args.messages, args.batch, args.rate, args.payload, deadline, api_key)
+        publishers = [
+            publisher(nodes[i % len(nodes)], job, start) for i in range(args.publishers)
+        ]
+        publishing = asyncio.ensure_future(_all(publishers))
+        done = await _gather_reports(clients, args.duration + 10, "results")
+        await _finish(publishing)
+        for client, report in zip(clients, done, strict=True):
+            client.done = report
+            client.cpu_after = cpu_seconds(client.process.pid)
+        for node in nodes:
+            node.cpu_after = cpu_seconds(node.pid)
+            node.rss_after = rss_kib(node.pid)
+        own_cpu = time.process_time() - own_cpu_before
+        job.measured = time.time() - start
+        machine_after = machine_cpu()
+        busy = machine_after[0] - machine_before[0]
+        machine_busy = round(100 * busy / max(machine_after[1] - machine_before[1], 1), 1)
+        redis_cpu = (cpu_seconds(redis_process.pid) - redis_cpu_before) if redis_process else 0.0
+        stats_after = await redis_commandstats(redis_url) if redis_url else {}
+        result = summarise(args, nodes, clients, job, own_cpu, redis_url, redis_cpu,
+                           redis_process is not None, stats_before, stats_after)
+        result["machine_busy_percent"] = machine_busy
+        result["cpus"] = os.cpu_count()
+        return result
+    finally:
+        if publishing is not None and not publishing.done():
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
+        for client in clients:
+            if client.process.stdin is not None:
+                client.process.stdin.close()  # EOF: disconnect and exit
+        for client in clients:
+            await stop_process(client.process, 5, exiting=5)
+        await asyncio.gather(*(stop_process(node.process) for node in nodes))
+        for node in nodes:
+            if node.drain is not None:
+                node.drain.cancel()
+        if redis_process is not None:
+            await stop_process(redis_process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*coroutines)
+
+
+async def _finish(task: asyncio.Future[None]) -> None:
+    """The clients reported; the publisher is done or past the deadline."""
+    try:
+        await asyncio.wait_for(task, 10)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _start_clients(
+    args: argparse.Namespace, nodes: list[NodeProcess], env: dict[str, str], workdir: Path
+) -> list[ClientProcess]:
+    targets = [[node.host, node.port] for node in nodes]
+    procs = min(args.client_procs, args.subscribers)
+    clients: list[ClientProcess] = []
+    first = 0
+    for k in range(procs):
+        count = args.subscribers // procs + (1 if k < args.subscribers % procs else 0)
+        config = json.dumps({
+            "targets": targets, "first": first, "count": count, "channel": CHANNEL,
+            "sample": args.sample, "ttl": 3600 + args.duration + 600,
+        })
+        log = workdir / f"client-{k}.log"
+        with log.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hub.bench", "--client", config, env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                limit=2**28,
+            )
+        clients.append(ClientProcess(process, log, count))
+        first += count
+    return clients

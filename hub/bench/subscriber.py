@@ -1,0 +1,231 @@
+"""The subscriber side's WebSocket connection: one raw asyncio Protocol per connection.
+
+It does the handshake by hand and then only walks frame headers to count text frames,
+looking inside one frame in `sample` for the publisher's send time and the hub's `ts`,
+so that the client is not what is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import struct
+import time
+from typing import cast
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# In a `message` frame `data` (with the publisher's `sent`, unix µs) comes before `ts`.
+SAMPLE = re.compile(rb'"sent":(\d+).*?"ts":(\d+)', re.DOTALL)
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked, final frame, as a client must send it (RFC 6455 §5.3)."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    mask = os.urandom(4)
+    if not length:
+        return header + mask
+    repeated = (mask * (length // 4 + 1))[:length]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        length, "big"
+    )
+    return header + mask + masked
+
+
+def accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+class ClientState:
+    """What one client process knows; shared by its connections."""
+
+    def __init__(self, sample: int) -> None:
+        self.sample = sample
+        self.received = 0
+        self.expected = 0  # set by `go`; 0 means "not publishing yet"
+        self.first = 0.0
+        self.last = 0.0
+        self.latencies_us: list[int] = []
+        self.hub_latencies_ms: list[int] = []
+        self.subscribed = 0
+        self.open = 0
+        self.closes: dict[int, int] = {}
+        self.errors: list[str] = []
+        self.finished = asyncio.Event()
+
+    def check_finished(self) -> None:
+        if self.expected and (self.received >= self.expected or self.open == 0):
+            self.finished.set()
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(text)
+
+
+class Subscriber(asyncio.Protocol):
+    """One WebSocket connection that subscribes to `channel` and counts what arrives."""
+
+    def __init__(self, state: ClientState, host: str, port: int, token: str, channel: str):
+        self.state = state
+        self.host, self.port, self.token, self.channel = host, port, token, channel
+        self.transport: asyncio.Transport | None = None
+        self.key = base64.b64encode(os.urandom(16))
+        self.handshaken = False
+        self.live = False
+        self.rest = b""
+        self.frames = 0
+        self.countdown = random.randrange(state.sample) + 1 if state.sample else 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not one
+        self.state.open += 1
+        transport.write(
+            f"GET /ws?token={self.token} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self.key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            .encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        state.open -= 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost before subscribed: {exc}"))
+        state.check_finished()
+
+    def _handshake(self, data: bytes) -> bytes | None:
+        data = self.rest + data
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            self.rest = data
+            if len(data) > 16384:
+                self._fail("handshake response too long")
+            return None
+        head, data = data[:end], data[end + 4 :]
+        self.rest = b""
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            self._fail(f"handshake refused: {status.decode(errors='replace')}")
+            return None
+        if accept_key(self.key) not in head:
+            self._fail("bad Sec-WebSocket-Accept")
+            return None
+        self.handshaken = True
+        subscribe = json.dumps({"type": "subscribe", "channel": self.channel, "id": 1})
+        assert self.transport is not None
+        self.transport.write(client_frame(1, subscribe.encode()))
+        return data
+
+    def _fail(self, reason: str) -> None:
+        self.state.error(reason)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:  # the hot path
+        if not self.handshaken:
+            handshake_rest = self._handshake(data)
+            if handshake_rest is None:
+                return
+            data = handshake_rest
+        elif self.rest:
+            data = self.rest + data
+        state = self.state
+        n = len(data)
+        i = 0
+        texts = 0
+        live = self.live
+        countdown = self.countdown
+        now = time.time()
+        while n - i >= 2:
+            b0 = data[i]
+            length = data[i + 1] & 0x7F
+            if length < 126:
+                start = i + 2
+            elif length == 126:
+                if n - i < 4:
+                    break
+                length = (data[i + 2] << 8) | data[i + 3]
+                start = i + 4
+            else:
+                if n - i < 10:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+                start = i + 10
+            end = start + length
+            if end > n:
+                break
+            i = end
+            opcode = b0 & 0x0F
+            if opcode <= 1 and b0 & 0x80:  # the last (usually only) frame of a text message
+                if live:
+                    texts += 1
+                    if countdown:
+                        countdown -= 1
+                        if not countdown:
+                            countdown = state.sample
+                            match = SAMPLE.search(data, start, end)
+                            if match is not None:
+                                state.latencies_us.append(
+                                    int(now * 1e6) - int(match.group(1))
+                                )
+                                state.hub_latencies_ms.append(
+                                    int(now * 1e3) - int(match.group(2))
+                                )
+                else:
+                    live = self._before_live(data[start:end])
+            elif opcode > 1 and self._control(opcode, data[start:end]):
+                return
+        self.rest = data[i:] if i < n else b""
+        self.countdown = countdown
+        self.live = live
+        if texts:
+            self.frames += texts
+            state.received += texts
+            if not state.first:
+                state.first = now
+            state.last = now
+            if state.expected and state.received >= state.expected:
+                state.finished.set()
+
+    def _before_live(self, payload: bytes) -> bool:
+        if b'"type":"subscribed"' in payload:
+            self.state.subscribed += 1
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return True
+        if b'"type":"error"' in payload:
+            self._fail(payload.decode(errors="replace")[:200])
+        return False
+
+    def _control(self, opcode: int, payload: bytes) -> bool:
+        """Returns True when the connection is closing."""
+        transport = self.transport
+        assert transport is not None
+        if opcode == 9:  # ping
+            transport.write(client_frame(10, payload))
+        elif opcode == 8:  # close
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            closes = self.state.closes
+            closes[code] = closes.get(code, 0) + 1
+            transport.write(client_frame(8, payload[:2]))
+            transport.close()
+            if not self.ready.done():
+                reason = payload[2:].decode(errors="replace")
+                self.ready.set_exception(ConnectionError(f"closed {code} {reason}"))
+            return True
+        elif opcode == 2:
+            self.state.error("unexpected binary frame")
+        return False
