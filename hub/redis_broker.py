@@ -154,7 +154,12 @@ class RedisBroker:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # Cancel until it ends: on Python 3.11 a cancellation that lands as the inner
+            # call of an `asyncio.wait_for` finishes (one wraps each redis-py write) is
+            # swallowed (CPython gh-86296), and the loop would go on for ever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._events = None
