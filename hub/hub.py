@@ -42,6 +42,10 @@ class Hub:
         # Channels being refilled from history after a broker outage: live messages wait.
         self.refilling: dict[str, Refill] = {}
         self.last_position_by_channel: dict[str, StreamPosition] = {}
+        # New subscribers whose `subscribed` announced a position the node's own stream has
+        # not reached yet (a lagging pub/sub link, a refill under way): what is at or below
+        # it must not reach them again. Dropped at their first message past it.
+        self.skip_through_by_channel: dict[str, dict[Session, StreamPosition]] = {}
         self.subscription_count = 0
         self.channel_count = 0
 
@@ -98,6 +102,11 @@ class Hub:
         if subscribers is None or session not in subscribers:
             return False
         subscribers.discard(session)
+        skips = self.skip_through_by_channel.get(channel)
+        if skips is not None:
+            skips.pop(session, None)
+            if not skips:
+                del self.skip_through_by_channel[channel]
         if not subscribers:
             del self.subscribers_by_channel[channel]
             self.last_position_by_channel.pop(channel, None)
@@ -127,7 +136,36 @@ class Hub:
         subscribers = self.subscribers_by_channel.get(channel)
         if not subscribers:
             return 0
-        return self.fan_out(subscribers, frame_of(message))
+        return self.fan_out_positioned(channel, subscribers, message)
+
+    def fan_out_positioned(
+        self, channel: str, subscribers: Iterable[Session], message: Message
+    ) -> int:
+        """`fan_out`, minus the subscribers that already have this message."""
+        skips = self.skip_through_by_channel.get(channel)
+        if not skips:
+            return self.fan_out(subscribers, frame_of(message))
+        frame = frame_of(message)
+        delivered = 0
+        for session in subscribers:
+            skip = skips.get(session)
+            if skip is not None:
+                if message.epoch == skip.epoch and (message.offset or 0) <= skip.offset:
+                    continue
+                del skips[session]
+            delivered += session.push(frame)
+        if not skips:
+            del self.skip_through_by_channel[channel]
+        return delivered
+
+    def skip_through(self, channel: str, session: Session, position: StreamPosition) -> None:
+        """`session` announced `position`: if the node's stream is behind it, the messages
+        up to it still on their way must not reach this session."""
+        known = self.last_position_by_channel.get(channel)
+        if known is None:
+            self.last_position_by_channel[channel] = position
+        if known is None or known.epoch != position.epoch or known.offset < position.offset:
+            self.skip_through_by_channel.setdefault(channel, {})[session] = position
 
     def fan_out(self, sessions: Iterable[Session], frame: bytes) -> int:
         """The hot path: one frame, already on the wire's terms, to every session."""

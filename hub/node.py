@@ -258,7 +258,7 @@ class Node:
             ))
             for message in page.messages if recovered else ():
                 session.reply(message)
-            self.hub.note_position(channel, last)
+            self.hub.skip_through(channel, session, last)
         for item in held:
             if last is not None and already_seen(item, last):
                 continue

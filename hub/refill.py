@@ -115,7 +115,7 @@ class Refiller:
         if page.complete and len(page.messages) <= self._settings.recovery_max:
             delivered = 0
             for message in page.messages:
-                delivered += hub.fan_out(subscribers, frame_of(message))
+                delivered += hub.fan_out_positioned(channel, subscribers, message)
             self._metrics.messages_delivered.inc(delivered)
         else:
             position = page.position

@@ -7,8 +7,10 @@ what the node does not hear is a real gap it must fill from history.
 
 Also: the pub/sub loop's backoff survives a long run of failures.
 
-The tests marked xfail reproduce races still open (see their reasons); they are strict, so
-they fail once fixed and the mark must go.
+The last three reproduce races a reviewer found (a subscribe whose read ends during a refill,
+one during an unnoticed half-open outage, and a pub/sub link lagging the command link): a new
+subscriber must get nothing at or below its `subscribed` offset, and the others must lose
+nothing.
 """
 
 from __future__ import annotations
@@ -288,13 +290,6 @@ async def test_the_pubsub_backoff_survives_a_long_run_of_failures(
 # one's `subscribed` announced.
 
 
-def still_open(reason: str) -> pytest.MarkDecorator:
-    """Expected to fail on an assertion (not a timeout) until fixed; strict, so a fix
-    shows as a failure and the mark must go."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-@still_open("the refill resends what an in-flight subscribe read")
 async def test_a_subscribe_whose_read_ends_during_a_refill_gets_nothing_below_it(
     redis_factory: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -420,8 +415,6 @@ class LinkProxy:
         relay.close()
 
 
-@still_open("a subscribe in an unnoticed outage moves the channel's refill start past "
-            "what its fellow subscribers got")
 async def test_a_subscribe_while_the_pubsub_link_is_half_open_costs_others_nothing(
     redis_factory: Factory,
 ) -> None:
@@ -452,8 +445,6 @@ async def test_a_subscribe_while_the_pubsub_link_is_half_open_costs_others_nothi
         assert await frames_until(old, 6) == messages(3, 6)  # got 5, 6
 
 
-@still_open("a live message still on its way over the pub/sub link reaches a new "
-            "subscriber after its `subscribed`, at or below its offset")
 async def test_a_message_late_on_the_pubsub_link_is_not_sent_twice_to_a_new_subscriber(
     redis_factory: Factory,
 ) -> None:
