@@ -28,6 +28,7 @@ from hub.refill import Refiller, already_seen, history_options
 from hub.relay import RelaySubscriptions
 from hub.session import CLOSE_HANDSHAKE_SECONDS
 from hub.settings import Namespace, Settings
+from hub.tasks import cancel
 from hub.wire import frame_of
 
 if TYPE_CHECKING:
@@ -79,9 +80,8 @@ class Node:
 
     async def stop(self) -> None:
         await self.refiller.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
+                             return_exceptions=True)
         for step in (self.presence.leave, self.broker.close, self.presence.close):
             try:
                 await step()

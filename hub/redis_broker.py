@@ -36,6 +36,7 @@ from hub.protocol import Message, Relayed, decode_relayed, encode
 from hub.redis_presence import RedisClient, RedisPresence
 from hub.redis_support import HISTORY_LUA, PUBLISH_LUA, RELAY_LUA, Incident
 from hub.settings import Settings
+from hub.tasks import cancel
 
 log = logging.getLogger("hub.redis")
 
@@ -153,15 +154,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            # Cancel until it ends: on Python 3.11 a cancellation that lands as the inner
-            # call of an `asyncio.wait_for` finishes (one wraps each redis-py write) is
-            # swallowed (CPython gh-86296), and the loop would go on for ever.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
         self._events = None
         self._up = False
         self._channel_by_topic.clear()

@@ -10,7 +10,6 @@ failed rounds it gets a `reset` so its subscribers reload rather than wait for e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ from hub.broker import Broker, HistoryOptions, StreamPosition
 from hub.hub import Hub, Refill
 from hub.metrics import Metrics
 from hub.settings import Settings
+from hub.tasks import cancel
 from hub.wire import frame_of
 
 log = logging.getLogger("hub.refill")
@@ -67,10 +67,7 @@ class Refiller:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def wait(self, channel: str) -> None:
         """A subscribe to a channel being refilled waits for it: its `subscribed` offset
