@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -67,7 +66,3 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     return app
 
-
-def node_of(app: Any) -> Node:
-    node: Node = app.state.node
-    return node

@@ -19,7 +19,7 @@ from hub.errors import (
     HubError,
     close_reason,
 )
-from hub.node import Node
+from hub.node import Node, node_of
 from hub.presence import cluster_stats
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -65,11 +65,6 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-def _node(request: Request) -> Node:
-    node: Node = request.app.state.node
-    return node
-
-
 def _check_key(request: Request, node: Node) -> None:
     configured = node.settings.api_key
     given = request.headers.get("x-api-key")
@@ -108,7 +103,7 @@ def api(handler: Any) -> Any:
     """Key check and error mapping for every API call."""
 
     async def endpoint(request: Request) -> Response:
-        node = _node(request)
+        node = node_of(request.app)
         try:
             _check_key(request, node)
             response: Response = await handler(request, node)
@@ -211,7 +206,7 @@ async def stats(request: Request, node: Node) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    body, content_type = _node(request).metrics.exposition(request.headers.get("accept"))
+    body, content_type = node_of(request.app).metrics.exposition(request.headers.get("accept"))
     return Response(body, headers={"Content-Type": content_type})
 
 
@@ -220,7 +215,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    node = _node(request)
+    node = node_of(request.app)
     if node.ready:
         return json_response({"status": "ready"})
     reason = "draining" if node.draining else "broker unavailable"

@@ -20,6 +20,11 @@ from hub.wire import frame_of
 if TYPE_CHECKING:
     from hub.session import Session
 
+def already_seen(message: Message, position: StreamPosition) -> bool:
+    """`message` is at or below `position` in the same epoch: whoever is there has it."""
+    return message.epoch == position.epoch and (message.offset or 0) <= position.offset
+
+
 class Refill:
     """A channel catching up from history after a broker outage: live messages wait in
     `held`, and subscribes wait for `done`."""
@@ -150,7 +155,7 @@ class Hub:
         for session in subscribers:
             skip = skips.get(session)
             if skip is not None:
-                if message.epoch == skip.epoch and (message.offset or 0) <= skip.offset:
+                if already_seen(message, skip):
                     continue
                 del skips[session]
             delivered += session.push(frame)

@@ -21,10 +21,10 @@ from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_client_channel, check_name, is_personal, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
-from hub.hub import Hub
+from hub.hub import Hub, already_seen
 from hub.metrics import Metrics, close_code_label
 from hub.presence import NodeSnapshot, Presence
-from hub.refill import Refiller, already_seen, history_options
+from hub.refill import Refiller, history_options
 from hub.relay import RelaySubscriptions
 from hub.session import CLOSE_HANDSHAKE_SECONDS
 from hub.settings import Namespace, Settings
@@ -41,6 +41,12 @@ HISTORY_LIMIT = 1000
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def node_of(app: Any) -> Node:
+    """The node an app built by `create_app` carries."""
+    node: Node = app.state.node
+    return node
 
 
 class Node:

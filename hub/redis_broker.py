@@ -27,13 +27,12 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message, Relayed, decode_relayed, encode
-from hub.redis_presence import RedisClient, RedisPresence
+from hub.redis_presence import REDIS_ERRORS, RedisClient, RedisPresence, ttl_ms
 from hub.redis_support import HISTORY_LUA, PUBLISH_LUA, RELAY_LUA, Incident
 from hub.settings import Settings
 from hub.tasks import cancel
@@ -41,8 +40,6 @@ from hub.tasks import cancel
 log = logging.getLogger("hub.redis")
 
 DEFAULT_PREFIX = "hub:"
-# Errors that mean "Redis is not there right now" (redis-py wraps most socket errors).
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def create_redis_backends(
@@ -247,7 +244,7 @@ class RedisBroker:
         limit: int = 1000,
     ) -> HistoryPage:
         self._check_up()
-        args: list[bytes | str | int] = [_ttl_ms(history.ttl), secrets.token_hex(4), max(limit, 0)]
+        args: list[bytes | str | int] = [ttl_ms(history.ttl), secrets.token_hex(4), max(limit, 0)]
         args += [1, since.offset, since.epoch] if since is not None else [0, 0, ""]
         try:
             reply = await self._history_script(keys=self._history_keys(channel), args=args)
@@ -281,7 +278,7 @@ class RedisBroker:
         # encoded as well.
         message.offset = message.epoch = None
         args: list[bytes | str | int] = [
-            _ttl_ms(history.ttl),
+            ttl_ms(history.ttl),
             secrets.token_hex(4),
             encode(message),
             max(history.size, 1),
@@ -448,6 +445,3 @@ def _kind(reply: Any) -> bytes:
         return head.lower() if isinstance(head, bytes) else b""
     return reply.lower() if isinstance(reply, bytes) else b""
 
-
-def _ttl_ms(ttl: float) -> int:
-    return max(1, int(ttl * 1000))

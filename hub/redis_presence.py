@@ -24,7 +24,8 @@ from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident
 
 log = logging.getLogger("hub.redis")
 
-_ERRORS = (RedisError, OSError, TimeoutError)
+# Errors that mean "Redis is not there right now" (redis-py wraps most socket errors).
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 # Members per script call: keeps each call's argument list well under Lua's stack limit.
 _BATCH = 500
 
@@ -69,7 +70,7 @@ class RedisPresence:
     ) -> None:
         self._client = client
         self._node_id = node_id
-        self._ttl_ms = max(1, int(ttl * 1000))
+        self._ttl_ms = ttl_ms(ttl)
         self._prefix = prefix.encode()
         self._touch = _Script.of(TOUCH_LUA)
         self._live = _Script.of(LIVE_LUA)
@@ -85,7 +86,7 @@ class RedisPresence:
         try:
             for script in (self._touch, self._live, self._forget):
                 await self._load(script)
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._incident.failed(exc)
 
     async def close(self) -> None:
@@ -196,7 +197,7 @@ class RedisPresence:
             for result in results:
                 if isinstance(result, Exception):
                     raise result
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._incident.failed(exc)
             raise BrokerUnavailable("presence failed: Redis is unreachable") from exc
         self._incident.recovered()
@@ -212,3 +213,8 @@ class RedisPresence:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
+
+
+def ttl_ms(ttl: float) -> int:
+    """A TTL in whole milliseconds, at least 1 (Redis refuses 0)."""
+    return max(1, int(ttl * 1000))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from hub import protocol as p
 from hub.broker import Broker, HistoryOptions, StreamPosition
-from hub.hub import Hub, Refill
+from hub.hub import Hub, Refill, already_seen
 from hub.metrics import Metrics
 from hub.settings import Settings
 from hub.tasks import cancel
@@ -34,10 +34,6 @@ def history_options(settings: Settings, channel: str) -> HistoryOptions | None:
     if not namespace.has_history:
         return None
     return HistoryOptions(namespace.history_size, namespace.history_ttl)
-
-
-def already_seen(message: p.Message, position: StreamPosition) -> bool:
-    return message.epoch == position.epoch and (message.offset or 0) <= position.offset
 
 
 class Refiller:

@@ -13,8 +13,9 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from hub.app import create_app, node_of
+from hub.app import create_app
 from hub.logs import configure
+from hub.node import node_of
 from hub.settings import Settings
 
 log = logging.getLogger("hub.server")

@@ -24,8 +24,8 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
-from hub.app import create_app, node_of
-from hub.node import Node
+from hub.app import create_app
+from hub.node import Node, node_of
 from hub.server import uvicorn_config
 from hub.settings import Settings
 
