@@ -18,6 +18,7 @@ from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
 from hub.settings import Settings
+from hub.wire import WritePath
 
 log = logging.getLogger("hub.app")
 WEBSOCKET_PATH = "/ws"
@@ -48,10 +49,13 @@ class WebSocketRouter:
 
 def create_app(settings: Settings) -> Starlette:
     broker, presence = create_backends(settings)
-    node = Node(settings, broker, presence, Metrics(settings.node_id))
+    metrics = Metrics(settings.node_id)
+    node = Node(settings, broker, presence, metrics)
+    write_path = WritePath()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics.describe_node(write_path=write_path.probe())
         await node.start()
         if settings.dev:
             log.warning("dev mode: no token needed, every channel open, HTTP API without key")
@@ -60,7 +64,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await node.stop()
 
-    middleware = [Middleware(WebSocketRouter, endpoint=WebSocketEndpoint(node))]
+    middleware = [Middleware(WebSocketRouter, endpoint=WebSocketEndpoint(node, write_path))]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.node = node
     app.state.settings = settings

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Protocol
 
 import msgspec
@@ -41,6 +42,10 @@ class HistoryPage(msgspec.Struct, frozen=True):
 
 class BrokerEvents(Protocol):
     """What the node does with what the broker hears. Called on the event loop."""
+
+    @property
+    def channels(self) -> Iterable[str]:
+        """The channels the node wants relayed: subscribed anew after every reconnect."""
 
     def on_relayed(self, channel: str, relayed: Relayed) -> None: ...
 

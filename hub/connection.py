@@ -16,10 +16,11 @@ from urllib.parse import parse_qs
 
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
+from hub.commands import ClientCommands
 from hub.errors import CloseCode, close_reason
 from hub.node import Node
 from hub.session import ASGIReceive, Session
-from hub.wire import ASGISend
+from hub.wire import ASGISend, WritePath
 
 log = logging.getLogger("hub.connection")
 
@@ -29,8 +30,10 @@ def new_client_id() -> str:
 
 
 class WebSocketEndpoint:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, write_path: WritePath) -> None:
         self.node = node
+        self.commands = ClientCommands(node)
+        self.write_path = write_path
 
     async def __call__(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
@@ -43,7 +46,7 @@ class WebSocketEndpoint:
         if await self._refused(send):
             return
         try:
-            identity = await self._authenticate(scope, receive)
+            identity, auth_id = await self._authenticate(scope, receive)
         except AuthFailed as exc:
             node.metrics.auth_failures.labels(exc.reason).inc()
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
@@ -56,7 +59,7 @@ class WebSocketEndpoint:
         # awaits, so the limit holds.
         if await self._refused(send):
             return
-        await self._serve(identity, send, receive)
+        await self._serve(identity, auth_id, send, receive)
 
     async def _refused(self, send: ASGISend) -> bool:
         """Close with 1013 when the node is full or draining."""
@@ -69,9 +72,12 @@ class WebSocketEndpoint:
         node.metrics.disconnections.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
         return True
 
-    async def _serve(self, identity: Identity, send: ASGISend, receive: ASGIReceive) -> None:
-        node = self.node
-        session = Session(node, send, new_client_id(), identity)
+    async def _serve(
+        self, identity: Identity, auth_id: int | None, send: ASGISend, receive: ASGIReceive
+    ) -> None:
+        node, commands = self.node, self.commands
+        outbound = self.write_path.outbound_for(send)
+        session = Session(commands, outbound, new_client_id(), identity)
         interval = node.settings.ping_interval
         session.reply(p.Welcome(
             client=session.client_id,
@@ -79,26 +85,32 @@ class WebSocketEndpoint:
             node=node.node_id,
             expires=identity.expires,
             ping_interval=int(interval) if interval == int(interval) else interval,
+            id=auth_id,
         ))
         code: int = CloseCode.INTERNAL_ERROR
         try:
-            await node.connect(session)
+            await commands.connect(session)
             code = await session.run(receive)
         finally:
-            await node.disconnect(session, code)
+            await commands.disconnect(session, code)
 
-    async def _authenticate(self, scope: dict[str, Any], receive: ASGIReceive) -> Identity:
+    async def _authenticate(
+        self, scope: dict[str, Any], receive: ASGIReceive
+    ) -> tuple[Identity, int | None]:
+        """The identity, and the `id` of the `auth` frame that carried the token (if one
+        did), for the welcome to echo."""
         node = self.node
         token = _token_from_handshake(scope)
         if token is None and node.settings.dev:
-            return _dev_identity(scope)
+            return _dev_identity(scope), None
+        auth_id = None
         if token is None:
-            token = await self._token_from_first_frame(receive)
+            token, auth_id = await self._token_from_first_frame(receive)
         if not node.authenticator.configured:
             raise AuthFailed("invalid", "no token verification key is configured")
-        return await node.authenticator.verify(token)
+        return await node.authenticator.verify(token), auth_id
 
-    async def _token_from_first_frame(self, receive: ASGIReceive) -> str:
+    async def _token_from_first_frame(self, receive: ASGIReceive) -> tuple[str, int | None]:
         try:
             async with asyncio.timeout(self.node.settings.auth_timeout):
                 message = await receive()
@@ -115,7 +127,7 @@ class WebSocketEndpoint:
             raise AuthFailed("invalid", f"expected an auth frame: {exc.message}") from None
         if not isinstance(command, p.Auth):
             raise AuthFailed("missing", "the first frame must be auth")
-        return command.token
+        return command.token, command.id
 
 
 class _Gone(Exception):

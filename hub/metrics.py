@@ -77,8 +77,13 @@ class Metrics:
         self.messages_dropped.labels("slow_consumer")
         for reason in ("missing", "invalid", "expired", "timeout"):
             self.auth_failures.labels(reason)
+        self.node_id = node_id
         self.node_info = Info("hub_node", "This node", registry=registry)
-        self.node_info.info({"node": node_id, "version": __version__})
+        self.describe_node()
+
+    def describe_node(self, **details: str) -> None:
+        """`hub_node_info`: node id, version, and what start-up chose (`write_path`)."""
+        self.node_info.info({"node": self.node_id, "version": __version__, **details})
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """Prometheus text, or OpenMetrics when the scraper asks for it."""

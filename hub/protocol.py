@@ -139,6 +139,7 @@ class Welcome(_Frame, tag="welcome"):
     node: str
     expires: int | None
     ping_interval: float
+    id: int | None = None
 
 
 class Message(_Frame, tag="message"):

@@ -99,6 +99,7 @@ class RedisBroker:
         self._prefix = prefix
         db = client.connection_pool.connection_kwargs.get("db", 0)
         self._topic_prefix = f"{prefix}c:{db}:"
+        self._topic_prefix_length = len(self._topic_prefix.encode())
         self._ping_interval = ping_interval
         self._timeout = timeout
         self._backoff_cap = backoff_cap
@@ -113,9 +114,8 @@ class RedisBroker:
         self._first_attempt = asyncio.Event()
         self._up = False
         self._was_up = False
-        # Wanted topics (channels with local subscribers) → channel name.
-        self._channel_by_topic: dict[bytes, str] = {}
-        # The live pub/sub connection once it is subscribed to every wanted topic.
+        # The live pub/sub connection once it is subscribed to every channel the node
+        # wants (`BrokerEvents.channels`), and the topics sent on it since.
         self._conn: AbstractConnection | None = None
         self._sent: set[bytes] = set()
         self._confirms: dict[bytes, deque[asyncio.Future[bool]]] = {}
@@ -154,18 +154,17 @@ class RedisBroker:
         await cancel(task)
         self._events = None
         self._up = False
-        self._channel_by_topic.clear()
         await self._client.connection_pool.disconnect()
 
     async def subscribe(self, channel: str) -> None:
         """Idempotent. Returns once Redis confirmed the subscription, so a history read that
-        follows cannot miss a publication. While Redis is down it only records the channel:
-        the loop subscribes it on reconnect, before `on_broker_up(reconnected=True)`.
-        Raises BrokerUnavailable when Redis seems up but did not confirm in time; the
-        channel is then not wanted (as if never asked for), like a failed command."""
+        follows cannot miss a publication. While Redis is down it does nothing: the loop
+        subscribes every channel the node wants on reconnect, before
+        `on_broker_up(reconnected=True)`. Raises BrokerUnavailable when Redis seems up but
+        did not confirm in time. Calls for one channel reach Redis in the order they were
+        made (the lock is taken before anything else awaits)."""
         topic = self._topic(channel)
         async with self._lock:
-            self._channel_by_topic[topic] = channel
             conn = self._conn
             if conn is None:
                 return
@@ -179,7 +178,7 @@ class RedisBroker:
                 try:
                     await conn.send_command("SUBSCRIBE", topic)
                 except REDIS_ERRORS as exc:
-                    self._forget(topic)
+                    self._sent.discard(topic)
                     raise BrokerUnavailable("cannot subscribe: Redis is unreachable") from exc
         if waiter is None:
             return
@@ -188,21 +187,16 @@ class RedisBroker:
         except TimeoutError:
             confirmed = False
         if not confirmed:
-            self._forget(topic)
+            # If Redis does subscribe it after all, its publications are delivered: the node
+            # drops those of channels it no longer wants.
+            self._sent.discard(topic)
             raise BrokerUnavailable("Redis did not confirm the subscription")
-
-    def _forget(self, topic: bytes) -> None:
-        """Drop a topic whose SUBSCRIBE failed. If Redis does subscribe it after all, its
-        publications are dropped on arrival (not wanted) until the next reconnect."""
-        self._channel_by_topic.pop(topic, None)
-        self._sent.discard(topic)
 
     async def unsubscribe(self, channel: str) -> None:
         """Idempotent; never raises: if the connection is broken, the reconnect forgets the
         channel anyway."""
         topic = self._topic(channel)
         async with self._lock:
-            self._channel_by_topic.pop(topic, None)
             conn = self._conn
             if conn is None or topic not in self._sent:
                 return
@@ -332,7 +326,8 @@ class RedisBroker:
         await cast(Any, conn).connect()
         await self._measure_clock(conn)
         async with self._lock:
-            topics = list(self._channel_by_topic)
+            wanted = self._events.channels if self._events is not None else ()
+            topics = [self._topic(channel) for channel in wanted]
             for start in range(0, len(topics), 1000):
                 await conn.send_command("SUBSCRIBE", *topics[start : start + 1000])
             unconfirmed = set(topics)
@@ -389,9 +384,9 @@ class RedisBroker:
                 del self._confirms[reply[1]]
 
     def _deliver(self, topic: bytes, payload: bytes) -> None:
-        channel = self._channel_by_topic.get(topic)
-        if channel is None or self._events is None:
-            return  # unsubscribed while in flight
+        if self._events is None:
+            return
+        channel = topic[self._topic_prefix_length :].decode(errors="surrogatepass")
         try:
             relayed = decode_relayed(payload)
         except msgspec.DecodeError as exc:

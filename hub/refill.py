@@ -1,145 +1,109 @@
-"""Catching up after a broker outage (PROTOCOL §5): each channel with history that has
-local subscribers gets what it missed, in order, before any live message held meanwhile —
-or one `reset` when the history is gone or the epoch changed.
+"""When and how often to read history for subscriptions that lost a stretch of their channel
+(after a broker outage, or a gap in the live stream): PROTOCOL §5.
 
-One task does the work, in rounds: channels are refilled side by side (bounded); a channel
-whose history read fails stays held and is tried again while the broker is up; after a few
-failed rounds it gets a `reset` so its subscribers reload rather than wait for ever.
+Each catch-up is one task that lives only while it waits: reads run side by side (at most
+`CONCURRENCY` at once), a read that fails is retried with backoff while the broker is up,
+and one that began before the latest broker reconnect is redone (it may predate the newest
+gap). After `ATTEMPTS` failed reads within one outage the catch-up is given up (its
+subscribers get `reset`); the count starts afresh at each outage. What a read means is the
+target's business (`hub.subscriptions`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Hashable
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from hub import protocol as p
-from hub.broker import Broker, HistoryOptions, StreamPosition
-from hub.hub import Hub, Refill, already_seen
-from hub.metrics import Metrics
-from hub.settings import Settings
+from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.tasks import cancel
-from hub.wire import frame_of
 
 log = logging.getLogger("hub.refill")
 
 CONCURRENCY = 32
 ATTEMPTS = 5
 FIRST_RETRY_DELAY = 0.2
-SUBSCRIBE_WAIT_SECONDS = 10.0
+
+K = TypeVar("K", bound=Hashable)
+K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 
 
-def history_options(settings: Settings, channel: str) -> HistoryOptions | None:
-    namespace = settings.namespace_of(channel)
-    if not namespace.has_history:
-        return None
-    return HistoryOptions(namespace.history_size, namespace.history_ttl)
+class Read(NamedTuple):
+    channel: str
+    history: HistoryOptions
+    since: StreamPosition
+    limit: int
 
 
-class Refiller:
-    def __init__(
-        self,
-        hub: Hub,
-        broker: Broker,
-        settings: Settings,
-        metrics: Metrics,
-        deliver: Callable[[str, p.Message], None],
-    ) -> None:
-        self._hub = hub
+class CatchUpTarget(Protocol[K_contra]):
+    @property
+    def generation(self) -> int:
+        """Broker reconnects so far."""
+
+    def wanted(self, key: K_contra) -> Read | None:
+        """What to read for `key`, or None when it no longer waits."""
+
+    def refilled(self, key: K_contra, page: HistoryPage) -> None: ...
+
+    def give_up(self, key: K_contra) -> None: ...
+
+
+class Refiller(Generic[K]):
+    def __init__(self, broker: Broker, target: CatchUpTarget[K]) -> None:
         self._broker = broker
-        self._settings = settings
-        self._metrics = metrics
-        self._deliver = deliver
-        self._task: asyncio.Task[None] | None = None
+        self._target = target
+        self._tasks: dict[K, asyncio.Task[None]] = {}
+        self._parallel = asyncio.Semaphore(CONCURRENCY)
 
-    def start(self) -> None:
-        """Hold every channel with history and a known position, and refill them."""
-        hub = self._hub
-        for channel in hub.last_position_by_channel:
-            if channel not in hub.refilling and history_options(self._settings, channel):
-                hub.refilling[channel] = Refill()
-        if hub.refilling and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._run(), name="hub-refill")
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    def request(self, key: K) -> None:
+        """Catch `key` up, unless that is under way already (the running task sees a newer
+        reconnect, or a new gap found while it delivers, by itself)."""
+        running = self._tasks.get(key)
+        if running is not None and not running.done():
+            return
+        task = asyncio.create_task(self._catch_up(key), name="hub-refill")
+        self._tasks[key] = task
+        task.add_done_callback(lambda done: self._forget(key, done))
+
+    def _forget(self, key: K, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a catch-up failed", exc_info=task.exception())
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel(task)
+        await asyncio.gather(*(cancel(task) for task in list(self._tasks.values())))
 
-    async def wait(self, channel: str) -> None:
-        """A subscribe to a channel being refilled waits for it: its `subscribed` offset
-        must not overtake the messages its fellow subscribers are still owed."""
-        refill = self._hub.refilling.get(channel)
-        if refill is not None:
-            await asyncio.wait_for(refill.done.wait(), SUBSCRIBE_WAIT_SECONDS)
-
-    async def _run(self) -> None:
-        parallel = asyncio.Semaphore(CONCURRENCY)
-
-        async def attempt(channel: str) -> None:
-            async with parallel:
-                try:
-                    await self._refill(channel)
-                except Exception as exc:
-                    log.warning("refilling a channel from history failed: %s", exc)
-
-        failed_rounds = 0
-        while self._hub.refilling and self._broker.up:
-            await asyncio.gather(*(attempt(channel) for channel in list(self._hub.refilling)))
-            if not self._hub.refilling:
+    async def _catch_up(self, key: K) -> None:
+        target = self._target
+        failures, failing_since = 0, -1
+        while self._broker.up:  # else it stays held, and the reconnect asks again
+            read = target.wanted(key)
+            if read is None:
                 return
-            failed_rounds += 1
-            if failed_rounds >= ATTEMPTS:
-                for channel in list(self._hub.refilling):
-                    self._give_up(channel)
-                return
-            await asyncio.sleep(FIRST_RETRY_DELAY * 2 ** (failed_rounds - 1))
-        # Broker down again: the channels stay held; its return starts the next run.
-
-    async def _refill(self, channel: str) -> None:
-        hub = self._hub
-        known = hub.last_position_by_channel.get(channel)
-        options = history_options(self._settings, channel)
-        if known is None or options is None or channel not in hub.subscribers_by_channel:
-            self._finish(channel, None)
-            return
-        limit = self._settings.recovery_max + 1
-        page = await self._broker.history(channel, options, known, limit)
-        subscribers = hub.subscribers_by_channel.get(channel, set())
-        if page.complete and len(page.messages) <= self._settings.recovery_max:
-            delivered = 0
-            for message in page.messages:
-                delivered += hub.fan_out_positioned(channel, subscribers, message)
-            self._metrics.messages_delivered.inc(delivered)
-        else:
-            position = page.position
-            reset = p.Reset(channel=channel, epoch=position.epoch, offset=position.offset)
-            hub.fan_out(subscribers, frame_of(reset))
-        if subscribers:
-            hub.last_position_by_channel[channel] = page.position
-        self._finish(channel, page.position)
-
-    def _give_up(self, channel: str) -> None:
-        """History stayed unreadable: tell subscribers to reload, then go on live."""
-        hub = self._hub
-        refill = hub.refilling.get(channel)
-        known = hub.last_position_by_channel.get(channel)
-        first = refill.held[0] if refill and refill.held else None
-        if first is not None and first.epoch is not None and first.offset is not None:
-            position: StreamPosition | None = StreamPosition(first.offset - 1, first.epoch)
-        else:
-            position = known
-        subscribers = hub.subscribers_by_channel.get(channel)
-        if position is not None and subscribers:
-            reset = p.Reset(channel=channel, epoch=position.epoch, offset=position.offset)
-            hub.fan_out(subscribers, frame_of(reset))
-        log.warning("gave up refilling a channel after %d attempts; sent reset", ATTEMPTS)
-        self._finish(channel, position)
-
-    def _finish(self, channel: str, position: StreamPosition | None) -> None:
-        refill = self._hub.refilling.pop(channel, None)
-        if refill is None:
-            return
-        for message in refill.held:
-            if position is None or not already_seen(message, position):
-                self._deliver(channel, message)
-        refill.done.set()
+            generation = target.generation
+            try:
+                async with self._parallel:
+                    page = await self._broker.history(*read)
+            except Exception as exc:
+                if generation != failing_since:
+                    failures, failing_since = 0, generation
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "reading history to fill a gap failed (%d): %s", failures, exc)
+                if failures >= ATTEMPTS:
+                    failures = 0
+                    target.give_up(key)
+                else:
+                    await asyncio.sleep(FIRST_RETRY_DELAY * 2 ** (failures - 1))
+                continue
+            if target.generation == generation and target.wanted(key) is not None:
+                # Delivering may find a further gap; the loop then reads again.
+                target.refilled(key, page)
+            # Else the read began before the latest reconnect and may predate the newest
+            # gap: read again.

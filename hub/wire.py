@@ -1,16 +1,20 @@
 """How frames reach a socket: WebSocket framing done once per message per node, and the
-shortest road from a session's queue to the kernel.
+shortest road from a session to the kernel.
 
 Under uvicorn's websockets-sansio protocol a session writes pre-framed bytes straight to the
-transport, many frames in one `write` (one syscall for a burst). Under any other ASGI
-server it falls back to one `websocket.send` event per frame. Server frames are never
-masked or compressed (we turn permessage-deflate off), so a frame built once is valid on
-every connection.
+transport, many frames in one `write` (one syscall for a burst). That road uses attributes
+of uvicorn's protocol object that are not public API, so `WritePath.probe` checks them once
+at start-up; if they are missing (another uvicorn, another server) every session takes the
+plain road, one ASGI `websocket.send` event per frame, and the node says so in its log and
+in `hub_node_info{write_path}`. Server frames are never masked or compressed (we turn
+permessage-deflate off), so a frame built once is valid on every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,7 +23,12 @@ import msgspec
 
 from hub.protocol import encode
 
+log = logging.getLogger("hub.wire")
+
 _TEXT = 0x81  # FIN + text opcode
+# A close handshake gets this long once our close frame is out (PROTOCOL §5: 5 s), then the
+# TCP connection is dropped.
+CLOSE_HANDSHAKE_SECONDS = 5.0
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -45,14 +54,22 @@ def frame_of(frame: msgspec.Struct) -> bytes:
 
 
 class Outbound(Protocol):
+    @property
+    def closed(self) -> bool:
+        """The close handshake began (either side) or the connection is gone: write
+        nothing more."""
+
     def write_now(self, frame: bytes) -> bool:
-        """Write at once if nothing stands in the way (no await); False: queue it."""
+        """Write at once if the socket takes it (no await); False: queue it."""
 
     async def ready(self) -> None:
         """Wait until the socket takes more (flow control)."""
 
     async def write(self, frames: list[bytes]) -> None:
         """Write frames in order; call right after `ready`. OSError when the peer is gone."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send the close frame, unless a close already went out."""
 
     def abort_later(self, delay: float) -> None:
         """Drop the TCP connection if its close handshake has not finished by then."""
@@ -61,10 +78,15 @@ class Outbound(Protocol):
 class AsgiOutbound:
     """Any ASGI server: one `websocket.send` per frame, always through the writer task."""
 
-    __slots__ = ("_send",)
+    __slots__ = ("_closed", "_send")
 
     def __init__(self, send: ASGISend) -> None:
         self._send = send
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def write_now(self, frame: bytes) -> bool:
         return False
@@ -77,6 +99,15 @@ class AsgiOutbound:
         for frame in frames:
             await send({"type": "websocket.send", "text": payload_of(frame).decode()})
 
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # The server may have closed already (a protocol error of the client): it then
+        # refuses a second close, which is no news to us.
+        with contextlib.suppress(RuntimeError):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
     def abort_later(self, delay: float) -> None:
         return None  # ASGI has no abort; the server's own close timeout applies
 
@@ -85,16 +116,22 @@ class DirectOutbound:
     """uvicorn's websockets-sansio protocol: bytes straight to its transport, honouring its
     flow control (`writable` is cleared while the transport's buffer is over its mark)."""
 
-    __slots__ = ("_protocol", "_transport", "_writable")
+    __slots__ = ("_protocol", "_send", "_transport", "_writable")
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, send: ASGISend) -> None:
         self._protocol = protocol
+        self._send = send
         self._transport = protocol.transport
         self._writable = protocol.writable
 
-    def write_now(self, frame: bytes) -> bool:
+    @property
+    def closed(self) -> bool:
         protocol = self._protocol
-        if protocol.disconnected or protocol.close_sent or not self._writable.is_set():
+        return bool(protocol.disconnected or protocol.close_sent
+                    or self._transport.is_closing())
+
+    def write_now(self, frame: bytes) -> bool:
+        if not self._writable.is_set():
             return False
         self._transport.write(frame)
         return True
@@ -105,9 +142,13 @@ class DirectOutbound:
             await writable.wait()
 
     async def write(self, frames: list[bytes]) -> None:
-        if self._closed():
+        if self.closed:
             raise ConnectionResetError("connection closed")
         self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     def abort_later(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self._abort_if_open)
@@ -116,19 +157,64 @@ class DirectOutbound:
         if not self._protocol.disconnected:
             self._transport.abort()
 
-    def _closed(self) -> bool:
-        protocol = self._protocol
-        return bool(protocol.disconnected or protocol.close_sent)
+
+# What DirectOutbound reads of uvicorn's protocol object.
+_DIRECT_ATTRIBUTES = ("transport", "writable", "disconnected", "close_sent")
 
 
-def outbound_for(send: ASGISend) -> Outbound:
+class WritePath:
+    """The road every session of this node takes to its socket, chosen once."""
+
+    def __init__(self) -> None:
+        self._direct_class: type | None = None
+
+    @property
+    def name(self) -> str:
+        return "direct" if self._direct_class is not None else "asgi"
+
+    def probe(self) -> str:
+        """Check uvicorn's sans-I/O protocol for what the direct road needs; returns the
+        road's name. Call once, on the event loop, before serving."""
+        problem = _probe_uvicorn()
+        if isinstance(problem, str):
+            log.warning("writing through ASGI sends (slower): %s", problem)
+            self._direct_class = None
+        else:
+            self._direct_class = problem
+        return self.name
+
+    def outbound_for(self, send: ASGISend) -> Outbound:
+        protocol = getattr(send, "__self__", None)
+        direct = self._direct_class
+        if direct is not None and type(protocol) is direct:
+            return DirectOutbound(protocol, send)
+        return AsgiOutbound(send)
+
+
+def _probe_uvicorn() -> type | str:
+    """The protocol class if an instance of it has every attribute the direct road uses,
+    else what is wrong."""
     try:
+        import uvicorn
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
             WebSocketsSansIOProtocol,
         )
-    except ImportError:  # pragma: no cover - uvicorn without the sans-I/O protocol
-        return AsgiOutbound(send)
-    protocol = getattr(send, "__self__", None)
-    if isinstance(protocol, WebSocketsSansIOProtocol):
-        return DirectOutbound(protocol)
-    return AsgiOutbound(send)
+        from uvicorn.server import ServerState
+    except ImportError as exc:
+        return f"uvicorn's websockets-sansio protocol is not importable ({exc})"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    try:
+        config = uvicorn.Config(app, ws="websockets-sansio", lifespan="off", log_config=None)
+        config.load()
+        protocol = WebSocketsSansIOProtocol(config, ServerState(), {})
+    except Exception as exc:
+        return f"uvicorn's websockets-sansio protocol cannot be probed ({exc!r})"
+    missing = [name for name in _DIRECT_ATTRIBUTES if not hasattr(protocol, name)]
+    if missing:
+        return f"uvicorn {uvicorn.__version__} has no {', '.join(missing)} on its protocol"
+    if not isinstance(protocol.writable, asyncio.Event):
+        return f"uvicorn {uvicorn.__version__}: `writable` is not an asyncio.Event"
+    return WebSocketsSansIOProtocol

@@ -7,13 +7,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from hub.broker import Broker
 from hub.protocol import Message, Relayed
 
 WAIT = 10.0
 
 
 class Recorder:
+    """Plays the node: `channels` are those it wants relayed (what a node's subscriptions
+    hold), so `subscribe` and `unsubscribe` below change them with the broker's."""
+
     def __init__(self) -> None:
+        self.channels: set[str] = set()
         self.relayed: list[tuple[str, Relayed]] = []
         self.ups: list[bool] = []
         self.downs = 0
@@ -52,6 +57,18 @@ class Recorder:
     def _record(self, event: str) -> None:
         self.events.append(event)
         self._changed.set()
+
+
+async def subscribe(broker: Broker, recorder: Recorder, *channels: str) -> None:
+    for channel in channels:
+        recorder.channels.add(channel)
+        await broker.subscribe(channel)
+
+
+async def unsubscribe(broker: Broker, recorder: Recorder, *channels: str) -> None:
+    for channel in channels:
+        recorder.channels.discard(channel)
+        await broker.unsubscribe(channel)
 
 
 async def eventually(

@@ -493,7 +493,8 @@ async def test_metrics_prometheus_text(api: httpx.AsyncClient) -> None:
         assert f'hub_messages_published_total{{source="{source}"}} 0.0' in text
     assert 'hub_messages_dropped_total{reason="slow_consumer"} 0.0' in text
     assert metric(text, "hub_broker_up") == 1
-    assert metric(text, "hub_node_info", node="test-node", version="0.1.0") == 1
+    assert metric(text, "hub_node_info", node="test-node", version="0.1.0",
+                  write_path="direct") == 1
 
 
 async def test_metrics_openmetrics_when_asked(api: httpx.AsyncClient) -> None:
@@ -567,7 +568,7 @@ async def test_no_channel_or_user_names_in_metric_labels(
         text = (await api.get("/metrics", headers=headers)).text
         assert "secret" not in text
         labels = re.findall(r'="([^"]*)"', text)
-        assert set(labels) <= _ALLOWED_LABEL_VALUES | {"test-node", "0.1.0"}, set(labels)
+        assert set(labels) <= _ALLOWED_LABEL_VALUES | {"test-node", "0.1.0", "direct"}, set(labels)
 
 
 _ALLOWED_LABEL_VALUES = {

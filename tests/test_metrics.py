@@ -57,7 +57,7 @@ SECTION_8: dict[str, tuple[str, set[str]]] = {
     "hub_delivery_lag_seconds_bucket": ("histogram", {"le"}),
     "hub_delivery_lag_seconds_count": ("histogram", set()),
     "hub_delivery_lag_seconds_sum": ("histogram", set()),
-    "hub_node_info": ("gauge", {"node", "version"}),
+    "hub_node_info": ("gauge", {"node", "version", "write_path"}),
 }
 
 Labels = tuple[tuple[str, str], ...]
@@ -167,7 +167,9 @@ async def test_openmetrics_when_the_scraper_asks_for_it(node: RunningNode) -> No
     for name in ("hub_connections", "hub_messages_delivered", "hub_publish_seconds"):
         assert name in families, sorted(families)
     assert families["hub_node"].type == "info"
-    assert families["hub_node"].samples[0].labels == {"node": NODE_ID, "version": __version__}
+    assert families["hub_node"].samples[0].labels == {
+        "node": NODE_ID, "version": __version__, "write_path": "direct"
+    }
 
 
 async def test_k_messages_to_n_subscribers_are_k_times_n_deliveries(node: RunningNode) -> None:
@@ -323,8 +325,9 @@ async def test_gauges_follow_connections_and_subscriptions(node: RunningNode) ->
 
 async def test_node_info(node: RunningNode) -> None:
     current = await scrape(node)
-    assert current.label_sets("hub_node_info") == [{"node": NODE_ID, "version": __version__}]
-    assert current("hub_node_info", node=NODE_ID, version=__version__) == 1
+    info = {"node": NODE_ID, "version": __version__, "write_path": "direct"}
+    assert current.label_sets("hub_node_info") == [info]
+    assert current("hub_node_info", **info) == 1
 
 
 async def test_label_values_are_bounded(node: RunningNode) -> None:

@@ -17,7 +17,7 @@ from hub.errors import BrokerUnavailable
 from hub.protocol import Message
 from hub.redis_broker import RedisBroker, create_redis_backends, create_redis_client
 from hub.settings import Settings
-from tests.broker_events import Recorder
+from tests.broker_events import Recorder, subscribe, unsubscribe
 from tests.redis_server import RedisServer
 
 HISTORY = HistoryOptions(size=100, ttl=300)
@@ -42,16 +42,15 @@ async def node(url: str, **options: Any) -> AsyncIterator[tuple[RedisBroker, Rec
 async def test_one_publish_reaches_each_subscribed_node_once(redis_url: str) -> None:
     async with node(redis_url) as (a, seen_a), node(redis_url) as (b, seen_b):
         assert (a.up, seen_a.ups, b.up, seen_b.ups) == (True, [False], True, [False])
-        for broker in (a, b):
-            await broker.subscribe("room")
-            await broker.subscribe("marker")
-        await b.subscribe("room")
+        for broker, seen in ((a, seen_a), (b, seen_b)):
+            await subscribe(broker, seen, "room", "marker")
+        await subscribe(b, seen_b, "room")
         await a.publish("room", message("room", 1), HISTORY)
         await b.publish("room", message("room", 2))
         await seen_a.wait_for(lambda: len(seen_a.data_on("room")) == 2)
         await seen_b.wait_for(lambda: len(seen_b.data_on("room")) == 2)
 
-        await b.unsubscribe("room")
+        await unsubscribe(b, seen_b, "room")
         await a.publish("room", message("room", 3), HISTORY)
         await a.publish("marker", message("marker", 4))
         await seen_b.wait_for(lambda: seen_b.data_on("marker") == [b"4"])
@@ -96,7 +95,7 @@ async def test_a_killed_redis_is_noticed_and_a_restarted_one_resubscribed(
 ) -> None:
     server = redis_factory()
     async with node(server.url) as (a, seen), node(server.url) as (b, seen_b):
-        await a.subscribe("room")
+        await subscribe(a, seen, "room")
         server.kill()
         await seen.wait_for(lambda: seen.downs == 1)
         assert not a.up
@@ -104,7 +103,7 @@ async def test_a_killed_redis_is_noticed_and_a_restarted_one_resubscribed(
         with pytest.raises(BrokerUnavailable):
             await a.publish("room", message("room", 1))
         assert time.monotonic() - started < 0.5
-        await a.subscribe("late")  # while down: subscribed when Redis is back
+        await subscribe(a, seen, "late")  # while down: subscribed when Redis is back
 
         server.start(keep_data=False)
         await seen.wait_for(lambda: seen.ups == [False, True])
@@ -120,7 +119,7 @@ async def test_a_killed_redis_is_noticed_and_a_restarted_one_resubscribed(
 async def test_a_silent_connection_is_taken_for_dead(redis_factory: Factory) -> None:
     server = redis_factory()
     async with node(server.url, ping_interval=0.5) as (broker, seen):
-        await broker.subscribe("room")
+        await subscribe(broker, seen, "room")
         server.pause()  # the socket stays open; nothing answers any more
         try:
             took = await seen.wait_for(lambda: seen.downs == 1)
@@ -176,7 +175,7 @@ async def test_a_node_starting_before_redis_connects_when_it_comes(
     server.stop()
     async with node(server.url) as (broker, seen):
         assert not broker.up and seen.events == []
-        await broker.subscribe("room")
+        await subscribe(broker, seen, "room")
         server.start()
         await seen.wait_for(lambda: seen.ups == [False])
         await broker.publish("room", message("room", 1))
@@ -205,7 +204,7 @@ async def test_password_user_and_db_come_from_the_url(
     await presence.start()
     await broker.start(recorder)
     try:
-        await broker.subscribe("room")
+        await subscribe(broker, recorder, "room")
         await broker.publish("room", message("room", 1), HISTORY)
         await recorder.wait_for(lambda: recorder.data_on("room") == [b"1"])
         assert admin.exists("hub:s:room") == 0
@@ -223,7 +222,7 @@ async def test_tls_with_a_verified_server_certificate(redis_factory: Factory) ->
     server = redis_factory(tls=True, password="s3cret")
     assert server.url.startswith("rediss://")
     async with node(server.url) as (broker, seen):
-        await broker.subscribe("room")
+        await subscribe(broker, seen, "room")
         await broker.publish("room", message("room", 1), HISTORY)
         await seen.wait_for(lambda: seen.data_on("room") == [b"1"])
         page = await broker.history("room", HISTORY, limit=10)
@@ -235,8 +234,8 @@ async def test_hubs_on_different_dbs_of_one_server_do_not_hear_each_other(
 ) -> None:
     other_db = redis_server.url_for(db=5)
     async with node(redis_url) as (a, seen_a), node(other_db) as (b, seen_b):
-        for broker in (a, b):
-            await broker.subscribe("room")
+        for broker, seen in ((a, seen_a), (b, seen_b)):
+            await subscribe(broker, seen, "room")
         await a.publish("room", message("room", 1))
         await b.publish("room", message("room", 2))
         await seen_a.wait_for(lambda: seen_a.data_on("room") == [b"1"])

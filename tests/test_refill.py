@@ -7,10 +7,11 @@ what the node does not hear is a real gap it must fill from history.
 
 Also: the pub/sub loop's backoff survives a long run of failures.
 
-The last three reproduce races a reviewer found (a subscribe whose read ends during a refill,
-one during an unnoticed half-open outage, and a pub/sub link lagging the command link): a new
-subscriber must get nothing at or below its `subscribed` offset, and the others must lose
-nothing.
+Then the interleavings that once cost a message or sent one twice: a subscribe whose read
+ends during a refill, one during an unnoticed half-open outage, a pub/sub link lagging the
+command link, a second outage while a refill's read is in flight, and a push that fails
+half-way through a page. Each subscription must get everything after its position once,
+in order, and nothing at or below it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hub.errors import BrokerUnavailable
 from hub.node import Node
 from hub.protocol import Message
 from hub.redis_broker import RedisBroker, create_redis_client
+from hub.subscriptions import Cohort
 from tests.broker_events import Recorder
 from tests.conftest import NAMESPACES
 from tests.redis_server import RedisServer
@@ -125,7 +127,20 @@ async def cut_pubsub(server: RedisServer) -> None:
 
 
 def subscribers(node: Node, channel: str) -> int:
-    return len(node.hub.subscribers_by_channel.get(channel, ()))
+    return sum(1 for _ in node.subscriptions.members(channel))
+
+
+def catching_up(node: Node, channel: str) -> Cohort | None:
+    """The cohort of `channel` that waits for a history read, if one does."""
+    waiting = [c for c in node.subscriptions.cohorts_of(channel) if c.held is not None]
+    assert len(waiting) <= 1, "more than one cohort catching up"
+    return waiting[0] if waiting else None
+
+
+def held(node: Node, channel: str) -> list[int]:
+    """Offsets of what the catching-up cohort of `channel` holds."""
+    cohort = catching_up(node, channel)
+    return [m.offset or 0 for m in cohort.held or ()] if cohort else []
 
 
 async def frames_until(client: Client, offset: int) -> Frames:
@@ -164,38 +179,24 @@ async def test_a_subscribe_during_a_refill_gets_neither_duplicates_nor_old_messa
         node = running.node
         epoch = await subscribed_with_two(other, old, channel)
         gate = gate_history(node, monkeypatch)
-        real_wait = node.refiller.wait
-        waiting: list[str] = []
-
-        async def observed_wait(name: str) -> None:
-            waiting.append(name)
-            await real_wait(name)
-
-        monkeypatch.setattr(node.refiller, "wait", observed_wait)
         try:
             gate.hold()  # the refill's read, once the node is back
             await cut_pubsub(server)
             # The node sleeps at least 50 ms before it reconnects: these are a gap.
             await publish(other, channel, 3, 4, 5)
             await until(lambda: len(gate.held) == 1, "the refill's read")
-            refill = node.hub.refilling[channel]
             await publish(other, channel, 6, 7, 8)  # live, held by the refill
-            await until(lambda: len(refill.held) == 3, "live messages held by the refill")
-            assert [m.offset for m in refill.held] == [6, 7, 8]  # 3..5 were not heard
+            await until(lambda: held(node, channel) == [6, 7, 8], "live messages held")
 
             # Two clients subscribe while the refill is held: one from offset 4, one anew.
             await since.send({
                 "type": "subscribe", "channel": channel, "since": {"offset": 4, "epoch": epoch},
             })
             await plain.send({"type": "subscribe", "channel": channel})
-            await until(
-                lambda: len(waiting) == 2 or subscribers(node, channel) == 3,
-                "both subscribes to reach the node",
-            )
+            await until(lambda: subscribers(node, channel) == 3, "both subscribes to finish")
         finally:
             gate.release_all()
-        await until(lambda: channel not in node.hub.refilling, "the refill to end")
-        await until(lambda: subscribers(node, channel) == 3, "both subscribes to finish")
+        await until(lambda: catching_up(node, channel) is None, "the refill to end")
         await publish(other, channel, 9, 10)
 
         # The fellow subscriber: the gap, the held messages and the new ones, once, in order.
@@ -234,12 +235,11 @@ async def test_a_refill_whose_reads_keep_failing_ends_in_one_reset_then_held_mes
             await cut_pubsub(server)
             await publish(other, channel, 3, 4)  # the gap: lost with the history reads
             await until(lambda: len(gate.held) == 1, "the refill's first read")
-            refill = node.hub.refilling[channel]
             await publish(other, channel, 5, 6, 7)
-            await until(lambda: len(refill.held) == 3, "live messages held by the refill")
+            await until(lambda: held(node, channel) == [5, 6, 7], "live messages held")
         finally:
             gate.release_all()
-        await until(lambda: channel not in node.hub.refilling, "the refill to give up")
+        await until(lambda: catching_up(node, channel) is None, "the refill to give up")
         assert node.broker.up
         gate.failing = False
         await publish(other, channel, 8)
@@ -284,18 +284,12 @@ async def test_the_pubsub_backoff_survives_a_long_run_of_failures(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-# Races still open: every one ends with a connection getting a message twice or missing
-# one, because the node keeps one position per channel (`Hub.last_position_by_channel`)
-# and fans refills and live messages out to every subscriber alike, whatever offset each
-# one's `subscribed` announced.
-
-
 async def test_a_subscribe_whose_read_ends_during_a_refill_gets_nothing_below_it(
     redis_factory: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The subscribe passed `refiller.wait` before the outage (no refill yet), and its read
-    (say it waited for a pooled connection) comes back during the refill, before the
-    refill's own read: it joins at 6, then the refill sends it 3..6 again."""
+    """The subscribe's read (say it waited for a pooled connection) began before the outage
+    and comes back during the refill, before the refill's own read: it joins at 6 and must
+    not get 3..6 from the refill; the old subscriber must get them."""
     server = redis_factory()
     channel = "feed:in-flight"
     settings = make_settings(redis_url=server.url, namespaces=NAMESPACES)
@@ -313,12 +307,12 @@ async def test_a_subscribe_whose_read_ends_during_a_refill_gets_nothing_below_it
             await publish(other, channel, 3, 4, 5)
             await until(lambda: len(gate.held) == 2, "the refill's read")
             await publish(other, channel, 6)
-            await until(lambda: len(node.hub.refilling[channel].held) == 1, "6 held")
+            await until(lambda: held(node, channel) == [6], "6 held")
             gate.held[0].set()
             await until(lambda: subscribers(node, channel) == 2, "the subscribe to finish")
         finally:
             gate.release_all()
-        await until(lambda: channel not in node.hub.refilling, "the refill to end")
+        await until(lambda: not node.subscriptions.refiller.busy, "the refill to end")
         await publish(other, channel, 7)
         assert await frames_until(old, 7) == messages(3, 7)
         assert (await late.expect("subscribed"))["offset"] == 6
@@ -419,9 +413,8 @@ async def test_a_subscribe_while_the_pubsub_link_is_half_open_costs_others_nothi
     redis_factory: Factory,
 ) -> None:
     """PROTOCOL §5 gives a node 10 s to notice a silent pub/sub connection. A subscribe in
-    that time reads offset 4 and notes it as the channel's position (node.py
-    `_reply_subscribed`), so the refill after the reconnect starts at 4: `old` never gets
-    3 and 4, and no `reset` tells it."""
+    that time reads offset 4: it starts there, while `old` still stands at 2, and after the
+    reconnect each catches up from its own position."""
     server = redis_factory()
     channel = "feed:half-open"
     proxy = LinkProxy(server.port)
@@ -439,7 +432,8 @@ async def test_a_subscribe_while_the_pubsub_link_is_half_open_costs_others_nothi
         await publish(other, channel, 5)
         proxy.cut()
         await until(lambda: not node.broker.up, "the node to notice")
-        await until(lambda: node.broker.up and not node.hub.refilling, "the refill to end")
+        await until(lambda: node.broker.up and not node.subscriptions.refiller.busy,
+                    "the refill to end")
         await publish(other, channel, 6)
         assert await frames_until(late, 6) == messages(5, 6)
         assert await frames_until(old, 6) == messages(3, 6)  # got 5, 6
@@ -449,9 +443,8 @@ async def test_a_message_late_on_the_pubsub_link_is_not_sent_twice_to_a_new_subs
     redis_factory: Factory,
 ) -> None:
     """No outage: the pub/sub link lags the command link (a busy link, a slow reader). A
-    subscribe to a channel the node already relays does not wait for the link (node.py
-    `subscribe`: `relay.ensure` returns at once), reads offset 2 and recovers 2; then 2
-    comes in live and `Hub.fan_out_message` sends it to the new subscriber too."""
+    subscribe to a channel the node already relays does not wait for the link, reads
+    offset 3 and recovers 3; then 3 comes in live, and must not reach it again."""
     server = redis_factory()
     channel = "feed:lagging"
     proxy = LinkProxy(server.port)

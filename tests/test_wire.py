@@ -6,6 +6,7 @@ from __future__ import annotations
 import websockets.frames
 from websockets.streams import StreamReader
 
+from hub.session import Session
 from hub.wire import DirectOutbound, payload_of, text_frame
 from tests.support import RunningNode, connect, token
 
@@ -36,4 +37,5 @@ async def test_sessions_write_straight_to_uvicorns_transport(node: RunningNode) 
     async with connect(node.ws_url, token("wire")) as client:
         await client.subscribe("feed:wire")
         (session,) = node.node.hub.sessions.values()
+        assert isinstance(session, Session)
         assert isinstance(session._outbound, DirectOutbound)

@@ -1,0 +1,147 @@
+"""What a connection may do, whichever wire protocol it speaks: connect, subscribe,
+unsubscribe, publish, presence, history, refresh, disconnect.
+
+Permissions, limits and the best-effort presence and join/leave announcements live here;
+subscription state lives in `hub.subscriptions`, connections in `hub.hub`. A session
+decodes its protocol's frames, calls these, and encodes the answers its own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from hub import protocol as p
+from hub.auth import AuthFailed, Identity
+from hub.broker import StreamPosition
+from hub.channels import Permissions, check_client_channel, personal_channel
+from hub.errors import BrokerUnavailable, ErrorCode, HubError
+from hub.hub import Subscriber
+from hub.metrics import close_code_label
+from hub.node import Node
+from hub.settings import Namespace
+from hub.subscriptions import Joined
+
+log = logging.getLogger("hub.commands")
+
+
+class Client(Subscriber, Protocol):
+    """A connection as commands see it."""
+
+    identity: Identity
+    permissions: Permissions
+
+
+class ClientCommands:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.metrics = node.metrics
+        self._subscriptions = node.subscriptions
+
+    # a connection's life
+
+    async def connect(self, client: Client) -> None:
+        """Register a welcomed connection and subscribe it to its personal channel."""
+        node = self.node
+        node.hub.add(client)
+        node.idle.clear()
+        self.metrics.connections_accepted.inc()
+        await self._subscriptions.join_personal(client, personal_channel(client.user))
+
+    async def disconnect(self, client: Client, code: int) -> None:
+        node = self.node
+        node.hub.remove(client)
+        if not node.hub.sessions:
+            node.idle.set()
+        self.metrics.disconnections.labels(close_code_label(code)).inc()
+        channels = await self._subscriptions.leave_all(client)
+        if node.broker.up:  # else presence expires by TTL, and leave events cannot go out
+            await asyncio.gather(*(
+                self._announce(client, channel, self.settings.namespace_of(channel), False)
+                for channel in channels
+            ))
+
+    # commands
+
+    async def subscribe(
+        self,
+        client: Client,
+        channel: str,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> None:
+        """`joined` gets what the subscription starts from (for the reply) before any
+        message of the channel reaches the client."""
+        namespace = client.permissions.check_subscribe(channel)
+        subscriptions = self._subscriptions
+        if subscriptions.has(client, channel):
+            raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
+        limit = self.settings.max_subscriptions
+        if limit and subscriptions.count_of(client) >= limit:
+            raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
+        if not self.node.broker.up:
+            raise BrokerUnavailable()
+        position = StreamPosition(since.offset, since.epoch) if since is not None else None
+        if await subscriptions.join(client, channel, position, joined):
+            await self._announce(client, channel, namespace, joined=True)
+
+    async def unsubscribe(self, client: Client, channel: str) -> None:
+        check_client_channel(channel)
+        if not await self._subscriptions.leave(client, channel):
+            raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
+        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+
+    async def publish(
+        self, client: Client, channel: str, data: msgspec.Raw, event: str | None
+    ) -> StreamPosition | None:
+        client.permissions.check_publish(channel)
+        return await self.node.publish(channel, data, event, from_user=client.user,
+                                       source="client")
+
+    async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
+        """Members without their node: that is the operators' business."""
+        client.permissions.check_subscribe(channel)
+        members = await self.node.presence_of(channel)
+        return [p.ClientInfo(m.client, m.user, None, m.info) for m in members]
+
+    async def history(
+        self, client: Client, channel: str, since: p.Since | None, limit: int | None
+    ) -> p.HistoryReply:
+        client.permissions.check_subscribe(channel)
+        return await self.node.history(channel, since, limit)
+
+    async def refresh(self, client: Client, token: str) -> Identity:
+        """The identity a valid token for the same user gives; the client takes it on."""
+        try:
+            identity = await self.node.authenticator.verify(token)
+        except AuthFailed as exc:
+            raise HubError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}") from None
+        if identity.user != client.user:
+            raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
+        return identity
+
+    async def _announce(
+        self, client: Client, channel: str, namespace: Namespace, joined: bool
+    ) -> None:
+        """Presence and join/leave are best effort: a broker outage must not fail them."""
+        node = self.node
+        try:
+            if namespace.presence:
+                if joined:
+                    member = p.ClientInfo(
+                        client.client_id, client.user, node.node_id, client.identity.info
+                    )
+                    await node.presence.add(channel, member)
+                else:
+                    await node.presence.remove(channel, client.client_id)
+            if namespace.join_leave:
+                kind = p.Join if joined else p.Leave
+                event = kind(channel=channel, user=client.user, client=client.client_id)
+                await node.broker.publish(channel, event)
+        except Exception as exc:
+            log.warning("presence or join/leave update failed: %s", exc)

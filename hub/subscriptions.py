@@ -1,0 +1,451 @@
+"""Who is subscribed where on this node, at which stream position, and the one rule that
+decides what each subscription gets (PROTOCOL §5).
+
+Owner: `Subscriptions` owns all per-channel subscription state of a node (the members of
+each channel, grouped in cohorts by stream position; the joiners and what they hold; the
+holds of cohorts catching up from history; and the broker subscription of every channel
+that has a member or a joiner), and nothing else keeps a copy of any of it.
+
+The rule, the same for live fan-out, refills, recovery and new subscribes: a subscription on
+a channel with history stands at a position (offset, epoch). A message at or below it in
+the same epoch is skipped (the subscription has it); the next offset is delivered and
+becomes the position; anything else (an offset further on, another epoch) means a stretch
+was lost, and the subscription holds what comes from then on while it catches up from
+history, or gets `reset` when history no longer has the stretch. Channels without history
+have no positions: every message passes.
+
+Subscriptions that stand at the same position share one `Cohort` (usually a channel has
+one), so the fan-out compares offsets once per cohort, not once per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, NamedTuple
+
+from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
+from hub.channels import is_personal
+from hub.errors import BrokerUnavailable
+from hub.hub import Subscriber, fan_out
+from hub.metrics import Metrics
+from hub.protocol import Message, Reset
+from hub.refill import Read, Refiller
+from hub.settings import Settings
+from hub.tasks import cancel
+from hub.wire import frame_of
+
+log = logging.getLogger("hub.subscriptions")
+
+_SKIP, _DELIVER, _GAP = 0, 1, 2
+RELAY_RETRY_CAP = 5.0
+
+
+def history_options(settings: Settings, channel: str) -> HistoryOptions | None:
+    namespace = settings.namespace_of(channel)
+    if is_personal(channel) or not namespace.has_history:
+        return None
+    return HistoryOptions(namespace.history_size, namespace.history_ttl)
+
+
+class Joined(NamedTuple):
+    """What a new subscription starts from: the channel's position (None without history),
+    whether `since` was recovered (None when not asked), and the recovered messages."""
+
+    position: StreamPosition | None
+    recovered: bool | None
+    messages: list[Message]
+
+
+class Cohort:
+    """Subscriptions of one channel that stand at the same position. `held` is not None
+    while the cohort catches up: live messages wait there, in order."""
+
+    __slots__ = ("epoch", "held", "members", "offset")
+
+    def __init__(self, members: set[Subscriber], position: StreamPosition | None) -> None:
+        self.members = members
+        self.offset = position.offset if position is not None else 0
+        self.epoch = position.epoch if position is not None else None
+        self.held: list[Message] | None = None
+
+    @property
+    def position(self) -> StreamPosition | None:
+        return None if self.epoch is None else StreamPosition(self.offset, self.epoch)
+
+    def advance(self, message: Message) -> int:
+        """The rule: _SKIP, _DELIVER (and move on to the message), or _GAP."""
+        epoch, offset = self.epoch, message.offset
+        if epoch is None or offset is None:
+            return _DELIVER
+        if message.epoch == epoch:
+            if offset <= self.offset:
+                return _SKIP
+            if offset == self.offset + 1:
+                self.offset = offset
+                return _DELIVER
+        return _GAP
+
+
+class Channel:
+    __slots__ = ("cohorts", "history", "joiners", "name", "relayed", "size")
+
+    def __init__(self, name: str, history: HistoryOptions | None) -> None:
+        self.name = name
+        self.history = history
+        self.cohorts: list[Cohort] = []
+        # Subscribes in flight: what the channel carried meanwhile, for after the reply.
+        self.joiners: dict[Subscriber, list[Message]] = {}
+        self.relayed = False  # the broker confirmed its subscription
+        self.size = 0  # members of all cohorts
+
+    def members(self) -> Iterator[Subscriber]:
+        for cohort in self.cohorts:
+            yield from cohort.members
+
+
+Hold = tuple[Channel, Cohort]
+
+
+class Subscriptions:
+    def __init__(self, broker: Broker, settings: Settings, metrics: Metrics) -> None:
+        self._broker = broker
+        self._settings = settings
+        self._delivered = metrics.messages_delivered
+        self._channels: dict[str, Channel] = {}
+        self._channels_of: dict[Subscriber, set[str]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Broker reconnects so far: a history read that began before the latest one may
+        # predate a gap, and is redone.
+        self.generation = 0
+        self.refiller: Refiller[Hold] = Refiller(broker, self)
+        self.subscription_count = 0  # members, personal channels left out
+        self.channel_count = 0  # channels with a member, personal channels left out
+
+    # reading
+
+    @property
+    def channels(self) -> list[str]:
+        """Channels the broker must relay to this node: those with a member or a joiner."""
+        return list(self._channels)
+
+    def has(self, subscriber: Subscriber, channel: str) -> bool:
+        return channel in self._channels_of.get(subscriber, ())
+
+    def count_of(self, subscriber: Subscriber) -> int:
+        """Subscriptions of `subscriber` that count toward its limit (joiners included)."""
+        return sum(not is_personal(name) for name in self._channels_of.get(subscriber, ()))
+
+    def members(self, channel: str) -> Iterator[Subscriber]:
+        found = self._channels.get(channel)
+        return found.members() if found is not None else iter(())
+
+    def cohorts_of(self, channel: str) -> list[Cohort]:
+        """A channel's cohorts as they stand, for tests and debugging."""
+        found = self._channels.get(channel)
+        return list(found.cohorts) if found is not None else []
+
+    def channel_counts(self) -> dict[str, int]:
+        return {
+            name: channel.size
+            for name, channel in self._channels.items()
+            if channel.size and not is_personal(name)
+        }
+
+    # joining and leaving
+
+    async def join(
+        self,
+        subscriber: Subscriber,
+        name: str,
+        since: StreamPosition | None,
+        joined: Callable[[Joined], None],
+    ) -> bool:
+        """Subscribe. `joined` is called without awaiting, before anything of the channel
+        reaches `subscriber`, with what its subscription starts from. Raises what the broker
+        raised (nothing joined then); False when the subscriber left meanwhile."""
+        channel = self._enter(subscriber, name)
+        held = channel.joiners[subscriber] = []
+        generation = self.generation
+        page: HistoryPage | None = None
+        try:
+            await self._relay(channel)
+            if channel.history is not None:
+                limit = self._settings.recovery_max + 1 if since is not None else 0
+                page = await self._broker.history(name, channel.history, since, limit)
+        except BaseException:
+            if channel.joiners.get(subscriber) is held:
+                await self._remove(subscriber, channel)
+            raise
+        if channel.joiners.get(subscriber) is not held:
+            return False
+        del channel.joiners[subscriber]
+        start = self._start_of(page, since)
+        joined(start)
+        self._admit(channel, Cohort({subscriber}, start.position), held, generation)
+        return True
+
+    async def join_personal(self, subscriber: Subscriber, name: str) -> None:
+        """Like `join` for `@user` (no history, no reply); a broker that does not confirm
+        the subscription is asked again in the background, with backoff."""
+        channel = self._enter(subscriber, name)
+        held = channel.joiners[subscriber] = []
+        try:
+            await self._relay(channel)
+        except BrokerUnavailable:
+            log.warning("personal channel not subscribed yet; retrying in the background")
+            self._spawn(self._relay_until_confirmed(channel))
+        except BaseException:
+            await self._remove(subscriber, channel)
+            raise
+        if channel.joiners.get(subscriber) is held:
+            del channel.joiners[subscriber]
+            self._admit(channel, Cohort({subscriber}, None), held, self.generation)
+
+    async def leave(self, subscriber: Subscriber, name: str) -> bool:
+        """False when `subscriber` was not subscribed (nor joining)."""
+        channel = self._channels.get(name)
+        if channel is None:
+            return False
+        return await self._remove(subscriber, channel)
+
+    async def leave_all(self, subscriber: Subscriber) -> list[str]:
+        """Unsubscribe from everything at once, then release the channels side by side;
+        returns the channels (personal ones left out) it was a member of."""
+        left: list[str] = []
+        emptied: list[Channel] = []
+        for name in self._channels_of.pop(subscriber, ()):
+            channel = self._channels[name]
+            if self._drop(subscriber, channel) and not is_personal(name):
+                left.append(name)
+            if not (channel.cohorts or channel.joiners):
+                emptied.append(channel)
+        await asyncio.gather(*(self._release(channel) for channel in emptied))
+        return left
+
+    async def close(self) -> None:
+        await self.refiller.stop()
+        await asyncio.gather(*(cancel(task) for task in list(self._tasks)))
+
+    def _enter(self, subscriber: Subscriber, name: str) -> Channel:
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = Channel(name, history_options(self._settings, name))
+        self._channels_of.setdefault(subscriber, set()).add(name)
+        return channel
+
+    async def _remove(self, subscriber: Subscriber, channel: Channel) -> bool:
+        was_member = self._drop(subscriber, channel)
+        names = self._channels_of.get(subscriber)
+        if names is not None:
+            names.discard(channel.name)
+            if not names:
+                del self._channels_of[subscriber]
+        if not (channel.cohorts or channel.joiners):
+            await self._release(channel)
+        return was_member or was_member is None
+
+    def _drop(self, subscriber: Subscriber, channel: Channel) -> bool | None:
+        """True: it was a member; None: a joiner; False: neither."""
+        if channel.joiners.pop(subscriber, None) is not None:
+            return None
+        for cohort in channel.cohorts:
+            if subscriber in cohort.members:
+                cohort.members.discard(subscriber)
+                if not cohort.members:
+                    channel.cohorts.remove(cohort)
+                self._count(channel, -1)
+                return True
+        return False
+
+    def _count(self, channel: Channel, change: int) -> None:
+        channel.size += change
+        if not is_personal(channel.name):
+            self.subscription_count += change
+            if channel.size == (1 if change > 0 else 0):
+                self.channel_count += change
+
+    async def _relay(self, channel: Channel) -> None:
+        if not channel.relayed:
+            await self._broker.subscribe(channel.name)
+            channel.relayed = True
+
+    async def _release(self, channel: Channel) -> None:
+        """The channel has nobody left: forget it, and stop hearing it."""
+        if self._channels.get(channel.name) is not channel:
+            return
+        del self._channels[channel.name]
+        try:
+            await self._broker.unsubscribe(channel.name)
+        except Exception:
+            log.exception("unsubscribing from the broker failed")
+
+    async def _relay_until_confirmed(self, channel: Channel) -> None:
+        delay = 0.25
+        while self._channels.get(channel.name) is channel and not channel.relayed:
+            await asyncio.sleep(delay)
+            try:
+                await self._relay(channel)
+            except BrokerUnavailable:
+                delay = min(delay * 2, RELAY_RETRY_CAP)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_of(self, page: HistoryPage | None, since: StreamPosition | None) -> Joined:
+        if page is None:
+            return Joined(None, None, [])
+        if since is None:
+            return Joined(page.position, None, [])
+        recovered = page.complete and len(page.messages) <= self._settings.recovery_max
+        return Joined(page.position, recovered, page.messages if recovered else [])
+
+    def _admit(
+        self, channel: Channel, cohort: Cohort, held: list[Message], generation: int
+    ) -> None:
+        """A new member goes live from its position: what it holds passes the rule; if its
+        read predates the latest reconnect, it catches up first."""
+        channel.cohorts.append(cohort)
+        self._count(channel, len(cohort.members))
+        if channel.history is not None and generation != self.generation:
+            self._hold(channel, cohort, held)
+        else:
+            self._replay(channel, cohort, held)
+
+    # delivery
+
+    def deliver(self, name: str, message: Message) -> None:
+        """A live publication, as the broker relayed it: the hot path."""
+        channel = self._channels.get(name)
+        if channel is None:
+            return  # unsubscribed while it was on its way
+        for held in channel.joiners.values():
+            held.append(message)
+        cohorts = channel.cohorts
+        if len(cohorts) == 1 and cohorts[0].epoch is None:  # no history: no positions
+            self._delivered.inc(fan_out(cohorts[0].members, frame_of(message)))
+            return
+        frame: bytes | None = None
+        delivered = 0
+        for cohort in cohorts:
+            if cohort.held is not None:
+                cohort.held.append(message)
+                continue
+            step = cohort.advance(message)
+            if step == _DELIVER:
+                frame = frame or frame_of(message)
+                delivered += fan_out(cohort.members, frame)
+            elif step == _GAP:
+                self._hold(channel, cohort, [message])
+        if delivered:
+            self._delivered.inc(delivered)
+        if len(cohorts) > 1:
+            self._merge(channel)
+
+    def deliver_event(self, name: str, frame: bytes) -> None:
+        """Join and leave: no positions, to every member."""
+        channel = self._channels.get(name)
+        if channel is not None:
+            fan_out(list(channel.members()), frame)
+
+    def _replay(self, channel: Channel, cohort: Cohort, messages: list[Message]) -> None:
+        """`messages` through the rule, in order; at a gap the cohort holds the rest."""
+        delivered = 0
+        for index, message in enumerate(messages):
+            step = cohort.advance(message)
+            if step == _DELIVER:
+                delivered += fan_out(cohort.members, frame_of(message))
+            elif step == _GAP:
+                self._hold(channel, cohort, messages[index:])
+                break
+        if delivered:
+            self._delivered.inc(delivered)
+        self._merge(channel)
+
+    def _merge(self, channel: Channel) -> None:
+        """Live cohorts that reached the same position become one."""
+        cohorts = channel.cohorts
+        if len(cohorts) < 2:
+            return
+        by_position: dict[tuple[int, str | None], Cohort] = {}
+        kept: list[Cohort] = []
+        for cohort in cohorts:
+            if cohort.held is not None:
+                kept.append(cohort)
+                continue
+            into = by_position.setdefault((cohort.offset, cohort.epoch), cohort)
+            if into is cohort:
+                kept.append(cohort)
+            elif len(into.members) >= len(cohort.members):
+                into.members |= cohort.members
+            else:
+                cohort.members |= into.members
+                into.members = cohort.members
+        channel.cohorts = kept
+
+    # catching up
+
+    def _hold(self, channel: Channel, cohort: Cohort, held: list[Message]) -> None:
+        cohort.held = held
+        self.refiller.request((channel, cohort))
+
+    def broker_reconnected(self) -> None:
+        """Whatever the node missed while the link was down: every cohort on a channel with
+        history holds live messages and catches up."""
+        self.generation += 1
+        for channel in self._channels.values():
+            channel.relayed = True  # the broker resubscribed every channel it was asked for
+            if channel.history is None:
+                continue
+            for cohort in channel.cohorts:
+                if cohort.held is None:
+                    cohort.held = []
+                self.refiller.request((channel, cohort))
+
+    # the refiller's target
+
+    def wanted(self, hold: Hold) -> Read | None:
+        channel, cohort = hold
+        position = cohort.position
+        if (
+            cohort.held is None
+            or position is None
+            or channel.history is None
+            or self._channels.get(channel.name) is not channel
+            or all(cohort is not other for other in channel.cohorts)
+        ):
+            return None
+        return Read(channel.name, channel.history, position, self._settings.recovery_max + 1)
+
+    def refilled(self, hold: Hold, page: HistoryPage) -> None:
+        """A catch-up read came back: the stretch, then what was held; or `reset` when the
+        stretch is gone (or too long to replay), then what was held."""
+        channel, cohort = hold
+        held, cohort.held = cohort.held or [], None
+        if page.complete and len(page.messages) <= self._settings.recovery_max:
+            self._replay(channel, cohort, page.messages + held)
+            return
+        self._reset(channel, cohort, page.position)
+        self._replay(channel, cohort, held)
+
+    def give_up(self, hold: Hold) -> None:
+        """History stayed unreadable: `reset` to just before the first held message (or
+        where the cohort stood), then go on live."""
+        channel, cohort = hold
+        held, cohort.held = cohort.held or [], None
+        first = held[0] if held else None
+        if first is not None and first.offset is not None and first.epoch is not None:
+            position = StreamPosition(first.offset - 1, first.epoch)
+        else:
+            position = cohort.position or StreamPosition(0, "")
+        log.warning("gave up refilling a channel; sent reset")
+        self._reset(channel, cohort, position)
+        self._replay(channel, cohort, held)
+
+    def _reset(self, channel: Channel, cohort: Cohort, position: StreamPosition) -> None:
+        cohort.offset, cohort.epoch = position.offset, position.epoch
+        reset = Reset(channel=channel.name, epoch=position.epoch, offset=position.offset)
+        fan_out(cohort.members, frame_of(reset))
