@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from hub.broker import Broker
 from hub.protocol import Message, Relayed
@@ -69,15 +69,3 @@ async def unsubscribe(broker: Broker, recorder: Recorder, *channels: str) -> Non
     for channel in channels:
         recorder.channels.discard(channel)
         await broker.unsubscribe(channel)
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], within: float = WAIT, interval: float = 0.05
-) -> float:
-    """Poll an async `condition` until it holds; seconds it took, or fail past `within`."""
-    started = time.monotonic()
-    async with asyncio.timeout(within):
-        while True:
-            if await condition():
-                return time.monotonic() - started
-            await asyncio.sleep(interval)

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import RunningNode, close_api_clients, make_settings, running_node
+from tests.support import RunningNode, make_settings, running_node
 
 pytest_plugins = ["tests.redis_fixtures"]
 
@@ -21,9 +21,3 @@ async def node() -> AsyncIterator[RunningNode]:
     API-only publish), chat (open, presence, join/leave), feed (history)."""
     async with running_node(make_settings(namespaces=NAMESPACES)) as running:
         yield running
-
-
-@pytest.fixture(autouse=True)
-async def _close_api_clients() -> AsyncIterator[None]:
-    yield
-    await close_api_clients()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -12,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, overload
 
 import httpx
 import msgspec
@@ -30,6 +31,8 @@ from hub.server import uvicorn_config
 from hub.settings import Settings
 
 WAIT = 5.0
+POLL = 0.02
+T = TypeVar("T")
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 API_KEY = "test-api-key"
 
@@ -49,8 +52,10 @@ class RunningNode:
     ws_url: str
     node: Node
     server: uvicorn.Server
+    http: httpx.AsyncClient  # with the API key; closed with the node
 
     def api(self, **headers: str) -> httpx.AsyncClient:
+        """A client of its own (with other headers, say); the caller closes it."""
         return httpx.AsyncClient(
             base_url=self.url, headers={"X-API-Key": API_KEY, **headers}, timeout=WAIT
         )
@@ -71,7 +76,12 @@ async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
                 await asyncio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        yield RunningNode(url, f"ws://127.0.0.1:{port}/ws", node_of(app), server)
+        running = RunningNode(url, f"ws://127.0.0.1:{port}/ws", node_of(app), server,
+                              http_client(url))
+        try:
+            yield running
+        finally:
+            await running.http.aclose()
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):
@@ -247,27 +257,17 @@ def token(user: str = "alice", **claims: Any) -> str:
     )
 
 
-_http_clients: dict[str, httpx.AsyncClient] = {}
+def http_client(base_url: str = "") -> httpx.AsyncClient:
+    """An HTTP client with the API key."""
+    return httpx.AsyncClient(base_url=base_url, headers={"X-API-Key": API_KEY}, timeout=WAIT)
 
 
 def api(running: RunningNode) -> httpx.AsyncClient:
-    """One HTTP client per node and test (creating one costs more than a request); the
-    conftest closes them after each test."""
-    client = _http_clients.get(running.url)
-    if client is None:
-        client = _http_clients[running.url] = running.api()
-    return client
+    return running.http
 
 
-async def close_api_clients() -> None:
-    for client in _http_clients.values():
-        await client.aclose()
-    _http_clients.clear()
-
-
-async def metric(running: RunningNode, name: str, **labels: str) -> float:
-    """A sample of /metrics, 0 when absent."""
-    text = (await api(running).get("/metrics")).text
+def metric_of(text: str, name: str, **labels: str) -> float:
+    """A sample of a Prometheus text exposition, 0 when absent."""
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -275,16 +275,66 @@ async def metric(running: RunningNode, name: str, **labels: str) -> float:
     return 0.0
 
 
+async def metric(running: RunningNode, name: str, **labels: str) -> float:
+    """A sample of the node's /metrics, 0 when absent."""
+    return metric_of((await running.http.get("/metrics")).text, name, **labels)
+
+
 async def publish(
-    running: RunningNode, channel: str, data: Any, event: str | None = None
+    api: RunningNode | httpx.AsyncClient,
+    channel: str,
+    data: Any,
+    *,
+    event: str | None = None,
+    url: str = "",
 ) -> Any:
-    """Publish through the HTTP API, which must answer 200; returns its reply."""
+    """Publish through the HTTP API (of `url`, when the client has no base URL), which must
+    answer 200; returns its reply."""
+    http = api.http if isinstance(api, RunningNode) else api
     body: dict[str, Any] = {"channel": channel, "data": data}
     if event is not None:
         body["event"] = event
-    response = await api(running).post("/api/publish", json=body)
+    response = await http.post(url + "/api/publish", json=body)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+@overload
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    check: Callable[[T], bool] | None = None,
+    within: float = 10.0,
+    what: str = "condition",
+) -> T: ...
+
+
+@overload
+async def eventually(
+    probe: Callable[[], T],
+    check: Callable[[T], bool] | None = None,
+    within: float = 10.0,
+    what: str = "condition",
+) -> T: ...
+
+
+async def eventually(
+    probe: Callable[[], Any],
+    check: Callable[[Any], bool] | None = None,
+    within: float = 10.0,
+    what: str = "condition",
+) -> Any:
+    """Call `probe` (sync or async) until `check` accepts its value (by default: until it
+    is truthy); returns that value, or fails with the last one after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if check(value) if check is not None else bool(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {within} s; last: {value!r}")
+        await asyncio.sleep(POLL)
 
 
 async def next_message(client: Client) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from tests.support import (
     RunningNode,
     connect,
     make_settings,
+    metric_of,
     running_node,
     token,
 )
@@ -47,21 +48,6 @@ async def next_message(client: Client, channel: str) -> dict[str, Any]:
             frame = await client.recv()
             if frame["type"] == "message" and frame["channel"] == channel:
                 return frame
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition; 0 when absent."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        found = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: \S+)?", line)
-        if found is None or found.group(1) != name:
-            continue
-        given = ",".join(sorted(found.group(2).split(","))) if found.group(2) else ""
-        if given == wanted:
-            return float(found.group(3))
-    return 0.0
 
 
 @pytest.fixture
@@ -492,8 +478,8 @@ async def test_metrics_prometheus_text(api: httpx.AsyncClient) -> None:
     for source in ("api", "client"):
         assert f'hub_messages_published_total{{source="{source}"}} 0.0' in text
     assert 'hub_messages_dropped_total{reason="slow_consumer"} 0.0' in text
-    assert metric(text, "hub_broker_up") == 1
-    assert metric(text, "hub_node_info", node="test-node", version="0.1.0",
+    assert metric_of(text, "hub_broker_up") == 1
+    assert metric_of(text, "hub_node_info", node="test-node", version="0.1.0",
                   write_path="direct") == 1
 
 
@@ -518,23 +504,23 @@ async def test_delivered_counts_every_frame(node: RunningNode, api: httpx.AsyncC
         for client in clients:
             await client.subscribe("chat:count")
         text = await scrape(api)
-        before = metric(text, "hub_messages_delivered_total")
-        assert metric(text, "hub_connections") == subscribers
-        assert metric(text, "hub_subscriptions") == subscribers  # personal ones not counted
-        assert metric(text, "hub_channels") == 1
+        before = metric_of(text, "hub_messages_delivered_total")
+        assert metric_of(text, "hub_connections") == subscribers
+        assert metric_of(text, "hub_subscriptions") == subscribers  # personal ones not counted
+        assert metric_of(text, "hub_channels") == 1
         for n in range(messages):
             await api.post("/api/publish", json={"channel": "chat:count", "data": n})
         for client in clients:
             got = [(await next_message(client, "chat:count"))["data"] for _ in range(messages)]
             assert got == list(range(messages))
-        after = metric(await scrape(api), "hub_messages_delivered_total")
+        after = metric_of(await scrape(api), "hub_messages_delivered_total")
     assert after - before == subscribers * messages
 
 
 async def test_published_counts_by_source(node: RunningNode, api: httpx.AsyncClient) -> None:
     text = await scrape(api)
-    api_before = metric(text, "hub_messages_published_total", source="api")
-    client_before = metric(text, "hub_messages_published_total", source="client")
+    api_before = metric_of(text, "hub_messages_published_total", source="api")
+    client_before = metric_of(text, "hub_messages_published_total", source="client")
     async with connect(node.ws_url, token("alice")) as alice:
         for n in range(2):
             reply = await alice.request({"type": "publish", "channel": "chat:p", "data": n})
@@ -545,8 +531,8 @@ async def test_published_counts_by_source(node: RunningNode, api: httpx.AsyncCli
         await api.post("/api/publish", json={"channel": "chat:p", "data": n})
     await api.post("/api/send", json={"user": "alice", "data": 1})
     text = await scrape(api)
-    assert metric(text, "hub_messages_published_total", source="api") - api_before == 4
-    assert metric(text, "hub_messages_published_total", source="client") - client_before == 2
+    assert metric_of(text, "hub_messages_published_total", source="api") - api_before == 4
+    assert metric_of(text, "hub_messages_published_total", source="client") - client_before == 2
 
 
 async def test_no_channel_or_user_names_in_metric_labels(

@@ -25,7 +25,18 @@ import redis
 import redis.asyncio
 
 from tests.redis_server import RedisServer
-from tests.support import API_KEY, SECRET, WAIT, Client, NodeProcess, connect, token
+from tests.support import (
+    API_KEY,
+    SECRET,
+    WAIT,
+    Client,
+    NodeProcess,
+    connect,
+    eventually,
+    http_client,
+    publish,
+    token,
+)
 
 T = TypeVar("T")
 
@@ -101,31 +112,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    check: Callable[[T], bool],
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> T:
-    """Poll `probe` until `check` accepts its value; fail with the last value after
-    `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s; last value: {value!r}")
-        await asyncio.sleep(POLL)
-
-
-@contextlib.asynccontextmanager
-async def http_client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(headers={"X-API-Key": API_KEY}, timeout=WAIT) as client:
-        yield client
-
-
 async def api_get(http: httpx.AsyncClient, node: NodeProcess, path: str) -> dict[str, Any]:
     response = await http.get(node.url + path)
     assert response.status_code == 200, response.text
@@ -147,12 +133,6 @@ async def api_post(
     assert response.status_code == 200, response.text
     reply: dict[str, Any] = response.json()
     return reply
-
-
-async def publish(
-    http: httpx.AsyncClient, node: NodeProcess, channel: str, data: Any
-) -> dict[str, Any]:
-    return await api_post(http, node, "/api/publish", {"channel": channel, "data": data})
 
 
 async def readyz(http: httpx.AsyncClient, node: NodeProcess) -> int:
@@ -268,7 +248,7 @@ async def test_api_publish_on_one_node_reaches_subscribers_on_the_others(
             connect(cluster.c.ws_url, token(unique("rc"))) as on_c:
         await on_a.subscribe(channel)
         await on_c.subscribe(channel)
-        assert await publish(http, cluster.b, channel, {"n": 1}) == {}
+        assert await publish(http, channel, {"n": 1}, url=cluster.b.url) == {}
         for client in (on_a, on_c):
             got = await next_message(client)
             assert got["channel"] == channel and got["data"] == {"n": 1}
@@ -295,7 +275,7 @@ async def test_messages_of_one_publisher_arrive_in_order_across_nodes(
     async with connect(cluster.a.ws_url, token(unique("oa"))) as on_a:
         await on_a.subscribe(channel)
         for n in range(50):
-            await publish(http, cluster.b, channel, n)
+            await publish(http, channel, n, url=cluster.b.url)
         assert [m["data"] for m in await messages(on_a, 50)] == list(range(50))
 
 
@@ -318,7 +298,7 @@ async def test_send_reaches_every_connection_of_a_user_on_any_node(
             assert (got["data"], got["event"]) == ({"hello": 1}, "note")
             assert "from" not in got
         # /api/publish to an @ channel is /api/send
-        await publish(http, cluster.c, f"@{user}", "second")
+        await publish(http, f"@{user}", "second", url=cluster.c.url)
         for client in (user_a, user_c):
             assert (await next_message(client))["data"] == "second"
         # barrier: the other user's next frame is what was sent to it, nothing before
@@ -489,7 +469,7 @@ async def test_offsets_form_one_sequence_whichever_node_publishes(
         for n in range(8):
             if n % 4 in (0, 1):
                 node = cluster.a if n % 4 == 0 else cluster.b
-                answers.append(await publish(http, node, channel, n))
+                answers.append(await publish(http, channel, n, url=node.url))
             else:
                 client = pub_a if n % 4 == 2 else pub_b
                 reply = await client.request({"type": "publish", "channel": channel, "data": n})
@@ -512,13 +492,13 @@ async def test_recovery_on_another_node_after_reconnecting(
     user = unique("rec")
     async with connect(cluster.a.ws_url, token(user)) as first:
         await first.subscribe(channel)
-        await publish(http, cluster.b, channel, "one")
-        await publish(http, cluster.c, channel, "two")
+        await publish(http, channel, "one", url=cluster.b.url)
+        await publish(http, channel, "two", url=cluster.c.url)
         seen = await messages(first, 2)
     last = seen[-1]
     assert last["offset"] == 2
     for data in ("three", "four", "five"):  # missed while away
-        await publish(http, cluster.a, channel, data)
+        await publish(http, channel, data, url=cluster.a.url)
     async with connect(cluster.b.ws_url, token(user)) as again:
         reply = await subscribe_since(again, channel, last["offset"], last["epoch"])
         assert reply["recovered"] is True
@@ -527,7 +507,7 @@ async def test_recovery_on_another_node_after_reconnecting(
         assert [(m["offset"], m["data"]) for m in missed] == [
             (3, "three"), (4, "four"), (5, "five")
         ]
-        await publish(http, cluster.a, channel, "six")
+        await publish(http, channel, "six", url=cluster.a.url)
         live = await next_message(again)
         assert (live["offset"], live["data"]) == (6, "six")
 
@@ -536,11 +516,11 @@ async def test_recovery_with_a_foreign_epoch_is_not_recovered(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
     channel = unique("feed:epoch")
-    await publish(http, cluster.a, channel, "x")
+    await publish(http, channel, "x", url=cluster.a.url)
     async with connect(cluster.c.ws_url, token(unique("ep"))) as client:
         reply = await subscribe_since(client, channel, 0, "not-the-epoch")
         assert reply["recovered"] is False and reply["offset"] == 1
-        await publish(http, cluster.b, channel, "y")
+        await publish(http, channel, "y", url=cluster.b.url)
         live = await next_message(client)
         assert (live["offset"], live["data"]) == (2, "y")
 
@@ -587,7 +567,7 @@ async def test_a_node_subscribes_a_topic_only_while_it_has_local_subscribers(
         assert await rds.pubsub_channels(pattern) == [topic_of(channel)]
 
         # one publication reaches each interested node once and every local subscriber
-        await publish(http, cluster.c, channel, "x")
+        await publish(http, channel, "x", url=cluster.c.url)
         for client in (a1, a2, b1):
             assert (await next_message(client))["data"] == "x"
 
@@ -642,7 +622,7 @@ async def test_a_killed_node_drops_out_of_stats_presence_and_channels(
             await alive(survivor)
             await eventually(
                 view, lambda v: node_id not in v[0] and v[1] == {"cl-a"} and v[2] == 1,
-                timeout=PRESENCE_TTL + 3, what="the killed node gone from the cluster view",
+                within=PRESENCE_TTL + 3, what="the killed node gone from the cluster view",
             )
             elapsed = asyncio.get_running_loop().time() - killed_at
             assert elapsed <= PRESENCE_TTL + 2, elapsed

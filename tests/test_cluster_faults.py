@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,18 +21,24 @@ import httpx
 import redis.asyncio
 
 from tests.redis_server import RedisServer
-from tests.support import WAIT, Client, NodeProcess, connect, token
+from tests.support import (
+    WAIT,
+    Client,
+    NodeProcess,
+    connect,
+    eventually,
+    http_client,
+    publish,
+    token,
+)
 from tests.test_cluster import (
     alive,
     api_post,
-    eventually,
     getter,
-    http_client,
     messages,
     metric,
     next_message,
     node_env,
-    publish,
     readyz,
     start_nodes,
     subscribe_since,
@@ -43,15 +49,6 @@ from tests.test_cluster import (
 
 Factory = Callable[..., RedisServer]
 T = TypeVar("T")
-
-
-def polled(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-    """A probe for `eventually` that reads local state."""
-
-    async def probe() -> T:
-        return read()
-
-    return probe
 
 
 @contextlib.asynccontextmanager
@@ -139,14 +136,14 @@ async def test_redis_restart_with_its_data_keeps_connections_epoch_and_order(
         await stream_b.subscribe(feed)
         for client in (plain_a, plain_b):
             await client.subscribe(news)
-        await publish(http, a, news, "before")
+        await publish(http, news, "before", url=a.url)
         for client in (plain_a, plain_b):
             assert (await next_message(client))["data"] == "before"
 
         stream = Stream(http, b, feed)
         publisher = asyncio.create_task(stream.run())
         try:
-            await eventually(polled(lambda: len(stream.accepted)), lambda n: n >= 5,
+            await eventually(lambda: len(stream.accepted), lambda n: n >= 5,
                              what="messages before the outage")
             await asyncio.to_thread(server.stop)
             await both_ready(http, (a, b), 503, timeout=5)
@@ -154,7 +151,7 @@ async def test_redis_restart_with_its_data_keeps_connections_epoch_and_order(
             await assert_commands_unavailable(http, a, plain_a, news)
             await assert_commands_unavailable(http, b, plain_b, news)
             await eventually(
-                polled(lambda: sum(t > down_at for _, t in stream.refused)),
+                lambda: sum(t > down_at for _, t in stream.refused),
                 lambda n: n >= 3, what="publications refused during the outage",
             )
             for client in (plain_a, plain_b):
@@ -163,7 +160,7 @@ async def test_redis_restart_with_its_data_keeps_connections_epoch_and_order(
             await asyncio.to_thread(server.start, keep_data=True)
             await both_ready(http, (a, b), 200)
             before = len(stream.accepted)
-            await eventually(polled(lambda: len(stream.accepted)),
+            await eventually(lambda: len(stream.accepted),
                              lambda n: n >= before + 5, what="messages after the restart")
         finally:
             stream.stopped.set()
@@ -183,7 +180,7 @@ async def test_redis_restart_with_its_data_keeps_connections_epoch_and_order(
             assert all(stream.accepted[m["data"]] == m["offset"]
                        for m in got if m["data"] in stream.accepted)
 
-        await publish(http, b, news, "after")
+        await publish(http, news, "after", url=b.url)
         for client in (plain_a, plain_b):
             assert (await next_message(client))["data"] == "after"
 
@@ -212,7 +209,7 @@ async def test_redis_restart_without_its_data_resets_history_subscribers(
         await plain_a.subscribe(news)
         await in_chat.subscribe(chat)
         for n in (1, 2, 3):
-            await publish(http, a, feed, n)
+            await publish(http, feed, n, url=a.url)
         for client in (on_a, on_b):
             assert [m["offset"] for m in await messages(client, 3)] == [1, 2, 3]
 
@@ -250,17 +247,17 @@ async def test_redis_restart_without_its_data_resets_history_subscribers(
         for reset in resets:
             assert reset == {"type": "reset", "channel": feed, "epoch": new_epoch, "offset": 0}
 
-        assert await publish(http, b, feed, "new") == {"offset": 1, "epoch": new_epoch}
+        assert await publish(http, feed, "new", url=b.url) == {"offset": 1, "epoch": new_epoch}
         for client in (on_a, on_b):
             got = await next_message(client)
             assert (got["offset"], got["epoch"], got["data"]) == (1, new_epoch, "new")
-        await publish(http, b, news, "plain")
+        await publish(http, news, "plain", url=b.url)
         assert (await next_message(plain_a))["data"] == "plain"  # no reset: no history
 
         async with connect(b.ws_url, token(user)) as again:
             reply = await subscribe_since(again, feed, 3, old_epoch)
             assert (reply["recovered"], reply["epoch"], reply["offset"]) == (False, new_epoch, 1)
-            await publish(http, a, feed, "live")
+            await publish(http, feed, "live", url=a.url)
             got = await next_message(again)  # nothing of the old epoch comes first
             assert (got["offset"], got["data"]) == (2, "live")
 
@@ -320,23 +317,23 @@ async def test_a_node_that_lost_its_pubsub_connection_fills_the_gap_from_history
         try:
             await watcher.subscribe(feed)
             for n in range(1, 4):
-                await publish(http, b, feed, n)
+                await publish(http, feed, n, url=b.url)
             assert [m["offset"] for m in await messages(watcher, 3)] == [1, 2, 3]
             pubsub = await pubsub_client_of(rds, a)
 
             # Freeze A, cut its pub/sub connection, publish what A cannot hear, thaw A.
             os.kill(pid, signal.SIGSTOP)
             await eventually(lambda: asyncio.to_thread(process_state, pid),
-                             lambda state: state == "T", timeout=WAIT, what="node A stopped")
+                             lambda state: state == "T", within=WAIT, what="node A stopped")
             assert await rds.client_kill_filter(_id=pubsub) == 1
             for n in range(4, 9):
-                await publish(http, b, feed, n)
+                await publish(http, feed, n, url=b.url)
             os.kill(pid, signal.SIGCONT)
 
             # Live publications go on while A reconnects and refills.
             async def more() -> None:
                 for n in range(9, 16):
-                    await publish(http, b, feed, n)
+                    await publish(http, feed, n, url=b.url)
                     await asyncio.sleep(0.02)
 
             publisher = asyncio.create_task(more())
@@ -347,7 +344,7 @@ async def test_a_node_that_lost_its_pubsub_connection_fills_the_gap_from_history
                 got = [await next_message(watcher) for _ in range(12)]
             assert asyncio.get_running_loop().time() - ready_at < 3
             assert [(m["offset"], m["data"]) for m in got] == [(n, n) for n in range(4, 16)]
-            await publish(http, b, feed, 16)  # barrier: nothing else came in between
+            await publish(http, feed, 16, url=b.url)  # barrier: nothing else came in between
             assert (await next_message(watcher))["offset"] == 16
 
             reconnects = metric((await http.get(a.url + "/metrics")).text,
@@ -380,7 +377,7 @@ async def test_a_frozen_redis_is_noticed_within_ten_seconds_and_survived(
         finally:
             server.resume()
         await both_ready(http, (a, b), 200)
-        await publish(http, a, news, "thawed")
+        await publish(http, news, "thawed", url=a.url)
         for client in (on_a, on_b):
             assert (await next_message(client))["data"] == "thawed"
         assert await readyz(http, b) == 200
@@ -394,7 +391,7 @@ async def test_a_publish_refused_while_redis_is_frozen_reaches_nobody(
     async with http_client() as http, two_nodes(server, tmp_path) as (a, b), \
             connect(a.ws_url, token(unique("fz"))) as watcher:
         await watcher.subscribe(feed)
-        await publish(http, b, feed, "before")
+        await publish(http, feed, "before", url=b.url)
         assert (await next_message(watcher))["offset"] == 1
         try:
             server.pause()

@@ -9,7 +9,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import WAIT, Client, RunningNode, connect, make_settings, running_node, token
+from tests.support import (
+    WAIT,
+    Client,
+    RunningNode,
+    connect,
+    make_settings,
+    publish,
+    running_node,
+    token,
+)
 
 NAMESPACES: dict[str, dict[str, Any]] = {
     "default": {"subscribe": "token", "publish": "none"},
@@ -31,13 +40,6 @@ async def hnode() -> AsyncIterator[RunningNode]:
 async def api(hnode: RunningNode) -> AsyncIterator[httpx.AsyncClient]:
     async with hnode.api() as client:
         yield client
-
-
-async def publish(api: httpx.AsyncClient, channel: str, data: Any, **extra: Any) -> dict[str, Any]:
-    response = await api.post("/api/publish", json={"channel": channel, "data": data, **extra})
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def messages(client: Client, n: int) -> list[dict[str, Any]]:

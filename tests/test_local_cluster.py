@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 import websockets
 
 from tests.redis_server import free_port
-from tests.support import API_KEY, SECRET, WAIT, Client, connect, token
+from tests.support import API_KEY, SECRET, Client, connect, http_client, publish, token
 
 SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "local-cluster.sh"
 READY_WAIT = 45.0  # the script's own HUB_CLUSTER_READY_TIMEOUT is 30 s
@@ -165,11 +164,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     assert not left, f"still running after the script stopped: {left}"
 
 
-async def publish(cluster: Cluster, data: object) -> None:
-    async with httpx.AsyncClient(base_url=cluster.url, timeout=WAIT,
-                                 headers={"X-API-Key": API_KEY}) as api:
-        response = await api.post("/api/publish", json={"channel": "news", "data": data})
-    assert response.status_code == 200, response.text
+async def publish_news(cluster: Cluster, data: object) -> None:
+    async with http_client(cluster.url) as api:
+        await publish(api, "news", data)
 
 
 async def join(stack: contextlib.AsyncExitStack, cluster: Cluster, user: str) -> Client:
@@ -203,7 +200,7 @@ async def test_clients_spread_and_fail_over_through_nginx(cluster: Cluster) -> N
         assert set(node_of.values()) <= {"node1", "node2", "node3"}
         assert len(set(node_of.values())) >= 2, node_of
 
-        await publish(cluster, {"n": 1})
+        await publish_news(cluster, {"n": 1})
         for client in clients.values():
             assert (await client.expect("message"))["data"] == {"n": 1}
 
@@ -225,6 +222,6 @@ async def test_clients_spread_and_fail_over_through_nginx(cluster: Cluster) -> N
             node_of[user] = clients[user].welcome["node"]
         assert dead not in node_of.values()
 
-        await publish(cluster, {"n": 2})
+        await publish_news(cluster, {"n": 2})
         for client in clients.values():
             assert (await client.expect("message"))["data"] == {"n": 2}

@@ -3,7 +3,6 @@ counters and gauges that follow what happens on the node, exactly."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -29,7 +28,9 @@ from tests.support import (
     NodeProcess,
     RunningNode,
     connect,
+    eventually,
     make_settings,
+    publish,
     running_node,
     token,
 )
@@ -90,20 +91,6 @@ async def scrape(node: RunningNode) -> Scrape:
     return Scrape(response.text)
 
 
-async def eventually(
-    node: RunningNode, check: Callable[[Scrape], bool], timeout: float = WAIT
-) -> Scrape:
-    """Scrape until `check` holds (bounded); returns the scrape that satisfied it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = await scrape(node)
-        if check(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"metrics never satisfied the check:\n{current.text}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def node() -> AsyncIterator[RunningNode]:
     settings = make_settings(
@@ -128,12 +115,6 @@ def bearer(jwt: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt}"}
 
 
-async def publish(node: RunningNode, channel: str, data: Any) -> None:
-    async with node.api() as api:
-        response = await api.post("/api/publish", json={"channel": channel, "data": data})
-    assert response.status_code == 200, response.text
-
-
 async def test_every_metric_of_section_8_with_its_labels(node: RunningNode) -> None:
     # Put a sample under every labelled family first: a family without samples shows no
     # labels.
@@ -143,7 +124,9 @@ async def test_every_metric_of_section_8_with_its_labels(node: RunningNode) -> N
         await alice.subscribe("room:a")
         await publish(node, "room:a", 1)
         await alice.expect("message")
-    current = await eventually(node, lambda s: s("hub_disconnections_total", code="1000") == 1)
+    current = await eventually(
+        lambda: scrape(node), lambda s: s("hub_disconnections_total", code="1000") == 1
+    )
     for name, (kind, labels) in SECTION_8.items():
         assert current.types.get(name) == kind, (name, current.types.get(name))
         label_sets = current.label_sets(name)
@@ -255,7 +238,7 @@ async def test_slow_consumer_close_is_counted() -> None:
         transport.resume_reading()
         assert await slow.closed() == 4008
         after = await eventually(
-            node, lambda s: s("hub_disconnections_total", code="4008") == 1
+            lambda: scrape(node), lambda s: s("hub_disconnections_total", code="4008") == 1
         )
         assert after("hub_disconnections_total", code="4008") - before(
             "hub_disconnections_total", code="4008") == 1
@@ -317,8 +300,8 @@ async def test_gauges_follow_connections_and_subscriptions(node: RunningNode) ->
             await alice.request({"type": "unsubscribe", "channel": "room:b"})
             assert gauges(await scrape(node)) == (2, 2, 1)
         # bob's disconnect takes his subscription with it
-        await eventually(node, lambda s: gauges(s) == (1, 1, 1))
-    current = await eventually(node, lambda s: gauges(s) == (0, 0, 0))
+        await eventually(lambda: scrape(node), lambda s: gauges(s) == (1, 1, 1))
+    current = await eventually(lambda: scrape(node), lambda s: gauges(s) == (0, 0, 0))
     assert current("hub_connections_accepted_total") == 2
     assert current("hub_disconnections_total", code="1000") == 2
 
@@ -345,7 +328,7 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
             await api.post("/api/send", json={"user": user, "data": secret})
     expired = mint_token(SECRET, user, ttl=-60)
     assert await refused(node.ws_url, headers=bearer(expired)) == 4002
-    await eventually(node, lambda s: s("hub_connections") == 0)
+    await eventually(lambda: scrape(node), lambda s: s("hub_connections") == 0)
     current = await scrape(node)
     assert secret not in current.text
     bounded: dict[str, Callable[[str], bool]] = {
@@ -355,6 +338,7 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
         "le": lambda v: v == "+Inf" or math.isfinite(float(v)),
         "node": lambda v: v == NODE_ID,
         "version": lambda v: v == __version__,
+        "write_path": lambda v: v in {"direct", "asgi"},
     }
     for (name, labels), _ in current.samples.items():
         for label, value in labels:
@@ -409,5 +393,7 @@ async def test_a_clients_own_close_code_is_not_a_label_value(node: RunningNode) 
     """Clients choose their close codes (3000-4999): only known ones become label values."""
     async with connect(node.ws_url, token("closer")) as client:
         await client.connection.close(code=3999, reason="mine")
-    after = await eventually(node, lambda s: s("hub_disconnections_total", code="other") >= 1)
+    after = await eventually(
+        lambda: scrape(node), lambda s: s("hub_disconnections_total", code="other") >= 1
+    )
     assert after("hub_disconnections_total", code="3999") == 0

@@ -18,8 +18,8 @@ from hub.presence import NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo
 from hub.redis_broker import create_redis_client
 from hub.redis_presence import RedisPresence
-from tests.broker_events import eventually
 from tests.redis_server import free_port
+from tests.support import eventually
 
 
 def snapshot(

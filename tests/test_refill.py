@@ -37,7 +37,7 @@ from hub.subscriptions import Cohort
 from tests.broker_events import Recorder
 from tests.conftest import NAMESPACES
 from tests.redis_server import RedisServer
-from tests.support import WAIT, Client, connect, make_settings, running_node, token
+from tests.support import WAIT, Client, connect, eventually, make_settings, running_node, token
 
 Factory = Callable[..., RedisServer]
 HISTORY = HistoryOptions(size=100, ttl=300)  # as [namespaces.feed] in tests/conftest.py
@@ -88,15 +88,6 @@ def gate_history(node: Node, monkeypatch: pytest.MonkeyPatch) -> HistoryGate:
     return gate
 
 
-async def until(condition: Callable[[], bool], what: str, within: float = WAIT) -> None:
-    """Poll local state (bounded)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 @contextlib.asynccontextmanager
 async def other_broker(url: str) -> AsyncIterator[RedisBroker]:
     """A second path into the same Redis (another node's broker, without subscriptions:
@@ -109,7 +100,7 @@ async def other_broker(url: str) -> AsyncIterator[RedisBroker]:
         await broker.close()
 
 
-async def publish(broker: RedisBroker, channel: str, *numbers: int) -> None:
+async def publish_numbers(broker: RedisBroker, channel: str, *numbers: int) -> None:
     """Publish each number as `data`; in these tests it is also the offset."""
     for n in numbers:
         message = Message(channel=channel, data=msgspec.Raw(b"%d" % n), ts=int(time.time() * 1000))
@@ -161,7 +152,7 @@ def messages(first: int, last: int) -> Frames:
 async def subscribed_with_two(other: RedisBroker, old: Client, channel: str) -> str:
     """`old` subscribes and gets messages 1 and 2; returns the epoch."""
     epoch: str = (await old.subscribe(channel))["epoch"]
-    await publish(other, channel, 1, 2)
+    await publish_numbers(other, channel, 1, 2)
     assert await frames_until(old, 2) == messages(1, 2)
     return epoch
 
@@ -183,21 +174,22 @@ async def test_a_subscribe_during_a_refill_gets_neither_duplicates_nor_old_messa
             gate.hold()  # the refill's read, once the node is back
             await cut_pubsub(server)
             # The node sleeps at least 50 ms before it reconnects: these are a gap.
-            await publish(other, channel, 3, 4, 5)
-            await until(lambda: len(gate.held) == 1, "the refill's read")
-            await publish(other, channel, 6, 7, 8)  # live, held by the refill
-            await until(lambda: held(node, channel) == [6, 7, 8], "live messages held")
+            await publish_numbers(other, channel, 3, 4, 5)
+            await eventually(lambda: len(gate.held) == 1, what="the refill's read")
+            await publish_numbers(other, channel, 6, 7, 8)  # live, held by the refill
+            await eventually(lambda: held(node, channel) == [6, 7, 8], what="live messages held")
 
             # Two clients subscribe while the refill is held: one from offset 4, one anew.
             await since.send({
                 "type": "subscribe", "channel": channel, "since": {"offset": 4, "epoch": epoch},
             })
             await plain.send({"type": "subscribe", "channel": channel})
-            await until(lambda: subscribers(node, channel) == 3, "both subscribes to finish")
+            await eventually(lambda: subscribers(node, channel) == 3,
+                             what="both subscribes to finish")
         finally:
             gate.release_all()
-        await until(lambda: catching_up(node, channel) is None, "the refill to end")
-        await publish(other, channel, 9, 10)
+        await eventually(lambda: catching_up(node, channel) is None, what="the refill to end")
+        await publish_numbers(other, channel, 9, 10)
 
         # The fellow subscriber: the gap, the held messages and the new ones, once, in order.
         assert await frames_until(old, 10) == messages(3, 10)
@@ -233,16 +225,16 @@ async def test_a_refill_whose_reads_keep_failing_ends_in_one_reset_then_held_mes
             gate.failing = True
             gate.hold()  # the first failing read waits: live messages come meanwhile
             await cut_pubsub(server)
-            await publish(other, channel, 3, 4)  # the gap: lost with the history reads
-            await until(lambda: len(gate.held) == 1, "the refill's first read")
-            await publish(other, channel, 5, 6, 7)
-            await until(lambda: held(node, channel) == [5, 6, 7], "live messages held")
+            await publish_numbers(other, channel, 3, 4)  # the gap: lost with the history reads
+            await eventually(lambda: len(gate.held) == 1, what="the refill's first read")
+            await publish_numbers(other, channel, 5, 6, 7)
+            await eventually(lambda: held(node, channel) == [5, 6, 7], what="live messages held")
         finally:
             gate.release_all()
-        await until(lambda: catching_up(node, channel) is None, "the refill to give up")
+        await eventually(lambda: catching_up(node, channel) is None, what="the refill to give up")
         assert node.broker.up
         gate.failing = False
-        await publish(other, channel, 8)
+        await publish_numbers(other, channel, 8)
 
         for client in (watcher, second):
             reset = await client.expect("reset")
@@ -273,9 +265,9 @@ async def test_the_pubsub_backoff_survives_a_long_run_of_failures(
     try:
         await broker.start(Recorder())
         assert not broker.up
-        await until(lambda: accepted > 1100, "1,100 failed connects", within=15)
+        await eventually(lambda: accepted > 1100, what="1,100 failed connects", within=15)
         before = accepted
-        await until(lambda: accepted > before + 10, "the loop to go on retrying")
+        await eventually(lambda: accepted > before + 10, what="the loop to go on retrying")
     finally:
         await broker.close()
         listener.close()
@@ -302,18 +294,19 @@ async def test_a_subscribe_whose_read_ends_during_a_refill_gets_nothing_below_it
         try:
             gate.hold(2)  # the subscribe's read, then the refill's
             await late.send({"type": "subscribe", "channel": channel})
-            await until(lambda: len(gate.held) == 1, "the subscribe's read")
+            await eventually(lambda: len(gate.held) == 1, what="the subscribe's read")
             await cut_pubsub(server)
-            await publish(other, channel, 3, 4, 5)
-            await until(lambda: len(gate.held) == 2, "the refill's read")
-            await publish(other, channel, 6)
-            await until(lambda: held(node, channel) == [6], "6 held")
+            await publish_numbers(other, channel, 3, 4, 5)
+            await eventually(lambda: len(gate.held) == 2, what="the refill's read")
+            await publish_numbers(other, channel, 6)
+            await eventually(lambda: held(node, channel) == [6], what="6 held")
             gate.held[0].set()
-            await until(lambda: subscribers(node, channel) == 2, "the subscribe to finish")
+            await eventually(lambda: subscribers(node, channel) == 2,
+                             what="the subscribe to finish")
         finally:
             gate.release_all()
-        await until(lambda: not node.subscriptions.refiller.busy, "the refill to end")
-        await publish(other, channel, 7)
+        await eventually(lambda: not node.subscriptions.refiller.busy, what="the refill to end")
+        await publish_numbers(other, channel, 7)
         assert await frames_until(old, 7) == messages(3, 7)
         assert (await late.expect("subscribed"))["offset"] == 6
         assert await frames_until(late, 7) == messages(7, 7)  # got 3..7
@@ -426,15 +419,15 @@ async def test_a_subscribe_while_the_pubsub_link_is_half_open_costs_others_nothi
         node = running.node
         await subscribed_with_two(other, old, channel)
         proxy.silence()
-        await publish(other, channel, 3, 4)  # the node does not hear these
+        await publish_numbers(other, channel, 3, 4)  # the node does not hear these
         reply = await late.subscribe(channel)
         assert reply["offset"] == 4 and node.broker.up  # not noticed yet
-        await publish(other, channel, 5)
+        await publish_numbers(other, channel, 5)
         proxy.cut()
-        await until(lambda: not node.broker.up, "the node to notice")
-        await until(lambda: node.broker.up and not node.subscriptions.refiller.busy,
-                    "the refill to end")
-        await publish(other, channel, 6)
+        await eventually(lambda: not node.broker.up, what="the node to notice")
+        await eventually(lambda: node.broker.up and not node.subscriptions.refiller.busy,
+                         what="the refill to end")
+        await publish_numbers(other, channel, 6)
         assert await frames_until(late, 6) == messages(5, 6)
         assert await frames_until(old, 6) == messages(3, 6)  # got 5, 6
 
@@ -455,13 +448,13 @@ async def test_a_message_late_on_the_pubsub_link_is_not_sent_twice_to_a_new_subs
             connect(running.ws_url, token("new")) as new:
         epoch = await subscribed_with_two(other, old, channel)
         proxy.slow()
-        await publish(other, channel, 3)  # on its way to the node, slowly
+        await publish_numbers(other, channel, 3)  # on its way to the node, slowly
         await new.send({
             "type": "subscribe", "channel": channel, "since": {"offset": 2, "epoch": epoch},
         })
         reply = await new.expect("subscribed")
         assert (reply["offset"], reply["recovered"]) == (3, True)
         proxy.flush()
-        await publish(other, channel, 4)
+        await publish_numbers(other, channel, 4)
         assert await frames_until(old, 4) == messages(3, 4)
         assert await frames_until(new, 4) == messages(3, 4)  # got 3 (recovered), 3, 4
