@@ -33,6 +33,7 @@ from hub.errors import BrokerUnavailable
 from hub.node import Node
 from hub.protocol import Message
 from hub.redis_broker import RedisBroker, create_redis_client
+from hub.session import Session
 from hub.subscriptions import Cohort
 from tests.broker_events import Recorder
 from tests.conftest import NAMESPACES
@@ -46,18 +47,28 @@ Frames = list[tuple[str, int, Any]]
 
 class HistoryGate:
     """Wraps a node broker's real `history`. `hold(n)` makes the next n calls wait, each
-    until its own event in `held` is set, before they go on; with `failing` set every call
-    raises BrokerUnavailable (after its hold, if held) instead of reading."""
+    until its own event in `held` is set, before they read; `hold_answer(n)` makes them
+    read at once and wait before they answer. With `failing` set every call raises
+    BrokerUnavailable (after its hold, if held) instead of reading."""
 
     def __init__(self, real: Callable[..., Any]) -> None:
         self._real = real
         self._to_hold = 0
+        self._answers_to_hold = 0
         self.calls = 0
         self.failing = False
         self.held: list[asyncio.Event] = []
 
     def hold(self, calls: int = 1) -> None:
         self._to_hold += calls
+
+    def hold_answer(self, calls: int = 1) -> None:
+        self._answers_to_hold += calls
+
+    async def _wait(self) -> None:
+        go = asyncio.Event()
+        self.held.append(go)
+        await asyncio.wait_for(go.wait(), 2 * WAIT)
 
     def release_all(self) -> None:
         for go in self.held:
@@ -73,12 +84,13 @@ class HistoryGate:
         self.calls += 1
         if self._to_hold:
             self._to_hold -= 1
-            go = asyncio.Event()
-            self.held.append(go)
-            await asyncio.wait_for(go.wait(), 2 * WAIT)
+            await self._wait()
         if self.failing:
             raise BrokerUnavailable("history refused by the test")
         page: HistoryPage = await self._real(channel, history, since, limit)
+        if self._answers_to_hold:
+            self._answers_to_hold -= 1
+            await self._wait()
         return page
 
 
@@ -458,3 +470,103 @@ async def test_a_message_late_on_the_pubsub_link_is_not_sent_twice_to_a_new_subs
         await publish_numbers(other, channel, 4)
         assert await frames_until(old, 4) == messages(3, 4)
         assert await frames_until(new, 4) == messages(3, 4)  # got 3 (recovered), 3, 4
+
+
+async def test_a_message_both_in_the_refill_page_and_late_on_the_link_arrives_once(
+    redis_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the reconnect the new pub/sub link lags: a message published then is in the
+    refill's page, and reaches the node live only after the refill finished."""
+    server = redis_factory()
+    channel = "feed:late-and-refilled"
+    proxy = LinkProxy(server.port)
+    async with proxy.running() as url, \
+            running_node(make_settings(redis_url=url, namespaces=NAMESPACES)) as running, \
+            other_broker(server.url) as other, \
+            connect(running.ws_url, token("old")) as old:
+        node = running.node
+        await subscribed_with_two(other, old, channel)
+        gate = gate_history(node, monkeypatch)
+        try:
+            gate.hold()  # the refill's read
+            proxy.cut()
+            await publish_numbers(other, channel, 3, 4)  # the gap
+            await eventually(lambda: len(gate.held) == 1, what="the refill's read")
+            proxy.slow()  # the new link: what Redis sends on it waits in the proxy
+            await publish_numbers(other, channel, 5)  # in history, and late on the link
+        finally:
+            gate.release_all()
+        assert await frames_until(old, 5) == messages(3, 5)  # the refill's page
+        proxy.flush()  # 5 arrives live now
+        await publish_numbers(other, channel, 6)
+        assert await frames_until(old, 6) == messages(6, 6)
+
+
+async def test_a_second_outage_while_the_refill_reads_is_filled_too(
+    redis_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill's read is done (it has 3 and 4) but its answer lands after a second
+    outage that lost 5 and 6: the read predates that gap, so it is read again, and 5 and 6
+    come without waiting for another live message."""
+    server = redis_factory()
+    channel = "feed:two-outages"
+    settings = make_settings(redis_url=server.url, namespaces=NAMESPACES)
+    async with running_node(settings) as running, other_broker(server.url) as other, \
+            connect(running.ws_url, token("old")) as old:
+        node = running.node
+        await subscribed_with_two(other, old, channel)
+        gate = gate_history(node, monkeypatch)
+        try:
+            gate.hold_answer()  # the first refill's read: done, its answer held
+            await cut_pubsub(server)
+            await publish_numbers(other, channel, 3, 4)
+            await eventually(lambda: len(gate.held) == 1, what="the refill's read")
+            await cut_pubsub(server)  # the second outage
+            await publish_numbers(other, channel, 5, 6)
+            await eventually(lambda: node.subscriptions.generation == 2 and node.broker.up,
+                             what="the second reconnect")
+        finally:
+            gate.release_all()
+        assert await frames_until(old, 6) == messages(3, 6)
+        assert gate.calls == 2
+        await publish_numbers(other, channel, 7)
+        assert await frames_until(old, 7) == messages(7, 7)
+
+
+async def test_a_push_that_fails_half_way_through_a_page_costs_the_others_nothing(
+    redis_factory: Factory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One connection's push raises on offset 4 of a refill's page, and on live offset 7:
+    the other gets everything once, the failing one everything but those two, and nothing
+    is sent twice (the page is not read again)."""
+    server = redis_factory()
+    channel = "feed:failing-push"
+    settings = make_settings(redis_url=server.url, namespaces=NAMESPACES)
+    async with running_node(settings) as running, other_broker(server.url) as other, \
+            connect(running.ws_url, token("victim")) as victim, \
+            connect(running.ws_url, token("bystander")) as bystander:
+        node = running.node
+        await bystander.subscribe(channel)
+        await subscribed_with_two(other, victim, channel)
+        assert await frames_until(bystander, 2) == messages(1, 2)
+        victim_id = victim.welcome["client"]
+        real_push = Session.push
+
+        def push(session: Session, frame: bytes) -> bool:
+            if session.client_id == victim_id and (b'"offset":4,' in frame
+                                                   or b'"offset":7,' in frame):
+                raise RuntimeError("push failed (test)")
+            return real_push(session, frame)
+
+        monkeypatch.setattr(Session, "push", push)
+        gate = gate_history(node, monkeypatch)
+        await cut_pubsub(server)
+        await publish_numbers(other, channel, 3, 4, 5, 6)
+        assert await frames_until(bystander, 6) == messages(3, 6)
+        assert await frames_until(victim, 6) == messages(3, 3) + messages(5, 6)
+        await publish_numbers(other, channel, 7, 8)
+        assert await frames_until(bystander, 8) == messages(7, 8)
+        assert await frames_until(victim, 8) == messages(8, 8)
+        assert gate.calls == 1
+    failed = [r for r in caplog.records if "delivery to one connection failed" in r.getMessage()]
+    assert len(failed) == 2
