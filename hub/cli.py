@@ -1,4 +1,4 @@
-"""`hub serve | token | publish | bench`."""
+"""`hub serve | token | publish`; `hub bench` only points to `python -m benchmarks`."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     _token_parser(commands)
     _publish_parser(commands)
-    # "+" as prefix: every argument after `bench`, options included, goes to hub.bench.
-    bench = commands.add_parser("bench", help="fan-out benchmark (see benchmarks/)",
+    # The benchmark left the package (wheels and images do not carry it); `hub bench` stays
+    # only to say where it went. "+" as prefix: any old option after it is accepted.
+    bench = commands.add_parser("bench", help="moved: `python -m benchmarks` in a checkout",
                                 prefix_chars="+", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -101,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "publish":
         return _publish(args)
     if args.command == "bench":
-        from hub.bench import main as bench_main
-
-        return bench_main(args.args)
+        print("hub bench: the benchmark moved; run `python -m benchmarks ...` from the "
+              "repository root (see benchmarks/README.md)", file=sys.stderr)
+        return 2
     from hub.server import serve
 
     flags = {k: v for k, v in vars(args).items() if k in

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-from hub.bench.common import BenchError
+from benchmarks.common import BenchError
 
 
 async def redis_info(url: str, section: str) -> str:

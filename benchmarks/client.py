@@ -1,4 +1,4 @@
-"""A client process (`python -m hub.bench --client CONFIG`): many subscribers in one loop.
+"""A client process (`python -m benchmarks --client CONFIG`): many subscribers in one loop.
 
 Commands come on stdin, reports go to stdout, one JSON line each.
 """
@@ -13,7 +13,9 @@ import sys
 import time
 from typing import Any
 
-from hub.bench.subscriber import ClientState, Subscriber
+from benchmarks.fdlimit import raise_fd_limit
+from benchmarks.layout import channel_name, channel_of, messages_on
+from benchmarks.subscriber import ClientState, Subscriber
 
 CONNECT_CONCURRENCY = 64
 
@@ -27,14 +29,31 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def order_report(subscribers: list[Subscriber]) -> dict[str, Any]:
+    """The sequence checks of this process's connections, summed, with a few examples."""
+    checks = [(s.channel, s.order) for s in subscribers if s.live]
+    samples = [f"{channel}: {text}" for channel, check in checks if not check.clean
+               for text in check.samples]
+    return {
+        "duplicates": sum(check.duplicates for _, check in checks),
+        "gaps": sum(check.gaps for _, check in checks),
+        "reorders": sum(check.reorders for _, check in checks),
+        "unknown": sum(check.unknown for _, check in checks),
+        "connections": sum(not check.clean for _, check in checks),
+        "samples": samples[:5],
+    }
+
+
 async def run_client(config: dict[str, Any]) -> int:
     """One client process: connect, subscribe, report `ready`, wait for `go`, count,
     report `done`. Commands come on stdin, reports go to stdout, one JSON line each."""
     from hub.auth import mint_token
 
+    raise_fd_limit()
     secret = os.environ["HUB_JWT_SECRET"]
     targets: list[tuple[str, int]] = [(str(h), int(p)) for h, p in config["targets"]]
-    first, count, channel = int(config["first"]), int(config["count"]), str(config["channel"])
+    first, count = int(config["first"]), int(config["count"])
+    channels, messages = int(config["channels"]), int(config["messages"])
     state = ClientState(int(config["sample"]))
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -43,9 +62,11 @@ async def run_client(config: dict[str, Any]) -> int:
 
     async def connect(index: int) -> None:
         host, port = targets[index % len(targets)]
+        channel = channel_of(index, len(targets), channels)
         token = mint_token(secret, f"bench-{index}", ttl=ttl)
         async with gate:
-            protocol = Subscriber(state, host, port, token, channel)
+            protocol = Subscriber(state, host, port, token, channel_name(channel, channels),
+                                  messages_on(channel, messages, channels))
             subscribers.append(protocol)
             try:
                 await loop.create_connection(lambda: protocol, host, port)
@@ -64,7 +85,7 @@ async def run_client(config: dict[str, Any]) -> int:
     command = json.loads(await _read_line() or '{"cmd": "quit"}')
     if command.get("cmd") == "go":
         cpu_before = time.process_time()
-        state.expected = int(command["messages"]) * state.subscribed
+        state.expected = sum(s.order.limit for s in subscribers if s.live)
         state.check_finished()
         remaining = float(command["deadline"]) - time.time()
         with contextlib.suppress(TimeoutError):
@@ -72,6 +93,7 @@ async def run_client(config: dict[str, Any]) -> int:
         counts = [s.frames for s in subscribers if s.live] or [0]
         _emit({
             "event": "done", "received": state.received, "expected": state.expected,
+            "others": state.others, "order": order_report(subscribers),
             "first": state.first, "last": state.last,
             "min_per_connection": min(counts), "max_per_connection": max(counts),
             "latencies_us": state.latencies_us, "hub_latencies_ms": state.hub_latencies_ms,

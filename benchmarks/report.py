@@ -1,4 +1,9 @@
-"""The result of a run: one JSON-able dict, and the human summary of it."""
+"""The result of a run: one JSON-able dict, and the human summary of it.
+
+`failures` lists what makes the run fail (exit status 1): frames lost or extra, publishes
+answered with an error, and any duplicate, gap, reorder or unknown `seq`, even when the
+frame count matches.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,11 @@ import argparse
 import time
 from typing import Any
 
-from hub.bench.processes import ClientProcess, NodeProcess
-from hub.bench.publisher import Publishing
+from benchmarks.layout import subscribers_per_channel
+from benchmarks.processes import ClientProcess, NodeProcess
+from benchmarks.publisher import Publishing
+
+ORDER_KINDS = ("duplicates", "gaps", "reorders", "unknown")
 
 
 def percentiles(values: list[int], scale: float) -> dict[str, float]:
@@ -28,6 +36,41 @@ def _kib_per_connection(node: NodeProcess) -> float | None:
     return round((node.rss_connected["VmRSS"] - node.rss_idle["VmRSS"]) / node.connections, 2)
 
 
+def _total_kib_per_connection(nodes: list[NodeProcess]) -> float | None:
+    """RSS the connections added on all nodes together, per connection."""
+    measured = [n for n in nodes if "VmRSS" in n.rss_idle and "VmRSS" in n.rss_connected]
+    connections = sum(n.connections for n in measured)
+    if not connections:
+        return None
+    added = sum(n.rss_connected["VmRSS"] - n.rss_idle["VmRSS"] for n in measured)
+    return round(added / connections, 2)
+
+
+def _order(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    order: dict[str, Any] = {
+        kind: sum(int(r["order"][kind]) for r in reports) for kind in ORDER_KINDS
+    }
+    order["connections"] = sum(int(r["order"]["connections"]) for r in reports)
+    order["samples"] = [text for r in reports for text in r["order"]["samples"]][:5]
+    return order
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    found = []
+    if result["lost"]:
+        found.append(f"{result['lost']} frames lost")
+    if result["extra"]:
+        found.append(f"{result['extra']} frames more than published")
+    if result["publish_errors"]:
+        found.append(f"{result['publish_errors']} publishes failed")
+    order = result["order"]
+    bad = [f"{order[kind]} {kind}" for kind in ORDER_KINDS if order[kind]]
+    if bad:
+        found.append(f"seq out of order on {order['connections']} connections: "
+                     + ", ".join(bad))
+    return found
+
+
 def summarise(
     args: argparse.Namespace, nodes: list[NodeProcess], clients: list[ClientProcess],
     job: Publishing, own_cpu: float, redis_url: str | None, redis_cpu: float,
@@ -35,7 +78,9 @@ def summarise(
 ) -> dict[str, Any]:
     reports = [c.done for c in clients]
     received = sum(int(r["received"]) for r in reports)
-    expected = args.subscribers * job.published
+    per_channel = subscribers_per_channel(args.subscribers, args.nodes, args.channels)
+    expected = sum(n * subs for n, subs in zip(job.published_on, per_channel, strict=True))
+    node_cpu = sum(n.cpu_after - n.cpu_before for n in nodes)
     first = job.first or time.time()
     lasts = [float(r["last"]) for r in reports if r["last"]]
     last = max(lasts) if lasts else first
@@ -51,7 +96,8 @@ def summarise(
     result: dict[str, Any] = {
         "config": {
             "nodes": args.nodes, "broker": "redis" if redis_url else "memory",
-            "subscribers": args.subscribers, "messages": args.messages, "rate": args.rate,
+            "subscribers": args.subscribers, "channels": args.channels,
+            "messages": args.messages, "rate": args.rate,
             "payload": args.payload, "client_procs": len(clients),
             "publishers": args.publishers, "batch": args.batch, "sample": args.sample,
         },
@@ -64,11 +110,14 @@ def summarise(
         "received": received,
         "lost": max(0, expected - received),
         "extra": max(0, received - expected),
+        "order": _order(reports),
+        "other_frames": sum(int(r["others"]) for r in reports),
         "min_per_connection": min(int(r["min_per_connection"]) for r in reports),
         "max_per_connection": max(int(r["max_per_connection"]) for r in reports),
         "delivery_seconds": round(window, 3),
         "delivered_per_second": round(received / window, 1),
-        "messages_per_second": round(received / window / args.subscribers, 1),
+        # A message goes to the subscribers of its channel only: S / C of them on average.
+        "messages_per_second": round(received / window / (args.subscribers / args.channels), 1),
         "latency_ms": percentiles(latencies, 1e-3),
         "hub_ts_latency_ms": percentiles(hub_latencies, 1.0),
         "closes": closes,
@@ -86,8 +135,10 @@ def summarise(
             }
             for node in nodes
         ],
-        "delivered_per_node_cpu_second": round(
-            received / max(sum(n.cpu_after - n.cpu_before for n in nodes), 1e-9)
+        "kib_per_connection": _total_kib_per_connection(nodes),
+        "delivered_per_node_cpu_second": round(received / max(node_cpu, 1e-9)),
+        "node_cpu_seconds_per_million": (
+            round(node_cpu / received * 1e6, 2) if received else None
         ),
         "client_cpu_percent": [
             round(100 * (c.cpu_after - c.cpu_before) / measured, 1) for c in clients
@@ -106,6 +157,7 @@ def summarise(
             "commands": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
             "commands_per_message": round(sum(calls.values()) / per_message, 3),
         }
+    result["failures"] = failures(result)
     return result
 
 
@@ -114,8 +166,9 @@ def human(result: dict[str, Any]) -> str:
     rate = f"{config['rate']:g}/s" if config["rate"] else "max"
     lat, hub_lat = result["latency_ms"], result["hub_ts_latency_ms"]
     lines = [
-        f"hub bench: {config['nodes']} node(s), {config['broker']} broker, "
-        f"{config['subscribers']} subscribers, {config['messages']} messages of "
+        f"benchmarks: {config['nodes']} node(s), {config['broker']} broker, "
+        f"{config['subscribers']} subscribers on {config['channels']} channel(s), "
+        f"{config['messages']} messages of "
         f"{config['payload']} B at {rate} ({config['publishers']} publishers, batch "
         f"{config['batch']}), {config['client_procs']} client procs",
         f"published   {result['published']} in {result['publish_seconds']} s "
@@ -123,9 +176,14 @@ def human(result: dict[str, Any]) -> str:
         f"delivered   {result['received']} of {result['expected']} frames "
         f"(lost {result['lost']}, per connection {result['min_per_connection']}-"
         f"{result['max_per_connection']}) in {result['delivery_seconds']} s",
+        "order       seq checked on every frame: "
+        + ", ".join(f"{result['order'][kind]} {kind}" for kind in ORDER_KINDS)
+        + (f" (other frames {result['other_frames']})" if result["other_frames"] else ""),
         f"rate        {result['delivered_per_second']:,.0f} frames/s delivered = "
-        f"{result['messages_per_second']:,.1f} msg/s to every subscriber",
+        f"{result['messages_per_second']:,.1f} msg/s to every subscriber of their channel",
     ]
+    if result["order"]["samples"]:
+        lines.append(f"            e.g. {'; '.join(result['order']['samples'])}")
     if lat.get("samples"):
         lines.append(
             f"latency     p50 {lat['p50']} ms  p90 {lat['p90']} ms  p99 {lat['p99']} ms  "
@@ -143,10 +201,17 @@ def human(result: dict[str, Any]) -> str:
             f"-> {connected / 1024:.1f} MiB = {node['kib_per_connection']} KiB/conn, "
             f"peak {(node['rss_peak_kib'] or 0) / 1024:.1f} MiB, CPU {node['cpu_percent']}%"
         )
+    lines.append(
+        f"memory      {result['kib_per_connection']} KiB per connection (RSS added on all "
+        "nodes / connections)"
+    )
     clients = ", ".join(f"{c}%" for c in result["client_cpu_percent"])
     lines.append(
-        f"cpu         {result['delivered_per_node_cpu_second']:,} frames per node CPU second; "
-        f"clients {clients}; publisher {result['publisher_cpu_percent']}%; machine "
+        f"cpu         {result['node_cpu_seconds_per_million']} node CPU s per 1M deliveries "
+        f"= {result['delivered_per_node_cpu_second']:,} frames per node CPU second"
+    )
+    lines.append(
+        f"            clients {clients}; publisher {result['publisher_cpu_percent']}%; machine "
         f"{result.get('machine_busy_percent')}% busy of {result.get('cpus')} CPUs"
     )
     if result["closes"] or result["client_errors"]:
@@ -158,4 +223,6 @@ def human(result: dict[str, Any]) -> str:
         lines.append(
             f"redis       {redis['commands_per_message']} commands per message ({top}){cpu}"
         )
+    problems = result["failures"]
+    lines.append(f"result      {'FAILED: ' + '; '.join(problems) if problems else 'OK'}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The subscriber side's WebSocket connection: one raw asyncio Protocol per connection.
 
-It does the handshake by hand and then only walks frame headers to count text frames,
-looking inside one frame in `sample` for the publisher's send time and the hub's `ts`,
-so that the client is not what is measured.
+It does the handshake by hand and then walks frame headers, so that the client is not what
+is measured. Inside a text frame it only reads `seq` (two `find`s and an `int`), to check
+the order (`benchmarks.sequence`), and in one frame in `sample` it also reads the
+publisher's send time and the hub's `ts` for latency.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import struct
 import time
 from typing import cast
 
+from benchmarks.sequence import SequenceCheck
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # In a `message` frame `data` (with the publisher's `sent`, unix µs) comes before `ts`.
 SAMPLE = re.compile(rb'"sent":(\d+).*?"ts":(\d+)', re.DOTALL)
+# The publisher writes `{"seq":N,...`: a hub frame has it once, in `data` (a channel name
+# cannot contain a quote).
+SEQ = b'"seq":'
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -51,8 +57,9 @@ class ClientState:
 
     def __init__(self, sample: int) -> None:
         self.sample = sample
-        self.received = 0
-        self.expected = 0  # set by `go`; 0 means "not publishing yet"
+        self.received = 0  # message frames (with a `seq`)
+        self.others = 0  # other text frames after `subscribed` (none are expected)
+        self.expected: int | None = None  # set by `go`; None: not publishing yet
         self.first = 0.0
         self.last = 0.0
         self.latencies_us: list[int] = []
@@ -64,7 +71,7 @@ class ClientState:
         self.finished = asyncio.Event()
 
     def check_finished(self) -> None:
-        if self.expected and (self.received >= self.expected or self.open == 0):
+        if self.expected is not None and (self.received >= self.expected or self.open == 0):
             self.finished.set()
 
     def error(self, text: str) -> None:
@@ -73,11 +80,15 @@ class ClientState:
 
 
 class Subscriber(asyncio.Protocol):
-    """One WebSocket connection that subscribes to `channel` and counts what arrives."""
+    """One WebSocket connection that subscribes to `channel`, counts what arrives and
+    checks that `seq` goes 0, 1, 2, ... up to `limit` (the messages its channel gets)."""
 
-    def __init__(self, state: ClientState, host: str, port: int, token: str, channel: str):
+    def __init__(
+        self, state: ClientState, host: str, port: int, token: str, channel: str, limit: int
+    ):
         self.state = state
         self.host, self.port, self.token, self.channel = host, port, token, channel
+        self.order = SequenceCheck(limit)
         self.transport: asyncio.Transport | None = None
         self.key = base64.b64encode(os.urandom(16))
         self.handshaken = False
@@ -146,7 +157,9 @@ class Subscriber(asyncio.Protocol):
         n = len(data)
         i = 0
         texts = 0
+        others = 0
         live = self.live
+        order = self.order
         countdown = self.countdown
         now = time.time()
         while n - i >= 2:
@@ -171,7 +184,21 @@ class Subscriber(asyncio.Protocol):
             opcode = b0 & 0x0F
             if opcode <= 1 and b0 & 0x80:  # the last (usually only) frame of a text message
                 if live:
+                    at = data.find(SEQ, start, end)
+                    if at < 0:
+                        others += 1
+                        continue
                     texts += 1
+                    at += 6
+                    try:
+                        seq = int(data[at : data.find(b",", at, end)])
+                    except ValueError:
+                        order.malformed()
+                    else:
+                        if seq == order.next:
+                            order.next = seq + 1
+                        else:
+                            order.unexpected(seq)
                     if countdown:
                         countdown -= 1
                         if not countdown:
@@ -191,13 +218,14 @@ class Subscriber(asyncio.Protocol):
         self.rest = data[i:] if i < n else b""
         self.countdown = countdown
         self.live = live
+        state.others += others
         if texts:
             self.frames += texts
             state.received += texts
             if not state.first:
                 state.first = now
             state.last = now
-            if state.expected and state.received >= state.expected:
+            if state.expected is not None and state.received >= state.expected:
                 state.finished.set()
 
     def _before_live(self, payload: bytes) -> bool:

@@ -1,10 +1,16 @@
-"""The processes a run starts: nodes, a private redis-server, client processes."""
+"""The processes a run starts: nodes, a private redis-server, client processes.
+
+Nodes run the installed hub (`python -m hub serve`). Client processes run this package
+(`python -m benchmarks --client CONFIG`), which is not installed: their PYTHONPATH gets the
+directory that holds it, so they start from any working directory.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.bench.common import BenchError
-from hub.bench.httpclient import http_request
+from benchmarks.common import BenchError
+from benchmarks.httpclient import http_request
 
 LISTENING = re.compile(r"hub listening on http://\[?([^\]\s]+?)\]?:(\d+)")
+# The directory that holds this package: client processes need it on their path.
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def free_port() -> int:
@@ -135,6 +143,22 @@ async def wait_ready(node: NodeProcess, within: float = 30) -> None:
                 return
         await asyncio.sleep(0.1)
     raise BenchError(f"node {node.name} not ready in {within} s:\n{log_tail(node.log)}")
+
+
+async def start_client(
+    config: dict[str, Any], env: dict[str, str], log: Path, count: int
+) -> ClientProcess:
+    client_env = dict(env)
+    client_env["PYTHONPATH"] = os.pathsep.join(
+        path for path in (SOURCE_ROOT, env.get("PYTHONPATH")) if path
+    )
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks", "--client", json.dumps(config), env=client_env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            limit=2**28,
+        )
+    return ClientProcess(process, log, count)
 
 
 async def start_redis(workdir: Path) -> tuple[asyncio.subprocess.Process, str]:

@@ -18,20 +18,23 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from hub.bench.common import CHANNEL, BenchError
-from hub.bench.httpclient import http_request
-from hub.bench.processes import (
+from benchmarks.common import BenchError
+from benchmarks.fdlimit import raise_fd_limit, require_fds
+from benchmarks.httpclient import http_request
+from benchmarks.layout import node_of
+from benchmarks.processes import (
     ClientProcess,
     NodeProcess,
+    start_client,
     start_node,
     start_redis,
     stop_process,
     wait_ready,
 )
-from hub.bench.procfs import cpu_seconds, machine_cpu, rss_kib
-from hub.bench.publisher import Publishing, publisher
-from hub.bench.redis_stats import redis_commandstats
-from hub.bench.report import summarise
+from benchmarks.procfs import cpu_seconds, machine_cpu, rss_kib
+from benchmarks.publisher import Publishing, publisher
+from benchmarks.redis_stats import redis_commandstats
+from benchmarks.report import summarise
 
 CONFIG_TOML = '[namespaces.bench]\nsubscribe = "any"\npublish = "any"\n'
 
@@ -89,7 +92,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             loop.remove_signal_handler(signum)
 
 
+def _check_fds(args: argparse.Namespace) -> None:
+    """Raise the limit for this process and its children; fail now if it is still short."""
+    raise_fd_limit()
+    require_fds(-(-args.subscribers // args.nodes), "each node")
+    require_fds(-(-args.subscribers // min(args.client_procs, args.subscribers)),
+                "each client process")
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    _check_fds(args)
     workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     redis_process: asyncio.subprocess.Process | None = None
     nodes: list[NodeProcess] = []
@@ -109,7 +121,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                b'{"channel":"bench:warm","data":1}', api_key)
             node.rss_idle = rss_kib(node.pid)
         for index in range(args.subscribers):
-            nodes[index % len(nodes)].connections += 1
+            nodes[node_of(index, len(nodes))].connections += 1
 
         clients = await _start_clients(args, nodes, env, workdir)
         setup_timeout = 30 + args.subscribers / 100
@@ -125,7 +137,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             node.rss_connected = rss_kib(node.pid)
         if args.hold:
             pids = " ".join(str(node.pid) for node in nodes)
-            print(f"hub bench: holding {args.hold:.0f} s before publishing; node pids {pids}",
+            print(f"benchmarks: holding {args.hold:.0f} s before publishing; node pids {pids}",
                   file=sys.stderr, flush=True)
             await asyncio.sleep(args.hold)
 
@@ -139,12 +151,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             client.cpu_before = cpu_seconds(client.process.pid)
         start = time.time()
         deadline = start + args.duration
-        go = json.dumps({"cmd": "go", "messages": args.messages, "deadline": deadline})
+        go = json.dumps({"cmd": "go", "deadline": deadline})
         for client in clients:
             assert client.process.stdin is not None
             client.process.stdin.write(go.encode() + b"\n")
             await client.process.stdin.drain()
-        job = Publishing(args.messages, args.batch, args.rate, args.payload, deadline, api_key)
+        job = Publishing(args.messages, args.batch, args.rate, args.payload, deadline, api_key,
+                         args.channels)
         publishers = [
             publisher(nodes[i % len(nodes)], job, start) for i in range(args.publishers)
         ]
@@ -205,23 +218,18 @@ async def _finish(task: asyncio.Future[None]) -> None:
 async def _start_clients(
     args: argparse.Namespace, nodes: list[NodeProcess], env: dict[str, str], workdir: Path
 ) -> list[ClientProcess]:
+    """Connections 0 .. S-1 in consecutive slices, one slice per client process."""
     targets = [[node.host, node.port] for node in nodes]
     procs = min(args.client_procs, args.subscribers)
     clients: list[ClientProcess] = []
     first = 0
     for k in range(procs):
         count = args.subscribers // procs + (1 if k < args.subscribers % procs else 0)
-        config = json.dumps({
-            "targets": targets, "first": first, "count": count, "channel": CHANNEL,
-            "sample": args.sample, "ttl": 3600 + args.duration + 600,
-        })
-        log = workdir / f"client-{k}.log"
-        with log.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hub.bench", "--client", config, env=env,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                limit=2**28,
-            )
-        clients.append(ClientProcess(process, log, count))
+        config = {
+            "targets": targets, "first": first, "count": count, "channels": args.channels,
+            "messages": args.messages, "sample": args.sample,
+            "ttl": 3600 + args.duration + 600,
+        }
+        clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))
         first += count
     return clients
