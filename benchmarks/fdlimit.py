@@ -31,13 +31,12 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def require_fds(connections: int, who: str) -> None:
+def require_fds(connections: int, who: str, remedy: str = "") -> None:
     """Refuse to start when one process would hold more connections than it may open."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = connections + SPARE
     if soft != resource.RLIM_INFINITY and soft < needed:
         raise BenchError(
-            f"{who} needs about {needed} file descriptors but RLIMIT_NOFILE allows {soft} "
-            "(raise the hard limit: `ulimit -Hn`, LimitNOFILE=, or more --client-procs "
-            "for the clients)"
+            f"{who} needs about {needed} file descriptors but RLIMIT_NOFILE allows {soft}: "
+            f"raise the hard limit (`ulimit -Hn`, LimitNOFILE=){remedy}"
         )

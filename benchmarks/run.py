@@ -97,7 +97,7 @@ def _check_fds(args: argparse.Namespace) -> None:
     raise_fd_limit()
     require_fds(-(-args.subscribers // args.nodes), "each node")
     require_fds(-(-args.subscribers // min(args.client_procs, args.subscribers)),
-                "each client process")
+                "each client process", " or give more --client-procs")
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
