@@ -52,17 +52,25 @@ T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
+async def nodes_on(
+    server: RedisServer, directory: Path, count: int
+) -> AsyncIterator[list[NodeProcess]]:
+    config = write_config(directory)
+    envs = [node_env(server.url, f"fault-{n}", config) for n in range(count)]
+    nodes = await asyncio.to_thread(start_nodes, envs)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:  # a frozen node is killed just the same
+            await asyncio.to_thread(node.kill)
+
+
+@contextlib.asynccontextmanager
 async def two_nodes(
     server: RedisServer, directory: Path
 ) -> AsyncIterator[tuple[NodeProcess, NodeProcess]]:
-    config = write_config(directory)
-    envs = [node_env(server.url, name, config) for name in ("fault-a", "fault-b")]
-    a, b = await asyncio.to_thread(start_nodes, envs)
-    try:
+    async with nodes_on(server, directory, 2) as (a, b):
         yield a, b
-    finally:
-        for node in (a, b):  # a frozen node is killed just the same
-            await asyncio.to_thread(node.kill)
 
 
 async def both_ready(http: httpx.AsyncClient, nodes: tuple[NodeProcess, ...], status: int,
@@ -407,3 +415,71 @@ async def test_a_publish_refused_while_redis_is_frozen_reaches_nobody(
         )
         got = await next_message(watcher)
         assert (got["offset"], got["data"]) == (2, "after"), got
+
+
+async def test_connections_killed_again_and_again_lose_and_repeat_nothing(
+    redis_factory: Factory, tmp_path: Path
+) -> None:
+    """Three nodes carry a numbered stream while Redis's client connections (pub/sub and
+    command connections alike) are killed about every 20 ms for 1.6 s. Every subscriber
+    gets every accepted message exactly once, in offset order; a refused one (its answer
+    lost with its connection) may have been published, then it too arrives once."""
+    server = redis_factory()
+    feed = unique("feed:killed")
+    admin = redis.asyncio.Redis.from_url(server.url)
+    async with http_client() as http, nodes_on(server, tmp_path, 3) as nodes, \
+            contextlib.AsyncExitStack() as stack:
+        watchers = [
+            await stack.enter_async_context(connect(node.ws_url, token(unique("kw"))))
+            for node in nodes for _ in range(2)
+        ]
+        starts = [(await watcher.subscribe(feed))["offset"] for watcher in watchers]
+        assert starts == [0] * len(watchers)
+        accepted: dict[int, int] = {}  # data → offset
+        refused: set[int] = set()
+        done = asyncio.Event()
+
+        async def stream() -> None:
+            n = 0
+            while not done.is_set():
+                n += 1
+                node = nodes[n % len(nodes)]
+                response = await http.post(node.url + "/api/publish",
+                                           json={"channel": feed, "data": n})
+                if response.status_code == 200:
+                    accepted[n] = response.json()["offset"]
+                else:
+                    assert response.status_code == 503, response.text
+                    refused.add(n)
+                await asyncio.sleep(0.002)
+
+        async def kill_again_and_again() -> int:
+            kills = 0
+            for round_ in range(80):
+                kind = "pubsub" if round_ % 2 else "normal"
+                kills += await admin.client_kill_filter(_type=kind, skipme=True)
+                await asyncio.sleep(0.02)
+            return kills
+
+        publisher = asyncio.create_task(stream())
+        try:
+            await eventually(lambda: len(accepted) >= 50, what="a stream before the kills")
+            kills = await kill_again_and_again()
+            before = len(accepted)  # the stream goes on while the nodes catch up
+            await eventually(lambda: len(accepted) >= before + 100,
+                             what="a stream after the kills")
+        finally:
+            done.set()
+            await publisher
+            await admin.aclose()
+        assert kills >= 40, kills
+        await both_ready(http, tuple(nodes), 200)
+        last = await publish(http, feed, "last", url=nodes[0].url)
+        for watcher in watchers:
+            got = await receive_stream(watcher, last["offset"])
+            offsets = [m["offset"] for m in got]
+            assert offsets == list(range(1, last["offset"] + 1)), offsets
+            data = {m["data"] for m in got[:-1]}
+            assert set(accepted) <= data <= set(accepted) | refused
+            assert len({m["epoch"] for m in got}) == 1
+        assert sorted(accepted.values()) == sorted(set(accepted.values()))
