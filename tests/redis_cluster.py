@@ -3,16 +3,17 @@
 Every process is a `redis-server` started by the test on free 127.0.0.1 ports, with its
 own directory under one temp dir (`--save '' --appendonly no`), and stopped by its pid
 (SIGKILL/SIGTERM/SIGSTOP/SIGCONT to that pid only). The machine's own Redis (6379) is
-never touched. On Linux each process also gets PR_SET_PDEATHSIG=SIGKILL, so it dies with
-the thread that started it even when pytest itself is killed (pytest-timeout's thread
-method, kill -9): start deployments from the main thread (sync fixtures do), not from a
-short-lived worker thread.
+never touched. On Linux a process started from the main thread (as sync fixtures do) also
+gets PR_SET_PDEATHSIG=SIGKILL, so it dies with pytest even when pytest itself is killed
+(pytest-timeout's thread method, kill -9); processes started from other threads rely on
+`cleanup()` alone.
 
 `RedisCluster`: N masters with R replicas each, formed with `redis-cli --cluster create`,
 tuned for fast failovers (`cluster-node-timeout` 1000 ms, `cluster-replica-validity-factor
 0` so that any replica may be promoted however long it was cut off, no replica migration,
-diskless replication without delay). `RedisSentinel`: one master, its replicas and three
-Sentinels (quorum 2, `down-after-milliseconds` 1000).
+diskless replication without delay: a killed master is replaced in ~2.5 s).
+`RedisSentinel`: one master, its replicas and three Sentinels (quorum 2,
+`down-after-milliseconds` 1000).
 
 A promoted replica that lacks the last writes (what a failover does to writes that were
 not replicated yet), reliably:
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -40,6 +42,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -112,6 +115,11 @@ def until(condition: Callable[[], T | None], timeout: float, what: str) -> T:
         time.sleep(POLL)
 
 
+def _pdeathsig_safe() -> bool:
+    """PR_SET_PDEATHSIG fires when the starting *thread* ends: only from the main thread."""
+    return _LIBC is not None and threading.current_thread() is threading.main_thread()
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -153,7 +161,7 @@ class RedisProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _LIBC is not None else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if _pdeathsig_safe() else None,  # noqa: PLW1509
             )
         self.paused = False
         deadline = time.monotonic() + timeout
@@ -282,8 +290,15 @@ class _Deployment:
             self._clients[port] = self._make_client(port, **self._client_options(port))
         return self._clients[port]
 
+    def command(self, port: int, *args: str | int) -> Any:
+        """Run one raw command on one process (no response parsing)."""
+        return self.client(port).execute_command(*args)  # type: ignore[no-untyped-call]
+
     def _mark_down(self, port: int) -> None:
         self._down_since[port] = time.monotonic()
+
+    def _link_up(self, port: int) -> bool:
+        return self.client(port).info("replication").get("master_link_status") == "up"
 
 
 @dataclass(frozen=True)
@@ -342,7 +357,10 @@ def parse_cluster_nodes(text: str) -> dict[int, NodeInfo]:
 
 
 class RedisCluster(_Deployment):
-    """A local Redis Cluster: `masters` masters with `replicas` replicas each.
+    """A local Redis Cluster: `masters` (at least 3, as redis-cli requires) masters with
+    `replicas` replicas each. `replica_validity_factor` 0 lets any replica be promoted
+    however long it was cut off from its master (Redis' default, 10, refuses a replica
+    disconnected for more than ~10 node timeouts).
 
     Start it with `start()` (or use the `redis_cluster*` fixtures), end it with `cleanup()`.
     Ports are the nodes' client ports; every method that takes a `port` means that node.
@@ -354,6 +372,7 @@ class RedisCluster(_Deployment):
         masters: int = 3,
         replicas: int = 1,
         node_timeout_ms: int = 1000,
+        replica_validity_factor: int = 0,
         require_full_coverage: bool = False,
         allow_reads_when_down: bool = False,
         password: str | None = None,
@@ -362,12 +381,13 @@ class RedisCluster(_Deployment):
         extra_args: Iterable[str] = (),
     ) -> None:
         require_redis_cli()
-        assert masters >= 1 and replicas >= 0
+        assert masters >= 3 and replicas >= 0, "redis-cli needs at least 3 masters"
         assert user is None or password is not None, "a user needs a password"
         super().__init__("hub-redis-cluster-")
         self.master_count = masters
         self.replicas_per_master = replicas
         self.node_timeout_ms = node_timeout_ms
+        self.replica_validity_factor = replica_validity_factor
         self.require_full_coverage = require_full_coverage
         self.password = password
         self.user = user
@@ -383,9 +403,7 @@ class RedisCluster(_Deployment):
         self.ports = ports[:total]
         for port, bus_port in zip(ports[:total], ports[total:], strict=True):
             args = self._node_args(port, bus_port, allow_reads_when_down, list(extra_args))
-            self.processes[port] = RedisProcess(
-                port, self.dir / str(port), args, tls_ca=self.ca
-            )
+            self.processes[port] = RedisProcess(port, self.dir / str(port), args, tls_ca=self.ca)
 
     # -- addresses --------------------------------------------------------------------
 
@@ -448,7 +466,10 @@ class RedisCluster(_Deployment):
         if result.returncode != 0:
             out = (result.stdout + result.stderr).decode(errors="replace")[-3000:]
             raise RuntimeError(f"redis-cli --cluster create failed:\n{out}")
-        self.wait_healthy(max(1.0, deadline - time.monotonic()))
+        try:
+            self.wait_healthy(max(1.0, deadline - time.monotonic()))
+        except TimeoutError as error:
+            raise RuntimeError(f"{error}\n{self.logs()}") from None
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until every node runs, is known to every node without pfail/fail, says
@@ -599,7 +620,12 @@ class RedisCluster(_Deployment):
         return now - since
 
     def promote(
-        self, replica_port: int, *, force: bool = True, takeover: bool = False, timeout: float = 30.0
+        self,
+        replica_port: int,
+        *,
+        force: bool = True,
+        takeover: bool = False,
+        timeout: float = 30.0,
     ) -> float:
         """CLUSTER FAILOVER [FORCE|TAKEOVER] on a replica (SIGCONT first if paused);
         waits until it owns its master's slots in every reachable node's view and
@@ -612,7 +638,7 @@ class RedisCluster(_Deployment):
         if self.processes[replica_port].paused:
             self.resume(replica_port)
         mode = ["TAKEOVER"] if takeover else ["FORCE"] if force else []
-        self.client(replica_port).execute_command("CLUSTER", "FAILOVER", *mode)
+        self.command(replica_port, "CLUSTER", "FAILOVER", *mode)
         slot = slots[0][0]
 
         def done() -> bool:
@@ -639,7 +665,7 @@ class RedisCluster(_Deployment):
         assert links, f"{replica_port} has no link to its master"
         local = str(links[0]["laddr"])
         self.processes[replica_port].pause()  # not _mark_down: the replica is not "down"
-        self.client(master).execute_command("CLIENT", "KILL", "ADDR", local)
+        self.command(master, "CLIENT", "KILL", "ADDR", local)
         until(
             lambda: not self._replica_listed(master, replica_port),
             5.0,
@@ -688,7 +714,7 @@ class RedisCluster(_Deployment):
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-port", str(bus_port)]
         args += ["--cluster-node-timeout", str(self.node_timeout_ms)]
-        args += ["--cluster-replica-validity-factor", "0"]
+        args += ["--cluster-replica-validity-factor", str(self.replica_validity_factor)]
         args += ["--cluster-allow-replica-migration", "no"]
         args += ["--cluster-require-full-coverage", yes_no[self.require_full_coverage]]
         args += ["--cluster-allow-reads-when-down", yes_no[allow_reads_when_down]]
@@ -712,10 +738,10 @@ class RedisCluster(_Deployment):
         return self.client_kwargs()
 
     def _cluster_nodes(self, port: int) -> str:
-        return str(self.client(port).execute_command("CLUSTER", "NODES"))
+        return str(self.command(port, "CLUSTER", "NODES"))
 
     def cluster_info(self, port: int) -> dict[str, str]:
-        text = str(self.client(port).execute_command("CLUSTER", "INFO"))
+        text = str(self.command(port, "CLUSTER", "INFO"))
         return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
     def _state_ok(self, port: int, *, full: bool = False) -> bool:
@@ -723,9 +749,6 @@ class RedisCluster(_Deployment):
         if info.get("cluster_state") != "ok":
             return False
         return not full or info.get("cluster_slots_ok") == str(REDIS_CLUSTER_HASH_SLOTS)
-
-    def _link_up(self, port: int) -> bool:
-        return self.client(port).info("replication").get("master_link_status") == "up"
 
     def _replica_listed(self, master: int, replica: int) -> bool:
         info = self.client(master).info("replication")
@@ -819,8 +842,7 @@ class RedisSentinel(_Deployment):
             self.processes[port].start()
         for port in self.data_ports[1:]:
             until(
-                lambda port=port: self.client(port).info("replication").get("master_link_status")
-                == "up",  # type: ignore[misc]
+                functools.partial(self._link_up, port),
                 max(1.0, deadline - time.monotonic()),
                 f"replica {port} in sync",
             )
@@ -843,7 +865,9 @@ class RedisSentinel(_Deployment):
 
     def sentinel_master_state(self, sentinel_port: int) -> dict[str, str]:
         """SENTINEL MASTER <name> as a dict."""
-        flat = self.client(sentinel_port).execute_command("SENTINEL", "MASTER", self.master_name)
+        flat = self.command(sentinel_port, "SENTINEL", "MASTER", self.master_name)
+        if isinstance(flat, dict):  # redis-py parses SENTINEL MASTER (typed values)
+            return {str(k): str(v) for k, v in flat.items()}
         return {str(k): str(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
     def master(self) -> int:
@@ -883,21 +907,23 @@ class RedisSentinel(_Deployment):
         until(done, timeout, f"sentinel failover away from {old}")
         return time.monotonic() - self._down_since[old]
 
-    def start_node(self, port: int, timeout: float = 30.0) -> None:
-        """Bring a killed data node back (empty); a Sentinel turns a former master into a
-        replica of the current one — waits until its link is up."""
+    def start_node(self, port: int, *, timeout: float = 30.0) -> None:
+        """Bring a killed data node back (empty) as a replica of the current master and
+        wait until its link is up. (Left alone, a Sentinel would convert a returning former
+        master only after ~8-10 s: it waits 4 hello periods before acting on a role change.
+        Until then that node is an empty master that no Sentinel names.)"""
         self.processes[port].start()
-        if port == self.master():
+        master = self.master()
+        if port == master:
             return
-        until(
-            lambda: self.client(port).info("replication").get("master_link_status") == "up",
-            timeout,
-            f"{port} replicating again",
-        )
+        self.command(port, "REPLICAOF", HOST, master)
+        until(lambda: self._link_up(port), timeout, f"{port} replicating again")
+        self._down_since.pop(port, None)
 
     def _named_master(self, sentinel_port: int) -> int:
-        client = self.client(sentinel_port)
-        address = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        address = self.command(
+            sentinel_port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+        )
         return int(address[1])
 
     def _reachable_sentinels(self) -> list[int]:
