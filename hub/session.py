@@ -43,11 +43,13 @@ class _Close:
 
 class Session:
     __slots__ = (
+        "_abandoned",
         "_commands",
         "_expiry_timer",
         "_limited_at",
         "_limited_since",
         "_outbound",
+        "_reader",
         "_refilled_at",
         "_tokens",
         "_waiter",
@@ -76,6 +78,8 @@ class Session:
         self._limited_since = 0.0
         self._limited_at = 0.0
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None
+        self._abandoned = False
 
     # outbound
 
@@ -117,7 +121,7 @@ class Session:
         self.queue.append(_Close(code, close_reason(reason)))
         self._wake_writer()
         if not flush:  # its queue was dropped: the close goes out now or never
-            self._outbound.abort_later(CLOSE_HANDSHAKE_SECONDS)
+            self._abandon_later()
 
     def _wake_writer(self) -> None:
         waiter = self._waiter
@@ -146,16 +150,30 @@ class Session:
                 closing = queue.popleft()
                 assert isinstance(closing, _Close)
                 await outbound.close(closing.code, closing.reason)
-                outbound.abort_later(CLOSE_HANDSHAKE_SECONDS)
+                self._abandon_later()
                 return
         except OSError:
             return  # the peer is gone; the reader sees the disconnect
 
+    def _abandon_later(self) -> None:
+        """A close handshake gets CLOSE_HANDSHAKE_SECONDS; then the connection is dropped
+        and the session ends, whether or not the peer ever read its close frame."""
+        asyncio.get_running_loop().call_later(CLOSE_HANDSHAKE_SECONDS, self._abandon)
+
+    def _abandon(self) -> None:
+        reader = self._reader
+        if reader is None or reader.done():
+            return
+        self._outbound.abort()
+        self._abandoned = True
+        reader.cancel()
+
     # inbound
 
     async def run(self, receive: ASGIReceive) -> int:
-        """Serve until the connection closes; returns the close code."""
+        """Serve until the connection closes (or is abandoned); returns the close code."""
         writer = asyncio.create_task(self._write_loop())
+        self._reader = asyncio.current_task()
         self._arm_expiry()
         code: int = CloseCode.NORMAL
         try:
@@ -172,6 +190,11 @@ class Session:
                 elif kind == "websocket.disconnect":
                     code = int(message.get("code", CloseCode.NORMAL))
                     break
+        except asyncio.CancelledError:
+            if not self._abandoned:
+                raise
+            if self._reader is not None:
+                self._reader.uncancel()
         finally:
             if self._expiry_timer is not None:
                 self._expiry_timer.cancel()

@@ -71,8 +71,9 @@ class Outbound(Protocol):
     async def close(self, code: int, reason: str) -> None:
         """Send the close frame, unless a close already went out."""
 
-    def abort_later(self, delay: float) -> None:
-        """Drop the TCP connection if its close handshake has not finished by then."""
+    def abort(self) -> None:
+        """Drop the TCP connection now, if the road allows (the close handshake is over
+        time)."""
 
 
 class AsgiOutbound:
@@ -108,8 +109,8 @@ class AsgiOutbound:
         with contextlib.suppress(RuntimeError):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
-    def abort_later(self, delay: float) -> None:
-        return None  # ASGI has no abort; the server's own close timeout applies
+    def abort(self) -> None:
+        return None  # ASGI has no abort: the session ends, and the server closes
 
 
 class DirectOutbound:
@@ -150,10 +151,7 @@ class DirectOutbound:
         if not self.closed:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
-    def abort_later(self, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay, self._abort_if_open)
-
-    def _abort_if_open(self) -> None:
+    def abort(self) -> None:
         if not self._protocol.disconnected:
             self._transport.abort()
 

@@ -56,7 +56,7 @@ async def nodes_on(
     server: RedisServer, directory: Path, count: int
 ) -> AsyncIterator[list[NodeProcess]]:
     config = write_config(directory)
-    envs = [node_env(server.url, f"fault-{n}", config) for n in range(count)]
+    envs = [node_env(server.url, f"fault-{'abcdefgh'[n]}", config) for n in range(count)]
     nodes = await asyncio.to_thread(start_nodes, envs)
     try:
         yield nodes

@@ -1,14 +1,35 @@
-"""The fan-out's shortcut to the socket depends on uvicorn's websockets-sansio protocol;
-these tests fail loudly when an uvicorn upgrade takes it away."""
+"""The road from the fan-out to the socket: the frames it builds, its shortcut through
+uvicorn's websockets-sansio protocol (these tests fail loudly when an uvicorn upgrade
+takes it away), backpressure, a peer that began to close, one failing recipient, and the
+plain ASGI road the node falls back to."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import pytest
 import websockets.frames
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.streams import StreamReader
 
+import hub.wire
+from hub.hub import fan_out
 from hub.session import Session
-from hub.wire import DirectOutbound, payload_of, text_frame
-from tests.support import RunningNode, connect, token
+from hub.wire import AsgiOutbound, DirectOutbound, payload_of, text_frame
+from tests.conftest import NAMESPACES
+from tests.support import (
+    WAIT,
+    RunningNode,
+    connect,
+    eventually,
+    make_settings,
+    metric,
+    next_message,
+    publish,
+    running_node,
+    token,
+)
 
 
 def parse(frame: bytes) -> websockets.frames.Frame:
@@ -39,3 +60,115 @@ async def test_sessions_write_straight_to_uvicorns_transport(node: RunningNode) 
         (session,) = node.node.hub.sessions.values()
         assert isinstance(session, Session)
         assert isinstance(session._outbound, DirectOutbound)
+
+
+class Recipient:
+    """A stand-in subscriber for the fan-out loop alone: takes frames, or raises."""
+
+    def __init__(self, name: str, fails: bool = False) -> None:
+        self.client_id = self.user = name
+        self.fails = fails
+        self.frames: list[bytes] = []
+
+    def push(self, frame: bytes) -> bool:
+        if self.fails:
+            raise RuntimeError("broken connection object")
+        self.frames.append(frame)
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        return None
+
+
+def test_one_failing_recipient_does_not_stop_the_fan_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recipients = [Recipient("a"), Recipient("b", fails=True), Recipient("c")]
+    assert fan_out(recipients, b"frame") == 2
+    assert [r.frames for r in recipients] == [[b"frame"], [], [b"frame"]]
+    assert "delivery to one connection failed" in caplog.text
+
+
+async def test_a_reader_that_stalls_gets_everything_in_order_once_it_reads_again() -> None:
+    """Backpressure without overflow: while the socket takes nothing, frames wait in the
+    session's queue; then the writer drains them in order."""
+    settings = make_settings(namespaces=NAMESPACES, queue_limit=100_000, rate_limit=0)
+    payload = "y" * 2000
+    async with running_node(settings) as running, \
+            connect(running.ws_url, token("stalled")) as stalled:
+        await stalled.subscribe("feed:stall")
+        (session,) = running.node.hub.sessions.values()
+        assert isinstance(session, Session)
+        stalled.connection.transport.pause_reading()
+        published = 0
+        while not session.queue and published < 20_000:
+            for n in range(published, published + 500):
+                await publish(running, "feed:stall", {"n": n, "p": payload})
+            published += 500
+        assert session.queue, "the socket never pushed back"
+        stalled.connection.transport.resume_reading()
+        got = [(await next_message(stalled))["data"]["n"] for _ in range(published)]
+        assert got == list(range(published))
+
+
+async def test_a_connection_whose_peer_began_to_close_gets_no_more_frames(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's close frame is in: uvicorn closes the transport, and until the session
+    hears of the disconnect (held here) the fan-out neither writes to it nor counts it."""
+    release = asyncio.Event()
+    real_receive = WebSocketsSansIOProtocol.receive
+
+    async def receive(self: WebSocketsSansIOProtocol) -> Any:
+        message = await real_receive(self)
+        if message["type"] == "websocket.disconnect":
+            await asyncio.wait_for(release.wait(), WAIT)
+        return message
+
+    monkeypatch.setattr(WebSocketsSansIOProtocol, "receive", receive)
+    async with connect(node.ws_url, token("stays")) as stays, \
+            connect(node.ws_url, token("leaves")) as leaves:
+        for client in (stays, leaves):
+            await client.subscribe("feed:closing")
+        leaving = next(s for s in node.node.hub.sessions.values() if s.user == "leaves")
+        assert isinstance(leaving, Session)
+        await leaves.connection.close()
+        await eventually(lambda: leaving._outbound.closed, what="the transport closing")
+        before = await metric(node, "hub_messages_delivered_total")
+        for n in range(5):
+            await publish(node, "feed:closing", n)
+        assert [(await next_message(stays))["data"] for _ in range(5)] == list(range(5))
+        assert await metric(node, "hub_messages_delivered_total") == before + 5
+        assert leaving.push(b"\x81\x01x") is False
+        release.set()
+
+
+async def test_without_uvicorns_attributes_sessions_take_the_asgi_road(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An uvicorn without what the direct road reads: the probe says so at start-up, and
+    every session sends one ASGI event per frame, with the same frames, limits and
+    close codes."""
+    monkeypatch.setattr(hub.wire, "_DIRECT_ATTRIBUTES", ("transport", "no_such_attribute"))
+    settings = make_settings(namespaces=NAMESPACES, queue_limit=10, rate_limit=0)
+    async with running_node(settings) as running, \
+            connect(running.ws_url, token("plain")) as plain, \
+            connect(running.ws_url, token("slow")) as slow:
+        assert "writing through ASGI sends" in caplog.text and "no_such_attribute" in caplog.text
+        assert await metric(running, "hub_node_info", write_path="asgi") == 1
+        for client in (plain, slow):
+            await client.subscribe("feed:asgi")
+        (session, _) = running.node.hub.sessions.values()
+        assert isinstance(session, Session) and isinstance(session._outbound, AsgiOutbound)
+        for n in range(1, 51):
+            assert (await publish(running, "feed:asgi", n))["offset"] == n
+        got = [await next_message(plain) for _ in range(50)]
+        assert [(m["offset"], m["data"]) for m in got] == [(n, n) for n in range(1, 51)]
+        slow.connection.transport.pause_reading()
+        while not await metric(running, "hub_messages_dropped_total", reason="slow_consumer"):
+            await publish(running, "feed:asgi", "x" * 5000)
+        slow.connection.transport.resume_reading()
+        assert await slow.closed() == 4008
+        await eventually(lambda: metric(running, "hub_disconnections_total", code="4008"))
+        await publish(running, "feed:asgi", "after")
+        assert (await plain.recv())["data"] in {"x" * 5000, "after"}
