@@ -1,16 +1,9 @@
-"""The local connections of one node, and the fan-out hot path.
-
-A frame is built once per node and handed to every recipient's `push`, which never awaits;
-one recipient that fails never stops the others (as in websockets' `broadcast()`).
-"""
+"""The local connections of one node: what a connection is to the rest of the hub
+(`Subscriber`), and the registry by id and by user."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from typing import Protocol
-
-log = logging.getLogger("hub.hub")
 
 
 class Subscriber(Protocol):
@@ -24,18 +17,6 @@ class Subscriber(Protocol):
 
     def close(self, code: int, reason: str = "") -> None:
         """Close after what is queued."""
-
-
-def fan_out(subscribers: Iterable[Subscriber], frame: bytes) -> int:
-    """The hot path: one frame, already on the wire's terms, to every subscriber; returns
-    how many took it."""
-    delivered = 0
-    for subscriber in subscribers:
-        try:
-            delivered += subscriber.push(frame)
-        except Exception:
-            log.exception("delivery to one connection failed; the others go on")
-    return delivered
 
 
 class Hub:

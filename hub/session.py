@@ -89,14 +89,12 @@ class Session:
         queue past its limit closes the connection with 4008. False: not delivered."""
         if self.close_code is not None:
             return False
-        outbound = self._outbound
-        if outbound.closed:
-            return False
         queue = self.queue
-        if not queue:
-            if outbound.write_now(frame):
-                return True
-        elif len(queue) >= self._commands.settings.queue_limit:
+        if not queue and self._outbound.write_now(frame):
+            return True
+        if self._outbound.closed:
+            return False
+        if len(queue) >= self._commands.settings.queue_limit:
             self._commands.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
             return False

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import is_personal
 from hub.errors import BrokerUnavailable
-from hub.hub import Subscriber, fan_out
+from hub.hub import Subscriber
 from hub.metrics import Metrics
 from hub.protocol import Message, Reset
 from hub.refill import Read, Refiller
@@ -40,6 +40,19 @@ log = logging.getLogger("hub.subscriptions")
 
 _SKIP, _DELIVER, _GAP = 0, 1, 2
 RELAY_RETRY_CAP = 5.0
+
+
+def fan_out(subscribers: Iterable[Subscriber], frame: bytes) -> int:
+    """The hot path: one frame, built once per node, to every subscriber without awaiting;
+    one that fails never stops the others (as in websockets' `broadcast()`). Returns how
+    many took it."""
+    delivered = 0
+    for subscriber in subscribers:
+        try:
+            delivered += subscriber.push(frame)
+        except Exception:
+            log.exception("delivery to one connection failed; the others go on")
+    return delivered
 
 
 def history_options(settings: Settings, channel: str) -> HistoryOptions | None:

@@ -60,7 +60,8 @@ class Outbound(Protocol):
         nothing more."""
 
     def write_now(self, frame: bytes) -> bool:
-        """Write at once if the socket takes it (no await); False: queue it."""
+        """Write at once if the socket takes it (no await); False: it did not (queue it,
+        unless `closed`)."""
 
     async def ready(self) -> None:
         """Wait until the socket takes more (flow control)."""
@@ -132,9 +133,13 @@ class DirectOutbound:
                     or self._transport.is_closing())
 
     def write_now(self, frame: bytes) -> bool:
-        if not self._writable.is_set():
+        # A transport that is closing covers every way a close begins on this road: the
+        # peer's close frame, a protocol error, a ping timeout (uvicorn closes the
+        # transport at once), and a lost connection. The session's own close it knows.
+        transport = self._transport
+        if not self._writable.is_set() or transport.is_closing():
             return False
-        self._transport.write(frame)
+        transport.write(frame)
         return True
 
     async def ready(self) -> None:

@@ -14,8 +14,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.streams import StreamReader
 
 import hub.wire
-from hub.hub import fan_out
 from hub.session import Session
+from hub.subscriptions import fan_out
 from hub.wire import AsgiOutbound, DirectOutbound, payload_of, text_frame
 from tests.conftest import NAMESPACES
 from tests.support import (
