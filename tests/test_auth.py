@@ -125,6 +125,15 @@ async def test_token_in_first_auth_frame_is_welcomed_before_anything_else(
         assert await client.expect("pong") == {"type": "pong", "id": 1}
 
 
+async def test_a_welcome_for_an_auth_frame_echoes_its_id(node: RunningNode) -> None:
+    async with connect(node.ws_url, welcome=False) as client:
+        await client.send({"type": "auth", "token": token("dora"), "id": 7})
+        welcome = await client.expect("welcome")
+        assert (welcome["user"], welcome["id"]) == ("dora", 7)
+    async with connect(node.ws_url, token("erin")) as client:
+        assert "id" not in client.welcome  # no command to answer
+
+
 async def test_header_token_wins_over_query_token(node: RunningNode) -> None:
     async with connect(node.ws_url, token("alice"), query="token=garbage") as client:
         assert client.welcome["user"] == "alice"
