@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 import msgspec
@@ -49,14 +49,22 @@ class BrokerEvents(Protocol):
 
     def on_relayed(self, channel: str, relayed: Relayed) -> None: ...
 
-    def on_broker_up(self, reconnected: bool) -> None: ...
+    def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
+        """A connection to the broker (one shard's, on a Redis Cluster) is subscribed to
+        `channels`; after a `reconnected` one they may have missed publications."""
 
-    def on_broker_down(self) -> None: ...
+    def on_broker_down(self, channels: Collection[str]) -> None:
+        """A connection to the broker was lost: `channels` hear nothing until it is back."""
 
 
 class Broker(Protocol):
     @property
-    def up(self) -> bool: ...
+    def up(self) -> bool:
+        """The node can serve: the broker (on a Redis Cluster, at least one shard) is
+        reachable."""
+
+    def health(self) -> tuple[int, int]:
+        """(shards reachable, shards known): one shard but on a Redis Cluster."""
 
     async def start(self, events: BrokerEvents) -> None: ...
 
@@ -84,6 +92,13 @@ class Broker(Protocol):
     ) -> HistoryPage:
         """`limit` 0 asks only for the position."""
 
+    async def restart_epoch(
+        self, channel: str, history: HistoryOptions, stale: StreamPosition
+    ) -> StreamPosition:
+        """Start a new epoch (at offset 0) unless the channel has left epoch `stale.epoch`
+        already; the position to go on from. For a channel whose history lost what a node
+        had delivered (PROTOCOL §5: offsets are never reused within an epoch)."""
+
 
 class _Stream:
     __slots__ = ("epoch", "expires_at", "messages", "offset")
@@ -108,9 +123,12 @@ class MemoryBroker:
     def up(self) -> bool:
         return True
 
+    def health(self) -> tuple[int, int]:
+        return 1, 1
+
     async def start(self, events: BrokerEvents) -> None:
         self._events = events
-        events.on_broker_up(reconnected=False)
+        events.on_broker_up(False, [])
 
     async def close(self) -> None:
         self._events = None
@@ -164,6 +182,16 @@ class MemoryBroker:
         complete = since.offset + 1 >= first_held
         after = [message for message in held if (message.offset or 0) > since.offset]
         return HistoryPage(position, after[:limit], complete=complete)
+
+    async def restart_epoch(
+        self, channel: str, history: HistoryOptions, stale: StreamPosition
+    ) -> StreamPosition:
+        stream = self._live_stream(channel, history, create=True)
+        assert stream is not None
+        if stream.epoch == stale.epoch:
+            stream = self._streams[channel] = _Stream()
+            stream.expires_at = time.monotonic() + history.ttl
+        return StreamPosition(stream.offset, stream.epoch)
 
     def _live_stream(self, channel: str, history: HistoryOptions, create: bool) -> _Stream | None:
         """A stream whose every message expired is forgotten: its epoch ends with it."""

@@ -58,7 +58,12 @@ class Metrics:
             registry=registry,
         )
         self.broker_up = Gauge(
-            "hub_broker_up", "1 while the broker is reachable", registry=registry
+            "hub_broker_up", "1 while the broker is reachable (every shard of a Redis Cluster)",
+            registry=registry,
+        )
+        self.broker_shards_up = Gauge(
+            "hub_broker_shards_up", "Broker shards reachable (1 but on a Redis Cluster)",
+            registry=registry,
         )
         self.broker_reconnects = Counter(
             "hub_broker_reconnects", "Broker connections re-established", registry=registry

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Collection, Coroutine, Iterable
 from typing import Any
 
 import msgspec
@@ -34,6 +34,11 @@ HISTORY_LIMIT = 1000
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _all_up(health: tuple[int, int]) -> bool:
+    reachable, known = health
+    return known > 0 and reachable == known
 
 
 def node_of(app: Any) -> Node:
@@ -63,7 +68,8 @@ class Node:
         metrics.connections.set_function(lambda: len(hub.sessions))
         metrics.subscriptions.set_function(lambda: subscriptions.subscription_count)
         metrics.channels.set_function(lambda: subscriptions.channel_count)
-        metrics.broker_up.set_function(lambda: int(broker.up))
+        metrics.broker_up.set_function(lambda: int(_all_up(broker.health())))
+        metrics.broker_shards_up.set_function(lambda: broker.health()[0])
 
     @property
     def ready(self) -> bool:
@@ -137,13 +143,14 @@ class Node:
         elif isinstance(relayed, p.Disconnect):
             self.hub.close_user(relayed.user, relayed.code, relayed.reason)
 
-    def on_broker_up(self, reconnected: bool) -> None:
+    def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
         if reconnected:
             self.metrics.broker_reconnects.inc()
-            self.subscriptions.broker_reconnected()
+            self.subscriptions.broker_reconnected(channels)
 
-    def on_broker_down(self) -> None:
-        log.warning("broker connection lost; serving connections, commands answer unavailable")
+    def on_broker_down(self, channels: Collection[str]) -> None:
+        log.warning("broker connection lost (%d channels wait); connections stay open, "
+                    "commands that need it answer unavailable", len(channels))
 
     # the server-side API
 

@@ -1,83 +1,72 @@
 """The cluster broker: Redis pub/sub relays publications between nodes, Redis streams hold
-history (PROTOCOL §5, §6).
+history (PROTOCOL §5, §6), on one server, a Sentinel master or a Redis Cluster.
 
-Each node SUBSCRIBEs to a channel's topic only while it has a local subscriber, on one
-dedicated connection read by a supervised loop: it probes a silent connection with PING,
-reconnects with backoff and jitter, resubscribes, and tells the node (`BrokerEvents`) when
-Redis goes and comes back so it can fill the gap from history. Publishing with history is
-one Lua script (epoch check, offset, XADD, EXPIRE, PUBLISH) in one round trip; without
-history a small script around PUBLISH. Both refuse to run past a deadline on the Redis
-clock, so a publish answered `unavailable` (timed out) is never carried out later.
-Commands go through one connection pool shared with presence.
+Every key of a channel (history stream, offset/epoch meta, presence) and its pub/sub topic
+carry the channel as one hash tag (`hub:s:{news}`), so on a Cluster a publish is one script
+on one shard, and channels spread over all shards. The relay is per shard: one supervised
+pub/sub connection (`hub.redis_link.Link`) to each shard's master, subscribed to the topics
+of the channels this node has local subscribers on (SSUBSCRIBE on a Cluster). A shard that
+fails over, or a slot that moves, is an outage of that shard's channels only: the node
+refills those, and the others notice nothing.
+
+Publishing with history is one Lua script (epoch check, offset, XADD, EXPIRE, PUBLISH) in
+one round trip; without history a small script around PUBLISH. Both refuse to run past a
+deadline on the Redis clock, so a publish answered `unavailable` (timed out) is never
+carried out later. With `HUB_REDIS_MIN_REPLICAS` a publish also waits for that many
+replicas (`WAIT`, on the connection that ran it) before it is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import random
 import secrets
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import NoScriptError
 
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message, Relayed, decode_relayed, encode
-from hub.redis_presence import REDIS_ERRORS, RedisClient, RedisPresence, ttl_ms
-from hub.redis_support import HISTORY_LUA, PUBLISH_LUA, RELAY_LUA, Incident
+from hub.redis_link import Link
+from hub.redis_presence import RedisPresence, ttl_ms
+from hub.redis_support import (
+    HISTORY_LUA,
+    PUBLISH_LUA,
+    RELAY_LUA,
+    RESTART_EPOCH_LUA,
+    Incident,
+    Script,
+)
+from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, create_topology, tagged
+from hub.redis_url import RedisTarget, parse_redis_url
 from hub.settings import Settings
 from hub.tasks import cancel
 
 log = logging.getLogger("hub.redis")
 
 DEFAULT_PREFIX = "hub:"
+TOPOLOGY_CHECK_SECONDS = 10.0  # a Cluster's slot map is read again at least this often
 
 
 def create_redis_backends(
     settings: Settings, *, prefix: str = DEFAULT_PREFIX, max_connections: int = 64
 ) -> tuple[RedisBroker, RedisPresence]:
-    """Broker and presence sharing one connection pool; the broker adds its own pub/sub
-    connection."""
+    """Broker and presence sharing one topology (and its command pool); the broker adds its
+    pub/sub connections."""
     if not settings.redis_url:
         raise ValueError("create_redis_backends needs settings.redis_url")
-    client = create_redis_client(settings.redis_url, max_connections=max_connections)
-    broker = RedisBroker(client, prefix=prefix)
-    presence = RedisPresence(client, settings.node_id, settings.presence_ttl, prefix=prefix)
+    target: RedisTarget = parse_redis_url(settings.redis_url)
+    topology = create_topology(target, max_connections=max_connections)
+    broker = RedisBroker(topology, prefix=prefix, min_replicas=settings.redis_min_replicas)
+    presence = RedisPresence(topology, settings.node_id, settings.presence_ttl, prefix=prefix)
     return broker, presence
-
-
-def create_redis_client(url: str, *, max_connections: int = 64) -> RedisClient:
-    """A client on a pool of at most `max_connections` (waiting at most 2 s for one).
-
-    Timeouts are short so that a command to an unreachable Redis fails within a few seconds
-    instead of hanging; no command is retried, so a publish is never sent twice. TLS
-    (`rediss://`), user, password and db number come from the URL.
-
-    RESP2: with redis-py 8's default RESP3 (and hiredis) a pooled connection that Redis
-    closed (a restart) is handed out again and fails once (redis-py #4252); with RESP2 the
-    pool notices the EOF and reconnects.
-    """
-    client: RedisClient = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            url,
-            protocol=2,
-            max_connections=max_connections,
-            timeout=2.0,
-            socket_connect_timeout=1.5,
-            socket_timeout=2.0,
-            retry=Retry(NoBackoff(), 0),
-        )
-    )
-    return client
 
 
 class RedisBroker:
@@ -88,135 +77,104 @@ class RedisBroker:
 
     def __init__(
         self,
-        client: RedisClient,
+        topology: Topology | Redis,
         *,
         prefix: str = DEFAULT_PREFIX,
         ping_interval: float = 2.5,
         timeout: float = 2.0,
         backoff_cap: float = 2.0,
+        min_replicas: int = 0,
     ) -> None:
-        self._client = client
-        self._prefix = prefix
-        db = client.connection_pool.connection_kwargs.get("db", 0)
-        self._topic_prefix = f"{prefix}c:{db}:"
-        self._topic_prefix_length = len(self._topic_prefix.encode())
+        self._topology = as_topology(topology)
+        self._prefix = prefix.encode()
+        self._topic_prefix = f"{prefix}c:{self._topology.db}:".encode()
         self._ping_interval = ping_interval
         self._timeout = timeout
         self._backoff_cap = backoff_cap
-        self._publish_script = client.register_script(PUBLISH_LUA)
-        self._relay_script = client.register_script(RELAY_LUA)
-        # Redis clock minus ours (ms), measured at each connect: publish deadlines are
-        # judged on the Redis clock.
-        self._clock_skew_ms = 0.0
-        self._history_script = client.register_script(HISTORY_LUA)
+        self._min_replicas = min_replicas
+        self._publish_script = Script.of(PUBLISH_LUA)
+        self._relay_script = Script.of(RELAY_LUA)
+        self._history_script = Script.of(HISTORY_LUA)
+        self._restart_script = Script.of(RESTART_EPOCH_LUA)
+        self._node_pools: dict[str, ConnectionPool] = {}  # Cluster masters, for WAIT
+        self._publish_command = "SPUBLISH" if self._topology.sharded else "PUBLISH"
         self._events: BrokerEvents | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._first_attempt = asyncio.Event()
-        self._up = False
-        self._was_up = False
-        # The live pub/sub connection once it is subscribed to every channel the node
-        # wants (`BrokerEvents.channels`), and the topics sent on it since.
-        self._conn: AbstractConnection | None = None
-        self._sent: set[bytes] = set()
-        self._confirms: dict[bytes, deque[asyncio.Future[bool]]] = {}
-        self._lock = asyncio.Lock()
-        self._link = Incident(log, "Redis pub/sub connection")
+        self._links: dict[str, Link] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._look_again = asyncio.Event()  # a link failed or a topic moved
+        # Topics whose link went down, until a link carries them again: they may have
+        # missed publications then, whichever link it is (a new master's, on a Cluster).
+        self._lost: set[bytes] = set()
         self._commands = Incident(log, "Redis commands")
+        self._topology_incident = Incident(log, "Redis Cluster slot map")
 
     # Broker protocol
 
     @property
     def up(self) -> bool:
-        return self._up
+        """Serving: at least one shard is reachable (PROTOCOL §6)."""
+        return any(link.up for link in self._links.values())
+
+    def health(self) -> tuple[int, int]:
+        """(shards reachable, shards known)."""
+        links = list(self._links.values())
+        return sum(link.up for link in links), len(links)
 
     async def start(self, events: BrokerEvents) -> None:
-        """Start the pub/sub loop and wait for its first attempt to connect. If Redis is not
-        there yet, the node starts anyway (not ready) and the loop keeps trying."""
+        """Learn the shards, connect to each, and wait for the first attempts. If Redis is
+        not there yet, the node starts anyway (not ready) and keeps trying."""
         self._events = events
-        self._start_loop()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._refresh()
+        self._watcher = asyncio.create_task(self._watch(), name="hub-redis-topology")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_attempt.wait(), timeout=3 * self._timeout)
-
-    def _start_loop(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name="hub-redis-pubsub")
-        self._task.add_done_callback(self._loop_ended)
-
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """The loop only ends by `close`; anything else is a bug, logged, and restarted so
-        the node does not lose its relay for good."""
-        if task is not self._task or task.cancelled():
-            return
-        log.error("Redis pub/sub loop ended unexpectedly (%r); restarting it", task.exception())
-        self._start_loop()
+            async with asyncio.timeout(3 * self._timeout):
+                for link in list(self._links.values()):
+                    await link.first_attempt.wait()
+        if not self.up:
+            log.warning("Redis is not reachable yet; the node is not ready until it is")
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        await cancel(task)
+        watcher, self._watcher = self._watcher, None
+        await cancel(watcher)
+        await asyncio.gather(*(link.close() for link in self._links.values()))
+        self._links.clear()
         self._events = None
-        self._up = False
-        await self._client.connection_pool.disconnect()
+        for pool in self._node_pools.values():
+            await pool.disconnect()
+        await self._topology.close()
 
     async def subscribe(self, channel: str) -> None:
-        """Idempotent. Returns once Redis confirmed the subscription, so a history read that
-        follows cannot miss a publication. While Redis is down it does nothing: the loop
-        subscribes every channel the node wants on reconnect, before
-        `on_broker_up(reconnected=True)`. Raises BrokerUnavailable when Redis seems up but
-        did not confirm in time. Calls for one channel reach Redis in the order they were
-        made (the lock is taken before anything else awaits)."""
+        """Returns once Redis confirmed it; BrokerUnavailable when the channel's shard is
+        not reachable (the reconnect subscribes every channel the node wants)."""
         topic = self._topic(channel)
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                return
-            pending = self._confirms.get(topic)
-            if topic in self._sent:
-                waiter = pending[-1] if pending else None
-            else:
-                waiter = asyncio.get_running_loop().create_future()
-                self._confirms.setdefault(topic, deque()).append(waiter)
-                self._sent.add(topic)
-                try:
-                    await conn.send_command("SUBSCRIBE", topic)
-                except REDIS_ERRORS as exc:
-                    self._sent.discard(topic)
-                    raise BrokerUnavailable("cannot subscribe: Redis is unreachable") from exc
-        if waiter is None:
-            return
-        try:
-            confirmed = await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
-        except TimeoutError:
-            confirmed = False
-        if not confirmed:
-            # If Redis does subscribe it after all, its publications are delivered: the node
-            # drops those of channels it no longer wants.
-            self._sent.discard(topic)
-            raise BrokerUnavailable("Redis did not confirm the subscription")
+        link = self._links.get(self._topology.shard_of(topic) or "")
+        if link is None:
+            raise BrokerUnavailable("no reachable Redis shard serves this channel")
+        await link.subscribe(topic)
 
     async def unsubscribe(self, channel: str) -> None:
-        """Idempotent; never raises: if the connection is broken, the reconnect forgets the
-        channel anyway."""
         topic = self._topic(channel)
-        async with self._lock:
-            conn = self._conn
-            if conn is None or topic not in self._sent:
-                return
-            self._sent.discard(topic)
-            try:
-                await conn.send_command("UNSUBSCRIBE", topic)
-            except REDIS_ERRORS as exc:
-                log.debug("UNSUBSCRIBE failed, the reconnect will drop it: %s", exc)
+        self._lost.discard(topic)
+        for link in list(self._links.values()):
+            await link.unsubscribe(topic)
 
     async def publish(
         self, channel: str, relayed: Relayed, history: HistoryOptions | None = None
     ) -> StreamPosition | None:
         self._check_up()
+        keys = self._keys(channel)
         try:
             if history is not None and isinstance(relayed, Message):
-                position = await self._publish_with_history(channel, relayed, history)
+                position: StreamPosition | None = await self._publish_message(
+                    channel, keys, relayed, history
+                )
             else:
-                topic = self._topic(channel)
-                args: list[bytes | int] = [self._deadline_ms(), topic, encode(relayed)]
-                if await self._relay_script(keys=[], args=args) is None:
+                args: list[bytes | str | int] = [
+                    self._deadline_ms(), self._topic(channel), encode(relayed),
+                    self._publish_command,
+                ]
+                if await self._run(self._relay_script, keys, args) is None:
                     raise TimeoutError("publish reached Redis after its deadline")
                 position = None
         except REDIS_ERRORS as exc:
@@ -224,11 +182,6 @@ class RedisBroker:
             raise BrokerUnavailable("publish failed: Redis is unreachable") from exc
         self._commands.recovered()
         return position
-
-    def _deadline_ms(self) -> int:
-        """Redis must run a publish before the client gives up on the reply; a quarter of
-        the timeout is left for the reply's way back."""
-        return int(time.time() * 1000 + self._clock_skew_ms + self._timeout * 750)
 
     async def history(
         self,
@@ -241,7 +194,7 @@ class RedisBroker:
         args: list[bytes | str | int] = [ttl_ms(history.ttl), secrets.token_hex(4), max(limit, 0)]
         args += [1, since.offset, since.epoch] if since is not None else [0, 0, ""]
         try:
-            reply = await self._history_script(keys=self._history_keys(channel), args=args)
+            reply = await self._run(self._history_script, self._keys(channel), args)
         except REDIS_ERRORS as exc:
             self._commands.failed(exc)
             raise BrokerUnavailable("history failed: Redis is unreachable") from exc
@@ -251,192 +204,209 @@ class RedisBroker:
         messages = [m for m in map(decode_relayed, payloads) if isinstance(m, Message)]
         return HistoryPage(position, messages, complete=bool(complete))
 
-    # Keys and publishing
+    async def restart_epoch(
+        self, channel: str, history: HistoryOptions, stale: StreamPosition
+    ) -> StreamPosition:
+        """Start a new epoch for a channel whose history lost messages the node delivered
+        (a failover to a replica that lacked them), unless another node already did; the
+        position to go on from either way."""
+        self._check_up()
+        args: list[bytes | str | int] = [ttl_ms(history.ttl), secrets.token_hex(4), stale.epoch]
+        try:
+            epoch, offset = await self._run(self._restart_script, self._keys(channel), args)
+        except REDIS_ERRORS as exc:
+            self._commands.failed(exc)
+            raise BrokerUnavailable("starting a new epoch failed: Redis is unreachable") from exc
+        return StreamPosition(int(offset), epoch.decode())
+
+    # keys, scripts and publishing
 
     def _topic(self, channel: str) -> bytes:
-        return (self._topic_prefix + channel).encode(errors="surrogatepass")
+        return self._topic_prefix + tagged(channel)
 
-    def _history_keys(self, channel: str) -> list[bytes]:
-        name = channel.encode(errors="surrogatepass")
-        prefix = self._prefix.encode()
-        return [prefix + b"s:" + name, prefix + b"m:" + name]
+    def _keys(self, channel: str) -> list[bytes]:
+        name = tagged(channel)
+        return [self._prefix + b"s:" + name, self._prefix + b"m:" + name]
 
     def _check_up(self) -> None:
-        if not self._up:
+        if not self.up:
             raise BrokerUnavailable("Redis is unreachable")
 
-    async def _publish_with_history(
-        self, channel: str, message: Message, history: HistoryOptions
+    def _deadline_ms(self) -> int:
+        """Redis must run a publish before the client gives up on the reply; a quarter of
+        the timeout is left for the reply's way back."""
+        skews = [link.clock_skew_ms for link in self._links.values() if link.up]
+        skew = skews[0] if skews else 0.0
+        return int(time.time() * 1000 + skew + self._timeout * 750)
+
+    async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
+        return await script.run(self._topology.client, keys, args)
+
+    async def _publish_message(
+        self, channel: str, keys: list[bytes], message: Message, history: HistoryOptions
     ) -> StreamPosition:
         # The script adds offset and epoch to the encoded object; a stale pair must not be
         # encoded as well.
         message.offset = message.epoch = None
         args: list[bytes | str | int] = [
-            ttl_ms(history.ttl),
-            secrets.token_hex(4),
-            encode(message),
-            max(history.size, 1),
-            self._topic(channel),
-            self._deadline_ms(),
+            ttl_ms(history.ttl), secrets.token_hex(4), encode(message), max(history.size, 1),
+            self._topic(channel), self._deadline_ms(), self._publish_command,
         ]
-        reply = await self._publish_script(keys=self._history_keys(channel), args=args)
+        if self._min_replicas:
+            reply = await self._publish_replicated(keys, args)
+        else:
+            reply = await self._run(self._publish_script, keys, args)
         if reply is None:
             raise TimeoutError("publish reached Redis after its deadline")
         offset, epoch = reply
         message.offset, message.epoch = int(offset), epoch.decode()
         return StreamPosition(message.offset, message.epoch)
 
-    # The pub/sub loop
-
-    async def _supervise(self) -> None:
-        failures = 0
-        while True:
-            conn = self._new_connection()
-            try:
-                backlog = await self._connect(conn)
-                failures = 0
-                self._went_up(backlog)
-                await self._read(conn)
-            except REDIS_ERRORS as exc:
-                failures += 1
-                self._went_down(exc)
-            except Exception as exc:
-                # A bug, not an outage; still, the node must not lose its relay for good.
-                log.exception("Redis pub/sub loop failed")
-                failures += 1
-                self._went_down(exc)
-            finally:
-                await self._drop(conn)
-                self._first_attempt.set()
-            # The exponent is capped: 2**1024 overflows a float after a long outage.
-            delay = min(self._backoff_cap, 0.05 * 2 ** min(failures, 16))
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-
-    def _new_connection(self) -> AbstractConnection:
-        pool = self._client.connection_pool
-        # RESP2: subscribed-mode replies come back as plain arrays read below.
-        kwargs = {**pool.connection_kwargs, "protocol": 2}
-        conn: AbstractConnection = pool.connection_class(**kwargs)
-        return conn
-
-    async def _connect(self, conn: AbstractConnection) -> list[list[Any]]:
-        """Connect and subscribe every wanted topic; return the publications that arrived
-        before all confirmations, to be delivered after `on_broker_up`."""
-        # `connect` is untyped in redis-py's own annotations.
-        await cast(Any, conn).connect()
-        await self._measure_clock(conn)
-        async with self._lock:
-            wanted = self._events.channels if self._events is not None else ()
-            topics = [self._topic(channel) for channel in wanted]
-            for start in range(0, len(topics), 1000):
-                await conn.send_command("SUBSCRIBE", *topics[start : start + 1000])
-            unconfirmed = set(topics)
-            backlog: list[list[Any]] = []
-            allowed = self._timeout + len(topics) / 10_000
-            deadline = asyncio.get_running_loop().time() + allowed
-            while unconfirmed:
-                remaining = deadline - asyncio.get_running_loop().time()
-                reply: Any = await conn.read_response(timeout=max(remaining, 0.001))
-                if reply is None:
-                    raise TimeoutError("Redis did not confirm the resubscription")
-                if _kind(reply) == b"subscribe":
-                    unconfirmed.discard(reply[1])
-                elif _kind(reply) == b"message":
-                    backlog.append(reply)
-            self._sent = set(topics)
-            self._conn = conn
-        return backlog
-
-    async def _measure_clock(self, conn: AbstractConnection) -> None:
-        sent = time.time() * 1000
-        await conn.send_command("TIME")
-        seconds, micros = await conn.read_response(timeout=self._timeout)
-        received = time.time() * 1000
-        redis_ms = int(seconds) * 1000 + int(micros) / 1000
-        self._clock_skew_ms = redis_ms - (sent + received) / 2
-
-    async def _read(self, conn: AbstractConnection) -> None:
-        """Read until the connection fails. A connection silent for a ping interval gets a
-        PING; one still silent an interval later is taken for dead (half-open socket)."""
-        pinged = False
-        while True:
-            reply: Any = await conn.read_response(timeout=self._ping_interval)
-            if reply is None:
-                if pinged:
-                    raise TimeoutError("Redis did not answer PING on the pub/sub connection")
-                await conn.send_command("PING")
-                pinged = True
+    async def _publish_replicated(self, keys: list[bytes], args: list[Any]) -> Any:
+        """The publish script, then WAIT for the replicas, on one connection of the
+        channel's master. Too few replicas in time: `unavailable` (it may still be
+        delivered: PROTOCOL §6)."""
+        client = self._node_client(keys[0])
+        wait_ms = max(1, int(self._timeout * 500))
+        script = self._publish_script
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self._min_replicas, wait_ms)
+            reply, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:
+                await client.script_load(script.source)
                 continue
-            pinged = False
-            self._handle(reply)
+            for result in (reply, replicas):
+                if isinstance(result, Exception):
+                    raise result
+            if reply is not None and int(replicas) < self._min_replicas:
+                raise BrokerUnavailable(
+                    f"published, but only {int(replicas)} of {self._min_replicas} replicas "
+                    "confirmed in time; it may or may not survive a failover"
+                )
+            return reply
+        raise AssertionError("unreachable")
 
-    def _handle(self, reply: Any) -> None:
-        kind = _kind(reply)
-        if kind == b"message":
-            self._deliver(reply[1], reply[2])
-        elif kind == b"subscribe":
-            pending = self._confirms.get(reply[1])
-            if pending:
-                waiter = pending.popleft()
-                if not waiter.done():
-                    waiter.set_result(True)
-            if pending is not None and not pending:
-                del self._confirms[reply[1]]
+    def _node_client(self, key: bytes) -> Any:
+        """A client of the server that holds `key` (the command client itself but on a
+        Cluster, where it is the key's master's own client)."""
+        client = self._topology.client
+        get_node = getattr(client, "get_node_from_key", None)
+        if get_node is None:
+            return client
+        node = get_node(key)
+        pool = self._node_pools.get(node.name)
+        if pool is None:
+            pool = self._node_pools[node.name] = ConnectionPool(
+                connection_class=node.connection_class, max_connections=8,
+                **{**node.connection_kwargs, "protocol": 2},
+            )
+        return Redis(connection_pool=pool)
 
-    def _deliver(self, topic: bytes, payload: bytes) -> None:
-        if self._events is None:
+    # the links (LinkOwner)
+
+    def wanted(self, link: Link) -> list[bytes]:
+        events = self._events
+        if events is None:
+            return []
+        topology = self._topology
+        topics = (self._topic(channel) for channel in events.channels)
+        return [topic for topic in topics if topology.shard_of(topic) == link.shard]
+
+    def deliver(self, topic: bytes, payload: bytes) -> None:
+        events = self._events
+        if events is None:
             return
-        channel = topic[self._topic_prefix_length :].decode(errors="surrogatepass")
+        channel = self._channel_of(topic)
         try:
             relayed = decode_relayed(payload)
         except msgspec.DecodeError as exc:
             log.warning("dropped an undecodable publication on %r: %s", channel, exc)
             return
         try:
-            self._events.on_relayed(channel, relayed)
+            events.on_relayed(channel, relayed)
         except Exception:
             log.exception("on_relayed failed for channel %r", channel)
 
-    def _went_up(self, backlog: list[list[Any]]) -> None:
-        reconnected, self._was_up, self._up = self._was_up, True, True
-        self._link.recovered()
-        self._first_attempt.set()
-        log.info("Redis pub/sub %s", "reconnected" if reconnected else "connected")
+    def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None:
+        """A link carries `topics` (again): those it carried before it went down, and
+        those another link lost, may have missed publications."""
+        missed = topics if reconnected else [topic for topic in topics if topic in self._lost]
+        self._lost.difference_update(topics)
+        if self._events is None:
+            return
+        if reconnected or missed:
+            self._events.on_broker_up(True, [self._channel_of(topic) for topic in missed])
+        else:
+            self._events.on_broker_up(False, [self._channel_of(topic) for topic in topics])
+
+    def went_down(self, link: Link, topics: list[bytes]) -> None:
+        self._look_again.set()
+        self._lost.update(topics)
         if self._events is not None:
-            _notify(self._events.on_broker_up, reconnected)
-        for reply in backlog:
-            self._deliver(reply[1], reply[2])
+            self._events.on_broker_down([self._channel_of(topic) for topic in topics])
 
-    def _went_down(self, exc: BaseException) -> None:
-        self._link.failed(exc)
-        if self._up:
-            self._up = False
-            if self._events is not None:
-                _notify(self._events.on_broker_down)
+    def lost_topic(self, link: Link, topic: bytes) -> None:
+        self.went_down(link, [topic])
 
-    async def _drop(self, conn: AbstractConnection) -> None:
-        self._conn = None
-        self._sent = set()
-        for pending in self._confirms.values():
-            for waiter in pending:
-                if not waiter.done():
-                    waiter.set_result(False)
-        self._confirms.clear()
-        with contextlib.suppress(*REDIS_ERRORS):
-            await conn.disconnect(nowait=True)
+    async def still_serves(self, link: Link, connection: AbstractConnection) -> bool:
+        return await self._topology.still_serves(link.shard, connection)
 
+    def _channel_of(self, topic: bytes) -> str:
+        return topic[len(self._topic_prefix) + 1 : -1].decode(errors="surrogatepass")
 
-def _notify(callback: Callable[..., None], *args: Any) -> None:
-    """A failing node callback is the node's bug: logged, and the relay goes on."""
-    try:
-        callback(*args)
-    except Exception:
-        log.exception("broker event handler %s failed", callback.__qualname__)
+    # the shards
 
+    async def _watch(self) -> None:
+        """Keep one link per shard, and each wanted topic on its shard's link: read the
+        shards again when a link fails or a topic moves, and now and then."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look_again.wait(), TOPOLOGY_CHECK_SECONDS)
+            self._look_again.clear()
+            try:
+                await self._refresh()
+            except REDIS_ERRORS as exc:
+                self._topology_incident.failed(exc)
+                await asyncio.sleep(min(self._backoff_cap, 0.25))
+                self._look_again.set()
+            except Exception:
+                log.exception("keeping the Redis links in line with the shards failed")
+                await asyncio.sleep(self._backoff_cap)
+            else:
+                self._topology_incident.recovered()
 
-def _kind(reply: Any) -> bytes:
-    if isinstance(reply, list) and reply:
-        head = reply[0]
-        return head.lower() if isinstance(head, bytes) else b""
-    return reply.lower() if isinstance(reply, bytes) else b""
+    async def _refresh(self) -> None:
+        await self._topology.refresh()
+        shards = set(self._topology.shards())
+        for shard in shards - set(self._links):
+            link = self._links[shard] = Link(
+                shard, functools.partial(self._topology.connection_to, shard), self,
+                sharded=self._topology.sharded, ping_interval=self._ping_interval,
+                timeout=self._timeout, backoff_cap=self._backoff_cap,
+            )
+            link.start()
+        for shard in set(self._links) - shards:
+            gone = self._links.pop(shard)
+            if gone.up and gone.sent:
+                self.went_down(gone, sorted(gone.sent))
+            await gone.close()
+        await asyncio.gather(*(self._rehome(link) for link in list(self._links.values())))
+
+    async def _rehome(self, link: Link) -> None:
+        """Topics whose slot moved to `link`'s shard are subscribed there (and refilled);
+        those that moved away are dropped."""
+        if not link.up:
+            return
+        wanted = set(self.wanted(link))
+        for topic in link.sent - wanted:
+            await link.unsubscribe(topic)
+        arrived = sorted(wanted - link.sent)
+        for topic in arrived:
+            with contextlib.suppress(BrokerUnavailable):
+                await link.subscribe(topic)
+        arrived = [topic for topic in arrived if topic in link.sent]
+        if arrived:
+            self.went_up(link, arrived, reconnected=True)
 

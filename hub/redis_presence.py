@@ -8,24 +8,22 @@ TTL is left out of reads and deleted by the next script that passes by.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple, TypeAlias, cast
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from hub.errors import BrokerUnavailable
 from hub.presence import NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo, encode
-from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident
+from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident, Script
+from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, tagged
 
 log = logging.getLogger("hub.redis")
 
-# Errors that mean "Redis is not there right now" (redis-py wraps most socket errors).
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 # Members per script call: keeps each call's argument list well under Lua's stack limit.
 _BATCH = 500
 
@@ -45,20 +43,7 @@ class _StoredMember(msgspec.Struct):
 _member_decoder = msgspec.json.Decoder(_StoredMember)
 _snapshot_decoder = msgspec.json.Decoder(NodeSnapshot)
 
-# redis-py's inline annotations make `Redis` plain; the types-redis stubs make it generic.
-RedisClient: TypeAlias = "Redis[bytes]"  # type: ignore[type-arg, unused-ignore]
-
-
-class _Script(NamedTuple):
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
-
-
-_Call = tuple[_Script, list[bytes], list[bytes | str | int]]
+_Call = tuple[Script, list[bytes], list[bytes | str | int]]
 
 
 class RedisPresence:
@@ -66,15 +51,15 @@ class RedisPresence:
     heartbeat can rewrite them (and a Redis that restarted empty gets them back)."""
 
     def __init__(
-        self, client: RedisClient, node_id: str, ttl: float, *, prefix: str = "hub:"
+        self, topology: Topology | Redis, node_id: str, ttl: float, *, prefix: str = "hub:"
     ) -> None:
-        self._client = client
+        self._topology = as_topology(topology)
         self._node_id = node_id
         self._ttl_ms = ttl_ms(ttl)
         self._prefix = prefix.encode()
-        self._touch = _Script.of(TOUCH_LUA)
-        self._live = _Script.of(LIVE_LUA)
-        self._forget = _Script.of(FORGET_LUA)
+        self._touch = Script.of(TOUCH_LUA)
+        self._live = Script.of(LIVE_LUA)
+        self._forget = Script.of(FORGET_LUA)
         self._local: dict[str, dict[str, bytes]] = {}
         # Members removed while a heartbeat (which may write them again) is in flight.
         self._removed_during_beat: list[tuple[str, str]] | None = None
@@ -90,8 +75,10 @@ class RedisPresence:
             self._incident.failed(exc)
 
     async def close(self) -> None:
+        """Closes the topology too (as the broker does; closing twice is harmless), so
+        presence used on its own leaves nothing open."""
         self._local.clear()
-        await self._client.connection_pool.disconnect()
+        await self._topology.close()
 
     async def add(self, channel: str, member: ClientInfo) -> None:
         """Kept locally even when Redis fails (then BrokerUnavailable): the next heartbeat
@@ -180,11 +167,11 @@ class RedisPresence:
         return [by_node[node] for node in sorted(by_node)]
 
     def _member_keys(self, channel: str) -> list[bytes]:
-        name = channel.encode(errors="surrogatepass")
+        name = tagged(channel)
         return [self._prefix + b"p:" + name, self._prefix + b"pe:" + name]
 
     def _node_keys(self) -> list[bytes]:
-        return [self._prefix + b"nodes", self._prefix + b"nodes:exp"]
+        return [self._prefix + b"{nodes}", self._prefix + b"{nodes}:exp"]
 
     async def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run scripts in one pipelined round trip; load them once if Redis lost them."""
@@ -203,14 +190,15 @@ class RedisPresence:
         self._incident.recovered()
         return results
 
-    async def _load(self, script: _Script) -> None:
-        # Untyped in one of redis-py's two sets of annotations (inline and types-redis).
-        await cast(Any, self._client).script_load(script.source)
+    async def _load(self, script: Script) -> None:
+        await self._topology.client.script_load(script.source)
 
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+        # EVALSHA by name: a Cluster pipeline routes it by its keys (its `evalsha` is
+        # refused by redis-py 8.1).
+        pipe = self._topology.client.pipeline(transaction=False)
         for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 

@@ -9,7 +9,11 @@ whole cluster, not by each node's own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from typing import Any, NamedTuple
+
+from redis.exceptions import NoScriptError
 
 _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -36,21 +40,23 @@ end
 # A publish carries a deadline on the Redis clock (ARGV[1]): when Redis runs it later than
 # that (it was frozen, or the command sat in a buffer), the node has already answered
 # `unavailable`, and PROTOCOL §5 says such a publish reaches nobody. So it is refused here.
-# ARGV: deadline_ms, pub/sub topic, payload. Returns 1, or nil past the deadline.
+# KEYS: the channel's stream and meta (unused but for routing: on a Cluster they say which
+# shard runs the script). ARGV: deadline_ms, pub/sub topic, payload, PUBLISH or SPUBLISH.
+# Returns 1, or nil past the deadline.
 RELAY_LUA = (
     _NOW
     + """
 if now > tonumber(ARGV[1]) then return false end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call(ARGV[4], ARGV[2], ARGV[3])
 return 1
 """
 )
 
 # KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, payload (a JSON object without offset
-# and epoch), stream size, pub/sub topic, deadline_ms. The stream entry ID is the offset,
-# so ranges by offset are plain XRANGEs; `t` is when it was added, so entries expire one by
-# one like in MemoryBroker. PUBLISH happens here, in offset order, so every node sees
-# offsets ascend.
+# and epoch), stream size, pub/sub topic, deadline_ms, PUBLISH or SPUBLISH. The stream entry
+# ID is the offset, so ranges by offset are plain XRANGEs; `t` is when it was added, so
+# entries expire one by one like in MemoryBroker. PUBLISH happens here, in offset order, so
+# every node sees offsets ascend.
 PUBLISH_LUA = (
     _NOW
     + """
@@ -65,7 +71,7 @@ redis.call('XADD', stream_key, 'MAXLEN', ARGV[4], string.format('%d', offset),
   'd', payload, 't', string.format('%d', now))
 redis.call('PEXPIRE', stream_key, ttl_ms)
 redis.call('PEXPIRE', meta_key, ttl_ms)
-redis.call('PUBLISH', ARGV[5], payload)
+redis.call(ARGV[7], ARGV[5], payload)
 return {offset, epoch}
 """
 )
@@ -179,6 +185,39 @@ for i = 1, #ARGV, 1000 do
 end
 return #ARGV
 """
+
+
+# KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, stale epoch. The node found the channel's
+# offset below one it had delivered in `stale` (a failover lost writes): unless another node
+# did it already, the channel starts a new epoch at offset 0. Returns {epoch, offset}.
+RESTART_EPOCH_LUA = """
+local stream_key, meta_key = KEYS[1], KEYS[2]
+local meta = redis.call('HMGET', meta_key, 'e', 's')
+if meta[1] and meta[1] ~= ARGV[3] then return {meta[1], tonumber(meta[2] or '0')} end
+redis.call('DEL', stream_key)
+redis.call('HSET', meta_key, 'e', ARGV[2], 's', 0)
+redis.call('PEXPIRE', meta_key, ARGV[1])
+return {ARGV[2], 0}
+"""
+
+
+class Script(NamedTuple):
+    """A Lua script run by its SHA1, loaded on the server that lacks it (a restarted or
+    promoted one). A script that was not loaded did not run, so running it again is safe."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> Script:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+    async def run(self, client: Any, keys: list[bytes], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class Incident:

@@ -37,14 +37,17 @@ class Read(NamedTuple):
 
 
 class CatchUpTarget(Protocol[K_contra]):
-    @property
-    def generation(self) -> int:
-        """Broker reconnects so far."""
+    def generation(self, key: K_contra) -> int:
+        """Broker reconnects so far, of `key`'s channel."""
 
     def wanted(self, key: K_contra) -> Read | None:
         """What to read for `key`, or None when it no longer waits."""
 
-    def refilled(self, key: K_contra, page: HistoryPage) -> None: ...
+    def refilled(self, key: K_contra, page: HistoryPage) -> StreamPosition | None:
+        """Apply a read; a position back: the broker lost what was delivered, and the
+        channel needs a new epoch from there."""
+
+    def restarted(self, key: K_contra, position: StreamPosition) -> None: ...
 
     def give_up(self, key: K_contra) -> None: ...
 
@@ -86,10 +89,19 @@ class Refiller(Generic[K]):
             read = target.wanted(key)
             if read is None:
                 return
-            generation = target.generation
+            generation = target.generation(key)
             try:
                 async with self._parallel:
                     page = await self._broker.history(*read)
+                stale = None
+                if target.generation(key) == generation and target.wanted(key) is not None:
+                    # Delivering may find a further gap; the loop then reads again.
+                    stale = target.refilled(key, page)
+                if stale is not None:
+                    position = await self._broker.restart_epoch(read.channel, read.history,
+                                                                stale)
+                    if target.wanted(key) is not None:
+                        target.restarted(key, position)
             except Exception as exc:
                 if generation != failing_since:
                     failures, failing_since = 0, generation
@@ -102,8 +114,5 @@ class Refiller(Generic[K]):
                 else:
                     await asyncio.sleep(FIRST_RETRY_DELAY * 2 ** (failures - 1))
                 continue
-            if target.generation == generation and target.wanted(key) is not None:
-                # Delivering may find a further gap; the loop then reads again.
-                target.refilled(key, page)
-            # Else the read began before the latest reconnect and may predate the newest
-            # gap: read again.
+            # A read that began before the latest reconnect may predate the newest gap:
+            # the loop reads again (`wanted` says whether anything still waits).

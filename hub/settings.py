@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from hub.redis_url import RedisUrlError, parse_redis_url
+
 SubscribePolicy = Literal["token", "any"]
 PublishPolicy = Literal["none", "token", "any"]
 LogFormat = Literal["text", "json"]
@@ -70,6 +72,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_grace: float = 10.0
     recovery_max: int = 10000
     presence_ttl: float = 30.0
+    redis_min_replicas: int = 0
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
@@ -224,6 +227,7 @@ def validate(settings: Settings) -> None:
         (settings.rate_limit >= 0, "HUB_RATE_LIMIT must be >= 0 (0 = no limit)"),
         (settings.recovery_max >= 0, "HUB_RECOVERY_MAX must be >= 0"),
         (settings.presence_ttl >= 1, "HUB_PRESENCE_TTL must be >= 1"),
+        (settings.redis_min_replicas >= 0, "HUB_REDIS_MIN_REPLICAS must be >= 0"),
         (
             settings.log_level in {"critical", "error", "warning", "info", "debug", "trace"},
             "HUB_LOG_LEVEL must be one of critical, error, warning, info, debug, trace",
@@ -232,6 +236,11 @@ def validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
+    if settings.redis_url:
+        try:
+            parse_redis_url(settings.redis_url)
+        except RedisUrlError as exc:
+            raise SettingsError(str(exc)) from None
     for name, namespace in settings.namespaces.items():
         if namespace.history_size < 0 or namespace.history_ttl < 0:
             raise SettingsError(f"[namespaces.{name}]: history_size and history_ttl must be >= 0")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
@@ -75,13 +75,16 @@ class Cohort:
     """Subscriptions of one channel that stand at the same position. `held` is not None
     while the cohort catches up: live messages wait there, in order."""
 
-    __slots__ = ("epoch", "held", "members", "offset")
+    __slots__ = ("epoch", "held", "last", "members", "offset")
 
     def __init__(self, members: set[Subscriber], position: StreamPosition | None) -> None:
         self.members = members
         self.offset = position.offset if position is not None else 0
         self.epoch = position.epoch if position is not None else None
         self.held: list[Message] | None = None
+        # The message at `offset`, when the cohort was sent it: a history read after an
+        # outage checks that the broker still holds that message there.
+        self.last: Message | None = None
 
     @property
     def position(self) -> StreamPosition | None:
@@ -97,12 +100,13 @@ class Cohort:
                 return _SKIP
             if offset == self.offset + 1:
                 self.offset = offset
+                self.last = message
                 return _DELIVER
         return _GAP
 
 
 class Channel:
-    __slots__ = ("cohorts", "history", "joiners", "name", "relayed", "size")
+    __slots__ = ("cohorts", "generation", "history", "joiners", "name", "relayed", "size")
 
     def __init__(self, name: str, history: HistoryOptions | None) -> None:
         self.name = name
@@ -112,6 +116,9 @@ class Channel:
         self.joiners: dict[Subscriber, list[Message]] = {}
         self.relayed = False  # the broker confirmed its subscription
         self.size = 0  # members of all cohorts
+        # Broker reconnects this channel went through: a history read that began before
+        # the latest one may predate the newest gap, and is redone.
+        self.generation = 0
 
     def members(self) -> Iterator[Subscriber]:
         for cohort in self.cohorts:
@@ -129,9 +136,6 @@ class Subscriptions:
         self._channels: dict[str, Channel] = {}
         self._channels_of: dict[Subscriber, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Broker reconnects so far: a history read that began before the latest one may
-        # predate a gap, and is redone.
-        self.generation = 0
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
@@ -153,6 +157,11 @@ class Subscriptions:
     def members(self, channel: str) -> Iterator[Subscriber]:
         found = self._channels.get(channel)
         return found.members() if found is not None else iter(())
+
+    def generation_of(self, channel: str) -> int:
+        """Broker reconnects a channel went through (0 for one without local interest)."""
+        found = self._channels.get(channel)
+        return found.generation if found is not None else 0
 
     def cohorts_of(self, channel: str) -> list[Cohort]:
         """A channel's cohorts as they stand, for tests and debugging."""
@@ -180,13 +189,12 @@ class Subscriptions:
         raised (nothing joined then); False when the subscriber left meanwhile."""
         channel = self._enter(subscriber, name)
         held = channel.joiners[subscriber] = []
-        generation = self.generation
+        generation = channel.generation
         page: HistoryPage | None = None
         try:
             await self._relay(channel)
             if channel.history is not None:
-                limit = self._settings.recovery_max + 1 if since is not None else 0
-                page = await self._broker.history(name, channel.history, since, limit)
+                page = await self._read_start(name, channel.history, since)
         except BaseException:
             if channel.joiners.get(subscriber) is held:
                 await self._remove(subscriber, channel)
@@ -196,8 +204,24 @@ class Subscriptions:
         del channel.joiners[subscriber]
         start = self._start_of(page, since)
         joined(start)
-        self._admit(channel, Cohort({subscriber}, start.position), held, generation)
+        cohort = Cohort({subscriber}, start.position)
+        cohort.last = start.messages[-1] if start.messages else None
+        self._admit(channel, cohort, held, generation)
         return True
+
+    async def _read_start(
+        self, name: str, history: HistoryOptions, since: StreamPosition | None
+    ) -> HistoryPage:
+        """A new subscription's start. A `since` past the broker's offset in the same
+        epoch means the broker lost messages somebody was sent (a failover): the channel
+        starts a new epoch, and `since` is not recovered."""
+        limit = self._settings.recovery_max + 1 if since is not None else 0
+        page = await self._broker.history(name, history, since, limit)
+        position = page.position
+        if since is not None and since.epoch == position.epoch and since.offset > position.offset:
+            position = await self._broker.restart_epoch(name, history, position)
+            return HistoryPage(position, [], complete=False)
+        return page
 
     async def join_personal(self, subscriber: Subscriber, name: str) -> None:
         """Like `join` for `@user` (no history, no reply); a broker that does not confirm
@@ -214,7 +238,7 @@ class Subscriptions:
             raise
         if channel.joiners.get(subscriber) is held:
             del channel.joiners[subscriber]
-            self._admit(channel, Cohort({subscriber}, None), held, self.generation)
+            self._admit(channel, Cohort({subscriber}, None), held, channel.generation)
 
     async def leave(self, subscriber: Subscriber, name: str) -> bool:
         """False when `subscriber` was not subscribed (nor joining)."""
@@ -323,7 +347,7 @@ class Subscriptions:
         read predates the latest reconnect, it catches up first."""
         channel.cohorts.append(cohort)
         self._count(channel, len(cohort.members))
-        if channel.history is not None and generation != self.generation:
+        if channel.history is not None and generation != channel.generation:
             self._hold(channel, cohort, held)
         else:
             self._replay(channel, cohort, held)
@@ -405,12 +429,15 @@ class Subscriptions:
         cohort.held = held
         self.refiller.request((channel, cohort))
 
-    def broker_reconnected(self) -> None:
-        """Whatever the node missed while the link was down: every cohort on a channel with
-        history holds live messages and catches up."""
-        self.generation += 1
-        for channel in self._channels.values():
-            channel.relayed = True  # the broker resubscribed every channel it was asked for
+    def broker_reconnected(self, names: Collection[str]) -> None:
+        """The broker subscribed `names` again after losing them: whatever the node missed
+        meanwhile, every cohort on those with history holds live messages and catches up."""
+        for name in names:
+            channel = self._channels.get(name)
+            if channel is None:
+                continue
+            channel.relayed = True
+            channel.generation += 1
             if channel.history is None:
                 continue
             for cohort in channel.cohorts:
@@ -420,7 +447,12 @@ class Subscriptions:
 
     # the refiller's target
 
+    def generation(self, hold: Hold) -> int:
+        return hold[0].generation
+
     def wanted(self, hold: Hold) -> Read | None:
+        """Read from one before the cohort's position when it knows the message there, so
+        the answer shows whether the broker still holds that very message."""
         channel, cohort = hold
         position = cohort.position
         if (
@@ -431,17 +463,43 @@ class Subscriptions:
             or all(cohort is not other for other in channel.cohorts)
         ):
             return None
-        return Read(channel.name, channel.history, position, self._settings.recovery_max + 1)
+        if cohort.last is not None and position.offset > 0:
+            position = StreamPosition(position.offset - 1, position.epoch)
+        return Read(channel.name, channel.history, position, self._settings.recovery_max + 2)
 
-    def refilled(self, hold: Hold, page: HistoryPage) -> None:
+    def refilled(self, hold: Hold, page: HistoryPage) -> StreamPosition | None:
         """A catch-up read came back: the stretch, then what was held; or `reset` when the
-        stretch is gone (or too long to replay), then what was held."""
+        stretch is gone (or too long to replay), then what was held. When the broker has
+        lost what the cohort was sent (below its offset, or another message at it: a
+        failover to a replica that lacked the last writes) nothing is applied, and the
+        stale position comes back: the channel needs a new epoch (`restarted`)."""
         channel, cohort = hold
+        messages = page.messages
+        if cohort.last is not None and cohort.offset > 0:
+            first = messages[0] if messages else None
+            if first is not None and first.offset == cohort.offset:
+                if not _same(first, cohort.last):
+                    return cohort.position
+                messages = messages[1:]
+        top = page.position
+        if cohort.epoch == top.epoch and top.offset < cohort.offset:
+            return cohort.position
         held, cohort.held = cohort.held or [], None
-        if page.complete and len(page.messages) <= self._settings.recovery_max:
-            self._replay(channel, cohort, page.messages + held)
-            return
-        self._reset(channel, cohort, page.position)
+        if page.complete and len(messages) <= self._settings.recovery_max:
+            self._replay(channel, cohort, messages + held)
+            return None
+        self._reset(channel, cohort, top)
+        self._replay(channel, cohort, held)
+        return None
+
+    def restarted(self, hold: Hold, position: StreamPosition) -> None:
+        """The channel went on in a new epoch at `position`: `reset` there, then what was
+        held (of the new epoch)."""
+        channel, cohort = hold
+        log.warning("the broker lost messages that were delivered; the channel starts a "
+                    "new epoch (reset)")
+        held, cohort.held = cohort.held or [], None
+        self._reset(channel, cohort, position)
         self._replay(channel, cohort, held)
 
     def give_up(self, hold: Hold) -> None:
@@ -459,6 +517,13 @@ class Subscriptions:
         self._replay(channel, cohort, held)
 
     def _reset(self, channel: Channel, cohort: Cohort, position: StreamPosition) -> None:
-        cohort.offset, cohort.epoch = position.offset, position.epoch
+        cohort.offset, cohort.epoch, cohort.last = position.offset, position.epoch, None
         reset = Reset(channel=channel.name, epoch=position.epoch, offset=position.offset)
         fan_out(cohort.members, frame_of(reset))
+
+
+def _same(one: Message, other: Message) -> bool:
+    """The same publication: a reused offset carries another one."""
+    return (one.ts, bytes(one.data), one.event, one.from_) == (
+        other.ts, bytes(other.data), other.event, other.from_
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from hub.broker import Broker
 from hub.protocol import Message, Relayed
@@ -21,6 +21,7 @@ class Recorder:
         self.channels: set[str] = set()
         self.relayed: list[tuple[str, Relayed]] = []
         self.ups: list[bool] = []
+        self.resubscribed: list[list[str]] = []  # the channels of each `on_broker_up`
         self.downs = 0
         self.events: list[str] = []
         self._changed = asyncio.Event()
@@ -29,11 +30,12 @@ class Recorder:
         self.relayed.append((channel, relayed))
         self._record(f"relayed:{channel}")
 
-    def on_broker_up(self, reconnected: bool) -> None:
+    def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
         self.ups.append(reconnected)
+        self.resubscribed.append(sorted(channels))
         self._record(f"up:{reconnected}")
 
-    def on_broker_down(self) -> None:
+    def on_broker_down(self, channels: Collection[str]) -> None:
         self.downs += 1
         self._record("down")
 

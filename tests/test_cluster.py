@@ -530,7 +530,7 @@ async def test_recovery_with_a_foreign_epoch_is_not_recovered(
 
 def topic_of(channel: str) -> bytes:
     """The pub/sub topic of a channel: hub/redis_broker.py, prefix `hub:`, db 0."""
-    return b"hub:c:0:" + channel.encode()
+    return b"hub:c:0:{" + channel.encode() + b"}"
 
 
 async def numsub(rds: redis.asyncio.Redis, channel: str) -> int:
@@ -548,7 +548,7 @@ async def test_a_node_subscribes_a_topic_only_while_it_has_local_subscribers(
 ) -> None:
     prefix = unique("news:interest")
     channel, marker = prefix + "-x", unique("news:marker")
-    pattern = topic_of(prefix) + b"*"
+    pattern = topic_of(prefix)[:-1] + b"*"  # the topics of every channel named so, and more
     user_b = unique("ib")
     async with connect(cluster.a.ws_url, token(unique("ia1"))) as a1, \
             connect(cluster.a.ws_url, token(unique("ia2"))) as a2, \

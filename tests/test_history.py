@@ -183,13 +183,21 @@ async def test_recovery_with_another_epoch_is_not_recovered(
     assert live["offset"] == 4
 
 
-async def test_recovery_from_an_offset_in_the_future_is_not_recovered(
+async def test_recovery_from_an_offset_in_the_future_starts_a_new_epoch(
     hnode: RunningNode, api: httpx.AsyncClient
 ) -> None:
+    """A client that saw offset 5 of an epoch whose history ends at 1: the broker lost
+    messages (a failover), and offsets 2.. must not be given to other messages in that
+    epoch (PROTOCOL §5)."""
     last = await publish(api, "feed:future", 1)
     async with connect(hnode.ws_url, token("alice")) as alice:
         reply = await subscribe_since(alice, "feed:future", 5, last["epoch"])
-    assert reply["recovered"] is False and reply["offset"] == 1
+        assert reply["recovered"] is False
+        assert (reply["offset"], reply["epoch"] != last["epoch"]) == (0, True)
+        after = await publish(api, "feed:future", 2)
+        assert after == {"offset": 1, "epoch": reply["epoch"]}
+        got = await alice.expect("message")
+        assert (got["offset"], got["epoch"], got["data"]) == (1, reply["epoch"], 2)
 
 
 async def test_recovery_older_than_kept_history_is_not_recovered(

@@ -16,8 +16,8 @@ import pytest
 from hub.errors import BrokerUnavailable
 from hub.presence import NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo
-from hub.redis_broker import create_redis_client
 from hub.redis_presence import RedisPresence
+from hub.redis_topology import create_server_client
 from tests.redis_server import free_port
 from tests.support import eventually
 
@@ -134,7 +134,7 @@ async def test_the_heartbeat_writes_everything_again_after_redis_lost_it(
         assert len(await n2.members("big")) == 1_200
         nodes = await n2.nodes(snapshot("n2", {}, set()))
         assert [n.node for n in nodes] == ["n1", "n2"]
-        assert 29_000 < await raw.pttl("hub:p:room") <= 30_000
+        assert 29_000 < await raw.pttl("hub:p:{room}") <= 30_000
 
 
 class SlowHeartbeat(RedisPresence):
@@ -160,7 +160,7 @@ async def test_a_member_removed_during_a_heartbeat_stays_removed(
 
 
 async def test_an_unreachable_redis_fails_fast_but_leave_does_not_raise() -> None:
-    client = create_redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    client = create_server_client(f"redis://127.0.0.1:{free_port()}/0")
     presence = RedisPresence(client, "n1", 30)
     started = time.monotonic()
     await presence.start()  # not an error: the heartbeat retries
@@ -177,9 +177,9 @@ async def test_an_unreachable_redis_fails_fast_but_leave_does_not_raise() -> Non
 
 async def test_a_node_that_stops_heartbeating_drops_out_within_the_ttl(redis_url: str) -> None:
     ttl = 2.0
-    dying = RedisPresence(create_redis_client(redis_url), "dying", ttl)
-    alive = RedisPresence(create_redis_client(redis_url), "alive", ttl)
-    observer = RedisPresence(create_redis_client(redis_url), "observer", ttl)
+    dying = RedisPresence(create_server_client(redis_url), "dying", ttl)
+    alive = RedisPresence(create_server_client(redis_url), "alive", ttl)
+    observer = RedisPresence(create_server_client(redis_url), "observer", ttl)
     nobody = snapshot("observer", {}, set())
 
     async def beat_forever() -> None:

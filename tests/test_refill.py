@@ -32,7 +32,8 @@ from hub.broker import HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.node import Node
 from hub.protocol import Message
-from hub.redis_broker import RedisBroker, create_redis_client
+from hub.redis_broker import RedisBroker
+from hub.redis_topology import create_server_client
 from hub.session import Session
 from hub.subscriptions import Cohort
 from tests.broker_events import Recorder
@@ -104,7 +105,7 @@ def gate_history(node: Node, monkeypatch: pytest.MonkeyPatch) -> HistoryGate:
 async def other_broker(url: str) -> AsyncIterator[RedisBroker]:
     """A second path into the same Redis (another node's broker, without subscriptions:
     its connection is not a pub/sub client, so CLIENT KILL TYPE pubsub spares it)."""
-    broker = RedisBroker(create_redis_client(url))
+    broker = RedisBroker(create_server_client(url))
     await broker.start(Recorder())
     try:
         yield broker
@@ -272,7 +273,7 @@ async def test_the_pubsub_backoff_survives_a_long_run_of_failures(
 
     listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    broker = RedisBroker(create_redis_client(f"redis://127.0.0.1:{port}/0"), backoff_cap=0)
+    broker = RedisBroker(create_server_client(f"redis://127.0.0.1:{port}/0"), backoff_cap=0)
     caplog.set_level(logging.ERROR, logger="hub.redis")
     try:
         await broker.start(Recorder())
@@ -523,8 +524,10 @@ async def test_a_second_outage_while_the_refill_reads_is_filled_too(
             await eventually(lambda: len(gate.held) == 1, what="the refill's read")
             await cut_pubsub(server)  # the second outage
             await publish_numbers(other, channel, 5, 6)
-            await eventually(lambda: node.subscriptions.generation == 2 and node.broker.up,
-                             what="the second reconnect")
+            await eventually(
+                lambda: node.subscriptions.generation_of(channel) == 2 and node.broker.up,
+                what="the second reconnect",
+            )
         finally:
             gate.release_all()
         assert await frames_until(old, 6) == messages(3, 6)

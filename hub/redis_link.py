@@ -1,0 +1,286 @@
+"""One supervised pub/sub connection to one shard (the only server, the Sentinel master, or
+one master of a Cluster): PROTOCOL §5-§6 in practice.
+
+The link subscribes the topics its owner wants on that shard, reads publications, probes a
+silent connection with PING (a half-open one is taken for dead within two intervals),
+asks its owner whether the server is still the shard's master, and reconnects with
+backoff and jitter. It tells its owner when it goes down and comes back, with the topics
+concerned, so the node can fill their gap from history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from redis.asyncio.connection import AbstractConnection
+
+from hub.errors import BrokerUnavailable
+from hub.redis_support import Incident
+from hub.redis_topology import REDIS_ERRORS
+from hub.tasks import cancel
+
+log = logging.getLogger("hub.redis")
+
+_BATCH = 1000  # topics per (S)SUBSCRIBE command
+
+
+class LinkOwner(Protocol):
+    def wanted(self, link: Link) -> list[bytes]:
+        """The topics this link must carry now."""
+
+    def deliver(self, topic: bytes, payload: bytes) -> None: ...
+
+    def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None: ...
+
+    def went_down(self, link: Link, topics: list[bytes]) -> None: ...
+
+    def lost_topic(self, link: Link, topic: bytes) -> None:
+        """Redis unsubscribed a wanted topic by itself (its slot moved away)."""
+
+    async def still_serves(self, link: Link, connection: AbstractConnection) -> bool: ...
+
+
+class Link:
+    def __init__(
+        self,
+        shard: str,
+        connect: Callable[[], AbstractConnection],
+        owner: LinkOwner,
+        *,
+        sharded: bool,
+        ping_interval: float,
+        timeout: float,
+        backoff_cap: float,
+    ) -> None:
+        self.shard = shard
+        self._new_connection = connect
+        self._owner = owner
+        self._subscribe, self._unsubscribe = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        )
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._unsubscribed_kind = b"sunsubscribe" if sharded else b"unsubscribe"
+        self._ping_interval = ping_interval
+        self._timeout = timeout
+        self._backoff_cap = backoff_cap
+        self.up = False
+        self._was_up = False
+        # Redis clock minus ours (ms), measured at each connect.
+        self.clock_skew_ms = 0.0
+        self._conn: AbstractConnection | None = None  # set once subscribed to all wanted
+        self.sent: set[bytes] = set()
+        self._confirms: dict[bytes, deque[asyncio.Future[bool]]] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.first_attempt = asyncio.Event()
+        self._incident = Incident(log, f"Redis pub/sub connection to {shard}")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"hub-redis-{self.shard}")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The loop only ends by `close`; anything else is a bug, logged, and restarted so
+        the node does not lose its relay for good."""
+        if task is not self._task or task.cancelled():
+            return
+        log.error("Redis pub/sub loop ended unexpectedly (%r); restarting it", task.exception())
+        self.start()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        await cancel(task)
+        self.up = False
+
+    # subscriptions
+
+    async def subscribe(self, topic: bytes) -> None:
+        """Returns once Redis confirmed it, so a history read that follows misses nothing.
+        Raises BrokerUnavailable while the link is down or when Redis did not confirm in
+        time. Calls for one topic reach Redis in the order they were made: the lock is
+        taken before anything else awaits."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise BrokerUnavailable(f"the pub/sub connection to {self.shard} is down")
+            pending = self._confirms.get(topic)
+            if topic in self.sent:
+                waiter = pending[-1] if pending else None
+            else:
+                waiter = asyncio.get_running_loop().create_future()
+                self._confirms.setdefault(topic, deque()).append(waiter)
+                self.sent.add(topic)
+                try:
+                    await conn.send_command(self._subscribe, topic)
+                except REDIS_ERRORS as exc:
+                    self.sent.discard(topic)
+                    raise BrokerUnavailable("cannot subscribe: Redis is unreachable") from exc
+        if waiter is None:
+            return
+        try:
+            confirmed = await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
+        except TimeoutError:
+            confirmed = False
+        if not confirmed:
+            # If Redis does subscribe it after all, what it relays is delivered: the node
+            # drops what it no longer wants.
+            self.sent.discard(topic)
+            raise BrokerUnavailable("Redis did not confirm the subscription")
+
+    async def unsubscribe(self, topic: bytes) -> None:
+        """Never raises: if the connection is broken, the reconnect forgets the topic."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None or topic not in self.sent:
+                return
+            self.sent.discard(topic)
+            try:
+                await conn.send_command(self._unsubscribe, topic)
+            except REDIS_ERRORS as exc:
+                log.debug("%s failed, the reconnect will drop it: %s", self._unsubscribe, exc)
+
+    # the loop
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while True:
+            conn = self._new_connection()
+            try:
+                backlog = await self._connect(conn)
+                failures = 0
+                self._went_up(backlog)
+                await self._read(conn)
+            except REDIS_ERRORS as exc:
+                failures += 1
+                self._went_down(exc)
+            except Exception as exc:
+                # A bug, not an outage; still, the node must not lose its relay for good.
+                log.exception("Redis pub/sub loop failed")
+                failures += 1
+                self._went_down(exc)
+            finally:
+                await self._drop(conn)
+                self.first_attempt.set()
+            # The exponent is capped: 2**1024 overflows a float after a long outage.
+            delay = min(self._backoff_cap, 0.05 * 2 ** min(failures, 16))
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    async def _connect(self, conn: AbstractConnection) -> list[list[Any]]:
+        """Connect and subscribe every wanted topic; return the publications that arrived
+        before all confirmations, to be delivered after the owner heard of the link."""
+        # `connect` is untyped in redis-py's own annotations.
+        await cast(Any, conn).connect()
+        await self._measure_clock(conn)
+        async with self._lock:
+            topics = self._owner.wanted(self)
+            for start in range(0, len(topics), _BATCH):
+                await conn.send_command(self._subscribe, *topics[start : start + _BATCH])
+            unconfirmed = set(topics)
+            backlog: list[list[Any]] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout + len(topics) / 10_000
+            while unconfirmed:
+                remaining = deadline - loop.time()
+                reply: Any = await conn.read_response(timeout=max(remaining, 0.001))
+                if reply is None:
+                    raise TimeoutError("Redis did not confirm the resubscription")
+                kind = _kind(reply)
+                if kind == self._confirm_kind:
+                    unconfirmed.discard(reply[1])
+                elif kind == self._message_kind:
+                    backlog.append(reply)
+            self.sent = set(topics)
+            self._conn = conn
+        return backlog
+
+    async def _measure_clock(self, conn: AbstractConnection) -> None:
+        sent = time.time() * 1000
+        await conn.send_command("TIME")
+        seconds, micros = await conn.read_response(timeout=self._timeout)
+        received = time.time() * 1000
+        redis_ms = int(seconds) * 1000 + int(micros) / 1000
+        self.clock_skew_ms = redis_ms - (sent + received) / 2
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        """Read until the connection fails. A connection silent for a ping interval gets a
+        PING, and its owner is asked whether the server still serves the shard; one still
+        silent an interval later is taken for dead (half-open socket)."""
+        pinged = False
+        while True:
+            reply: Any = await conn.read_response(timeout=self._ping_interval)
+            if reply is None:
+                if pinged:
+                    raise TimeoutError("Redis did not answer PING on the pub/sub connection")
+                await conn.send_command("PING")
+                pinged = True
+                if not await self._owner.still_serves(self, conn):
+                    raise ConnectionError(f"{self.shard} moved to another server (failover)")
+                continue
+            pinged = False
+            self._handle(reply)
+
+    def _handle(self, reply: Any) -> None:
+        kind = _kind(reply)
+        if kind == self._message_kind:
+            self._owner.deliver(reply[1], reply[2])
+        elif kind == self._confirm_kind:
+            pending = self._confirms.get(reply[1])
+            if pending:
+                waiter = pending.popleft()
+                if not waiter.done():
+                    waiter.set_result(True)
+            if pending is not None and not pending:
+                del self._confirms[reply[1]]
+        elif kind == self._unsubscribed_kind and reply[1] in self.sent:
+            self.sent.discard(reply[1])  # not asked for: Redis moved its slot away
+            self._owner.lost_topic(self, reply[1])
+
+    def _went_up(self, backlog: list[list[Any]]) -> None:
+        reconnected, self._was_up, self.up = self._was_up, True, True
+        self._incident.recovered()
+        self.first_attempt.set()
+        log.info("Redis pub/sub to %s %s", self.shard, "reconnected" if reconnected else "up")
+        _notify(self._owner.went_up, self, sorted(self.sent), reconnected)
+        for reply in backlog:
+            self._owner.deliver(reply[1], reply[2])
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._incident.failed(exc)
+        if self.up:
+            self.up = False
+            _notify(self._owner.went_down, self, sorted(self.sent))
+
+    async def _drop(self, conn: AbstractConnection) -> None:
+        self._conn = None
+        self.sent = set()
+        for pending in self._confirms.values():
+            for waiter in pending:
+                if not waiter.done():
+                    waiter.set_result(False)
+        self._confirms.clear()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await conn.disconnect(nowait=True)
+
+
+def _notify(callback: Callable[..., object], *args: Any) -> None:
+    """A failing owner callback is a bug: logged, and the relay goes on."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("broker event handler %s failed", getattr(callback, "__qualname__", ""))
+
+
+def _kind(reply: Any) -> bytes:
+    if isinstance(reply, list) and reply:
+        head = reply[0]
+        return head.lower() if isinstance(head, bytes) else b""
+    return reply.lower() if isinstance(reply, bytes) else b""
+
