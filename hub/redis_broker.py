@@ -350,6 +350,9 @@ class RedisBroker:
     def lost_topic(self, link: Link, topic: bytes) -> None:
         self.went_down(link, [topic])
 
+    def failed(self, link: Link, exc: BaseException) -> None:
+        self._look_again.set()
+
     async def still_serves(self, link: Link, connection: AbstractConnection) -> bool:
         return await self._topology.still_serves(link.shard, connection)
 
@@ -362,8 +365,12 @@ class RedisBroker:
         """Keep one link per shard, and each wanted topic on its shard's link: read the
         shards again when a link fails or a topic moves, and now and then."""
         while True:
+            # While a shard is unreachable its replica may be promoted any moment: look
+            # often (PROTOCOL §6: served again within 5 s of the promotion).
+            reachable, known = self.health()
+            pause = TOPOLOGY_CHECK_SECONDS if known and reachable == known else 0.5
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._look_again.wait(), TOPOLOGY_CHECK_SECONDS)
+                await asyncio.wait_for(self._look_again.wait(), pause)
             self._look_again.clear()
             try:
                 await self._refresh()

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from hub.errors import BrokerUnavailable
 from hub.redis_support import Incident
@@ -29,6 +31,8 @@ from hub.tasks import cancel
 log = logging.getLogger("hub.redis")
 
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
+# Answers of a Cluster whose shards are changing under the link.
+_UNSETTLED = (AskError, ClusterDownError, TryAgainError)  # MovedError is an AskError
 
 
 class LinkOwner(Protocol):
@@ -43,6 +47,9 @@ class LinkOwner(Protocol):
 
     def lost_topic(self, link: Link, topic: bytes) -> None:
         """Redis unsubscribed a wanted topic by itself (its slot moved away)."""
+
+    def failed(self, link: Link, exc: BaseException) -> None:
+        """A connection attempt or a connection failed: the shards may have changed."""
 
     async def still_serves(self, link: Link, connection: AbstractConnection) -> bool: ...
 
@@ -65,6 +72,7 @@ class Link:
         self._subscribe, self._unsubscribe = (
             ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         )
+        self._sharded = sharded
         self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
         self._message_kind = b"smessage" if sharded else b"message"
         self._unsubscribed_kind = b"sunsubscribe" if sharded else b"unsubscribe"
@@ -88,12 +96,16 @@ class Link:
         self._task.add_done_callback(self._loop_ended)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """The loop only ends by `close`; anything else is a bug, logged, and restarted so
-        the node does not lose its relay for good."""
+        """The loop only ends by `close`; anything else is a bug, logged, and restarted (a
+        backoff later) so the node does not lose its relay for good."""
         if task is not self._task or task.cancelled():
             return
         log.error("Redis pub/sub loop ended unexpectedly (%r); restarting it", task.exception())
-        self.start()
+        asyncio.get_running_loop().call_later(self._backoff_cap, self._restart, task)
+
+    def _restart(self, ended: asyncio.Task[None]) -> None:
+        if self._task is ended:  # not closed meanwhile
+            self.start()
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -152,12 +164,18 @@ class Link:
     async def _supervise(self) -> None:
         failures = 0
         while True:
-            conn = self._new_connection()
+            conn: AbstractConnection | None = None
             try:
+                conn = self._new_connection()
                 backlog = await self._connect(conn)
                 failures = 0
                 self._went_up(backlog)
                 await self._read(conn)
+            except _UNSETTLED as exc:
+                # The shard moved (a replica being promoted, a slot migrating): try again
+                # soon, once the owner has read the shards again.
+                failures = min(failures + 1, 2)
+                self._went_down(exc)
             except REDIS_ERRORS as exc:
                 failures += 1
                 self._went_down(exc)
@@ -181,8 +199,8 @@ class Link:
         await self._measure_clock(conn)
         async with self._lock:
             topics = self._owner.wanted(self)
-            for start in range(0, len(topics), _BATCH):
-                await conn.send_command(self._subscribe, *topics[start : start + _BATCH])
+            for batch in self._batches(topics):
+                await conn.send_command(self._subscribe, *batch)
             unconfirmed = set(topics)
             backlog: list[list[Any]] = []
             loop = asyncio.get_running_loop()
@@ -200,6 +218,15 @@ class Link:
             self.sent = set(topics)
             self._conn = conn
         return backlog
+
+    def _batches(self, topics: list[bytes]) -> list[list[bytes]]:
+        """Topics per (S)SUBSCRIBE command: SSUBSCRIBE takes one slot's channels only."""
+        if not self._sharded:
+            return [topics[start : start + _BATCH] for start in range(0, len(topics), _BATCH)]
+        by_slot: dict[int, list[bytes]] = {}
+        for topic in topics:
+            by_slot.setdefault(key_slot(topic), []).append(topic)
+        return list(by_slot.values())
 
     async def _measure_clock(self, conn: AbstractConnection) -> None:
         sent = time.time() * 1000
@@ -245,7 +272,7 @@ class Link:
 
     def _went_up(self, backlog: list[list[Any]]) -> None:
         reconnected, self._was_up, self.up = self._was_up, True, True
-        self._incident.recovered()
+        self._incident.recovered(for_sure=True)
         self.first_attempt.set()
         log.info("Redis pub/sub to %s %s", self.shard, "reconnected" if reconnected else "up")
         _notify(self._owner.went_up, self, sorted(self.sent), reconnected)
@@ -254,11 +281,12 @@ class Link:
 
     def _went_down(self, exc: BaseException) -> None:
         self._incident.failed(exc)
+        _notify(self._owner.failed, self, exc)
         if self.up:
             self.up = False
             _notify(self._owner.went_down, self, sorted(self.sent))
 
-    async def _drop(self, conn: AbstractConnection) -> None:
+    async def _drop(self, conn: AbstractConnection | None) -> None:
         self._conn = None
         self.sent = set()
         for pending in self._confirms.values():
@@ -266,8 +294,9 @@ class Link:
                 if not waiter.done():
                     waiter.set_result(False)
         self._confirms.clear()
-        with contextlib.suppress(*REDIS_ERRORS):
-            await conn.disconnect(nowait=True)
+        if conn is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await conn.disconnect(nowait=True)
 
 
 def _notify(callback: Callable[..., object], *args: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError
@@ -222,21 +223,29 @@ class Script(NamedTuple):
 
 class Incident:
     """Logs when something starts failing and when it works again, not every failure between:
-    a Redis outage under load would otherwise write one line per message."""
+    a Redis outage under load would otherwise write one line per message. It works again
+    once it has not failed for `QUIET_SECONDS` (on a Cluster with one shard down, commands
+    to the others succeed between the failures)."""
+
+    QUIET_SECONDS = 2.0
 
     def __init__(self, logger: logging.Logger, what: str) -> None:
         self._logger = logger
         self._what = what
         self._failures = 0
+        self._failed_at = 0.0
 
     def failed(self, exc: BaseException) -> None:
         self._failures += 1
+        self._failed_at = time.monotonic()
         if self._failures == 1:
             self._logger.warning("%s failing: %s: %s", self._what, type(exc).__name__, exc)
         else:
             self._logger.debug("%s still failing: %s", self._what, exc)
 
-    def recovered(self) -> None:
-        if self._failures:
+    def recovered(self, *, for_sure: bool = False) -> None:
+        """`for_sure`: no need to wait for quiet (a connection is up again)."""
+        quiet = for_sure or time.monotonic() - self._failed_at >= self.QUIET_SECONDS
+        if self._failures and quiet:
             self._logger.info("%s works again after %d failures", self._what, self._failures)
             self._failures = 0
