@@ -100,8 +100,10 @@ class ClientCommands:
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None
     ) -> StreamPosition | None:
         client.permissions.check_publish(channel)
-        return await self.node.publish(channel, data, event, from_user=client.user,
-                                       source="client")
+        return await self.node.publish(
+            channel, data, event, from_user=client.user, from_client=client.client_id,
+            from_info=client.identity.info, source="client",
+        )
 
     async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
         """Members without their node: that is the operators' business."""
@@ -141,7 +143,9 @@ class ClientCommands:
                     await node.presence.remove(channel, client.client_id)
             if namespace.join_leave:
                 kind = p.Join if joined else p.Leave
-                event = kind(channel=channel, user=client.user, client=client.client_id)
+                info = client.identity.info
+                event = kind(channel=channel, user=client.user, client=client.client_id,
+                             info=info if info is not None else p.NO_RAW)
                 await node.broker.publish(channel, event)
         except Exception as exc:
             log.warning("presence or join/leave update failed: %s", exc)

@@ -19,8 +19,9 @@ from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, close_reason
 from hub.node import Node
-from hub.session import ASGIReceive, Session
+from hub.session import ASGIReceive
 from hub.wire import ASGISend, WritePath
+from hub.ws_session import WsSession
 
 log = logging.getLogger("hub.connection")
 
@@ -77,7 +78,7 @@ class WebSocketEndpoint:
     ) -> None:
         node, commands = self.node, self.commands
         outbound = self.write_path.outbound_for(send)
-        session = Session(commands, outbound, new_client_id(), identity)
+        session = WsSession(commands, outbound, new_client_id(), identity)
         interval = node.settings.ping_interval
         session.reply(p.Welcome(
             client=session.client_id,

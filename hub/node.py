@@ -25,7 +25,7 @@ from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.settings import Settings
 from hub.subscriptions import Subscriptions, history_options
 from hub.tasks import cancel
-from hub.wire import CLOSE_HANDSHAKE_SECONDS, frame_of
+from hub.wire import CLOSE_HANDSHAKE_SECONDS
 
 log = logging.getLogger("hub.node")
 
@@ -139,7 +139,7 @@ class Node:
             lag = time.time() - relayed.ts / 1000
             self.metrics.delivery_lag_seconds.observe(max(0.0, lag))
         elif isinstance(relayed, p.Join | p.Leave):
-            self.subscriptions.deliver_event(channel, frame_of(relayed))
+            self.subscriptions.deliver_event(channel, relayed)
         elif isinstance(relayed, p.Disconnect):
             self.hub.close_user(relayed.user, relayed.code, relayed.reason)
 
@@ -161,13 +161,18 @@ class Node:
         event: str | None = None,
         *,
         from_user: str | None = None,
+        from_client: str | None = None,
+        from_info: msgspec.Raw | None = None,
         source: str = "api",
     ) -> StreamPosition | None:
         """Publish to a channel (`@user` included); returns the offset and epoch on a
-        channel with history."""
+        channel with history. A client publish names its user, connection and token info."""
         check_name(channel)
         options = history_options(self.settings, channel)
-        message = p.Message(channel=channel, data=data, ts=now_ms(), event=event, from_=from_user)
+        message = p.Message(
+            channel=channel, data=data, ts=now_ms(), event=event, from_=from_user,
+            client=from_client, info=from_info if from_info is not None else p.NO_RAW,
+        )
         started = time.perf_counter()
         position = await self.broker.publish(channel, message, options)
         self.metrics.publish_seconds.observe(time.perf_counter() - started)

@@ -142,7 +142,16 @@ class Welcome(_Frame, tag="welcome"):
     id: int | None = None
 
 
+NO_RAW = msgspec.Raw()
+"""An absent raw field. msgspec decodes no `Raw | None`, and it leaves a default out of an
+encoding only when it is this very object (an empty Raw of one's own encodes as nothing)."""
+
+
 class Message(_Frame, tag="message"):
+    """A publication as it travels between nodes and is kept in history. `client` and
+    `info` (the publishing connection and its token's `info`, for client publishes) are for
+    protocols that show them (Centrifugo's); `/ws` frames leave them out (`on_ws`)."""
+
     channel: str
     data: msgspec.Raw
     ts: int
@@ -150,18 +159,31 @@ class Message(_Frame, tag="message"):
     from_: str | None = msgspec.field(default=None, name="from")
     offset: int | None = None
     epoch: str | None = None
+    client: str | None = None
+    info: msgspec.Raw = NO_RAW
+
+    def on_ws(self) -> Message:
+        """As a `/ws` frame shows it (PROTOCOL §3)."""
+        if self.client is None and self.info is NO_RAW:
+            return self
+        return msgspec.structs.replace(self, client=None, info=NO_RAW)
 
 
 class Join(_Frame, tag="join"):
+    """`info` (the token's) travels between nodes for protocols that show it; `/ws` frames
+    leave it out."""
+
     channel: str
     user: str
     client: str
+    info: msgspec.Raw = NO_RAW
 
 
 class Leave(_Frame, tag="leave"):
     channel: str
     user: str
     client: str
+    info: msgspec.Raw = NO_RAW
 
 
 class Disconnect(_Frame, tag="disconnect"):

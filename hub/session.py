@@ -1,8 +1,9 @@
-"""One `/ws` connection after it authenticated: its frames in and out (PROTOCOL §3).
+"""One WebSocket connection after it authenticated, whichever wire protocol it speaks.
 
-A reader runs commands in order, under a token-bucket rate limit and the token's expiry;
-`push` writes straight to the socket when it can and otherwise queues into a bounded
-queue that a writer task drains. What the commands do is `hub.commands`' business.
+A reader hands each text frame to the protocol (`handle`, in `hub.ws_session` and
+`hub.centrifugo_session`), under a token-bucket rate limit and the token's expiry; `push`
+writes straight to the socket when it can and otherwise queues into a bounded queue that a
+writer task drains. What the commands do is `hub.commands`' business.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-
-from hub import protocol as p
 from hub.auth import Identity
+from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import ClientCommands
-from hub.errors import CloseCode, ErrorCode, HubError, close_reason
-from hub.subscriptions import Joined
-from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound, frame_of
+from hub.errors import CloseCode, ErrorCode, close_reason
+from hub.hub import Codec
+from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
 
 log = logging.getLogger("hub.session")
 
@@ -42,9 +41,11 @@ class _Close:
 
 
 class Session:
+    """The part of a connection that does not depend on its protocol."""
+
+    codec: Codec
     __slots__ = (
         "_abandoned",
-        "_commands",
         "_expiry_timer",
         "_limited_at",
         "_limited_since",
@@ -55,6 +56,7 @@ class Session:
         "_waiter",
         "client_id",
         "close_code",
+        "commands",
         "identity",
         "permissions",
         "queue",
@@ -64,7 +66,7 @@ class Session:
     def __init__(
         self, commands: ClientCommands, outbound: Outbound, client_id: str, identity: Identity
     ) -> None:
-        self._commands = commands
+        self.commands = commands
         self._outbound = outbound
         self.client_id = client_id
         self.identity = identity
@@ -94,20 +96,16 @@ class Session:
             return True
         if self._outbound.closed:
             return False
-        if len(queue) >= self._commands.settings.queue_limit:
-            self._commands.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
+        if len(queue) >= self.commands.settings.queue_limit:
+            self.commands.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
             return False
         queue.append(frame)
         self._wake_writer()
         return True
 
-    def reply(self, frame: msgspec.Struct) -> None:
-        self.push(frame_of(frame))
-
-    def error(self, code: ErrorCode, message: str, frame_id: int | None) -> None:
-        self._commands.metrics.command_errors.labels(code.value).inc()
-        self.reply(p.Error(code=code.value, message=message, id=frame_id))
+    def count_error(self, code: ErrorCode) -> None:
+        self.commands.metrics.command_errors.labels(code.value).inc()
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
         """Close after the queued frames (`flush`) or at once, dropping them."""
@@ -147,7 +145,7 @@ class Session:
                     continue
                 closing = queue.popleft()
                 assert isinstance(closing, _Close)
-                await outbound.close(closing.code, closing.reason)
+                await outbound.close(*self.wire_close(closing.code, closing.reason))
                 self._abandon_later()
                 return
         except OSError:
@@ -183,7 +181,7 @@ class Session:
                     if text is None:
                         self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
                         continue
-                    if self.close_code is None and self._allow(text):
+                    if self.close_code is None:
                         await self.handle(text)
                 elif kind == "websocket.disconnect":
                     code = int(message.get("code", CloseCode.NORMAL))
@@ -203,8 +201,10 @@ class Session:
                 writer.cancel()
         return code
 
-    def _allow(self, text: str) -> bool:
-        settings = self._commands.settings
+    def allow(self) -> bool:
+        """Take a token for one command; False: refuse it (the protocol answers so), and
+        past HUB_RATE_LIMIT_GRACE of refusals the connection is closed with 4029."""
+        settings = self.commands.settings
         rate = settings.rate_limit
         if not rate:
             return True
@@ -222,73 +222,28 @@ class Session:
             self.close(CloseCode.TOO_MANY_COMMANDS, "too many commands", flush=False)
             return False
         self._limited_at = now
-        self.error(ErrorCode.RATE_LIMITED, "too many commands, slow down", p.frame_id_of(text))
         return False
 
+    # what a protocol adds
+
     async def handle(self, text: str) -> None:
-        frame_id: int | None = None
-        try:
-            command = p.decode_command(text)
-            frame_id = command.id
-            await self.dispatch(command)
-        except p.BadFrame as exc:
-            self.error(exc.code, exc.message, exc.frame_id)
-        except HubError as exc:
-            self.error(exc.code, exc.message, frame_id)
-        except Exception:
-            log.exception("command failed", extra={"client": self.client_id, "user": self.user})
-            self.error(ErrorCode.INTERNAL, "internal error", frame_id)
+        """One text frame of the client."""
+        raise NotImplementedError
 
-    async def dispatch(self, command: p.Command) -> None:
-        commands = self._commands
-        match command:
-            case p.Subscribe(id=frame_id, channel=channel, since=since):
-                await commands.subscribe(self, channel, since, self._joined(channel, frame_id))
-            case p.Unsubscribe(id=frame_id, channel=channel):
-                await commands.unsubscribe(self, channel)
-                self.reply(p.Unsubscribed(channel=channel, id=frame_id))
-            case p.Publish(id=frame_id, channel=channel, data=data, event=event):
-                position = await commands.publish(self, channel, data, event)
-                self.reply(p.Published(
-                    channel=channel, id=frame_id,
-                    offset=position.offset if position else None,
-                    epoch=position.epoch if position else None,
-                ))
-            case p.PresenceRequest(id=frame_id, channel=channel):
-                clients = await commands.presence(self, channel)
-                self.reply(p.PresenceReply(channel=channel, clients=clients, id=frame_id))
-            case p.HistoryRequest(id=frame_id, channel=channel, since=since, limit=limit):
-                reply = await commands.history(self, channel, since, limit)
-                reply.id = frame_id
-                self.reply(reply)
-            case p.Refresh(id=frame_id, token=token):
-                identity = await commands.refresh(self, token)
-                self.identity = identity
-                self.permissions = Permissions(
-                    commands.settings, identity.channels, identity.publish
-                )
-                self._arm_expiry()
-                self.reply(p.Refreshed(expires=identity.expires, id=frame_id))
-            case p.Ping(id=frame_id):
-                self.reply(p.Pong(id=frame_id))
-            case p.Auth(id=frame_id):
-                raise HubError(ErrorCode.BAD_REQUEST, "already authenticated; use refresh")
+    def reset(self, channel: str, position: StreamPosition) -> bool:
+        """`Subscriber.reset`."""
+        raise NotImplementedError
 
-    def _joined(self, channel: str, frame_id: int | None) -> Callable[[Joined], None]:
-        """The `subscribed` reply, then the recovered messages."""
+    def wire_close(self, code: int, reason: str) -> tuple[int, str]:
+        """The close code and reason this protocol sends for one of the hub's (PROTOCOL §3)."""
+        return code, reason
 
-        def reply(start: Joined) -> None:
-            position = start.position
-            self.reply(p.Subscribed(
-                channel=channel, id=frame_id,
-                offset=position.offset if position else None,
-                epoch=position.epoch if position else None,
-                recovered=start.recovered,
-            ))
-            for message in start.messages:
-                self.reply(message)
-
-        return reply
+    def refreshed(self, identity: Identity) -> None:
+        """Take on a new token for the same user: rights and expiry."""
+        self.identity = identity
+        self.permissions = Permissions(self.commands.settings, identity.channels,
+                                       identity.publish)
+        self._arm_expiry()
 
     # token lifetime
 

@@ -28,13 +28,12 @@ from typing import Any, NamedTuple
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import is_personal
 from hub.errors import BrokerUnavailable
-from hub.hub import Subscriber
+from hub.hub import Codec, Subscriber
 from hub.metrics import Metrics
-from hub.protocol import Message, Reset
+from hub.protocol import Join, Leave, Message
 from hub.refill import Read, Refiller
 from hub.settings import Settings
 from hub.tasks import cancel
-from hub.wire import frame_of
 
 log = logging.getLogger("hub.subscriptions")
 
@@ -42,13 +41,43 @@ _SKIP, _DELIVER, _GAP = 0, 1, 2
 RELAY_RETRY_CAP = 5.0
 
 
-def fan_out(subscribers: Iterable[Subscriber], frame: bytes) -> int:
-    """The hot path: one frame, built once per node, to every subscriber without awaiting;
-    one that fails never stops the others (as in websockets' `broadcast()`). Returns how
-    many took it."""
+class Frames:
+    """What a channel carries, as a frame in each wire protocol, each built once (on first
+    need) however many subscribers speak it."""
+
+    __slots__ = ("_build", "_built")
+
+    def __init__(self, build: Callable[[Codec], bytes]) -> None:
+        self._build = build
+        self._built: dict[Codec, bytes] = {}
+
+    @classmethod
+    def of_message(cls, message: Message) -> Frames:
+        return cls(lambda codec: codec.message(message))
+
+    @classmethod
+    def of_event(cls, event: Join | Leave) -> Frames:
+        return cls(lambda codec: codec.event(event))
+
+    def frame(self, codec: Codec) -> bytes:
+        built = self._built.get(codec)
+        if built is None:
+            built = self._built[codec] = self._build(codec)
+        return built
+
+
+def fan_out(subscribers: Iterable[Subscriber], frames: Frames) -> int:
+    """The hot path: a frame built once per node (per protocol) to every subscriber without
+    awaiting; one that fails never stops the others (as in websockets' `broadcast()`).
+    Returns how many took it."""
     delivered = 0
+    codec: Codec | None = None
+    frame = b""
     for subscriber in subscribers:
         try:
+            if subscriber.codec is not codec:  # most share one: no lookup per recipient
+                codec = subscriber.codec
+                frame = frames.frame(codec)
             delivered += subscriber.push(frame)
         except Exception:
             log.exception("delivery to one connection failed; the others go on")
@@ -362,10 +391,10 @@ class Subscriptions:
         for held in channel.joiners.values():
             held.append(message)
         cohorts = channel.cohorts
+        frames = Frames.of_message(message)
         if len(cohorts) == 1 and cohorts[0].epoch is None:  # no history: no positions
-            self._delivered.inc(fan_out(cohorts[0].members, frame_of(message)))
+            self._delivered.inc(fan_out(cohorts[0].members, frames))
             return
-        frame: bytes | None = None
         delivered = 0
         for cohort in cohorts:
             if cohort.held is not None:
@@ -373,8 +402,7 @@ class Subscriptions:
                 continue
             step = cohort.advance(message)
             if step == _DELIVER:
-                frame = frame or frame_of(message)
-                delivered += fan_out(cohort.members, frame)
+                delivered += fan_out(cohort.members, frames)
             elif step == _GAP:
                 self._hold(channel, cohort, [message])
         if delivered:
@@ -382,11 +410,11 @@ class Subscriptions:
         if len(cohorts) > 1:
             self._merge(channel)
 
-    def deliver_event(self, name: str, frame: bytes) -> None:
+    def deliver_event(self, name: str, event: Join | Leave) -> None:
         """Join and leave: no positions, to every member."""
         channel = self._channels.get(name)
         if channel is not None:
-            fan_out(list(channel.members()), frame)
+            fan_out(list(channel.members()), Frames.of_event(event))
 
     def _replay(self, channel: Channel, cohort: Cohort, messages: list[Message]) -> None:
         """`messages` through the rule, in order; at a gap the cohort holds the rest."""
@@ -394,7 +422,7 @@ class Subscriptions:
         for index, message in enumerate(messages):
             step = cohort.advance(message)
             if step == _DELIVER:
-                delivered += fan_out(cohort.members, frame_of(message))
+                delivered += fan_out(cohort.members, Frames.of_message(message))
             elif step == _GAP:
                 self._hold(channel, cohort, messages[index:])
                 break
@@ -517,9 +545,27 @@ class Subscriptions:
         self._replay(channel, cohort, held)
 
     def _reset(self, channel: Channel, cohort: Cohort, position: StreamPosition) -> None:
+        """Each member hears of it in its protocol's terms; those whose protocol ends the
+        subscription there (Centrifugo's clients subscribe again) leave the channel."""
         cohort.offset, cohort.epoch, cohort.last = position.offset, position.epoch, None
-        reset = Reset(channel=channel.name, epoch=position.epoch, offset=position.offset)
-        fan_out(cohort.members, frame_of(reset))
+        for member in list(cohort.members):
+            try:
+                kept = member.reset(channel.name, position)
+            except Exception:
+                log.exception("telling one connection of a reset failed")
+                kept = True
+            if not kept:
+                cohort.members.discard(member)
+                self._count(channel, -1)
+                names = self._channels_of.get(member)
+                if names is not None:
+                    names.discard(channel.name)
+                    if not names:
+                        del self._channels_of[member]
+        if not cohort.members:
+            channel.cohorts.remove(cohort)
+            if not (channel.cohorts or channel.joiners):
+                self._spawn(self._release(channel))
 
 
 def _same(one: Message, other: Message) -> bool:

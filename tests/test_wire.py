@@ -14,9 +14,11 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.streams import StreamReader
 
 import hub.wire
+from hub.broker import StreamPosition
 from hub.session import Session
-from hub.subscriptions import fan_out
+from hub.subscriptions import Frames, fan_out
 from hub.wire import AsgiOutbound, DirectOutbound, payload_of, text_frame
+from hub.ws_session import WS_CODEC
 from tests.conftest import NAMESPACES
 from tests.support import (
     WAIT,
@@ -65,10 +67,15 @@ async def test_sessions_write_straight_to_uvicorns_transport(node: RunningNode) 
 class Recipient:
     """A stand-in subscriber for the fan-out loop alone: takes frames, or raises."""
 
+    codec = WS_CODEC
+
     def __init__(self, name: str, fails: bool = False) -> None:
         self.client_id = self.user = name
         self.fails = fails
         self.frames: list[bytes] = []
+
+    def reset(self, channel: str, position: StreamPosition) -> bool:
+        return True
 
     def push(self, frame: bytes) -> bool:
         if self.fails:
@@ -84,7 +91,7 @@ def test_one_failing_recipient_does_not_stop_the_fan_out(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     recipients = [Recipient("a"), Recipient("b", fails=True), Recipient("c")]
-    assert fan_out(recipients, b"frame") == 2
+    assert fan_out(recipients, Frames(lambda codec: b"frame")) == 2
     assert [r.frames for r in recipients] == [[b"frame"], [], [b"frame"]]
     assert "delivery to one connection failed" in caplog.text
 
