@@ -51,7 +51,7 @@ class WebSocketEndpoint:
         except AuthFailed as exc:
             node.metrics.auth_failures.labels(exc.reason).inc()
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
-            await _close(send, exc.code, str(exc))
+            await close_socket(send, exc.code, str(exc))
             return
         except _Gone:
             return
@@ -69,7 +69,7 @@ class WebSocketEndpoint:
         if not (node.draining or (limit and len(node.hub.sessions) >= limit)):
             return False
         reason = "node draining" if node.draining else "node full"
-        await _close(send, CloseCode.TRY_AGAIN_LATER, reason)
+        await close_socket(send, CloseCode.TRY_AGAIN_LATER, reason)
         node.metrics.disconnections.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
         return True
 
@@ -103,7 +103,7 @@ class WebSocketEndpoint:
         node = self.node
         token = _token_from_handshake(scope)
         if token is None and node.settings.dev:
-            return _dev_identity(scope), None
+            return dev_identity(scope), None
         auth_id = None
         if token is None:
             token, auth_id = await self._token_from_first_frame(receive)
@@ -135,7 +135,7 @@ class _Gone(Exception):
     """The client left during the handshake."""
 
 
-async def _close(send: ASGISend, code: int, reason: str) -> None:
+async def close_socket(send: ASGISend, code: int, reason: str) -> None:
     with contextlib.suppress(OSError):
         await send({"type": "websocket.close", "code": int(code), "reason": close_reason(reason)})
 
@@ -154,7 +154,7 @@ def _query(scope: dict[str, Any]) -> dict[str, list[str]]:
     return parse_qs(scope.get("query_string", b"").decode("latin-1"))
 
 
-def _dev_identity(scope: dict[str, Any]) -> Identity:
+def dev_identity(scope: dict[str, Any]) -> Identity:
     users = _query(scope).get("user")
     user = users[0][:128] if users and users[0] else "dev-" + secrets.token_hex(4)
     return Identity(user=user, expires=None)

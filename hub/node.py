@@ -16,7 +16,7 @@ import msgspec
 
 from hub import protocol as p
 from hub.auth import Authenticator
-from hub.broker import Broker, StreamPosition
+from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
 from hub.hub import Hub
@@ -196,21 +196,28 @@ class Node:
     async def history(
         self, channel: str, since: p.Since | None, limit: int | None
     ) -> p.HistoryReply:
-        check_name(channel)
-        options = history_options(self.settings, channel)
-        if options is None:
-            raise HubError(ErrorCode.FORBIDDEN, "history is off for this channel's namespace")
         if limit is not None and limit < 0:
             raise HubError(ErrorCode.BAD_REQUEST, "limit must be >= 0")
         limit = HISTORY_LIMIT if limit is None else min(limit, HISTORY_LIMIT)
-        position = StreamPosition(since.offset, since.epoch) if since else None
-        page = await self.broker.history(channel, options, position, limit)
+        page = await self.history_page(channel, since, limit)
         return p.HistoryReply(
             channel=channel,
             epoch=page.position.epoch,
             offset=page.position.offset,
             messages=[p.history_item(message) for message in page.messages],
         )
+
+    async def history_page(
+        self, channel: str, since: p.Since | None, limit: int
+    ) -> HistoryPage:
+        """Stored messages of a channel (PROTOCOL §5), whole: at most `limit`, after
+        `since` or the newest."""
+        check_name(channel)
+        options = history_options(self.settings, channel)
+        if options is None:
+            raise HubError(ErrorCode.FORBIDDEN, "history is off for this channel's namespace")
+        position = StreamPosition(since.offset, since.epoch) if since else None
+        return await self.broker.history(channel, options, position, limit)
 
     def snapshot(self) -> NodeSnapshot:
         """This node as presence and stats see it."""

@@ -1,0 +1,191 @@
+"""`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted, the
+first command must be `connect` (within HUB_AUTH_TIMEOUT), its token is the hub's own;
+then a `CentrifugoSession` serves, and one task pings every such connection with `{}`.
+
+Refusals use Centrifugo's close classes, so the SDKs know whether to come back: an invalid
+token 3500 (they stop), an expired one error 109 (they fetch a new token and reconnect), a
+node full or draining 3001 (they reconnect, elsewhere behind a load balancer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from hub import __version__
+from hub import centrifugo_frames as cf
+from hub.auth import AuthFailed, Identity
+from hub.centrifugo_session import PING_FRAME, CentrifugoSession
+from hub.commands import ClientCommands
+from hub.connection import close_socket, dev_identity, new_client_id
+from hub.errors import CloseCode
+from hub.metrics import close_code_label
+from hub.node import Node
+from hub.session import ASGIReceive
+from hub.wire import ASGISend, WritePath
+
+log = logging.getLogger("hub.centrifugo")
+
+CENTRIFUGO_PATH = "/connection/websocket"
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, reason: str, hub_code: int) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.hub_code = code, reason, hub_code
+
+
+class CentrifugoEndpoint:
+    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath) -> None:
+        self.node = node
+        self.commands = commands
+        self.write_path = write_path
+        self.sessions: set[CentrifugoSession] = set()  # whom the pinger pings
+        self._pinging = False
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        try:
+            self._check_room()
+            command, rest = await self._first_command(receive)
+            identity = await self._authenticate(scope, command)
+            self._check_room()  # it may have filled up or begun draining meanwhile
+        except _Refused as refused:
+            self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
+            await close_socket(send, refused.code, refused.reason)
+            return
+        except _Expired as expired:
+            await self._expired(send, receive, expired.command_id)
+            return
+        except _Gone:
+            return
+        await self._serve(identity, command, rest, send, receive)
+
+    def _check_room(self) -> None:
+        node = self.node
+        limit = node.settings.max_connections
+        if node.draining or (limit and len(node.hub.sessions) >= limit):
+            raise _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
+                           CloseCode.TRY_AGAIN_LATER)
+
+    async def _first_command(self, receive: ASGIReceive) -> tuple[cf.Command, list[bytes]]:
+        """The `connect` command, and the commands that came in its frame after it."""
+        node = self.node
+        try:
+            async with asyncio.timeout(node.settings.auth_timeout):
+                message = await receive()
+        except TimeoutError:
+            node.metrics.auth_failures.labels("timeout").inc()
+            raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
+        if message["type"] == "websocket.disconnect":
+            raise _Gone
+        text = message.get("text")
+        messages = cf.split_frame(text) if text is not None else []
+        try:
+            command = cf.decode_command(messages[0]) if messages else None
+        except cf.BadCommand:
+            command = None
+        if command is None or command.connect is None or not command.id:
+            node.metrics.auth_failures.labels("missing").inc()
+            raise _Refused(cf.DisconnectCode.BAD_REQUEST, "bad request", CloseCode.UNAUTHORIZED)
+        return command, messages[1:]
+
+    async def _authenticate(self, scope: dict[str, Any], command: cf.Command) -> Identity:
+        node = self.node
+        assert command.connect is not None
+        token = command.connect.token
+        if not token and node.settings.dev:
+            return dev_identity(scope)
+        try:
+            if not node.authenticator.configured and token:
+                raise AuthFailed("invalid", "no token verification key is configured")
+            identity = await node.authenticator.verify(token)
+        except AuthFailed as exc:
+            node.metrics.auth_failures.labels(exc.reason).inc()
+            if exc.code == CloseCode.TOKEN_EXPIRED:
+                raise _Expired(command.id) from None
+            raise _Refused(cf.DisconnectCode.INVALID_TOKEN, "invalid token",
+                           CloseCode.UNAUTHORIZED) from None
+        if identity.expires is not None and cf.token_ttl(identity.expires, time.time()) < 1:
+            node.metrics.auth_failures.labels("expired").inc()
+            raise _Expired(command.id)
+        return identity
+
+    async def _expired(self, send: ASGISend, receive: ASGIReceive, command_id: int) -> None:
+        """Error 109: the SDK closes, fetches a new token and connects again. Closing first
+        could reach it before the reply, and stop it; so the client closes, or the auth
+        timeout does."""
+        self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
+        reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
+        await send({"type": "websocket.send", "text": cf.encode(reply).decode()})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.node.settings.auth_timeout):
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                return
+        await close_socket(send, cf.DisconnectCode.EXPIRED, "connection expired")
+
+    async def _serve(
+        self,
+        identity: Identity,
+        command: cf.Command,
+        rest: list[bytes],
+        send: ASGISend,
+        receive: ASGIReceive,
+    ) -> None:
+        node, commands = self.node, self.commands
+        session = CentrifugoSession(
+            commands, self.write_path.outbound_for(send), new_client_id(), identity
+        )
+        session.connected(command.id, __version__, node.settings.ping_interval)
+        code: int = CloseCode.INTERNAL_ERROR
+        self.sessions.add(session)
+        self._start_pinging()
+        try:
+            await commands.connect(session)
+            await session.handle_messages(rest)
+            code = await session.run(receive)
+        finally:
+            self.sessions.discard(session)
+            await commands.disconnect(session, code)
+
+    def _start_pinging(self) -> None:
+        if not self._pinging and self.node.settings.ping_interval:
+            self._pinging = True
+            self.node.spawn(self._ping_loop())
+
+    async def _ping_loop(self) -> None:
+        """`{}` to every connection each HUB_PING_INTERVAL; one that did not answer the
+        previous ping is closed with 3012 (centrifuge-python needs the pings themselves:
+        other traffic does not count for it)."""
+        interval = self.node.settings.ping_interval
+        try:
+            while self.sessions:
+                await asyncio.sleep(interval)
+                for session in list(self.sessions):
+                    if session.pong_due:
+                        session.close(cf.DisconnectCode.NO_PONG, "no pong")
+                    else:
+                        session.pong_due = True
+                        session.push(PING_FRAME)
+        finally:
+            self._pinging = False
+
+
+class _Expired(Exception):
+    def __init__(self, command_id: int) -> None:
+        super().__init__("token expired")
+        self.command_id = command_id
+
+
+class _Gone(Exception):
+    """The client left during the handshake."""
+
