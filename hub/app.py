@@ -11,9 +11,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hub import admin, endpoints, openapi
 from hub.broker import Broker, MemoryBroker
+from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
+from hub.commands import ClientCommands
 from hub.connection import WebSocketEndpoint
-from hub.endpoints import routes
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
@@ -33,18 +35,33 @@ def create_backends(settings: Settings) -> tuple[Broker, Presence]:
     return MemoryBroker(), MemoryPresence()
 
 
-class WebSocketRouter:
-    """Sends `/ws` straight to the hub's endpoint with the server's own `send`."""
+def route_path(scope: Scope) -> str:
+    """The path inside this app: under a mount (Starlette's `Mount`, or a server's
+    `--root-path`) `scope["path"]` still carries the prefix, which `root_path` names."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path + "/"):
+        return path[len(root_path):]
+    return path
 
-    def __init__(self, app: ASGIApp, endpoint: WebSocketEndpoint) -> None:
+
+class WebSocketRouter:
+    """Sends the WebSocket paths (`/ws`, `/connection/websocket`) straight to their
+    endpoints with the server's own `send`: no per-frame wrappers on the hot path."""
+
+    def __init__(self, app: ASGIApp, endpoints: dict[str, WebSocketApp]) -> None:
         self.app = app
-        self.endpoint = endpoint
+        self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH:
-            await self.endpoint(dict(scope), receive, send)  # type: ignore[arg-type]
+        endpoint = self.endpoints.get(route_path(scope)) if scope["type"] == "websocket" else None
+        if endpoint is not None:
+            await endpoint(dict(scope), receive, send)  # type: ignore[arg-type]
         else:
             await self.app(scope, receive, send)
+
+
+WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -64,7 +81,11 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await node.stop()
 
-    middleware = [Middleware(WebSocketRouter, endpoint=WebSocketEndpoint(node, write_path))]
+    sockets: dict[str, WebSocketApp] = {WEBSOCKET_PATH: WebSocketEndpoint(node, write_path)}
+    if settings.centrifugo:
+        sockets[CENTRIFUGO_PATH] = CentrifugoEndpoint(node, ClientCommands(node), write_path)
+    middleware = [Middleware(WebSocketRouter, endpoints=sockets)]
+    routes = [*endpoints.routes, *openapi.routes, *admin.routes]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.node = node
     app.state.settings = settings

@@ -37,8 +37,10 @@ def _publish_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     publish.add_argument("channel")
     publish.add_argument("data", help="JSON value")
     publish.add_argument("--event")
-    publish.add_argument("--url", default="http://127.0.0.1:8000", help="node address")
-    publish.add_argument("--api-key", default=os.environ.get("HUB_API_KEY"))
+    publish.add_argument("--url", default=os.environ.get("HUB_URL", "http://127.0.0.1:8000"),
+                         help="node or balancer address (HUB_URL, default http://127.0.0.1:8000)")
+    publish.add_argument("--api-key", default=os.environ.get("HUB_API_KEY"),
+                         help="the API key (HUB_API_KEY; none needed in dev mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,20 +81,32 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    import asyncio
+
     import httpx
+    import msgspec
+
+    from hub.api import HubApiError, HubClient
 
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
         print(f"hub publish: data is not JSON: {exc}", file=sys.stderr)
         return 2
-    body = {"channel": args.channel, "data": data}
-    if args.event:
-        body["event"] = args.event
-    headers = {"X-API-Key": args.api_key} if args.api_key else {}
-    response = httpx.post(f"{args.url.rstrip('/')}/api/publish", json=body, headers=headers)
-    print(response.text)
-    return 0 if response.is_success else 1
+
+    async def publish() -> bytes:
+        async with HubClient(args.url, args.api_key) as hub:
+            return msgspec.json.encode(await hub.publish(args.channel, data, args.event))
+
+    try:
+        print(asyncio.run(publish()).decode())
+    except HubApiError as exc:
+        print(f"hub publish: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"hub publish: {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,54 +1,37 @@
 """The HTTP API of PROTOCOL §1 and §9: publish, broadcast, send, disconnect, presence,
-history, channels, stats, and the probes and metrics."""
+history, channels, stats, and the probes and metrics.
+
+Bodies are decoded into, and replies encoded from, the Structs of `hub.api_types`, which
+are also what `/openapi.json` describes.
+"""
 
 from __future__ import annotations
 
 import hmac
-from typing import Any, TypeVar
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from hub import api_types as t
 from hub import protocol as p
-from hub.errors import (
-    HTTP_STATUS_BY_CODE,
-    BrokerUnavailable,
-    CloseCode,
-    HubError,
-    close_reason,
-)
+from hub.broker import StreamPosition
+from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, ErrorCode, HubError, close_reason
 from hub.node import Node, node_of
 from hub.presence import cluster_stats
 
+log = logging.getLogger("hub.endpoints")
+
 MAX_BODY_BYTES = 1024 * 1024
+MAX_OFFSET = 2**63 - 1  # a stream offset is a signed 64-bit integer in Redis
 BodyT = TypeVar("BodyT")
+Handler = Callable[[Request, Node], Awaitable[msgspec.Struct]]
 _encoder = msgspec.json.Encoder()
-
-
-class PublishBody(msgspec.Struct):
-    channel: str
-    data: msgspec.Raw
-    event: str | None = None
-
-
-class BroadcastBody(msgspec.Struct):
-    channels: list[str]
-    data: msgspec.Raw
-    event: str | None = None
-
-
-class SendBody(msgspec.Struct):
-    user: str
-    data: msgspec.Raw
-    event: str | None = None
-
-
-class DisconnectBody(msgspec.Struct):
-    user: str
-    code: int = int(CloseCode.DISCONNECTED_BY_API)
-    reason: str = ""
 
 
 class ApiError(Exception):
@@ -57,12 +40,12 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_response(body: msgspec.Struct, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status, media_type="application/json")
 
 
 def error_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status)
+    return json_response(t.ErrorReply(t.ErrorDetail(code, message)), status)
 
 
 def _check_key(request: Request, node: Node) -> None:
@@ -99,25 +82,31 @@ async def _body(request: Request, kind: type[BodyT]) -> BodyT:
     return body
 
 
-def api(handler: Any) -> Any:
-    """Key check and error mapping for every API call."""
+def api(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Key check, reply encoding and error mapping for every API call."""
 
     async def endpoint(request: Request) -> Response:
         node = node_of(request.app)
         try:
             _check_key(request, node)
-            response: Response = await handler(request, node)
-            return response
+            return json_response(await handler(request, node))
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
         except HubError as exc:
             return error_response(HTTP_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(500, ErrorCode.INTERNAL, "internal error")
 
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
     return endpoint
 
 
-def _position(position: Any) -> dict[str, Any]:
-    return {} if position is None else {"offset": position.offset, "epoch": position.epoch}
+def _publish_reply(position: StreamPosition | None) -> t.PublishReply:
+    if position is None:
+        return t.PublishReply()
+    return t.PublishReply(offset=position.offset, epoch=position.epoch)
 
 
 def _check_user(user: str) -> None:
@@ -126,83 +115,98 @@ def _check_user(user: str) -> None:
 
 
 @api
-async def publish(request: Request, node: Node) -> Response:
-    body = await _body(request, PublishBody)
-    position = await node.publish(body.channel, body.data, body.event)
-    return json_response(_position(position))
+async def publish(request: Request, node: Node) -> t.PublishReply:
+    body = await _body(request, t.PublishBody)
+    return _publish_reply(await node.publish(body.channel, body.data, body.event))
 
 
 @api
-async def broadcast(request: Request, node: Node) -> Response:
-    body = await _body(request, BroadcastBody)
+async def broadcast(request: Request, node: Node) -> t.BroadcastReply:
+    body = await _body(request, t.BroadcastBody)
     if not node.broker.up:
         raise BrokerUnavailable()
-    results: list[dict[str, Any]] = []
+    results: list[t.BroadcastItem] = []
     for channel in body.channels:
         try:
             position = await node.publish(channel, body.data, body.event)
-            results.append({"channel": channel, **_position(position)})
         except HubError as exc:
-            error = {"code": exc.code, "message": exc.message}
-            results.append({"channel": channel, "error": error})
-    return json_response({"results": results})
+            results.append(t.BroadcastItem(channel, error=t.ErrorDetail(exc.code, exc.message)))
+            continue
+        reply = _publish_reply(position)
+        results.append(t.BroadcastItem(channel, offset=reply.offset, epoch=reply.epoch))
+    return t.BroadcastReply(results)
 
 
 @api
-async def send(request: Request, node: Node) -> Response:
-    body = await _body(request, SendBody)
+async def send(request: Request, node: Node) -> t.Empty:
+    body = await _body(request, t.SendBody)
     _check_user(body.user)
     await node.send_to_user(body.user, body.data, body.event)
-    return json_response({})
+    return t.Empty()
 
 
 @api
-async def disconnect(request: Request, node: Node) -> Response:
-    body = await _body(request, DisconnectBody)
+async def disconnect(request: Request, node: Node) -> t.Empty:
+    body = await _body(request, t.DisconnectBody)
     _check_user(body.user)
-    if not (body.code == 1000 or 3000 <= body.code <= 4999):
+    code = body.code
+    if not (code == 1000 or 3000 <= code <= 4999) or code != int(code):
         raise ApiError(400, "bad_request", "`code` must be 1000 or 3000-4999")
-    await node.disconnect_user(body.user, body.code, close_reason(body.reason))
-    return json_response({})
+    await node.disconnect_user(body.user, int(code), close_reason(body.reason))
+    return t.Empty()
 
 
 @api
-async def presence(request: Request, node: Node) -> Response:
+async def presence(request: Request, node: Node) -> t.PresenceReply:
     channel = request.path_params["channel"]
-    clients = await node.presence_of(channel)
-    return json_response({"channel": channel, "clients": clients})
+    members = await node.presence_of(channel)
+    return t.PresenceReply(channel, [
+        t.PresenceClient(member.client, member.user, member.node or node.node_id, member.info)
+        for member in members
+    ])
 
 
-@api
-async def history(request: Request, node: Node) -> Response:
-    channel = request.path_params["channel"]
-    query = request.query_params
-    since = None
+def _query_int(request: Request, name: str, maximum: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
     try:
-        limit = int(query["limit"]) if "limit" in query else None
-        if "since" in query:
-            if "epoch" not in query:
-                raise ApiError(400, "bad_request", "`since` needs `epoch`")
-            since = p.Since(int(query["since"]), query["epoch"])
+        value = int(raw)
     except ValueError:
-        raise ApiError(400, "bad_request", "`since` and `limit` must be integers") from None
+        raise ApiError(400, "bad_request", f"`{name}` must be an integer") from None
+    if not 0 <= value <= maximum:
+        raise ApiError(400, "bad_request", f"`{name}` must be between 0 and {maximum}")
+    return value
+
+
+@api
+async def history(request: Request, node: Node) -> t.HistoryReply:
+    channel = request.path_params["channel"]
+    limit = _query_int(request, "limit", MAX_OFFSET)
+    offset = _query_int(request, "since", MAX_OFFSET)
+    since = None
+    if offset is not None:
+        epoch = request.query_params.get("epoch")
+        if epoch is None:
+            raise ApiError(400, "bad_request", "`since` needs `epoch`")
+        since = p.Since(offset, epoch)
     reply = await node.history(channel, since, limit)
-    return json_response({
-        "channel": reply.channel, "epoch": reply.epoch, "offset": reply.offset,
-        "messages": reply.messages,
-    })
+    return t.HistoryReply(reply.channel, reply.epoch, reply.offset, [
+        t.HistoryMessage(item.offset, item.data, item.ts, item.event, item.from_)
+        for item in reply.messages
+    ])
 
 
 @api
-async def channels(request: Request, node: Node) -> Response:
+async def channels(request: Request, node: Node) -> t.ChannelsReply:
     prefix = request.query_params.get("prefix", "")
-    counts = await node.presence.channels(node.snapshot(), prefix)
-    return json_response({"channels": counts})
+    return t.ChannelsReply(await node.presence.channels(node.snapshot(), prefix))
 
 
 @api
-async def stats(request: Request, node: Node) -> Response:
-    return json_response(await cluster_stats(node.presence, node.snapshot()))
+async def stats(request: Request, node: Node) -> t.StatsReply:
+    cluster = await cluster_stats(node.presence, node.snapshot())
+    return t.StatsReply(cluster.nodes, msgspec.convert(cluster.total, t.StatsTotal))
 
 
 async def metrics(request: Request) -> Response:
@@ -211,15 +215,23 @@ async def metrics(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return json_response(t.HealthReply("ok"))
 
 
 async def readyz(request: Request) -> Response:
     node = node_of(request.app)
     if node.ready:
-        return json_response({"status": "ready"})
-    reason = "draining" if node.draining else "broker unavailable"
-    return json_response({"status": reason}, 503)
+        return json_response(t.ReadyReply("ready"))
+    return json_response(t.ReadyReply("draining" if node.draining else "broker unavailable"), 503)
+
+
+class ChannelRoute(Route):
+    """A route whose `{channel:path}` matches any channel name, line breaks included (a
+    personal channel `@<user>` may hold any character; Starlette's `.*` stops at `\n`)."""
+
+    def __init__(self, path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        super().__init__(path, endpoint, methods=["GET"])
+        self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
 routes = [
@@ -227,8 +239,8 @@ routes = [
     Route("/api/broadcast", broadcast, methods=["POST"]),
     Route("/api/send", send, methods=["POST"]),
     Route("/api/disconnect", disconnect, methods=["POST"]),
-    Route("/api/presence/{channel:path}", presence, methods=["GET"]),
-    Route("/api/history/{channel:path}", history, methods=["GET"]),
+    ChannelRoute("/api/presence/{channel:path}", presence),
+    ChannelRoute("/api/history/{channel:path}", history),
     Route("/api/channels", channels, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
