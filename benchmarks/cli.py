@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from benchmarks.client import run_client
 from benchmarks.common import BenchError
+from benchmarks.redis_cluster import SLOTS
 from benchmarks.report import human
 from benchmarks.run import run
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="Redis for the nodes (needed when --nodes > 1)")
     parser.add_argument("--redis-server", action="store_true",
                         help="start a private redis-server on a free port")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                        help="start a private Redis Cluster of N masters on free ports")
     parser.add_argument("--subscribers", type=int, default=1000,
                         help="subscriber connections, spread evenly over nodes (1000)")
     parser.add_argument("--channels", type=int, default=1,
@@ -60,10 +63,16 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--nodes, --subscribers, --channels, --messages and --client-procs must be >= 1"
     if args.publishers < 1 or args.batch < 1 or args.sample < 0 or args.duration <= 0:
         return "--publishers and --batch must be >= 1, --sample >= 0, --duration > 0"
-    if args.nodes > 1 and not (args.redis_url or args.redis_server):
-        return "--nodes > 1 needs --redis-url or --redis-server"
-    if args.redis_url and args.redis_server:
-        return "give --redis-url or --redis-server, not both"
+    if not 0 <= args.redis_cluster <= SLOTS:
+        return f"--redis-cluster takes 1-{SLOTS} masters"
+    redis = [("--redis-url", args.redis_url), ("--redis-server", args.redis_server),
+             ("--redis-cluster", args.redis_cluster)]
+    given = [name for name, value in redis if value]
+    if args.nodes > 1 and not given:
+        return "--nodes > 1 needs --redis-url, --redis-server or --redis-cluster"
+    if len(given) > 1:
+        return ("give one of --redis-url, --redis-server or --redis-cluster, not "
+                + " and ".join(given))
     if args.batch > args.channels:
         # One broadcast carries one `data`, so one `seq`: it can serve B channels of one
         # round, but not B messages of one channel.

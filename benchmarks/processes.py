@@ -1,4 +1,4 @@
-"""The processes a run starts: nodes, a private redis-server, client processes.
+"""The processes a run starts: nodes, private redis-servers, client processes.
 
 Nodes run the installed hub (`python -m hub serve`). Client processes run this package
 (`python -m benchmarks --client CONFIG`), which is not installed: their PYTHONPATH gets the
@@ -23,17 +23,22 @@ from typing import Any
 
 from benchmarks.common import BenchError
 from benchmarks.httpclient import http_request
+from benchmarks.resp import redis_command
 
 LISTENING = re.compile(r"hub listening on http://\[?([^\]\s]+?)\]?:(\d+)")
 # The directory that holds this package: client processes need it on their path.
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all held open until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 async def stop_process(
@@ -107,7 +112,11 @@ async def _drain_stream(stream: asyncio.StreamReader | None) -> None:
         pass
 
 
-async def start_node(name: str, env: dict[str, str], workdir: Path) -> NodeProcess:
+async def start_node(
+    name: str, env: dict[str, str], workdir: Path, started: list[NodeProcess]
+) -> NodeProcess:
+    """A node, once it says where it listens. It goes into `started` as soon as it runs, so
+    the caller stops it even if the wait fails or is cancelled."""
     log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
@@ -116,6 +125,7 @@ async def start_node(name: str, env: dict[str, str], workdir: Path) -> NodeProce
             stdin=asyncio.subprocess.DEVNULL,
         )
     node = NodeProcess(name, process, log)
+    started.append(node)
     assert process.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -161,27 +171,42 @@ async def start_client(
     return ClientProcess(process, log, count)
 
 
-async def start_redis(workdir: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def spawn_redis(
+    port: int, args: list[str], workdir: Path, log: Path,
+    started: list[asyncio.subprocess.Process],
+) -> asyncio.subprocess.Process:
+    """A redis-server on 127.0.0.1:`port` without persistence, plus `args`. It goes into
+    `started` at once, so the caller stops it even if what follows fails or is cancelled."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise BenchError("--redis-server: no redis-server on PATH")
-    port = free_port()
-    log = workdir / "redis.log"
+        raise BenchError("no redis-server on PATH")
     with log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no",
+            "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir), *args,
             stdout=log_file, stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
         )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"PING\r\n")
-            answer = await asyncio.wait_for(reader.readline(), 2)
-            writer.close()
-            if answer.startswith(b"+PONG"):
-                return process, f"redis://127.0.0.1:{port}/0"
+    started.append(process)
+    return process
+
+
+async def wait_redis(
+    process: asyncio.subprocess.Process, port: int, log: Path, within: float = 10
+) -> None:
+    """Until the server answers PING; a BenchError with its log if it exits or does not."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and process.returncode is None:
+        with contextlib.suppress(BenchError):
+            if await redis_command("127.0.0.1", port, "PING") == "PONG":
+                return
         await asyncio.sleep(0.05)
-    await stop_process(process)
-    raise BenchError(f"redis-server did not start:\n{log_tail(log)}")
+    raise BenchError(f"redis-server on port {port} did not start:\n{log_tail(log)}")
+
+
+async def start_redis(workdir: Path, started: list[asyncio.subprocess.Process]) -> str:
+    """A private redis-server on a free port; its URL."""
+    (port,) = free_ports(1)
+    log = workdir / "redis.log"
+    process = await spawn_redis(port, [], workdir, log, started)
+    await wait_redis(process, port, log)
+    return f"redis://127.0.0.1:{port}/0"

@@ -14,6 +14,7 @@ from typing import Any
 from benchmarks.layout import subscribers_per_channel
 from benchmarks.processes import ClientProcess, NodeProcess
 from benchmarks.publisher import Publishing
+from benchmarks.redis_stats import RedisWindow, redis_section
 
 ORDER_KINDS = ("duplicates", "gaps", "reorders", "unknown")
 
@@ -73,8 +74,7 @@ def failures(result: dict[str, Any]) -> list[str]:
 
 def summarise(
     args: argparse.Namespace, nodes: list[NodeProcess], clients: list[ClientProcess],
-    job: Publishing, own_cpu: float, redis_url: str | None, redis_cpu: float,
-    private_redis: bool, stats_before: dict[str, int], stats_after: dict[str, int],
+    job: Publishing, own_cpu: float, redis: RedisWindow | None,
 ) -> dict[str, Any]:
     reports = [c.done for c in clients]
     received = sum(int(r["received"]) for r in reports)
@@ -95,7 +95,9 @@ def summarise(
             closes[code] = closes.get(code, 0) + int(n)
     result: dict[str, Any] = {
         "config": {
-            "nodes": args.nodes, "broker": "redis" if redis_url else "memory",
+            "nodes": args.nodes, "broker": "redis" if redis else "memory",
+            "redis": redis.kind if redis else None,
+            "redis_shards": len(redis.shards) if redis else 0,
             "subscribers": args.subscribers, "channels": args.channels,
             "messages": args.messages, "rate": args.rate,
             "payload": args.payload, "client_procs": len(clients),
@@ -145,18 +147,8 @@ def summarise(
         ],
         "publisher_cpu_percent": round(100 * own_cpu / measured, 1),
     }
-    if redis_url:
-        calls = {
-            name: stats_after.get(name, 0) - stats_before.get(name, 0) for name in stats_after
-        }
-        calls = {name: n for name, n in calls.items() if n > 0 and name != "info"}
-        per_message = job.published or 1
-        result["redis"] = {
-            "private": private_redis,
-            "cpu_percent": round(100 * redis_cpu / measured, 1) if private_redis else None,
-            "commands": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
-            "commands_per_message": round(sum(calls.values()) / per_message, 3),
-        }
+    if redis:
+        result["redis"] = redis_section(redis, job.published, measured)
     result["failures"] = failures(result)
     return result
 
@@ -165,8 +157,14 @@ def human(result: dict[str, Any]) -> str:
     config = result["config"]
     rate = f"{config['rate']:g}/s" if config["rate"] else "max"
     lat, hub_lat = result["latency_ms"], result["hub_ts_latency_ms"]
+    broker = config["broker"]
+    if config.get("redis") == "cluster":
+        shards = config["redis_shards"]
+        broker = f"redis cluster ({shards} shard{'s' if shards > 1 else ''})"
+    elif config.get("redis") == "sentinel":
+        broker = "redis sentinel"
     lines = [
-        f"benchmarks: {config['nodes']} node(s), {config['broker']} broker, "
+        f"benchmarks: {config['nodes']} node(s), {broker} broker, "
         f"{config['subscribers']} subscribers on {config['channels']} channel(s), "
         f"{config['messages']} messages of "
         f"{config['payload']} B at {rate} ({config['publishers']} publishers, batch "
@@ -218,11 +216,26 @@ def human(result: dict[str, Any]) -> str:
         lines.append(f"closes      {result['closes']} errors {result['client_errors']}")
     redis = result.get("redis")
     if redis:
-        top = ", ".join(f"{k} {v}" for k, v in list(redis["commands"].items())[:6])
-        cpu = f", CPU {redis['cpu_percent']}%" if redis["cpu_percent"] is not None else ""
-        lines.append(
-            f"redis       {redis['commands_per_message']} commands per message ({top}){cpu}"
-        )
+        lines.extend(_redis_lines(redis))
     problems = result["failures"]
     lines.append(f"result      {'FAILED: ' + '; '.join(problems) if problems else 'OK'}")
     return "\n".join(lines)
+
+
+def _redis_usage(usage: dict[str, Any]) -> str:
+    top = ", ".join(f"{k} {v}" for k, v in list(usage["commands"].items())[:6])
+    return (
+        f"{usage['commands_per_message']} commands per message ({top}); CPU "
+        f"{usage['cpu_seconds']} s = {usage['cpu_seconds_per_1000_messages']} s per 1,000 "
+        f"messages, {usage['cpu_percent']}%"
+    )
+
+
+def _redis_lines(redis: dict[str, Any]) -> list[str]:
+    """All shards summed; then each shard, when there are several."""
+    shards = redis["shards"]
+    where = f"{len(shards)} shards summed: " if len(shards) > 1 else ""
+    lines = [f"redis       {where}{_redis_usage(redis)}"]
+    if len(shards) > 1:
+        lines.extend(f"            {shard['shard']}: {_redis_usage(shard)}" for shard in shards)
+    return lines

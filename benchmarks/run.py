@@ -1,5 +1,5 @@
-"""One run: start Redis and the nodes, connect the clients, publish, take the readings,
-and stop everything it started."""
+"""One run: start Redis (a server or a Cluster) and the nodes, connect the clients,
+publish, take the readings, and stop everything it started."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from benchmarks.processes import (
 )
 from benchmarks.procfs import cpu_seconds, machine_cpu, rss_kib
 from benchmarks.publisher import Publishing, publisher
-from benchmarks.redis_stats import redis_commandstats
+from benchmarks.redis_cluster import start_cluster
+from benchmarks.redis_shards import redis_shards
+from benchmarks.redis_stats import RedisWindow, read_shards
 from benchmarks.report import summarise
 
 CONFIG_TOML = '[namespaces.bench]\nsubscribe = "any"\npublish = "any"\n'
@@ -103,19 +105,26 @@ def _check_fds(args: argparse.Namespace) -> None:
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     _check_fds(args)
     workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
-    redis_process: asyncio.subprocess.Process | None = None
+    redis_processes: list[asyncio.subprocess.Process] = []  # stopped by pid at the end
+    started: list[NodeProcess] = []  # in the order they came up; `nodes` by index
     nodes: list[NodeProcess] = []
     clients: list[ClientProcess] = []
     publishing: asyncio.Future[None] | None = None
     try:
         redis_url: str | None = args.redis_url
         if args.redis_server:
-            redis_process, redis_url = await start_redis(workdir)
+            redis_url = await start_redis(workdir, redis_processes)
+        elif args.redis_cluster:
+            redis_url = await start_cluster(workdir, args.redis_cluster, redis_processes)
         env, api_key = _bench_env(workdir, redis_url)
         nodes = list(await asyncio.gather(
-            *(start_node(f"bench-{i}", env, workdir) for i in range(args.nodes))
+            *(start_node(f"bench-{i}", env, workdir, started) for i in range(args.nodes))
         ))
         await asyncio.gather(*(wait_ready(node) for node in nodes))
+        redis: RedisWindow | None = None
+        if redis_url:
+            kind, shards = await redis_shards(redis_url)
+            redis = RedisWindow(kind, bool(redis_processes), shards)
         for node in nodes:  # warm the API path, then take the idle footprint
             await http_request(node.host, node.port, "POST", "/api/publish",
                                b'{"channel":"bench:warm","data":1}', api_key)
@@ -123,7 +132,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for index in range(args.subscribers):
             nodes[node_of(index, len(nodes))].connections += 1
 
-        clients = await _start_clients(args, nodes, env, workdir)
+        await _start_clients(args, nodes, env, workdir, clients)
         setup_timeout = 30 + args.subscribers / 100
         ready = await _gather_reports(clients, setup_timeout, "ready")
         for client, report in zip(clients, ready, strict=True):
@@ -141,8 +150,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
             await asyncio.sleep(args.hold)
 
-        stats_before = await redis_commandstats(redis_url) if redis_url else {}
-        redis_cpu_before = cpu_seconds(redis_process.pid) if redis_process else 0.0
+        if redis is not None:
+            redis.before = await read_shards(redis.shards)
         own_cpu_before = time.process_time()
         machine_before = machine_cpu()
         for node in nodes:
@@ -175,30 +184,52 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         machine_after = machine_cpu()
         busy = machine_after[0] - machine_before[0]
         machine_busy = round(100 * busy / max(machine_after[1] - machine_before[1], 1), 1)
-        redis_cpu = (cpu_seconds(redis_process.pid) - redis_cpu_before) if redis_process else 0.0
-        stats_after = await redis_commandstats(redis_url) if redis_url else {}
-        result = summarise(args, nodes, clients, job, own_cpu, redis_url, redis_cpu,
-                           redis_process is not None, stats_before, stats_after)
+        if redis is not None:
+            redis.after = await read_shards(redis.shards)
+        result = summarise(args, nodes, clients, job, own_cpu, redis)
         result["machine_busy_percent"] = machine_busy
         result["cpus"] = os.cpu_count()
         return result
     finally:
-        if publishing is not None and not publishing.done():
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publishing
-        for client in clients:
-            if client.process.stdin is not None:
-                client.process.stdin.close()  # EOF: disconnect and exit
-        for client in clients:
-            await stop_process(client.process, 5, exiting=5)
-        await asyncio.gather(*(stop_process(node.process) for node in nodes))
-        for node in nodes:
-            if node.drain is not None:
-                node.drain.cancel()
-        if redis_process is not None:
-            await stop_process(redis_process)
+        await _to_the_end(_stop_all(publishing, clients, started, redis_processes))
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _stop_all(
+    publishing: asyncio.Future[None] | None, clients: list[ClientProcess],
+    nodes: list[NodeProcess], redis_processes: list[asyncio.subprocess.Process],
+) -> None:
+    """Stop what the run started: publishers, clients, nodes, then Redis (by pid)."""
+    if publishing is not None and not publishing.done():
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+    for client in clients:
+        if client.process.stdin is not None:
+            client.process.stdin.close()  # EOF: disconnect and exit
+    for client in clients:
+        await stop_process(client.process, 5, exiting=5)
+    await asyncio.gather(*(stop_process(node.process) for node in nodes))
+    for node in nodes:
+        if node.drain is not None:
+            node.drain.cancel()
+    await asyncio.gather(*(stop_process(process) for process in redis_processes))
+
+
+async def _to_the_end(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Run `cleanup` to its end even when the run is cancelled meanwhile (SIGTERM or Ctrl-C
+    while it stops things), and then let the cancellation through. Bounded: every stop
+    ends in SIGKILL."""
+    task = asyncio.ensure_future(cleanup)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
@@ -216,12 +247,13 @@ async def _finish(task: asyncio.Future[None]) -> None:
 
 
 async def _start_clients(
-    args: argparse.Namespace, nodes: list[NodeProcess], env: dict[str, str], workdir: Path
-) -> list[ClientProcess]:
-    """Connections 0 .. S-1 in consecutive slices, one slice per client process."""
+    args: argparse.Namespace, nodes: list[NodeProcess], env: dict[str, str], workdir: Path,
+    clients: list[ClientProcess],
+) -> None:
+    """Connections 0 .. S-1 in consecutive slices, one slice per client process, each
+    added to `clients` as it starts."""
     targets = [[node.host, node.port] for node in nodes]
     procs = min(args.client_procs, args.subscribers)
-    clients: list[ClientProcess] = []
     first = 0
     for k in range(procs):
         count = args.subscribers // procs + (1 if k < args.subscribers % procs else 0)
@@ -232,4 +264,3 @@ async def _start_clients(
         }
         clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))
         first += count
-    return clients

@@ -1,14 +1,19 @@
 """The fan-out benchmark's own logic (`benchmarks/`, not packaged): the order check that
-fails a run, where connections and messages go, and the publisher's per-channel order.
-No processes are started: a real run is `python -m benchmarks` (benchmarks/README.md)."""
+fails a run, where connections and messages go, the publisher's per-channel order, how a
+private Redis Cluster's slots are split and when it is formed, which shards are read, the
+per-shard Redis report, and the bare RESP client. No processes are started: a real run is
+`python -m benchmarks` (benchmarks/README.md)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 
 import pytest
 
 from benchmarks.cli import build_parser, check_args
+from benchmarks.common import BenchError
 from benchmarks.layout import (
     channel_name,
     channel_of,
@@ -17,6 +22,17 @@ from benchmarks.layout import (
     subscribers_per_channel,
 )
 from benchmarks.publisher import Publishing
+from benchmarks.redis_cluster import SLOTS, cluster_ready, cluster_url, slot_ranges
+from benchmarks.redis_shards import Shard, cluster_masters
+from benchmarks.redis_stats import (
+    Reading,
+    RedisWindow,
+    parse_commandstats,
+    parse_cpu_seconds,
+    redis_section,
+)
+from benchmarks.resp import encode, read_reply
+from benchmarks.run import _to_the_end
 from benchmarks.sequence import SequenceCheck
 from hub.cli import main as hub_main
 
@@ -109,7 +125,13 @@ async def test_claims_wait_for_the_previous_message_of_their_channels() -> None:
     (["--channels", "1000", "--batch", "10"], None),
     (["--batch", "2"], "--batch must be <= --channels"),
     (["--channels", "0"], "must be >= 1"),
-    (["--nodes", "2"], "needs --redis-url or --redis-server"),
+    (["--nodes", "2"], "needs --redis-url, --redis-server or --redis-cluster"),
+    (["--nodes", "2", "--redis-cluster", "3"], None),
+    (["--nodes", "2", "--redis-cluster", "1"], None),
+    (["--redis-cluster", "3", "--redis-server"], "not --redis-server and --redis-cluster"),
+    (["--redis-cluster", "2", "--redis-url", "redis://h:1"], "not --redis-url and --redis-c"),
+    (["--redis-cluster", "-1"], "--redis-cluster takes 1-16384"),
+    (["--redis-cluster", "16385"], "--redis-cluster takes 1-16384"),
 ])
 def test_options(argv: list[str], problem: str | None) -> None:
     found = check_args(build_parser().parse_args(argv))
@@ -119,3 +141,134 @@ def test_options(argv: list[str], problem: str | None) -> None:
 def test_hub_bench_points_to_the_new_entry(capsys: pytest.CaptureFixture[str]) -> None:
     assert hub_main(["bench", "--subscribers", "10"]) == 2
     assert "python -m benchmarks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("masters", [1, 2, 3, 5, 7, 16, SLOTS])
+def test_slots_split_evenly_into_consecutive_ranges(masters: int) -> None:
+    ranges = slot_ranges(masters)
+    assert len(ranges) == masters
+    assert ranges[0][0] == 0 and ranges[-1][1] == SLOTS - 1
+    assert all(nxt[0] == prev[1] + 1 for prev, nxt in itertools.pairwise(ranges))
+    sizes = [last - first + 1 for first, last in ranges]
+    assert sum(sizes) == SLOTS and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first ones take the remainder
+
+
+def test_slot_split_of_one_and_three_masters() -> None:
+    assert slot_ranges(1) == [(0, 16383)]
+    assert slot_ranges(3) == [(0, 5461), (5462, 10922), (10923, 16383)]
+    for wrong in (0, -1, SLOTS + 1):
+        with pytest.raises(ValueError, match="1-16384"):
+            slot_ranges(wrong)
+
+
+def test_the_nodes_get_every_master_as_a_seed() -> None:
+    assert cluster_url([7001, 7002]) == "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"
+    assert cluster_url([7001]) == "redis+cluster://127.0.0.1:7001"
+
+
+def _cluster_info(state: str = "ok", assigned: int = SLOTS, known: int = 3) -> str:
+    return (f"cluster_enabled:1\r\ncluster_state:{state}\r\n"
+            f"cluster_slots_assigned:{assigned}\r\ncluster_known_nodes:{known}\r\n")
+
+
+def test_a_cluster_is_ready_when_ok_with_every_slot_and_node() -> None:
+    assert cluster_ready(_cluster_info(), 3)
+    assert not cluster_ready(_cluster_info(state="fail"), 3)
+    assert not cluster_ready(_cluster_info(known=2), 3)  # a MEET not seen yet
+    assert not cluster_ready(_cluster_info(assigned=5462), 3)
+    assert not cluster_ready("redis 127.0.0.1:1: ConnectionRefusedError()", 1)
+    assert cluster_ready(_cluster_info(known=1), 1)
+
+
+CLUSTER_NODES = """\
+e7d1 127.0.0.1:30002@31002,host2 master - 0 1426238316232 2 connected 5461-10922
+67ed 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 [5460->-e7d1]
+292f 127.0.0.1:30004@31004 slave 67ed 0 1426238318243 4 connected
+9fd8 127.0.0.1:30005@31005 master,fail - 0 1426238316232 5 connected 10923-16383
+1b2c :30006@31006 myself,master - 0 0 6 connected 10923-16383
+aa11 127.0.0.1:30007@31007 master - 0 0 7 connected
+"""
+
+
+def test_the_shards_are_the_masters_that_hold_slots_in_slot_order() -> None:
+    # A replica, a failed master and a master without slots are not read; a node that
+    # never learnt its own address is the seed's host.
+    assert cluster_masters(CLUSTER_NODES, "10.0.0.9") == [
+        ("127.0.0.1", 30001), ("127.0.0.1", 30002), ("10.0.0.9", 30006),
+    ]
+    assert cluster_masters("", "h") == []
+
+
+INFO_CPU = """# CPU\r
+used_cpu_sys:1.250000\r
+used_cpu_user:0.500000\r
+used_cpu_sys_children:9.000000\r
+used_cpu_user_children:9.000000\r
+used_cpu_sys_main_thread:1.000000\r
+used_cpu_user_main_thread:0.400000\r
+"""
+INFO_COMMANDSTATS = """# Commandstats\r
+cmdstat_spublish:calls=120,usec=300,usec_per_call=2.50,rejected_calls=0,failed_calls=0\r
+cmdstat_info:calls=4,usec=80,usec_per_call=20.00,rejected_calls=0,failed_calls=0\r
+"""
+
+
+def test_info_readings() -> None:
+    assert parse_cpu_seconds(INFO_CPU) == pytest.approx(1.75)  # children not added
+    assert parse_commandstats(INFO_COMMANDSTATS) == {"spublish": 120, "info": 4}
+
+
+def test_redis_report_per_shard_and_summed() -> None:
+    window = RedisWindow("cluster", True, [Shard("127.0.0.1", 1), Shard("127.0.0.1", 2)])
+    window.before = [Reading({"spublish": 10, "info": 2}, 1.0),
+                     Reading({"evalsha": 5}, 2.0)]
+    window.after = [Reading({"spublish": 310, "info": 4, "time": 300}, 1.3),
+                    Reading({"evalsha": 205, "spublish": 200}, 2.1)]
+    section = redis_section(window, published=500, measured=2.0)
+    first, second = section["shards"]
+    assert first["shard"] == "127.0.0.1:1"
+    assert first["commands"] == {"spublish": 300, "time": 300}  # own INFO left out
+    assert first["commands_per_message"] == 1.2
+    assert first["cpu_seconds"] == pytest.approx(0.3)
+    assert first["cpu_seconds_per_1000_messages"] == pytest.approx(0.6)
+    assert first["cpu_percent"] == pytest.approx(15.0)
+    assert second["commands_per_message"] == 0.8
+    assert second["cpu_seconds_per_1000_messages"] == pytest.approx(0.2)
+    assert section["kind"] == "cluster" and section["private"] is True
+    assert section["commands"] == {"spublish": 500, "time": 300, "evalsha": 200}
+    assert section["commands_per_message"] == 2.0
+    assert section["cpu_seconds"] == pytest.approx(0.4)
+    assert section["cpu_seconds_per_1000_messages"] == pytest.approx(0.8)
+    assert section["cpu_percent"] == pytest.approx(20.0)
+
+
+async def test_resp_commands_and_replies() -> None:
+    assert encode(["CLUSTER", "MEET", "127.0.0.1", "7001"]) == (
+        b"*4\r\n$7\r\nCLUSTER\r\n$4\r\nMEET\r\n$9\r\n127.0.0.1\r\n$4\r\n7001\r\n"
+    )
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"+OK\r\n:42\r\n$5\r\na\r\nbc\r\n$-1\r\n*2\r\n$1\r\nx\r\n:1\r\n"
+                     b"-ERR Slot 0 is already busy\r\n")
+    reader.feed_eof()
+    assert [await read_reply(reader) for _ in range(5)] == ["OK", 42, "a\r\nbc", None, ["x", 1]]
+    with pytest.raises(BenchError, match="already busy"):
+        await read_reply(reader)
+    with pytest.raises(BenchError, match="closed"):
+        await read_reply(reader)
+
+
+async def test_cleanup_runs_to_its_end_when_the_run_is_cancelled() -> None:
+    steps: list[str] = []
+
+    async def cleanup() -> None:
+        steps.append("start")
+        await asyncio.sleep(0.05)
+        steps.append("end")
+
+    task = asyncio.ensure_future(_to_the_end(cleanup()))
+    await asyncio.sleep(0.01)
+    task.cancel()  # SIGTERM while stopping: cleanup still ends, then the cancel goes on
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["start", "end"]
