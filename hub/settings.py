@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     recovery_max: int = 10000
     presence_ttl: float = 30.0
     redis_min_replicas: int = 0
+    centrifugo: bool = True
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
