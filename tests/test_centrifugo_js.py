@@ -1,0 +1,243 @@
+"""The real centrifuge-js SDK (npm, tests/js) against `/connection/websocket`: in Node 20
+with `ws` (driven over stdin/stdout by tests/js/driver.mjs), and once in headless Chromium
+(Debian's chromium driven by Playwright, no browser download) on a page served here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from hub.centrifugo_session import CentrifugoSession
+from tests.conftest import NAMESPACES
+from tests.redis_server import RedisServer
+from tests.support import (
+    WAIT,
+    RunningNode,
+    connect,
+    eventually,
+    make_settings,
+    publish,
+    running_node,
+    token,
+)
+
+JS = Path(__file__).parent / "js"
+SDK_BUILD = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.js"
+CHROMIUM = "/usr/bin/chromium"
+HAVE_SDK = SDK_BUILD.exists()
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+Factory = Callable[..., RedisServer]
+
+
+def need(found: bool, what: str) -> None:
+    if not found:
+        if os.environ.get("HUB_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{what} is missing (HUB_REQUIRE_REDIS=1)")
+        pytest.skip(f"{what} is missing")
+
+
+def address(ws_url: str) -> str:
+    return ws_url.removesuffix("/ws") + "/connection/websocket"
+
+
+class Driver:
+    """centrifuge-js in a Node process: commands in, the app's events out."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.events: list[dict[str, Any]] = []
+
+    async def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def next(self, event: str, **fields: Any) -> dict[str, Any]:
+        """The first event of that kind (and those fields) not taken yet (bounded)."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(WAIT):
+            while True:
+                for seen in self.events:
+                    if seen["event"] == event and all(seen.get(k) == v for k, v in fields.items()):
+                        self.events.remove(seen)
+                        return seen
+                line = await self.process.stdout.readline()
+                assert line, "the SDK process ended"
+                self.events.append(json.loads(line))
+
+    async def publications(self, channel: str, count: int) -> list[tuple[int, Any]]:
+        return [
+            (got["offset"], got["data"])
+            for got in [await self.next("publication", channel=channel) for _ in range(count)]
+        ]
+
+
+@contextlib.asynccontextmanager
+async def sdk(ws_url: str, jwt: str) -> AsyncIterator[Driver]:
+    node = shutil.which("node")
+    need(node is not None and HAVE_SDK, "node and tests/js/node_modules")
+    assert node is not None
+    process = await asyncio.create_subprocess_exec(
+        node, str(JS / "driver.mjs"), address(ws_url), jwt, cwd=JS,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield Driver(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_centrifuge_js_in_node_connects_subscribes_and_publishes(
+    node: RunningNode,
+) -> None:
+    async with sdk(node.ws_url, token("jo")) as js, \
+            connect(node.ws_url, token("wsu")) as ws, sdk(node.ws_url, token("kim")) as other:
+        await js.next("connected")
+        await js.send(op="subscribe", channel="feed:js")
+        subscribed = await js.next("subscribed", channel="feed:js")
+        assert subscribed["recoverable"] and subscribed["offset"] == 0
+        await ws.subscribe("feed:js")
+        await publish(node, "feed:js", {"n": 1})
+        await ws.request({"type": "publish", "channel": "feed:js", "data": {"n": 2}})
+        assert await js.publications("feed:js", 2) == [(1, {"n": 1}), (2, {"n": 2})]
+        await js.send(op="publish", channel="feed:js", data={"n": 3})
+        async with asyncio.timeout(WAIT):
+            while (got := await ws.expect("message"))["offset"] < 3:
+                pass
+        assert (got["data"], got["from"]) == ({"n": 3}, "jo")
+        await js.send(op="history", channel="feed:js", limit=10)
+        assert (await js.next("history"))["data"] == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+        await js.send(op="subscribe", channel="chat:js")
+        await js.next("subscribed", channel="chat:js")
+        await other.next("connected")
+        await other.send(op="subscribe", channel="chat:js")
+        await js.next("join", user="kim")
+        await js.send(op="presence", channel="chat:js")
+        assert (await js.next("presence"))["users"] == ["jo", "kim"]
+        await other.send(op="unsubscribe", channel="chat:js")
+        await js.next("leave", user="kim")
+
+        await node.http.post("/api/send", json={"user": "jo", "data": "to jo"})
+        personal = await js.next("personal")
+        assert (personal["channel"], personal["data"]) == ("@jo", "to jo")
+
+
+async def test_centrifuge_js_recovers_after_a_drop_and_reloads_after_a_reset(
+    redis_factory: Factory,
+) -> None:
+    server = redis_factory()
+    settings = make_settings(redis_url=server.url, namespaces=NAMESPACES)
+    async with running_node(settings) as running, sdk(running.ws_url, token("rec")) as js:
+        await js.send(op="subscribe", channel="feed:jsrec")
+        await js.next("subscribed", channel="feed:jsrec")
+        await publish(running, "feed:jsrec", 1)
+        assert await js.publications("feed:jsrec", 1) == [(1, 1)]
+        (session,) = [s for s in running.node.hub.sessions.values()
+                      if isinstance(s, CentrifugoSession)]
+        session._outbound.abort()
+        await js.next("connecting")
+        for n in (2, 3):
+            await publish(running, "feed:jsrec", n)
+        again = await js.next("subscribed", channel="feed:jsrec")
+        assert (again["wasRecovering"], again["recovered"]) == (True, True)
+        assert await js.publications("feed:jsrec", 2) == [(2, 2), (3, 3)]
+
+        admin = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await admin.flushall()  # history gone: the node resets the channel
+            await admin.client_kill_filter(_type="pubsub")
+        finally:
+            await admin.aclose()
+        await js.next("subscribing", channel="feed:jsrec", code=2500)
+        reloaded = await js.next("subscribed", channel="feed:jsrec")
+        assert (reloaded["wasRecovering"], reloaded["recovered"]) == (True, False)
+
+
+async def test_centrifuge_js_stops_on_a_bad_token_and_on_api_disconnect(
+    node: RunningNode,
+) -> None:
+    async with sdk(node.ws_url, "not-a-jwt") as bad:
+        stopped = await bad.next("disconnected")
+        assert (stopped["code"], stopped["reason"]) == (3500, "invalid token")
+    async with sdk(node.ws_url, token("gone")) as js:
+        await js.next("connected")
+        await node.http.post("/api/disconnect", json={"user": "gone"})
+        assert (await js.next("disconnected"))["code"] == 3503
+
+
+PAGE = """<!doctype html>
+<meta charset="utf-8"><title>centrifuge-js</title>
+<script src="centrifuge.js"></script>
+<ul id="log"></ul>
+<script>
+  const query = new URLSearchParams(location.search);
+  const client = new Centrifuge(query.get("url"), {token: query.get("token")});
+  const sub = client.newSubscription("feed:browser");
+  sub.on("subscribed", () => document.title = "subscribed");
+  sub.on("publication", (ctx) => {
+    const item = document.createElement("li");
+    item.textContent = JSON.stringify(ctx.data);
+    document.getElementById("log").append(item);
+  });
+  sub.subscribe();
+  client.connect();
+</script>
+"""
+
+
+@contextlib.asynccontextmanager
+async def page_server(directory: Path) -> AsyncIterator[str]:
+    app = Starlette(routes=[Mount("/", StaticFiles(directory=directory, html=True))])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, within=WAIT, what="the page server")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT)
+
+
+async def test_centrifuge_js_in_headless_chromium_shows_a_publication(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    need(HAVE_CHROMIUM and HAVE_SDK, "chromium and tests/js/node_modules")
+    from playwright.async_api import async_playwright
+
+    (tmp_path / "index.html").write_text(PAGE)
+    shutil.copy(SDK_BUILD, tmp_path / "centrifuge.js")
+    async with page_server(tmp_path) as site, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = await browser.new_page()
+            query = f"?url={address(node.ws_url)}&token={token('browser')}"
+            await page.goto(site + "/index.html" + query)
+            await page.wait_for_function("document.title === 'subscribed'", timeout=WAIT * 1000)
+            await publish(node, "feed:browser", {"hello": "chromium"})
+            item = page.locator("#log li").first
+            await item.wait_for(timeout=WAIT * 1000)
+            assert json.loads(await item.text_content() or "null") == {"hello": "chromium"}
+        finally:
+            await browser.close()
