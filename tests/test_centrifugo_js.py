@@ -1,6 +1,6 @@
 """The real centrifuge-js SDK (npm, tests/js) against `/connection/websocket`: in Node 20
 with `ws` (driven over stdin/stdout by tests/js/driver.mjs), and once in headless Chromium
-(Debian's chromium driven by Playwright, no browser download) on a page served here.
+(Debian's chromium driven by Playwright, no browser download) on the example chat page.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tests.support import (
 
 JS = Path(__file__).parent / "js"
 SDK_BUILD = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.js"
+EXAMPLE_PAGE = Path(__file__).parent.parent / "examples" / "chat" / "index.html"
 CHROMIUM = "/usr/bin/chromium"
 HAVE_SDK = SDK_BUILD.exists()
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
@@ -182,26 +183,6 @@ async def test_centrifuge_js_stops_on_a_bad_token_and_on_api_disconnect(
         assert (await js.next("disconnected"))["code"] == 3503
 
 
-PAGE = """<!doctype html>
-<meta charset="utf-8"><title>centrifuge-js</title>
-<script src="centrifuge.js"></script>
-<ul id="log"></ul>
-<script>
-  const query = new URLSearchParams(location.search);
-  const client = new Centrifuge(query.get("url"), {token: query.get("token")});
-  const sub = client.newSubscription("feed:browser");
-  sub.on("subscribed", () => document.title = "subscribed");
-  sub.on("publication", (ctx) => {
-    const item = document.createElement("li");
-    item.textContent = JSON.stringify(ctx.data);
-    document.getElementById("log").append(item);
-  });
-  sub.subscribe();
-  client.connect();
-</script>
-"""
-
-
 @contextlib.asynccontextmanager
 async def page_server(directory: Path) -> AsyncIterator[str]:
     app = Starlette(routes=[Mount("/", StaticFiles(directory=directory, html=True))])
@@ -215,15 +196,20 @@ async def page_server(directory: Path) -> AsyncIterator[str]:
         await asyncio.wait_for(task, WAIT)
 
 
-async def test_centrifuge_js_in_headless_chromium_shows_a_publication(
+async def test_the_example_chat_page_works_in_headless_chromium(
     node: RunningNode, tmp_path: Path
 ) -> None:
+    """examples/chat/index.html with the SDK file of the npm package, as a user serves it:
+    it joins a room, shows what the HTTP API publishes, and sends what is typed."""
     need(HAVE_CHROMIUM and HAVE_SDK, "chromium and tests/js/node_modules")
     from playwright.async_api import async_playwright
 
-    (tmp_path / "index.html").write_text(PAGE)
-    shutil.copy(SDK_BUILD, tmp_path / "centrifuge.js")
-    async with page_server(tmp_path) as site, async_playwright() as playwright:
+    shutil.copy(EXAMPLE_PAGE, tmp_path / "index.html")
+    (tmp_path / "node_modules" / "centrifuge" / "dist").mkdir(parents=True)
+    shutil.copy(SDK_BUILD, tmp_path / "node_modules" / "centrifuge" / "dist" / "centrifuge.js")
+    async with page_server(tmp_path) as site, async_playwright() as playwright, \
+            connect(node.ws_url, token("listener")) as listener:
+        await listener.subscribe("chat:lobby")
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -232,12 +218,17 @@ async def test_centrifuge_js_in_headless_chromium_shows_a_publication(
         )
         try:
             page = await browser.new_page()
-            query = f"?url={address(node.ws_url)}&token={token('browser')}"
+            query = f"?url={address(node.ws_url)}&room=chat:lobby&who={token('browser')}"
             await page.goto(site + "/index.html" + query)
-            await page.wait_for_function("document.title === 'subscribed'", timeout=WAIT * 1000)
-            await publish(node, "feed:browser", {"hello": "chromium"})
-            item = page.locator("#log li").first
-            await item.wait_for(timeout=WAIT * 1000)
-            assert json.loads(await item.text_content() or "null") == {"hello": "chromium"}
+            log = page.locator("#log")
+            await log.get_by_text("joined chat:lobby").wait_for(timeout=WAIT * 1000)
+            await publish(node, "chat:lobby", {"text": "hello from the API"})
+            await log.get_by_text("hello from the API").wait_for(timeout=WAIT * 1000)
+            await page.fill("#text", "hello from chromium")
+            await page.press("#text", "Enter")
+            async with asyncio.timeout(WAIT):
+                while (got := await listener.recv()).get("from") != "browser":
+                    pass
+            assert got["data"] == {"text": "hello from chromium"}
         finally:
             await browser.close()

@@ -339,3 +339,31 @@ async def test_a_command_the_hub_cannot_read_closes_with_bad_request(
                 while True:
                     await raw.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501
+
+
+async def test_the_example_chat_service_answers_in_the_room(node: RunningNode) -> None:
+    """examples/chat_service.py as a user runs it, with a token in HUB_TOKEN."""
+    import os
+    import sys
+
+    script = Path(__file__).parent.parent / "examples" / "chat_service.py"
+    service = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--url", address(node.ws_url), "--seconds", str(3 * WAIT),
+        env={**os.environ, "HUB_TOKEN": token("timebot")}, stdout=asyncio.subprocess.PIPE,
+    )
+    assert service.stdout is not None
+    try:
+        async with connect(node.ws_url, token("asker")) as asker:
+            await asker.subscribe("chat:lobby")
+            async with asyncio.timeout(WAIT):
+                while b"in chat:lobby" not in await service.stdout.readline():
+                    pass
+            await asker.request({"type": "publish", "channel": "chat:lobby",
+                                 "data": {"text": "!time"}})
+            async with asyncio.timeout(WAIT):
+                while (got := await asker.recv()).get("from") != "timebot":
+                    pass
+            assert got["data"]["text"].startswith("it is ")
+    finally:
+        service.terminate()
+        await service.wait()
