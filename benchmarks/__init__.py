@@ -27,7 +27,7 @@ Modules:
 - `httpclient`: the minimal HTTP/1.1 exchange the publisher and readiness checks use;
 - `publisher`: the HTTP publisher (in `seq` order per channel);
 - `client`: a client process (many subscribers, JSON lines on stdin/stdout);
-- `subscriber`: the lean WebSocket subscriber protocol;
+- `subscriber`: the lean WebSocket subscriber protocol, `/ws` or Centrifugo's (`--protocol`);
 - `sequence`: the per-connection check that `seq` has no duplicate, gap or reorder;
 - `redis_shards`: the Redis servers behind `HUB_REDIS_URL` (a Cluster's masters);
 - `redis_stats`: `INFO cpu` and `INFO commandstats` of every shard, and the Redis report;

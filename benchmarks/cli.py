@@ -15,6 +15,7 @@ from benchmarks.common import BenchError
 from benchmarks.redis_cluster import SLOTS
 from benchmarks.report import human
 from benchmarks.run import run
+from benchmarks.subscriber import PROTOCOLS
 
 T = TypeVar("T")
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start a private redis-server on a free port")
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                         help="start a private Redis Cluster of N masters on free ports")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ws",
+                        help="what the subscribers speak: the hub's own on /ws (default) or "
+                        "Centrifugo's client protocol v2 JSON on /connection/websocket")
     parser.add_argument("--subscribers", type=int, default=1000,
                         help="subscriber connections, spread evenly over nodes (1000)")
     parser.add_argument("--channels", type=int, default=1,

@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.fdlimit import raise_fd_limit
 from benchmarks.layout import channel_name, channel_of, messages_on
-from benchmarks.subscriber import ClientState, Subscriber
+from benchmarks.subscriber import ClientState, Subscriber, subscriber_class
 
 CONNECT_CONCURRENCY = 64
 
@@ -59,14 +59,15 @@ async def run_client(config: dict[str, Any]) -> int:
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     subscribers: list[Subscriber] = []
     ttl = float(config.get("ttl", 3600))
+    kind = subscriber_class(str(config.get("protocol", "ws")))
 
     async def connect(index: int) -> None:
         host, port = targets[index % len(targets)]
         channel = channel_of(index, len(targets), channels)
         token = mint_token(secret, f"bench-{index}", ttl=ttl)
         async with gate:
-            protocol = Subscriber(state, host, port, token, channel_name(channel, channels),
-                                  messages_on(channel, messages, channels))
+            protocol = kind(state, host, port, token, channel_name(channel, channels),
+                            messages_on(channel, messages, channels))
             subscribers.append(protocol)
             try:
                 await loop.create_connection(lambda: protocol, host, port)

@@ -17,6 +17,7 @@ from benchmarks.publisher import Publishing
 from benchmarks.redis_stats import RedisWindow, redis_section
 
 ORDER_KINDS = ("duplicates", "gaps", "reorders", "unknown")
+PROTOCOL_PATHS = {"ws": "ws (/ws)", "centrifugo": "centrifugo (/connection/websocket)"}
 
 
 def percentiles(values: list[int], scale: float) -> dict[str, float]:
@@ -95,6 +96,7 @@ def summarise(
             closes[code] = closes.get(code, 0) + int(n)
     result: dict[str, Any] = {
         "config": {
+            "protocol": args.protocol,
             "nodes": args.nodes, "broker": "redis" if redis else "memory",
             "redis": redis.kind if redis else None,
             "redis_shards": len(redis.shards) if redis else 0,
@@ -168,7 +170,8 @@ def human(result: dict[str, Any]) -> str:
         f"{config['subscribers']} subscribers on {config['channels']} channel(s), "
         f"{config['messages']} messages of "
         f"{config['payload']} B at {rate} ({config['publishers']} publishers, batch "
-        f"{config['batch']}), {config['client_procs']} client procs",
+        f"{config['batch']}), {config['client_procs']} client procs, protocol "
+        f"{PROTOCOL_PATHS.get(config.get('protocol', 'ws'), config.get('protocol'))}",
         f"published   {result['published']} in {result['publish_seconds']} s "
         f"({result['offered_per_second']} msg/s), {result['publish_errors']} errors",
         f"delivered   {result['received']} of {result['expected']} frames "

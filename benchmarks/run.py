@@ -259,7 +259,7 @@ async def _start_clients(
         count = args.subscribers // procs + (1 if k < args.subscribers % procs else 0)
         config = {
             "targets": targets, "first": first, "count": count, "channels": args.channels,
-            "messages": args.messages, "sample": args.sample,
+            "messages": args.messages, "sample": args.sample, "protocol": args.protocol,
             "ttl": 3600 + args.duration + 600,
         }
         clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))

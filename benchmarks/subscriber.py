@@ -4,6 +4,13 @@ It does the handshake by hand and then walks frame headers, so that the client i
 is measured. Inside a text frame it only reads `seq` (two `find`s and an `int`), to check
 the order (`benchmarks.sequence`), and in one frame in `sample` it also reads the
 publisher's send time and the hub's `ts` for latency.
+
+Two wire protocols, chosen per run (`--protocol`): the hub's own on `/ws` (`Subscriber`:
+token in the query, `subscribe`, one `message` per text frame) and Centrifugo's client
+protocol v2 JSON on `/connection/websocket` (`CentrifugoSubscriber`: `connect` with the
+token, then `subscribe`; a text frame may carry several `\n`-separated messages; the
+server's `{}` pings are answered with `{}`). Both see the same `data` (`seq`, `sent`), so
+the hot path is shared: only the line split and the ping test are Centrifugo's.
 """
 
 from __future__ import annotations
@@ -22,11 +29,16 @@ from typing import cast
 from benchmarks.sequence import SequenceCheck
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# In a `message` frame `data` (with the publisher's `sent`, unix µs) comes before `ts`.
-SAMPLE = re.compile(rb'"sent":(\d+).*?"ts":(\d+)', re.DOTALL)
-# The publisher writes `{"seq":N,...`: a hub frame has it once, in `data` (a channel name
-# cannot contain a quote).
+# `data` (with the publisher's `sent`, unix µs) comes before the hub's `ts` (unix ms): in a
+# `/ws` `message` frame `"ts":N` follows `data`; in a Centrifugo push it is a string in
+# `pub.tags`, `"ts":"N"`, after `pub.data`.
+SAMPLE = re.compile(rb'"sent":(\d+).*?"ts":"?(\d+)', re.DOTALL)
+# The publisher writes `{"seq":N,...`: a hub message has it once, in `data` (a channel name
+# cannot contain a quote, and the hub's own fields have no `seq`).
 SEQ = b'"seq":'
+# Centrifugo's ping, and the client's answer to it (docs/centrifugo-notes.md §2).
+CENTRIFUGO_PING = b"{}"
+PROTOCOLS = ("ws", "centrifugo")
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -50,6 +62,17 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
 
 def accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def split_messages(payload: bytes) -> list[bytes]:
+    """The messages of one Centrifugo text frame (`\n`-separated), blank lines skipped."""
+    return [line for line in payload.split(b"\n") if line.strip()]
+
+
+def read_sample(message: bytes) -> tuple[int, int] | None:
+    """(`sent` in unix µs, hub `ts` in unix ms) of one message, either protocol's."""
+    match = SAMPLE.search(message)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
 class ClientState:
@@ -80,8 +103,12 @@ class ClientState:
 
 
 class Subscriber(asyncio.Protocol):
-    """One WebSocket connection that subscribes to `channel`, counts what arrives and
-    checks that `seq` goes 0, 1, 2, ... up to `limit` (the messages its channel gets)."""
+    """One `/ws` connection that subscribes to `channel`, counts what arrives and checks
+    that `seq` goes 0, 1, 2, ... up to `limit` (the messages its channel gets)."""
+
+    protocol = "ws"
+    # Several messages per text frame, `\n`-separated, and `{}` pings in them (Centrifugo).
+    split = False
 
     def __init__(
         self, state: ClientState, host: str, port: int, token: str, channel: str, limit: int
@@ -102,7 +129,7 @@ class Subscriber(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not one
         self.state.open += 1
         transport.write(
-            f"GET /ws?token={self.token} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"GET {self.target()} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {self.key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
             .encode()
@@ -133,10 +160,17 @@ class Subscriber(asyncio.Protocol):
             self._fail("bad Sec-WebSocket-Accept")
             return None
         self.handshaken = True
-        subscribe = json.dumps({"type": "subscribe", "channel": self.channel, "id": 1})
         assert self.transport is not None
-        self.transport.write(client_frame(1, subscribe.encode()))
+        self.transport.write(client_frame(1, self.opening()))
         return data
+
+    def target(self) -> str:
+        """The request target of the upgrade."""
+        return f"/ws?token={self.token}"
+
+    def opening(self) -> bytes:
+        """The first text frame, right after the handshake."""
+        return json.dumps({"type": "subscribe", "channel": self.channel, "id": 1}).encode()
 
     def _fail(self, reason: str) -> None:
         self.state.error(reason)
@@ -159,6 +193,7 @@ class Subscriber(asyncio.Protocol):
         texts = 0
         others = 0
         live = self.live
+        split = self.split
         order = self.order
         countdown = self.countdown
         now = time.time()
@@ -183,36 +218,48 @@ class Subscriber(asyncio.Protocol):
             i = end
             opcode = b0 & 0x0F
             if opcode <= 1 and b0 & 0x80:  # the last (usually only) frame of a text message
-                if live:
-                    at = data.find(SEQ, start, end)
-                    if at < 0:
-                        others += 1
-                        continue
-                    texts += 1
-                    at += 6
-                    try:
-                        seq = int(data[at : data.find(b",", at, end)])
-                    except ValueError:
-                        order.malformed()
-                    else:
-                        if seq == order.next:
-                            order.next = seq + 1
-                        else:
-                            order.unexpected(seq)
-                    if countdown:
-                        countdown -= 1
-                        if not countdown:
-                            countdown = state.sample
-                            match = SAMPLE.search(data, start, end)
-                            if match is not None:
-                                state.latencies_us.append(
-                                    int(now * 1e6) - int(match.group(1))
-                                )
-                                state.hub_latencies_ms.append(
-                                    int(now * 1e3) - int(match.group(2))
-                                )
-                else:
+                if not live:
                     live = self._before_live(data[start:end])
+                    continue
+                s = start
+                while True:  # its messages: one, unless `split` finds `\n`s (s only grows)
+                    e = end
+                    if split:
+                        e = data.find(b"\n", s, end)
+                        if e < 0:
+                            e = end
+                    at = data.find(SEQ, s, e)
+                    if at >= 0:
+                        texts += 1
+                        at += 6
+                        try:
+                            seq = int(data[at : data.find(b",", at, e)])
+                        except ValueError:
+                            order.malformed()
+                        else:
+                            if seq == order.next:
+                                order.next = seq + 1
+                            else:
+                                order.unexpected(seq)
+                        if countdown:
+                            countdown -= 1
+                            if not countdown:
+                                countdown = state.sample
+                                match = SAMPLE.search(data, s, e)
+                                if match is not None:
+                                    state.latencies_us.append(
+                                        int(now * 1e6) - int(match.group(1))
+                                    )
+                                    state.hub_latencies_ms.append(
+                                        int(now * 1e3) - int(match.group(2))
+                                    )
+                    elif split and e - s == 2 and data[s:e] == CENTRIFUGO_PING:
+                        self._pong()
+                    elif not split or data[s:e].strip():
+                        others += 1
+                    if e >= end:
+                        break
+                    s = e + 1
             elif opcode > 1 and self._control(opcode, data[start:end]):
                 return
         self.rest = data[i:] if i < n else b""
@@ -238,6 +285,11 @@ class Subscriber(asyncio.Protocol):
             self._fail(payload.decode(errors="replace")[:200])
         return False
 
+    def _pong(self) -> None:
+        """Centrifugo's ping is a message, `{}`; the answer is `{}` in a frame of its own."""
+        assert self.transport is not None
+        self.transport.write(client_frame(1, CENTRIFUGO_PING))
+
     def _control(self, opcode: int, payload: bytes) -> bool:
         """Returns True when the connection is closing."""
         transport = self.transport
@@ -257,3 +309,82 @@ class Subscriber(asyncio.Protocol):
         elif opcode == 2:
             self.state.error("unexpected binary frame")
         return False
+
+
+class CentrifugoSubscriber(Subscriber):
+    """One `/connection/websocket` connection (Centrifugo client protocol v2, JSON): it
+    sends `connect` (id 1) with the token, on the connect reply `subscribe` (id 2), and is
+    live on the subscribe reply. Pushes carry the publisher's `data` as `pub.data`, so the
+    shared hot path reads `seq` and `sent` there; it splits frames at `\n` and answers the
+    server's `{}` pings (unanswered, the hub closes with 3012)."""
+
+    protocol = "centrifugo"
+    split = True
+    CONNECT_ID = 1
+    SUBSCRIBE_ID = 2
+
+    def target(self) -> str:
+        return "/connection/websocket"
+
+    def opening(self) -> bytes:
+        return connect_command(self.CONNECT_ID, self.token)
+
+    def _before_live(self, payload: bytes) -> bool:
+        for line in split_messages(payload):
+            kind, detail = classify_reply(line)
+            if kind == "ping":
+                self._pong()
+            elif kind == "error":
+                self._fail(f"centrifugo error: {detail}")
+                return False
+            elif kind == "reply" and detail == str(self.CONNECT_ID):
+                assert self.transport is not None
+                command = subscribe_command(self.SUBSCRIBE_ID, self.channel)
+                self.transport.write(client_frame(1, command))
+            elif kind == "reply" and detail == str(self.SUBSCRIBE_ID):
+                self.state.subscribed += 1
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                return True  # pushes that came in this same frame: none before `go`
+        return False
+
+
+def connect_command(command_id: int, token: str) -> bytes:
+    return json.dumps({"id": command_id, "connect": {"token": token, "name": "bench"}},
+                      separators=(",", ":")).encode()
+
+
+def subscribe_command(command_id: int, channel: str) -> bytes:
+    return json.dumps({"id": command_id, "subscribe": {"channel": channel}},
+                      separators=(",", ":")).encode()
+
+
+def classify_reply(message: bytes) -> tuple[str, str]:
+    """One Centrifugo message before the subscription is live: ("ping", ""), ("error",
+    its code and message), ("reply", its id) for a successful reply to a command, ("push",
+    channel) or ("bad", why)."""
+    try:
+        reply = json.loads(message)
+    except ValueError:
+        return "bad", message[:80].decode(errors="replace")
+    if not isinstance(reply, dict):
+        return "bad", message[:80].decode(errors="replace")
+    if not reply:
+        return "ping", ""
+    error = reply.get("error")
+    if isinstance(error, dict):
+        return "error", f"{error.get('code')} {error.get('message', '')}".strip()
+    if "push" in reply:
+        push = reply["push"]
+        return "push", str(push.get("channel", "")) if isinstance(push, dict) else ""
+    if isinstance(reply.get("id"), int) and reply["id"] > 0:
+        return "reply", str(reply["id"])
+    return "bad", message[:80].decode(errors="replace")
+
+
+def subscriber_class(protocol: str) -> type[Subscriber]:
+    if protocol == "centrifugo":
+        return CentrifugoSubscriber
+    if protocol == "ws":
+        return Subscriber
+    raise ValueError(f"unknown protocol {protocol!r}")

@@ -1,15 +1,20 @@
 """The fan-out benchmark's own logic (`benchmarks/`, not packaged): the order check that
 fails a run, where connections and messages go, the publisher's per-channel order, how a
 private Redis Cluster's slots are split and when it is formed, which shards are read, the
-per-shard Redis report, and the bare RESP client. No processes are started: a real run is
-`python -m benchmarks` (benchmarks/README.md)."""
+per-shard Redis report, the bare RESP client, and the subscriber's frame parsing in both
+protocols (`/ws` and Centrifugo's), fed the hub's own encoders' frames through a fake
+transport. No processes are started: a real run is `python -m benchmarks`
+(benchmarks/README.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import struct
+from typing import cast
 
+import msgspec
 import pytest
 
 from benchmarks.cli import build_parser, check_args
@@ -34,7 +39,22 @@ from benchmarks.redis_stats import (
 from benchmarks.resp import encode, read_reply
 from benchmarks.run import _to_the_end
 from benchmarks.sequence import SequenceCheck
+from benchmarks.subscriber import (
+    CentrifugoSubscriber,
+    ClientState,
+    Subscriber,
+    accept_key,
+    classify_reply,
+    client_frame,
+    read_sample,
+    split_messages,
+    subscriber_class,
+)
+from hub import protocol as p
+from hub.centrifugo_session import CENTRIFUGO_CODEC, PING_FRAME
 from hub.cli import main as hub_main
+from hub.wire import text_frame
+from hub.ws_session import WS_CODEC
 
 
 def _feed(check: SequenceCheck, seqs: list[int]) -> SequenceCheck:
@@ -132,6 +152,7 @@ async def test_claims_wait_for_the_previous_message_of_their_channels() -> None:
     (["--redis-cluster", "2", "--redis-url", "redis://h:1"], "not --redis-url and --redis-c"),
     (["--redis-cluster", "-1"], "--redis-cluster takes 1-16384"),
     (["--redis-cluster", "16385"], "--redis-cluster takes 1-16384"),
+    (["--protocol", "centrifugo"], None),
 ])
 def test_options(argv: list[str], problem: str | None) -> None:
     found = check_args(build_parser().parse_args(argv))
@@ -272,3 +293,177 @@ async def test_cleanup_runs_to_its_end_when_the_run_is_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert steps == ["start", "end"]
+
+
+# The subscriber's frame parsing, on the hub's own frames.
+
+
+def _message(seq: int, sent: int = 1_700_000_000_000_000, ts: int = 1_700_000_000_000,
+             channel: str = "bench:fanout") -> p.Message:
+    data = json.dumps({"seq": seq, "sent": sent, "pad": "x" * 60}, separators=(",", ":"))
+    return p.Message(channel=channel, data=msgspec.Raw(data.encode()), ts=ts)
+
+
+def _payload(frame: bytes) -> bytes:
+    marker = frame[1] & 0x7F
+    return frame[4:] if marker == 126 else frame[10:] if marker == 127 else frame[2:]
+
+
+def _push_payload(seq: int) -> bytes:
+    """One Centrifugo push as the hub encodes it (a message, without the frame header)."""
+    return _payload(CENTRIFUGO_CODEC.message(_message(seq)))
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def texts(self) -> list[bytes]:
+        """The client's text frames so far (unmasked), then forgotten."""
+        found = []
+        for frame in self.written:
+            if frame.startswith(b"GET "):
+                continue
+            assert frame[0] == 0x81 and frame[1] & 0x80  # final text frame, masked
+            length, at = frame[1] & 0x7F, 2
+            if length == 126:
+                length, at = struct.unpack("!H", frame[2:4])[0], 4
+            mask, body = frame[at : at + 4], frame[at + 4 :]
+            assert len(body) == length
+            found.append(bytes(b ^ mask[k % 4] for k, b in enumerate(body)))
+        self.written.clear()
+        return found
+
+
+def _open(kind: type[Subscriber], limit: int = 10,
+          sample: int = 1) -> tuple[Subscriber, FakeTransport, ClientState]:
+    state = ClientState(sample)
+    subscriber = kind(state, "127.0.0.1", 8000, "tok", "bench:fanout", limit)
+    transport = FakeTransport()
+    subscriber.connection_made(cast(asyncio.BaseTransport, transport))
+    request = transport.written[0]
+    assert request.startswith(b"GET ") and subscriber.key in request
+    subscriber.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Sec-WebSocket-Accept: " + accept_key(subscriber.key) + b"\r\n\r\n")
+    return subscriber, transport, state
+
+
+def test_client_frames_are_masked_and_sized() -> None:
+    for size in (0, 5, 125, 126, 300, 70_000):
+        frame = client_frame(1, b"a" * size)
+        length = frame[1] & 0x7F
+        assert frame[0] == 0x81 and frame[1] & 0x80
+        assert length == (size if size < 126 else 126 if size < 65536 else 127)
+    assert FakeTransport().texts() == []
+    transport = FakeTransport()
+    transport.write(client_frame(1, b"{}"))
+    assert transport.texts() == [b"{}"]
+
+
+def test_centrifugo_frames_split_at_newlines() -> None:
+    assert split_messages(b"{}") == [b"{}"]
+    assert split_messages(b'{"push":1}\n{}\n{"push":2}\n') == [b'{"push":1}', b"{}",
+                                                               b'{"push":2}']
+    assert split_messages(b"") == []
+
+
+def test_centrifugo_replies_are_classified() -> None:
+    assert classify_reply(b"{}") == ("ping", "")
+    assert classify_reply(b'{"id":1,"connect":{"client":"c","ping":25,"pong":true}}') == (
+        "reply", "1")
+    assert classify_reply(b'{"id":2,"subscribe":{}}') == ("reply", "2")
+    assert classify_reply(b'{"id":2,"error":{"code":103,"message":"permission denied"}}') == (
+        "error", "103 permission denied")
+    assert classify_reply(_push_payload(0)) == ("push", "bench:fanout")
+    assert classify_reply(b"not json")[0] == "bad"
+    assert classify_reply(b"[1]")[0] == "bad"
+
+
+def test_latency_sample_reads_both_protocols_frames() -> None:
+    message = _message(3, sent=111, ts=222)
+    ws = _payload(WS_CODEC.message(message))
+    centrifugo = _payload(CENTRIFUGO_CODEC.message(message))
+    assert b'"ts":"222"' in centrifugo and b'"ts":222' in ws  # a string in `pub.tags`
+    assert read_sample(ws) == (111, 222)
+    assert read_sample(centrifugo) == (111, 222)
+    assert read_sample(b'{"push":{}}') is None
+
+
+def test_subscriber_classes() -> None:
+    assert subscriber_class("ws") is Subscriber
+    assert subscriber_class("centrifugo") is CentrifugoSubscriber
+    with pytest.raises(ValueError, match="unknown protocol"):
+        subscriber_class("sse")
+
+
+async def test_ws_subscriber_counts_and_checks_frames_split_across_reads() -> None:
+    subscriber, transport, state = _open(Subscriber)
+    assert b"GET /ws?token=tok " in transport.written[0]
+    assert [json.loads(t) for t in transport.texts()] == [
+        {"type": "subscribe", "channel": "bench:fanout", "id": 1}]
+    subscriber.data_received(text_frame(b'{"type":"subscribed","channel":"bench:fanout"}'))
+    assert subscriber.ready.done() and subscriber.live and state.subscribed == 1
+    stream = b"".join(WS_CODEC.message(_message(seq)) for seq in (0, 1, 2, 2, 4))
+    for k in range(0, len(stream), 7):  # frames split anywhere, headers too
+        subscriber.data_received(stream[k : k + 7])
+    assert (state.received, subscriber.frames, state.others) == (5, 5, 0)
+    order = subscriber.order
+    assert (order.duplicates, order.gaps, order.next) == (1, 1, 5)
+    assert len(state.latencies_us) == 5 and len(state.hub_latencies_ms) == 5
+    subscriber.data_received(bytes((0x89, 2)) + b"hi")  # a WebSocket ping: a masked pong
+    assert transport.written[-1][0] == 0x8A
+
+
+async def test_centrifugo_subscriber_connects_subscribes_and_answers_pings() -> None:
+    subscriber, transport, state = _open(CentrifugoSubscriber, sample=2)
+    assert b"GET /connection/websocket " in transport.written[0]
+    assert b"tok" not in transport.written[0]  # the token goes in `connect`
+    assert [json.loads(t) for t in transport.texts()] == [
+        {"id": 1, "connect": {"token": "tok", "name": "bench"}}]
+    subscriber.data_received(text_frame(
+        b'{"id":1,"connect":{"client":"c1","version":"0","ping":25,"pong":true,'
+        b'"subs":{"#bench-0":{}}}}'))
+    assert [json.loads(t) for t in transport.texts()] == [
+        {"id": 2, "subscribe": {"channel": "bench:fanout"}}]
+    assert not subscriber.ready.done()
+    subscriber.data_received(PING_FRAME)  # a ping before the subscribe reply
+    assert transport.texts() == [b"{}"]
+    subscriber.data_received(text_frame(b'{"id":2,"subscribe":{}}'))
+    assert subscriber.ready.done() and subscriber.live and state.subscribed == 1
+    subscriber.countdown = 2  # the sampling phase is random per connection: fix it
+
+    # One push per frame, as the hub sends them, split across reads ...
+    stream = b"".join(CENTRIFUGO_CODEC.message(_message(seq)) for seq in (0, 1))
+    for k in range(0, len(stream), 11):
+        subscriber.data_received(stream[k : k + 11])
+    # ... and several in one frame, with a ping among them (and a trailing newline).
+    batch = b"\n".join([_push_payload(2), b"{}", _push_payload(3), _push_payload(3)]) + b"\n"
+    subscriber.data_received(text_frame(batch) + PING_FRAME)
+    assert transport.texts() == [b"{}", b"{}"]
+    assert (state.received, subscriber.frames, state.others) == (5, 5, 0)
+    order = subscriber.order
+    assert (order.duplicates, order.gaps, order.reorders, order.next) == (1, 0, 0, 4)
+    assert order.samples == ["duplicate: expected 4, got 3"]
+    assert len(state.latencies_us) == 2  # the 2nd and 4th of 5 (`sample` = 2)
+    subscriber.data_received(text_frame(b'{"push":{"channel":"bench:fanout","join":{}}}'))
+    assert state.others == 1
+
+
+async def test_centrifugo_subscriber_fails_on_an_error_reply() -> None:
+    subscriber, transport, state = _open(CentrifugoSubscriber)
+    transport.texts()
+    subscriber.data_received(text_frame(b'{"id":1,"error":{"code":109,"message":"expired"}}'))
+    assert transport.aborted and state.errors == ["centrifugo error: 109 expired"]
+    with pytest.raises(ConnectionError):
+        subscriber.ready.result()
