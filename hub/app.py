@@ -8,8 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from hub import admin, endpoints, openapi
 from hub.broker import Broker, MemoryBroker
@@ -45,20 +44,21 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-class WebSocketRouter:
-    """Sends the WebSocket paths (`/ws`, `/connection/websocket`) straight to their
-    endpoints with the server's own `send`: no per-frame wrappers on the hot path."""
+class HubApp(Starlette):
+    """The node's Starlette app, which hands its WebSocket paths (`/ws`,
+    `/connection/websocket`) straight to their endpoints, before any middleware: they get
+    the server's own `send` (no per-frame wrappers on the hot path), and a connection's
+    call stack, which lives as long as it does, stays short (memory per connection)."""
 
-    def __init__(self, app: ASGIApp, endpoints: dict[str, WebSocketApp]) -> None:
-        self.app = app
-        self.endpoints = endpoints
+    sockets: dict[str, WebSocketApp]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.endpoints.get(route_path(scope)) if scope["type"] == "websocket" else None
-        if endpoint is not None:
-            await endpoint(dict(scope), receive, send)  # type: ignore[arg-type]
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            endpoint = self.sockets.get(route_path(scope))
+            if endpoint is not None:
+                await endpoint(scope, receive, send)  # type: ignore[arg-type]
+                return
+        await super().__call__(scope, receive, send)
 
 
 WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
@@ -84,9 +84,9 @@ def create_app(settings: Settings) -> Starlette:
     sockets: dict[str, WebSocketApp] = {WEBSOCKET_PATH: WebSocketEndpoint(node, write_path)}
     if settings.centrifugo:
         sockets[CENTRIFUGO_PATH] = CentrifugoEndpoint(node, ClientCommands(node), write_path)
-    middleware = [Middleware(WebSocketRouter, endpoints=sockets)]
     routes = [*endpoints.routes, *openapi.routes, *admin.routes]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app = HubApp(routes=routes, lifespan=lifespan)
+    app.sockets = sockets
     app.state.node = node
     app.state.settings = settings
     return app

@@ -17,6 +17,7 @@ from hub.app import create_app
 from hub.logs import configure
 from hub.node import node_of
 from hub.settings import Settings
+from hub.uvicorn_ws import LeanWebSocketsProtocol
 
 log = logging.getLogger("hub.server")
 
@@ -80,7 +81,7 @@ def uvicorn_config(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=LeanWebSocketsProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_interval or None,

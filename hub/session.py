@@ -53,7 +53,7 @@ class Session:
         "_reader",
         "_refilled_at",
         "_tokens",
-        "_waiter",
+        "_writer",
         "client_id",
         "close_code",
         "commands",
@@ -68,13 +68,15 @@ class Session:
     ) -> None:
         self.commands = commands
         self._outbound = outbound
+        outbound.release_handshake()
         self.client_id = client_id
         self.identity = identity
         self.user = identity.user
         self.permissions = Permissions(commands.settings, identity.channels, identity.publish)
-        self.queue: deque[bytes | _Close] = deque()
+        # Only while the socket pushes back: what waits to be written, and who writes it.
+        self.queue: deque[bytes | _Close] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self.close_code: int | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._tokens = 2 * commands.settings.rate_limit
         self._refilled_at = time.monotonic()
         self._limited_since = 0.0
@@ -87,21 +89,23 @@ class Session:
 
     def push(self, frame: bytes) -> bool:
         """Hand over a frame without awaiting: straight to the socket when nothing is
-        queued and it is writable, else into the bounded queue for the writer task; a
-        queue past its limit closes the connection with 4008. False: not delivered."""
+        queued and it is writable, else into the bounded queue that a writer task drains
+        (both exist only while the socket pushes back); a queue past its limit closes the
+        connection with 4008. False: not delivered."""
         if self.close_code is not None:
             return False
         queue = self.queue
-        if not queue and self._outbound.write_now(frame):
-            return True
-        if self._outbound.closed:
-            return False
-        if len(queue) >= self.commands.settings.queue_limit:
+        if queue is None:
+            if self._outbound.write_now(frame):
+                return True
+            if self._outbound.closed:
+                return False
+            queue = self._queue_up()
+        elif len(queue) >= self.commands.settings.queue_limit:
             self.commands.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
             return False
         queue.append(frame)
-        self._wake_writer()
         return True
 
     def count_error(self, code: ErrorCode) -> None:
@@ -112,30 +116,29 @@ class Session:
         if self.close_code is not None:
             return
         self.close_code = code
-        if not flush:
-            self.queue.clear()
-        self.queue.append(_Close(code, close_reason(reason)))
-        self._wake_writer()
+        queue = self.queue
+        if queue is None:
+            queue = self._queue_up()
+        elif not flush:
+            queue.clear()
+        queue.append(_Close(code, close_reason(reason)))
         if not flush:  # its queue was dropped: the close goes out now or never
             self._abandon_later()
 
-    def _wake_writer(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def _queue_up(self) -> deque[bytes | _Close]:
+        """The socket pushes back (or a close must go out): from now on frames queue, in
+        order, until the writer task has written them all."""
+        queue: deque[bytes | _Close] = deque()
+        self.queue = queue
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(queue))
+        return queue
 
-    async def _write_loop(self) -> None:
-        """Drains what `push` could not write at once, in order, as the socket allows."""
-        queue, outbound = self.queue, self._outbound
-        loop = asyncio.get_running_loop()
+    async def _write_loop(self, queue: deque[bytes | _Close]) -> None:
+        """Drains the queue, in order, as the socket allows; once it is empty, `push`
+        writes straight to the socket again."""
+        outbound = self._outbound
         try:
-            while True:
-                if not queue:
-                    self._waiter = loop.create_future()
-                    await self._waiter
-                    continue
+            while queue:
                 await outbound.ready()
                 frames: list[bytes] = []
                 while queue and type(queue[0]) is bytes:
@@ -150,6 +153,10 @@ class Session:
                 return
         except OSError:
             return  # the peer is gone; the reader sees the disconnect
+        finally:
+            if self.queue is queue and not queue:
+                self.queue = None
+            self._writer = None
 
     def _abandon_later(self) -> None:
         """A close handshake gets CLOSE_HANDSHAKE_SECONDS; then the connection is dropped
@@ -168,7 +175,6 @@ class Session:
 
     async def run(self, receive: ASGIReceive) -> int:
         """Serve until the connection closes (or is abandoned); returns the close code."""
-        writer = asyncio.create_task(self._write_loop())
         self._reader = asyncio.current_task()
         self._arm_expiry()
         code: int = CloseCode.NORMAL
@@ -197,7 +203,8 @@ class Session:
             if self.close_code is not None:
                 code = self.close_code
             self.close_code = self.close_code or code
-            if not writer.done():
+            writer = self._writer
+            if writer is not None and not writer.done():
                 writer.cancel()
         return code
 

@@ -12,7 +12,6 @@ permessage-deflate off), so a frame built once is valid on every connection.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import struct
@@ -76,6 +75,10 @@ class Outbound(Protocol):
         """Drop the TCP connection now, if the road allows (the close handshake is over
         time)."""
 
+    def release_handshake(self) -> None:
+        """The handshake is over: let go of what the server keeps of it (memory per
+        connection), where the road allows."""
+
 
 class AsgiOutbound:
     """Any ASGI server: one `websocket.send` per frame, always through the writer task."""
@@ -112,6 +115,9 @@ class AsgiOutbound:
 
     def abort(self) -> None:
         return None  # ASGI has no abort: the session ends, and the server closes
+
+    def release_handshake(self) -> None:
+        return None
 
 
 class DirectOutbound:
@@ -160,9 +166,29 @@ class DirectOutbound:
         if not self._protocol.disconnected:
             self._transport.abort()
 
+    def release_handshake(self) -> None:
+        """uvicorn keeps the handshake's request and response (their headers) and the
+        scope's headers for the connection's whole life, about 4 KiB, and reads none of
+        them once the socket is accepted. Each is let go only if it is there."""
+        protocol = self._protocol
+        for name in _HANDSHAKE_ATTRIBUTES:
+            message = getattr(protocol, name, None)
+            if message is None:
+                continue
+            # websockets' parser keeps the request too (a local of its generator): what
+            # the headers hold goes, whoever else keeps the message.
+            headers = getattr(message, "headers", None)
+            if headers is not None and hasattr(headers, "clear"):
+                headers.clear()
+            setattr(protocol, name, None)
+        scope = getattr(protocol, "scope", None)
+        if isinstance(scope, dict) and "headers" in scope:
+            scope["headers"] = []
 
-# What DirectOutbound reads of uvicorn's protocol object.
+
+# What DirectOutbound reads of uvicorn's protocol object, and what it lets go of.
 _DIRECT_ATTRIBUTES = ("transport", "writable", "disconnected", "close_sent")
+_HANDSHAKE_ATTRIBUTES = ("request", "response")
 
 
 class WritePath:
@@ -189,7 +215,7 @@ class WritePath:
     def outbound_for(self, send: ASGISend) -> Outbound:
         protocol = getattr(send, "__self__", None)
         direct = self._direct_class
-        if direct is not None and type(protocol) is direct:
+        if direct is not None and isinstance(protocol, direct):
             return DirectOutbound(protocol, send)
         return AsgiOutbound(send)
 
@@ -218,6 +244,6 @@ def _probe_uvicorn() -> type | str:
     missing = [name for name in _DIRECT_ATTRIBUTES if not hasattr(protocol, name)]
     if missing:
         return f"uvicorn {uvicorn.__version__} has no {', '.join(missing)} on its protocol"
-    if not isinstance(protocol.writable, asyncio.Event):
-        return f"uvicorn {uvicorn.__version__}: `writable` is not an asyncio.Event"
+    if not all(hasattr(protocol.writable, name) for name in ("is_set", "wait")):
+        return f"uvicorn {uvicorn.__version__}: `writable` is not an event"
     return WebSocketsSansIOProtocol
