@@ -5,6 +5,7 @@ double); `hub.redis_broker.RedisBroker` is the cluster one.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import deque
@@ -47,7 +48,8 @@ class BrokerEvents(Protocol):
     def channels(self) -> Iterable[str]:
         """The channels the node wants relayed: subscribed anew after every reconnect."""
 
-    def on_relayed(self, channel: str, relayed: Relayed) -> None: ...
+    def on_relayed(self, channel: str, relayed: list[Relayed]) -> None:
+        """What one channel carried, in order: as much as had arrived together."""
 
     def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
         """A connection to the broker (one shard's, on a Redis Cluster) is subscribed to
@@ -111,10 +113,13 @@ class _Stream:
 
 
 class MemoryBroker:
-    """Single process: publish calls the node back synchronously; history in deques."""
+    """Single process: what is published in one turn of the event loop is handed to the
+    node together at its end (so a burst reaches each socket in one write); history in
+    deques."""
 
     def __init__(self) -> None:
         self._events: BrokerEvents | None = None
+        self._relaying: dict[str, list[Relayed]] | None = None  # this turn's, by channel
         self._channels: set[str] = set()
         self._streams: dict[str, _Stream] = {}
         self._created = 0
@@ -156,8 +161,22 @@ class MemoryBroker:
                 stream.messages.popleft()
             position = StreamPosition(stream.offset, stream.epoch)
         if self._events is not None and channel in self._channels:
-            self._events.on_relayed(channel, relayed)
+            self._relay(channel, relayed)
         return position
+
+    def _relay(self, channel: str, relayed: Relayed) -> None:
+        relaying = self._relaying
+        if relaying is None:
+            relaying = self._relaying = {}
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        relaying.setdefault(channel, []).append(relayed)
+
+    def _hand_over(self) -> None:
+        relaying, self._relaying = self._relaying or {}, None
+        events = self._events
+        for channel, relayed in relaying.items():
+            if events is not None:
+                events.on_relayed(channel, relayed)
 
     async def history(
         self,

@@ -133,15 +133,29 @@ class Node:
     def channels(self) -> Iterable[str]:
         return self.subscriptions.channels
 
-    def on_relayed(self, channel: str, relayed: p.Relayed) -> None:
-        if type(relayed) is p.Message:
-            self.subscriptions.deliver(channel, relayed)
-            lag = time.time() - relayed.ts / 1000
-            self.metrics.delivery_lag_seconds.observe(max(0.0, lag))
-        elif isinstance(relayed, p.Join | p.Leave):
-            self.subscriptions.deliver_event(channel, relayed)
-        elif isinstance(relayed, p.Disconnect):
-            self.hub.close_user(relayed.user, relayed.code, relayed.reason)
+    def on_relayed(self, channel: str, relayed: list[p.Relayed]) -> None:
+        """What the broker relayed on one channel, in order; publications that came
+        together are delivered together."""
+        messages: list[p.Message] = []
+        for item in relayed:
+            if type(item) is p.Message:
+                messages.append(item)
+                continue
+            if messages:
+                self._deliver(channel, messages)
+                messages = []
+            if isinstance(item, p.Join | p.Leave):
+                self.subscriptions.deliver_event(channel, item)
+            elif isinstance(item, p.Disconnect):
+                self.hub.close_user(item.user, item.code, item.reason)
+        if messages:
+            self._deliver(channel, messages)
+
+    def _deliver(self, channel: str, messages: list[p.Message]) -> None:
+        self.subscriptions.deliver(channel, messages)
+        now = time.time()
+        for message in messages:
+            self.metrics.delivery_lag_seconds.observe(max(0.0, now - message.ts / 1000))
 
     def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
         if reconnected:

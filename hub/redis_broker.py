@@ -314,20 +314,25 @@ class RedisBroker:
         topics = (self._topic(channel) for channel in events.channels)
         return [topic for topic in topics if topology.shard_of(topic) == link.shard]
 
-    def deliver(self, topic: bytes, payload: bytes) -> None:
+    def deliver(self, publications: list[tuple[bytes, bytes]]) -> None:
         events = self._events
         if events is None:
             return
-        channel = self._channel_of(topic)
-        try:
-            relayed = decode_relayed(payload)
-        except msgspec.DecodeError as exc:
-            log.warning("dropped an undecodable publication on %r: %s", channel, exc)
-            return
-        try:
-            events.on_relayed(channel, relayed)
-        except Exception:
-            log.exception("on_relayed failed for channel %r", channel)
+        by_topic: dict[bytes, list[Relayed]] = {}
+        for topic, payload in publications:
+            try:
+                relayed = decode_relayed(payload)
+            except msgspec.DecodeError as exc:
+                log.warning("dropped an undecodable publication on %r: %s",
+                            self._channel_of(topic), exc)
+                continue
+            by_topic.setdefault(topic, []).append(relayed)
+        for topic, relayed_list in by_topic.items():
+            channel = self._channel_of(topic)
+            try:
+                events.on_relayed(channel, relayed_list)
+            except Exception:
+                log.exception("on_relayed failed for channel %r", channel)
 
     def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None:
         """A link carries `topics` (again): those it carried before it went down, and

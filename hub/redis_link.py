@@ -31,6 +31,7 @@ from hub.tasks import cancel
 log = logging.getLogger("hub.redis")
 
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
+_READ_BATCH = 1000  # replies taken at once from what has arrived
 # Answers of a Cluster whose shards are changing under the link.
 _UNSETTLED = (AskError, ClusterDownError, TryAgainError)  # MovedError is an AskError
 
@@ -39,7 +40,8 @@ class LinkOwner(Protocol):
     def wanted(self, link: Link) -> list[bytes]:
         """The topics this link must carry now."""
 
-    def deliver(self, topic: bytes, payload: bytes) -> None: ...
+    def deliver(self, publications: list[tuple[bytes, bytes]]) -> None:
+        """(topic, payload) of what arrived together, in the order it arrived."""
 
     def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None: ...
 
@@ -252,13 +254,29 @@ class Link:
                     raise ConnectionError(f"{self.shard} moved to another server (failover)")
                 continue
             pinged = False
-            self._handle(reply)
+            replies = [reply]
+            # What else has arrived already goes with it: a burst is delivered as one, and
+            # each socket gets it in one write.
+            while len(replies) < _READ_BATCH:
+                more = await conn.read_response(timeout=0)
+                if more is None:
+                    break
+                replies.append(more)
+            self._handle(replies)
 
-    def _handle(self, reply: Any) -> None:
+    def _handle(self, replies: list[Any]) -> None:
+        publications: list[tuple[bytes, bytes]] = []
+        for reply in replies:
+            if _kind(reply) == self._message_kind:
+                publications.append((reply[1], reply[2]))
+            else:
+                self._handle_other(reply)
+        if publications:
+            self._owner.deliver(publications)
+
+    def _handle_other(self, reply: Any) -> None:
         kind = _kind(reply)
-        if kind == self._message_kind:
-            self._owner.deliver(reply[1], reply[2])
-        elif kind == self._confirm_kind:
+        if kind == self._confirm_kind:
             pending = self._confirms.get(reply[1])
             if pending:
                 waiter = pending.popleft()
@@ -276,8 +294,8 @@ class Link:
         self.first_attempt.set()
         log.info("Redis pub/sub to %s %s", self.shard, "reconnected" if reconnected else "up")
         _notify(self._owner.went_up, self, sorted(self.sent), reconnected)
-        for reply in backlog:
-            self._owner.deliver(reply[1], reply[2])
+        if backlog:
+            self._owner.deliver([(reply[1], reply[2]) for reply in backlog])
 
     def _went_down(self, exc: BaseException) -> None:
         self._incident.failed(exc)

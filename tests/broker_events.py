@@ -26,9 +26,10 @@ class Recorder:
         self.events: list[str] = []
         self._changed = asyncio.Event()
 
-    def on_relayed(self, channel: str, relayed: Relayed) -> None:
-        self.relayed.append((channel, relayed))
-        self._record(f"relayed:{channel}")
+    def on_relayed(self, channel: str, relayed: list[Relayed]) -> None:
+        for item in relayed:
+            self.relayed.append((channel, item))
+            self._record(f"relayed:{channel}")
 
     def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
         self.ups.append(reconnected)

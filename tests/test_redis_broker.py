@@ -225,7 +225,7 @@ async def test_racing_subscribe_and_unsubscribe_end_as_the_last_call_says(
 
 
 class FailsOnBoom(Recorder):
-    def on_relayed(self, channel: str, relayed: Relayed) -> None:
+    def on_relayed(self, channel: str, relayed: list[Relayed]) -> None:
         super().on_relayed(channel, relayed)
         if channel == "boom":
             raise RuntimeError("node bug")
