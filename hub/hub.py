@@ -46,20 +46,36 @@ class Hub:
 
     def __init__(self) -> None:
         self.sessions: dict[str, Subscriber] = {}
-        self.sessions_by_user: dict[str, set[Subscriber]] = {}
+        # A user's one connection, or the set of them: most users have one, and a set costs
+        # a connection 216 bytes at least.
+        self.sessions_by_user: dict[str, Subscriber | set[Subscriber]] = {}
 
     def add(self, session: Subscriber) -> None:
         self.sessions[session.client_id] = session
-        self.sessions_by_user.setdefault(session.user, set()).add(session)
+        found = self.sessions_by_user.get(session.user)
+        if found is None:
+            self.sessions_by_user[session.user] = session
+        elif isinstance(found, set):
+            found.add(session)
+        elif found is not session:
+            self.sessions_by_user[session.user] = {found, session}
 
     def remove(self, session: Subscriber) -> None:
         self.sessions.pop(session.client_id, None)
-        user_sessions = self.sessions_by_user.get(session.user)
-        if user_sessions is not None:
-            user_sessions.discard(session)
-            if not user_sessions:
-                del self.sessions_by_user[session.user]
+        found = self.sessions_by_user.get(session.user)
+        if found is session:
+            del self.sessions_by_user[session.user]
+        elif isinstance(found, set):
+            found.discard(session)
+            if len(found) == 1:
+                self.sessions_by_user[session.user] = found.pop()
+
+    def sessions_of(self, user: str) -> list[Subscriber]:
+        found = self.sessions_by_user.get(user)
+        if found is None:
+            return []
+        return list(found) if isinstance(found, set) else [found]
 
     def close_user(self, user: str, code: int, reason: str) -> None:
-        for session in list(self.sessions_by_user.get(user, ())):
+        for session in self.sessions_of(user):
             session.close(code, reason)

@@ -167,7 +167,9 @@ class Subscriptions:
         self._settings = settings
         self._delivered = metrics.messages_delivered
         self._channels: dict[str, Channel] = {}
-        self._channels_of: dict[Subscriber, set[str]] = {}
+        # A list, not a set: most connections are on few channels, and a set costs a
+        # connection 216 bytes at least.
+        self._channels_of: dict[Subscriber, list[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
@@ -302,19 +304,26 @@ class Subscriptions:
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = Channel(name, history_options(self._settings, name))
-        self._channels_of.setdefault(subscriber, set()).add(name)
+        names = self._channels_of.get(subscriber)
+        if names is None:
+            self._channels_of[subscriber] = [name]
+        elif name not in names:
+            names.append(name)
         return channel
 
     async def _remove(self, subscriber: Subscriber, channel: Channel) -> bool:
         was_member = self._drop(subscriber, channel)
-        names = self._channels_of.get(subscriber)
-        if names is not None:
-            names.discard(channel.name)
-            if not names:
-                del self._channels_of[subscriber]
+        self._unlist(subscriber, channel.name)
         if not (channel.cohorts or channel.joiners):
             await self._release(channel)
         return was_member or was_member is None
+
+    def _unlist(self, subscriber: Subscriber, name: str) -> None:
+        names = self._channels_of.get(subscriber)
+        if names is not None and name in names:
+            names.remove(name)
+            if not names:
+                del self._channels_of[subscriber]
 
     def _drop(self, subscriber: Subscriber, channel: Channel) -> bool | None:
         """True: it was a member; None: a joiner; False: neither."""
@@ -561,11 +570,7 @@ class Subscriptions:
             if not kept:
                 cohort.members.discard(member)
                 self._count(channel, -1)
-                names = self._channels_of.get(member)
-                if names is not None:
-                    names.discard(channel.name)
-                    if not names:
-                        del self._channels_of[member]
+                self._unlist(member, channel.name)
         if not cohort.members:
             channel.cohorts.remove(cohort)
             if not (channel.cohorts or channel.joiners):
