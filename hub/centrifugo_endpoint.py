@@ -17,6 +17,7 @@ from typing import Any
 
 from hub import __version__
 from hub import centrifugo_frames as cf
+from hub.abuse import auth_reason
 from hub.auth import AuthFailed, Identity
 from hub.centrifugo_session import PING_FRAME, CentrifugoSession
 from hub.commands import ClientCommands
@@ -65,7 +66,8 @@ class CentrifugoEndpoint:
         except _Expired as expired:
             await self._expired(send, receive, expired.command_id)
             return
-        except _Gone:
+        except _Gone as gone:
+            self.node.metrics.protocol_errors.count_close(gone.code)
             return
         await self._serve(identity, command, rest, send, receive)
 
@@ -84,9 +86,10 @@ class CentrifugoEndpoint:
                 message = await receive()
         except TimeoutError:
             node.metrics.auth_failures.labels("timeout").inc()
+            node.metrics.protocol_errors.count("auth_timeout")
             raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
         if message["type"] == "websocket.disconnect":
-            raise _Gone
+            raise _Gone(message.get("code"))
         text = message.get("text")
         messages = cf.split_frame(text) if text is not None else []
         try:
@@ -95,6 +98,7 @@ class CentrifugoEndpoint:
             command = None
         if command is None or command.connect is None or not command.id:
             node.metrics.auth_failures.labels("missing").inc()
+            node.metrics.protocol_errors.count("auth_failed")
             raise _Refused(cf.DisconnectCode.BAD_REQUEST, "bad request", CloseCode.UNAUTHORIZED)
         return command, messages[1:]
 
@@ -110,6 +114,9 @@ class CentrifugoEndpoint:
             identity = await node.authenticator.verify(token)
         except AuthFailed as exc:
             node.metrics.auth_failures.labels(exc.reason).inc()
+            reason = auth_reason(exc.reason)
+            if reason is not None:
+                node.metrics.protocol_errors.count(reason)
             if exc.code == CloseCode.TOKEN_EXPIRED:
                 raise _Expired(command.id) from None
             raise _Refused(cf.DisconnectCode.INVALID_TOKEN, "invalid token",
@@ -155,6 +162,7 @@ class CentrifugoEndpoint:
             code = await session.run(receive)
         finally:
             self.sessions.discard(session)
+            node.metrics.protocol_errors.count_close(code)
             await commands.disconnect(session, code)
 
     def _start_pinging(self) -> None:
@@ -187,5 +195,9 @@ class _Expired(Exception):
 
 
 class _Gone(Exception):
-    """The client left during the handshake."""
+    """The client left during the handshake (with this close code)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(code)
+        self.code = code
 

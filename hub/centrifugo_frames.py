@@ -368,7 +368,7 @@ def split_frame(frame: str | bytes) -> list[bytes]:
 def decode_command(message: str | bytes) -> Command:
     try:
         command: Command = _command_decoder.decode(message)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # too deep: RecursionError
         raise BadCommand(str(exc), _id_of(message)) from None
     return command
 
@@ -383,7 +383,7 @@ def iter_commands(frame: str | bytes) -> Iterator[Command]:
 def _id_of(message: str | bytes) -> int | None:
     try:
         head = _head_decoder.decode(message)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     value = head.id
     return value if type(value) is int and 0 < value < 2**32 else None

@@ -17,6 +17,7 @@ import msgspec
 
 from hub import centrifugo_frames as cf
 from hub import protocol as p
+from hub.abuse import decode_reason
 from hub.auth import AuthFailed, Identity
 from hub.broker import StreamPosition
 from hub.channels import personal_channel
@@ -129,6 +130,7 @@ class CentrifugoSession(Session):
             try:
                 command = cf.decode_command(message)
             except cf.BadCommand as exc:
+                self.commands.metrics.protocol_errors.count(decode_reason(message, exc))
                 if exc.command_id is None:
                     self.close(cf.DisconnectCode.BAD_REQUEST, "bad request")
                     return
@@ -143,6 +145,7 @@ class CentrifugoSession(Session):
         method = command.method
         if command.id == 0:
             if method != "send":  # a command without id: Centrifuge closes on it too
+                self._protocol_error("bad_command")
                 self.close(cf.DisconnectCode.BAD_REQUEST, "bad request")
             return
         if not self.allow():
@@ -190,9 +193,14 @@ class CentrifugoSession(Session):
         elif method == "refresh" and command.refresh is not None:
             await self._refresh(command_id, command.refresh.token)
         elif method == "connect":
+            self._protocol_error("bad_command")
             self.close(cf.DisconnectCode.BAD_REQUEST, "client already authenticated")
         else:
+            self._protocol_error("unknown_command")
             self.fail(command_id, HubError(ErrorCode.UNKNOWN_TYPE, "method not found"))
+
+    def _protocol_error(self, reason: str) -> None:
+        self.commands.metrics.protocol_errors.count(reason)
 
     def _joined(
         self, command_id: int, request: cf.SubscribeRequest

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from hub import protocol as p
+from hub.abuse import auth_reason
 from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, close_reason
@@ -51,9 +52,13 @@ class WebSocketEndpoint:
         except AuthFailed as exc:
             node.metrics.auth_failures.labels(exc.reason).inc()
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
+            reason = auth_reason(exc.reason)
+            if reason is not None:
+                node.metrics.protocol_errors.count(reason)
             await close_socket(send, exc.code, str(exc))
             return
-        except _Gone:
+        except _Gone as gone:
+            node.metrics.protocol_errors.count_close(gone.code)
             return
         # Again: the node may have filled up or begun draining while this one authenticated
         # (an `auth` frame takes a while). From here to the session's registration nothing
@@ -93,6 +98,7 @@ class WebSocketEndpoint:
             await commands.connect(session)
             code = await session.run(receive)
         finally:
+            node.metrics.protocol_errors.count_close(code)
             await commands.disconnect(session, code)
 
     async def _authenticate(
@@ -118,7 +124,7 @@ class WebSocketEndpoint:
         except TimeoutError:
             raise AuthFailed("timeout", "no auth frame in time") from None
         if message["type"] == "websocket.disconnect":
-            raise _Gone
+            raise _Gone(message.get("code"))
         text = message.get("text")
         if text is None:
             raise AuthFailed("invalid", "expected an auth frame")
@@ -132,7 +138,11 @@ class WebSocketEndpoint:
 
 
 class _Gone(Exception):
-    """The client left during the handshake."""
+    """The client left during the handshake (with this close code)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 async def close_socket(send: ASGISend, code: int, reason: str) -> None:

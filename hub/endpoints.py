@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -77,7 +77,7 @@ async def _body(request: Request, kind: type[BodyT]) -> BodyT:
         chunks.append(chunk)
     try:
         body = msgspec.json.decode(b"".join(chunks), type=kind)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # too deep: RecursionError
         raise ApiError(400, "bad_request", f"malformed body: {exc}") from None
     return body
 
@@ -94,6 +94,8 @@ def api(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return error_response(exc.status, exc.code, exc.message)
         except HubError as exc:
             return error_response(HTTP_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
+        except ClientDisconnect:  # gone before its body was in: the client's doing, not ours
+            return error_response(400, ErrorCode.BAD_REQUEST, "incomplete body")
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             return error_response(500, ErrorCode.INTERNAL, "internal error")

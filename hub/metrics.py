@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from hub import __version__
+from hub.abuse import ProtocolErrors
 from hub.errors import CloseCode
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -53,6 +54,11 @@ class Metrics:
         self.auth_failures = Counter(
             "hub_auth_failures", "Failed authentications, by reason", ["reason"], registry=registry
         )
+        # Bad input of clients by reason (hub.abuse.REASONS), logged at INFO once a minute.
+        self.protocol_errors = ProtocolErrors(Counter(
+            "hub_protocol_errors", "Protocol errors of clients, by reason", ["reason"],
+            registry=registry,
+        ))
         self.command_errors = Counter(
             "hub_command_errors", "Commands answered with an error, by code", ["code"],
             registry=registry,

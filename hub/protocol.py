@@ -98,13 +98,15 @@ def decode_command(text: str | bytes) -> Command:
         command: Command = _command_decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise _explain(text, exc) from None
+    except RecursionError:  # nested deeper than msgspec follows
+        raise BadFrame(ErrorCode.BAD_REQUEST, "frame nested too deeply", None) from None
     return command
 
 
 def _read_head(text: str | bytes) -> _Head | None:
     try:
         return _head_decoder.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 

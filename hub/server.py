@@ -14,7 +14,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from hub.app import create_app
-from hub.logs import configure
+from hub.deadline import http_protocol
+from hub.logs import configure, install_filters
 from hub.node import node_of
 from hub.settings import Settings
 from hub.uvicorn_ws import LeanWebSocketsProtocol
@@ -77,10 +78,13 @@ class HubServer(uvicorn.Server):
 def uvicorn_config(
     app: Starlette, settings: Settings, log_config: dict[str, Any] | None = None
 ) -> uvicorn.Config:
-    return uvicorn.Config(
+    """uvicorn's configuration for a node's app; it also puts the filter of client noise on
+    uvicorn's logger (after uvicorn set up its logging, which this call makes it do)."""
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=http_protocol(settings.handshake_timeout, node_of(app).metrics.protocol_errors),
         ws=LeanWebSocketsProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval or None,
@@ -93,6 +97,8 @@ def uvicorn_config(
         timeout_graceful_shutdown=int(EXIT_GRACE_SECONDS),
         server_header=False,
     )
+    install_filters()
+    return config
 
 
 def serve(settings: Settings) -> int:
@@ -104,6 +110,3 @@ def serve(settings: Settings) -> int:
     server = HubServer(config, settings)
     server.run()
     return 0 if server.started else 1
-
-
-

@@ -65,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     queue_limit: int = 1000
     max_subscriptions: int = 512
     auth_timeout: float = 5.0
+    handshake_timeout: float = 10.0
     ping_interval: float = 25.0
     drain_seconds: float = 10.0
     drain_delay: float = 1.0
@@ -222,6 +223,7 @@ def validate(settings: Settings) -> None:
         (settings.queue_limit >= 1, "HUB_QUEUE_LIMIT must be >= 1"),
         (settings.max_subscriptions >= 0, "HUB_MAX_SUBSCRIPTIONS must be >= 0"),
         (settings.auth_timeout > 0, "HUB_AUTH_TIMEOUT must be > 0"),
+        (settings.handshake_timeout > 0, "HUB_HANDSHAKE_TIMEOUT must be > 0"),
         (settings.ping_interval >= 0, "HUB_PING_INTERVAL must be >= 0"),
         (settings.drain_seconds >= 0, "HUB_DRAIN_SECONDS must be >= 0"),
         (settings.drain_delay >= 0, "HUB_DRAIN_DELAY must be >= 0"),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import msgspec
 
 from hub import protocol as p
+from hub.abuse import decode_reason
 from hub.broker import StreamPosition
 from hub.errors import ErrorCode, HubError
 from hub.session import Session
@@ -60,6 +61,7 @@ class WsSession(Session):
             frame_id = command.id
             await self.dispatch(command)
         except p.BadFrame as exc:
+            self.commands.metrics.protocol_errors.count(decode_reason(text, exc))
             self.error(exc.code, exc.message, exc.frame_id)
         except HubError as exc:
             self.error(exc.code, exc.message, frame_id)

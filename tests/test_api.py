@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hub.abuse import REASONS
 from tests.support import (
     API_KEY,
     WAIT,
@@ -564,7 +565,7 @@ _ALLOWED_LABEL_VALUES = {
                              4001, 4002, 4003, 4008, 4029)),
     "bad_request", "unknown_type", "invalid_channel", "forbidden", "already_subscribed",
     "not_subscribed", "too_many_subscriptions", "rate_limited", "unavailable", "internal",
-    "missing", "invalid", "expired", "timeout",
+    "missing", "invalid", "expired", "timeout", *REASONS,
     "+Inf", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5",
     "1.0", "2.5", "5.0",
 }

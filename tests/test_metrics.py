@@ -18,6 +18,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub import __version__
+from hub.abuse import REASONS
 from hub.auth import mint_token
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -333,7 +334,8 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
     assert secret not in current.text
     bounded: dict[str, Callable[[str], bool]] = {
         "code": lambda v: v.isdigit() or v.replace("_", "").isalpha(),
-        "reason": lambda v: v in {"invalid", "expired", "missing", "timeout", "slow_consumer"},
+        "reason": lambda v: v in {"invalid", "expired", "missing", "timeout", "slow_consumer",
+                                  *REASONS},
         "source": lambda v: v in {"api", "client"},
         "le": lambda v: v == "+Inf" or math.isfinite(float(v)),
         "node": lambda v: v == NODE_ID,

@@ -31,6 +31,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_QUEUE_LIMIT", "5", "queue_limit", 5),
     ("HUB_MAX_SUBSCRIPTIONS", "3", "max_subscriptions", 3),
     ("HUB_AUTH_TIMEOUT", "2.5", "auth_timeout", 2.5),
+    ("HUB_HANDSHAKE_TIMEOUT", "3", "handshake_timeout", 3.0),
     ("HUB_PING_INTERVAL", "0", "ping_interval", 0.0),
     ("HUB_DRAIN_SECONDS", "3", "drain_seconds", 3.0),
     ("HUB_DRAIN_DELAY", "0.25", "drain_delay", 0.25),
