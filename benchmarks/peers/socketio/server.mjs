@@ -1,0 +1,47 @@
+// Socket.IO 4 on Node 20 with its Redis adapter: the peer the hub is measured against, set up
+// as its users run it for fan-out. One process per node: `node server.mjs PORT [REDIS_URL]`.
+// A client connects over WebSocket (`/socket.io/?EIO=4&transport=websocket`), sends
+// `subscribe` with a channel and joins that room; `POST /api/publish {"channel", "data"}`
+// emits `message` with `data` to the room, on every node through the adapter (Redis pub/sub).
+// Prints `listening PORT` once it serves.
+import http from "node:http";
+import { Server } from "socket.io";
+import { createAdapter } from "@socket.io/redis-adapter";
+import { createClient } from "redis";
+
+const port = Number(process.argv[2] ?? 0);
+const redisUrl = process.argv[3];
+
+const server = http.createServer((request, response) => {
+  if (request.method === "POST" && request.url === "/api/publish") {
+    const chunks = [];
+    request.on("data", (chunk) => chunks.push(chunk));
+    request.on("end", () => {
+      const { channel, data } = JSON.parse(Buffer.concat(chunks).toString());
+      io.to(channel).emit("message", data);
+      response.writeHead(200, { "content-type": "application/json" }).end("{}");
+    });
+    return;
+  }
+  if (request.url === "/readyz") {
+    response.writeHead(200).end("{}");
+    return;
+  }
+  response.writeHead(404).end();
+});
+
+const io = new Server(server, { transports: ["websocket"], perMessageDeflate: false });
+if (redisUrl) {
+  const publisher = createClient({ url: redisUrl });
+  const subscriber = publisher.duplicate();
+  await Promise.all([publisher.connect(), subscriber.connect()]);
+  io.adapter(createAdapter(publisher, subscriber));
+}
+io.on("connection", (socket) => {
+  socket.on("subscribe", (channel) => socket.join(channel));
+});
+
+server.listen(port, "127.0.0.1", () => {
+  process.stdout.write(`listening ${server.address().port}\n`);
+});
+process.on("SIGTERM", () => process.exit(0));
