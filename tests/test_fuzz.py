@@ -1,0 +1,318 @@
+"""Property tests of decoding (issue 13, first layer): frames of `/ws`, commands of
+`/connection/websocket` and bodies of the HTTP API, from arbitrary bytes and from structured
+mutations of valid ones. Every input is either accepted or answered with the contract's
+error, never another exception. The live-node layer is tests/test_abuse.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hub import api_types as t
+from hub import centrifugo_frames as cf
+from hub import protocol as p
+from hub.abuse import REASONS, decode_reason
+from hub.app import create_app
+from hub.errors import ErrorCode
+from tests.conftest import NAMESPACES
+from tests.support import API_KEY, make_settings
+
+FUZZ = settings(
+    max_examples=200, deadline=timedelta(seconds=2), database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+COMMAND_CLASSES = (p.Auth, p.Subscribe, p.Unsubscribe, p.Publish, p.PresenceRequest,
+                   p.HistoryRequest, p.Refresh, p.Ping)
+CONTRACT_CODES = {code.value for code in ErrorCode}
+
+# Valid inputs, as JSON-able values
+
+json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+channels = st.sampled_from(["chat:a", "feed:b", "room1", "@alice", "", "x" * 300, "a b"])
+ids = st.none() | st.integers(-5, 2**40)
+since = st.fixed_dictionaries({"offset": st.integers(0, 2**40), "epoch": st.text(max_size=8)})
+
+
+def with_id(command: dict[str, Any], frame_id: int | None) -> dict[str, Any]:
+    return command if frame_id is None else {**command, "id": frame_id}
+
+
+ws_commands = st.one_of(
+    st.builds(lambda tok: {"type": "auth", "token": tok}, st.text(max_size=40)),
+    st.builds(lambda ch, s: {"type": "subscribe", "channel": ch, **({"since": s} if s else {})},
+              channels, st.none() | since),
+    st.builds(lambda ch: {"type": "unsubscribe", "channel": ch}, channels),
+    st.builds(lambda ch, d, e: {"type": "publish", "channel": ch, "data": d,
+                                **({"event": e} if e else {})},
+              channels, json_values, st.none() | st.text(max_size=8)),
+    st.builds(lambda ch: {"type": "presence", "channel": ch}, channels),
+    st.builds(lambda ch, lim: {"type": "history", "channel": ch, "limit": lim}, channels,
+              st.integers(0, 2000)),
+    st.builds(lambda tok: {"type": "refresh", "token": tok}, st.text(max_size=40)),
+    st.just({"type": "ping"}),
+).flatmap(lambda command: ids.map(lambda frame_id: with_id(command, frame_id)))
+
+centrifugo_commands = st.one_of(
+    st.builds(lambda tok: {"connect": {"token": tok, "name": "js"}}, st.text(max_size=40)),
+    st.builds(lambda ch, rec, off, ep: {"subscribe": {"channel": ch, "recover": rec,
+                                                      "offset": off, "epoch": ep}},
+              channels, st.booleans(), st.integers(0, 2**40), st.text(max_size=8)),
+    st.builds(lambda ch: {"unsubscribe": {"channel": ch}}, channels),
+    st.builds(lambda ch, d: {"publish": {"channel": ch, "data": d}}, channels, json_values),
+    st.builds(lambda ch: {"presence": {"channel": ch}}, channels),
+    st.builds(lambda ch: {"presence_stats": {"channel": ch}}, channels),
+    st.builds(lambda ch, lim, rev: {"history": {"channel": ch, "limit": lim, "reverse": rev}},
+              channels, st.integers(-5, 2000), st.booleans()),
+    st.builds(lambda tok: {"refresh": {"token": tok}}, st.text(max_size=40)),
+    st.builds(lambda d: {"rpc": {"method": "x", "data": d}}, json_values),
+    st.just({}),
+).flatmap(lambda command: st.integers(0, 2**32 + 5).map(lambda n: {"id": n, **command}))
+
+bodies: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+    "/api/publish": st.builds(lambda ch, d: {"channel": ch, "data": d}, channels, json_values),
+    "/api/broadcast": st.builds(lambda chs, d: {"channels": chs, "data": d},
+                                st.lists(channels, max_size=4), json_values),
+    "/api/send": st.builds(lambda u, d: {"user": u, "data": d}, st.text(max_size=130),
+                           json_values),
+    "/api/disconnect": st.builds(lambda u, c: {"user": u, "code": c},
+                                 st.text(min_size=1, max_size=20).filter(lambda u: u != "x"),
+                                 st.integers(0, 70000) | st.floats(allow_nan=False)),
+}
+
+# Mutations of a valid value, then of its bytes
+
+
+def mutate_value(value: Any, draw: Callable[[st.SearchStrategy[Any]], Any]) -> Any:
+    """One structural change somewhere inside a JSON value: a key dropped, added or renamed,
+    a value replaced by one of another type, deep nesting, a huge number."""
+    if isinstance(value, dict) and value:
+        key = draw(st.sampled_from(sorted(value)))
+        how = draw(st.sampled_from(["drop", "replace", "add", "recurse", "rename"]))
+        changed = dict(value)
+        if how == "drop":
+            del changed[key]
+        elif how == "replace":
+            changed[key] = draw(json_values | st.integers(2**63, 2**80) | deep_nesting)
+        elif how == "add":
+            changed[draw(st.text(max_size=10))] = draw(json_values)
+        elif how == "rename":
+            changed[draw(st.text(max_size=10))] = changed.pop(key)
+        else:
+            changed[key] = mutate_value(value[key], draw)
+        return changed
+    if isinstance(value, list) and value:
+        index = draw(st.integers(0, len(value) - 1))
+        return [*value[:index], mutate_value(value[index], draw), *value[index + 1:]]
+    return draw(json_values | deep_nesting)
+
+
+DEEP = "\x00deep\x00"
+"""Stands for 2,000 nested arrays, past what json.dumps nests (written in by `encode`)."""
+DEEP_JSON = json.dumps(DEEP)
+deep_nesting = st.integers(1, 300).map(lambda depth: json.loads("[" * depth + "]" * depth)) | \
+    st.just(DEEP)
+
+
+def encode(value: Any) -> bytes:
+    text = json.dumps(value, ensure_ascii=False)
+    return text.replace(DEEP_JSON, "[" * 2000 + "]" * 2000).encode()
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> bytes:
+    value = draw(valid)
+    for _ in range(draw(st.integers(0, 3))):
+        value = mutate_value(value, draw)
+    data = encode(value)
+    how = draw(st.sampled_from(["as is", "truncate", "insert", "flip", "wrap", "dup key"]))
+    if how == "truncate" and data:
+        data = data[:draw(st.integers(0, len(data) - 1))]
+    elif how == "insert":
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
+    elif how == "flip" and data:
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
+    elif how == "wrap":
+        data = b"[" + data + b"]"
+    elif how == "dup key" and data.startswith(b"{") and len(data) > 2:
+        data = b'{"type":"ping",' + data[1:]
+    return data
+
+
+# /ws
+
+
+def check_ws(data: bytes | str) -> None:
+    try:
+        command = p.decode_command(data)
+    except p.BadFrame as exc:
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TYPE), exc.code
+        assert exc.frame_id is None or type(exc.frame_id) is int
+        assert decode_reason(data, exc) in REASONS
+    else:
+        assert isinstance(command, COMMAND_CLASSES)
+        assert command.id is None or type(command.id) is int
+    frame_id = p.frame_id_of(data)
+    assert frame_id is None or type(frame_id) is int
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_ws_frames_from_arbitrary_bytes(data: bytes) -> None:
+    check_ws(data)
+
+
+@FUZZ
+@given(st.text(max_size=100))
+def test_ws_frames_from_arbitrary_text(data: str) -> None:
+    check_ws(data)
+
+
+@FUZZ
+@given(ws_commands)
+def test_valid_ws_frames_are_accepted(command: dict[str, Any]) -> None:
+    decoded = p.decode_command(json.dumps(command))
+    assert decoded.id == command.get("id")
+    assert type(decoded).__struct_config__.tag == command["type"]
+
+
+@FUZZ
+@given(mutated(ws_commands))
+def test_mutated_ws_frames(data: bytes) -> None:
+    check_ws(data)
+
+
+# /connection/websocket
+
+
+def check_centrifugo(data: bytes | str) -> None:
+    messages = cf.split_frame(data)
+    try:
+        for command in cf.iter_commands(data):
+            assert isinstance(command, cf.Command)
+            assert 0 <= command.id < 2**32
+            assert command.method is None or command.method in cf._METHODS
+    except cf.BadCommand as exc:
+        assert exc.code == ErrorCode.BAD_REQUEST
+        assert exc.command_id is None or 0 < exc.command_id < 2**32
+        for message in messages:
+            assert decode_reason(message, exc) in REASONS
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_centrifugo_frames_from_arbitrary_bytes(data: bytes) -> None:
+    check_centrifugo(data)
+
+
+@FUZZ
+@given(st.lists(centrifugo_commands, min_size=1, max_size=4))
+def test_valid_centrifugo_frames_are_accepted(commands: list[dict[str, Any]]) -> None:
+    frame = "\n".join(json.dumps(command) for command in commands)
+    in_range = [c for c in commands if c["id"] < 2**32]
+    if len(in_range) < len(commands):  # an id past uint32 is a bad command
+        with pytest.raises(cf.BadCommand):
+            list(cf.iter_commands(frame))
+        return
+    decoded = list(cf.iter_commands(frame))
+    assert [c.id for c in decoded] == [c["id"] for c in commands]
+
+
+@FUZZ
+@given(st.lists(mutated(centrifugo_commands), min_size=1, max_size=3))
+def test_mutated_centrifugo_frames(lines: list[bytes]) -> None:
+    check_centrifugo(b"\n".join(lines))
+
+
+# HTTP API bodies, through the app in-process
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(namespaces=NAMESPACES))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub",
+                                     headers={"X-API-Key": API_KEY}) as client:
+            yield client
+
+
+def check_reply(response: httpx.Response) -> None:
+    """200, or the contract's error: a JSON error body with one of its codes; never 5xx.
+    (403 `forbidden`: history or presence is off in the channel's namespace.)"""
+    assert response.status_code in (200, 400, 403, 413), (response.status_code, response.text)
+    body = response.json()
+    if response.status_code != 200:
+        assert body["error"]["code"] in CONTRACT_CODES, body
+
+
+@pytest.fixture
+def quiet(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING)
+    return caplog
+
+
+def assert_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, loud
+
+
+@FUZZ
+@given(path=st.sampled_from(sorted(bodies)), data=st.binary(max_size=300))
+async def test_api_bodies_from_arbitrary_bytes(
+    api: httpx.AsyncClient, quiet: pytest.LogCaptureFixture, path: str, data: bytes
+) -> None:
+    check_reply(await api.post(path, content=data))
+    assert_quiet(quiet)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(bodies)).flatmap(
+    lambda path: st.tuples(st.just(path), mutated(bodies[path]))))
+async def test_mutated_api_bodies(
+    api: httpx.AsyncClient, quiet: pytest.LogCaptureFixture, case: tuple[str, bytes]
+) -> None:
+    path, data = case
+    check_reply(await api.post(path, content=data))
+    assert_quiet(quiet)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["history", "presence"]), channel=st.text(min_size=1, max_size=40),
+       query=st.dictionaries(st.sampled_from(["since", "limit", "epoch", "x"]),
+                             st.text(max_size=24) | st.integers(-5, 2**70).map(str),
+                             max_size=3))
+async def test_api_paths_and_queries(
+    api: httpx.AsyncClient, quiet: pytest.LogCaptureFixture, kind: str, channel: str,
+    query: dict[str, str],
+) -> None:
+    response = await api.get(f"/api/{kind}/{quote(channel, safe='')}", params=query)
+    check_reply(response)
+    assert_quiet(quiet)
+
+
+def test_body_types_decode_or_raise_decode_error() -> None:
+    """What the endpoints map to 400: msgspec's DecodeError (and RecursionError, for
+    nesting past msgspec's depth) are the only failures of decoding a body."""
+    for kind in t.BODIES:
+        for raw in (b"", b"[]", b"{}", b"null", b'{"channel": 1}', b"[" * 5000 + b"]" * 5000):
+            with pytest.raises((msgspec.DecodeError, RecursionError)):
+                msgspec.json.decode(raw, type=kind)
