@@ -27,7 +27,7 @@ REASONS: tuple[str, ...] = (
     # HTTP, before any WebSocket (hub.deadline and uvicorn's own refusals)
     "bad_http_request",  # uvicorn could not parse the request: 400
     "unsupported_upgrade",  # an Upgrade other than websocket
-    "http_head_too_big",  # request line and headers over 64 KiB: 431
+    "http_head_too_big",  # request line and headers still incomplete after 64 KiB: 431
     "handshake_timeout",  # a request not in, head and body, within HUB_HANDSHAKE_TIMEOUT
     # WebSocket framing (the close code the connection ended with)
     "bad_frame",  # 1002: reserved bits, unknown opcode, unmasked, bad close code...

@@ -21,7 +21,7 @@ from hub.abuse import auth_reason
 from hub.auth import AuthFailed, Identity
 from hub.centrifugo_session import PING_FRAME, CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import close_socket, dev_identity, new_client_id
+from hub.connection import close_socket, dev_identity, new_client_id, send_quietly
 from hub.errors import CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -132,7 +132,7 @@ class CentrifugoEndpoint:
         timeout does."""
         self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
         reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
-        await send({"type": "websocket.send", "text": cf.encode(reply).decode()})
+        await send_quietly(send, {"type": "websocket.send", "text": cf.encode(reply).decode()})
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.node.settings.auth_timeout):
                 while (await receive())["type"] != "websocket.disconnect":

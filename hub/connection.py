@@ -146,8 +146,17 @@ class _Gone(Exception):
 
 
 async def close_socket(send: ASGISend, code: int, reason: str) -> None:
-    with contextlib.suppress(OSError):
-        await send({"type": "websocket.close", "code": int(code), "reason": close_reason(reason)})
+    await send_quietly(send, {"type": "websocket.close", "code": int(code),
+                              "reason": close_reason(reason)})
+
+
+async def send_quietly(send: ASGISend, message: dict[str, Any]) -> None:
+    """Send during the handshake, when the client may be gone or the server may have closed
+    already (a protocol error of the client's, say invalid UTF-8 in the frame after `auth`):
+    uvicorn then raises ClientDisconnected (an OSError) or refuses anything after its own
+    close (RuntimeError), which is no news to us."""
+    with contextlib.suppress(OSError, RuntimeError):
+        await send(message)
 
 
 def _token_from_handshake(scope: dict[str, Any]) -> str | None:

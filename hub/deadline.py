@@ -5,12 +5,15 @@ never sends its first request, sends half a request line, stops within its heade
 body, or sends headers without end: each holds a socket (and its headers) for as long as the
 peer likes. `HandshakeDeadline` wraps uvicorn's HTTP protocol: a request must be in, head
 and body, within HUB_HANDSHAKE_TIMEOUT of the connection opening or of the previous response
-(within twice that at worst: it is checked once per timeout), and a head may hold at most
-MAX_HEAD_BYTES. Once a connection is a WebSocket, the auth timeout takes over.
+(within twice that at worst: it is checked once per timeout), and a head still incomplete
+after MAX_HEAD_BYTES is refused with 431 (counted per read: a head that completes in the
+read that crosses the mark passes, so the bound is MAX_HEAD_BYTES and one read). Once a
+connection is a WebSocket, the auth timeout takes over.
 
-It reads three attributes of uvicorn's protocol (`cycle`, and the cycle's `more_body`,
-`response_started`, `response_complete`), which are not public API: `http_protocol` probes
-them once and serves with uvicorn's own protocol, with a warning, where they are missing.
+It reads what uvicorn's protocol keeps of the request under way (`cycle`, and the cycle's
+`more_body`, `response_started`, `response_complete`), which is not public API:
+`http_protocol` probes for it once and serves with uvicorn's own protocol, with a warning,
+where it is missing.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class RawSocket:
     async def drain(self) -> None:
         await self.writer.drain()
 
-    async def read_frame(self, timeout: float = WAIT) -> tuple[int, bytes]:
+    async def read_frame(self, timeout: float | None = WAIT) -> tuple[int, bytes]:
         """The server's next frame: (opcode, payload). IncompleteReadError at EOF."""
         async with asyncio.timeout(timeout):
             head = await self.reader.readexactly(2)
