@@ -3,16 +3,19 @@
 It lives outside the `hub` package so that wheels and container images do not carry it; run
 it from a source checkout with hub installed (`pip install -e .`).
 
-The parent process starts the nodes (`python -m hub serve --port 0`, optionally a private
-redis-server or Redis Cluster), spreads the subscriber connections over `--client-procs`
-client processes (`python -m benchmarks --client CONFIG`), waits until every connection
-got `subscribed`, publishes through the HTTP API from a few keep-alive connections, and
-measures delivery rate, loss, order, latency, memory per connection and CPU.
+The parent process starts the nodes (`python -m hub serve --port 0` of the tree this
+package sits in, or with `--peer socketio` Socket.IO on Node, benchmarks/peers/socketio;
+optionally a private redis-server or Redis Cluster), spreads the subscriber connections
+over `--client-procs` client processes (`python -m benchmarks --client CONFIG`), waits
+until every connection is subscribed, publishes through the HTTP API from a few keep-alive
+connections at once, and measures delivery rate, loss, duplicates and order (the hub's
+offsets), latency, memory per connection and CPU.
 
 The subscriber side is deliberately lean so that it is not what is measured: one raw
 asyncio Protocol per connection does the WebSocket handshake by hand, and then only walks
-frame headers and reads each frame's `seq` to check the order, looking inside one frame in
-`--sample` for the publisher's send time and the hub's `ts`.
+frame headers and reads each frame's `seq` (each once) and the hub's `offset` (up by one in
+the subscribed epoch), looking inside one frame in `--sample` for the publisher's send time
+and the hub's `ts`.
 
 Modules:
 
@@ -20,15 +23,18 @@ Modules:
 - `run`: one run, from starting the nodes to stopping them;
 - `layout`: which node and channel each connection is on, which channel and `seq` each
   message has;
-- `processes`: starting and stopping node, redis-server and client processes;
+- `processes`: starting and stopping node (hub or Socket.IO), redis-server and client
+  processes, and which hub the nodes run;
 - `redis_cluster`: a private Redis Cluster of N masters, formed without redis-cli;
 - `fdlimit`: RLIMIT_NOFILE, raised for every process a run starts;
 - `procfs`: memory and CPU readings from /proc;
 - `httpclient`: the minimal HTTP/1.1 exchange the publisher and readiness checks use;
-- `publisher`: the HTTP publisher (in `seq` order per channel);
+- `publisher`: the HTTP publisher (concurrent, or `--ordered`: in `seq` order per channel);
 - `client`: a client process (many subscribers, JSON lines on stdin/stdout);
-- `subscriber`: the lean WebSocket subscriber protocol, `/ws` or Centrifugo's (`--protocol`);
-- `sequence`: the per-connection check that `seq` has no duplicate, gap or reorder;
+- `subscriber`: the lean WebSocket subscriber protocol, `/ws` or Centrifugo's (`--protocol`),
+  or Engine.IO/Socket.IO's (`--peer socketio`);
+- `sequence`: the per-connection checks: each `seq` once, offsets +1 in one epoch, `seq`
+  order (`--ordered`);
 - `redis_shards`: the Redis servers behind `HUB_REDIS_URL` (a Cluster's masters);
 - `redis_stats`: `INFO cpu` and `INFO commandstats` of every shard, and the Redis report;
 - `resp`: Redis commands over a bare RESP connection (no client library);

@@ -17,20 +17,26 @@ from benchmarks.report import human
 from benchmarks.run import run
 from benchmarks.subscriber import PROTOCOLS
 
+PEERS = ("hub", "socketio")
+
 T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description="Fan-out benchmark: N nodes, S subscribers "
-        "on C channels, M messages published round-robin through the HTTP API; every "
-        "subscriber checks that `seq` arrives in order, with no duplicate and no gap.")
+        prog="python -m benchmarks", description="Fan-out benchmark: N nodes (the hub's or "
+        "a peer's), S subscribers on C channels, M messages published round-robin through "
+        "the HTTP API by P concurrent publishers; every subscriber checks that each message "
+        "arrives once and, on the hub, that offsets go up by 1 in one epoch.")
     parser.add_argument("--nodes", type=int, default=1, help="nodes to start (default 1)")
     parser.add_argument("--redis-url", help="Redis for the nodes (needed when --nodes > 1)")
     parser.add_argument("--redis-server", action="store_true",
                         help="start a private redis-server on a free port")
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                         help="start a private Redis Cluster of N masters on free ports")
+    parser.add_argument("--peer", choices=PEERS, default="hub",
+                        help="whose nodes to start: the hub's (default), or Socket.IO 4 on "
+                        "Node with its Redis adapter (benchmarks/peers/socketio)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ws",
                         help="what the subscribers speak: the hub's own on /ws (default) or "
                         "Centrifugo's client protocol v2 JSON on /connection/websocket")
@@ -48,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-procs", type=int, default=2,
                         help="processes the subscriber connections are spread over (2)")
     parser.add_argument("--publishers", type=int, default=4,
-                        help="concurrent keep-alive HTTP connections publishing (4)")
+                        help="concurrent keep-alive HTTP connections publishing, each sending "
+                        "its next message once its previous one was answered (4)")
+    parser.add_argument("--ordered", action="store_true",
+                        help="publish a channel's next message only once its previous one "
+                        "was answered, and check that `seq` arrives in order too")
+    parser.add_argument("--history-size", type=int, default=100,
+                        help="the hub namespace's history_size; > 0 puts offset/epoch in "
+                        "every frame, which the subscribers check (100)")
+    parser.add_argument("--history-ttl", type=float, default=600,
+                        help="the hub namespace's history_ttl in seconds (600)")
     parser.add_argument("--batch", type=int, default=1,
                         help="messages per request, on as many consecutive channels; > 1 uses "
                         "/api/broadcast and needs --channels >= B (1)")
@@ -77,10 +92,29 @@ def check_args(args: argparse.Namespace) -> str | None:
     if len(given) > 1:
         return ("give one of --redis-url, --redis-server or --redis-cluster, not "
                 + " and ".join(given))
+    if args.history_size < 0 or args.history_ttl <= 0:
+        return "--history-size must be >= 0 and --history-ttl > 0"
+    if args.peer == "hub" and not args.history_size and not args.ordered:
+        return ("--history-size 0 leaves the hub's frames without offsets, so nothing would "
+                "check their order: give --ordered (seq order) too")
+    if args.peer != "hub":
+        problem = _peer_problem(args)
+        if problem:
+            return problem
     if args.batch > args.channels:
         # One broadcast carries one `data`, so one `seq`: it can serve B channels of one
         # round, but not B messages of one channel.
         return "--batch must be <= --channels (a broadcast sends one seq to B channels)"
+    return None
+
+
+def _peer_problem(args: argparse.Namespace) -> str | None:
+    if args.protocol != "ws":
+        return f"--peer {args.peer} speaks its own protocol: leave out --protocol"
+    if args.redis_cluster or (args.redis_url and not args.redis_url.startswith("redis://")):
+        return f"--peer {args.peer} takes one Redis server (--redis-server or a redis:// URL)"
+    if args.batch > 1:
+        return f"--peer {args.peer} has no broadcast: --batch must be 1"
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from benchmarks.fdlimit import raise_fd_limit
 from benchmarks.layout import channel_name, channel_of, messages_on
+from benchmarks.sequence import CHECK_KINDS
 from benchmarks.subscriber import ClientState, Subscriber, subscriber_class
 
 CONNECT_CONCURRENCY = 64
@@ -29,32 +30,38 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def order_report(subscribers: list[Subscriber]) -> dict[str, Any]:
-    """The sequence checks of this process's connections, summed, with a few examples."""
-    checks = [(s.channel, s.order) for s in subscribers if s.live]
-    samples = [f"{channel}: {text}" for channel, check in checks if not check.clean
-               for text in check.samples]
-    return {
-        "duplicates": sum(check.duplicates for _, check in checks),
-        "gaps": sum(check.gaps for _, check in checks),
-        "reorders": sum(check.reorders for _, check in checks),
-        "unknown": sum(check.unknown for _, check in checks),
-        "connections": sum(not check.clean for _, check in checks),
-        "samples": samples[:5],
-    }
+def checks_report(subscribers: list[Subscriber], state: ClientState) -> dict[str, Any]:
+    """Each check this process's connections ran (`seq` always, `offsets` and `order`
+    when asked), summed over the live ones, with how many connections failed it and a few
+    examples."""
+    names = ["seq"] + (["offsets"] if state.offsets else []) + (
+        ["order"] if state.ordered else [])
+    live = [s for s in subscribers if s.live]
+    report: dict[str, Any] = {}
+    for name in names:
+        checks = [(s.channel, check) for s in live for found, check in s.checks()
+                  if found == name]
+        entry: dict[str, Any] = {kind: sum(getattr(check, kind) for _, check in checks)
+                                 for kind in CHECK_KINDS[name]}
+        entry["connections"] = sum(not check.clean for _, check in checks)
+        entry["samples"] = [f"{channel}: {text}" for channel, check in checks
+                            if not check.clean for text in check.samples][:5]
+        report[name] = entry
+    return report
 
 
 async def run_client(config: dict[str, Any]) -> int:
     """One client process: connect, subscribe, report `ready`, wait for `go`, count,
     report `done`. Commands come on stdin, reports go to stdout, one JSON line each."""
-    from hub.auth import mint_token
+    from hub.auth import mint_token  # the hub's own, so the tokens are what it checks
 
     raise_fd_limit()
-    secret = os.environ["HUB_JWT_SECRET"]
+    secret = os.environ.get("HUB_JWT_SECRET", "")  # none for a peer: no tokens
     targets: list[tuple[str, int]] = [(str(h), int(p)) for h, p in config["targets"]]
     first, count = int(config["first"]), int(config["count"])
     channels, messages = int(config["channels"]), int(config["messages"])
-    state = ClientState(int(config["sample"]))
+    state = ClientState(int(config["sample"]), offsets=bool(config.get("offsets")),
+                        ordered=bool(config.get("ordered")))
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     subscribers: list[Subscriber] = []
@@ -64,7 +71,7 @@ async def run_client(config: dict[str, Any]) -> int:
     async def connect(index: int) -> None:
         host, port = targets[index % len(targets)]
         channel = channel_of(index, len(targets), channels)
-        token = mint_token(secret, f"bench-{index}", ttl=ttl)
+        token = mint_token(secret, f"bench-{index}", ttl=ttl) if secret else ""
         async with gate:
             protocol = kind(state, host, port, token, channel_name(channel, channels),
                             messages_on(channel, messages, channels))
@@ -86,7 +93,7 @@ async def run_client(config: dict[str, Any]) -> int:
     command = json.loads(await _read_line() or '{"cmd": "quit"}')
     if command.get("cmd") == "go":
         cpu_before = time.process_time()
-        state.expected = sum(s.order.limit for s in subscribers if s.live)
+        state.expected = sum(s.limit for s in subscribers if s.live)
         state.check_finished()
         remaining = float(command["deadline"]) - time.time()
         with contextlib.suppress(TimeoutError):
@@ -94,7 +101,7 @@ async def run_client(config: dict[str, Any]) -> int:
         counts = [s.frames for s in subscribers if s.live] or [0]
         _emit({
             "event": "done", "received": state.received, "expected": state.expected,
-            "others": state.others, "order": order_report(subscribers),
+            "others": state.others, "checks": checks_report(subscribers, state),
             "first": state.first, "last": state.last,
             "min_per_connection": min(counts), "max_per_connection": max(counts),
             "latencies_us": state.latencies_us, "hub_latencies_ms": state.hub_latencies_ms,

@@ -1,8 +1,11 @@
 """The processes a run starts: nodes, private redis-servers, client processes.
 
-Nodes run the installed hub (`python -m hub serve`). Client processes run this package
-(`python -m benchmarks --client CONFIG`), which is not installed: their PYTHONPATH gets the
-directory that holds it, so they start from any working directory.
+Nodes run the hub of the tree this package sits in (`python -m hub serve` with that tree's
+root first on PYTHONPATH, so a copy of the package inside a `git worktree` of another
+commit runs that commit's hub, whatever is installed), or with `--peer socketio` the
+Socket.IO server in benchmarks/peers/socketio (`node server.mjs 0 [REDIS_URL]`). Client
+processes run this package (`python -m benchmarks --client CONFIG`), which is not
+installed: their PYTHONPATH gets the same root, so they start from any working directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,20 @@ from benchmarks.httpclient import http_request
 from benchmarks.resp import redis_command
 
 LISTENING = re.compile(r"hub listening on http://\[?([^\]\s]+?)\]?:(\d+)")
-# The directory that holds this package: client processes need it on their path.
+PEER_LISTENING = re.compile(r"^listening (\d+)")
+# The directory that holds this package: nodes and client processes get it on their path.
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
+SOCKETIO_DIR = Path(__file__).resolve().parent / "peers" / "socketio"
+SOCKETIO_PACKAGES = ("socket.io", "@socket.io/redis-adapter", "redis")
+
+
+def with_source_root(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this package's tree first on PYTHONPATH."""
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        path for path in (SOURCE_ROOT, env.get("PYTHONPATH")) if path
+    )
+    return env
 
 
 def free_ports(count: int) -> list[int]:
@@ -121,11 +137,29 @@ async def start_node(
     with log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hub", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--node-id", name, env=env, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            stdin=asyncio.subprocess.DEVNULL,
+            "--node-id", name, env=with_source_root(env), stdout=asyncio.subprocess.PIPE,
+            stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
         )
-    node = NodeProcess(name, process, log)
+    return await _listening(NodeProcess(name, process, log), started, _hub_address)
+
+
+def _hub_address(line: str) -> tuple[str, int] | None:
+    found = LISTENING.search(line)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def _peer_address(line: str) -> tuple[str, int] | None:
+    found = PEER_LISTENING.search(line)
+    return ("127.0.0.1", int(found.group(1))) if found else None
+
+
+async def _listening(
+    node: NodeProcess, started: list[NodeProcess],
+    address: Callable[[str], tuple[str, int] | None],
+) -> NodeProcess:
+    """`node`, once its stdout says where it listens (30 s at most)."""
     started.append(node)
+    process = node.process
     assert process.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -135,13 +169,104 @@ async def start_node(
             break
         if not line:
             break
-        found = LISTENING.search(line.decode(errors="replace"))
+        found = address(line.decode(errors="replace"))
         if found:
-            node.host, node.port = found.group(1), int(found.group(2))
+            node.host, node.port = found
             node.drain = asyncio.ensure_future(_drain_stream(process.stdout))
             return node
     await stop_process(process)
-    raise BenchError(f"node {name} did not start:\n{log_tail(log)}")
+    raise BenchError(f"node {node.name} did not start:\n{log_tail(node.log)}")
+
+
+def socketio_missing() -> str | None:
+    """Why the Socket.IO peer cannot start here, with what to do; None when it can."""
+    if shutil.which("node") is None:
+        return "--peer socketio needs Node.js (`node` on PATH; Node 20 was measured)"
+    modules = SOCKETIO_DIR / "node_modules"
+    missing = [name for name in SOCKETIO_PACKAGES
+               if not (modules / name / "package.json").is_file()]
+    if missing:
+        where = os.path.relpath(SOCKETIO_DIR)
+        return (f"--peer socketio: npm packages missing in {modules} ({', '.join(missing)}): "
+                f"run `npm install --prefix {where}`")
+    return None
+
+
+def socketio_versions() -> dict[str, str]:
+    """Node's and the npm packages' versions the peer runs."""
+    found: dict[str, str] = {}
+    for name in SOCKETIO_PACKAGES:
+        with contextlib.suppress(OSError, ValueError):
+            package = json.loads((SOCKETIO_DIR / "node_modules" / name / "package.json")
+                                 .read_text())
+            found[name] = str(package.get("version"))
+    return found
+
+
+async def start_socketio_node(
+    name: str, redis_url: str | None, env: dict[str, str], workdir: Path,
+    started: list[NodeProcess],
+) -> NodeProcess:
+    """A Socket.IO node (benchmarks/peers/socketio/server.mjs) on a free port, with the
+    Redis adapter on `redis_url` when given."""
+    node_binary = shutil.which("node")
+    if node_binary is None:
+        raise BenchError("no node on PATH")
+    log = workdir / f"{name}.log"
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            node_binary, str(SOCKETIO_DIR / "server.mjs"), "0",
+            *([redis_url] if redis_url else []), env=env, cwd=str(SOCKETIO_DIR),
+            stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL,
+        )
+    return await _listening(NodeProcess(name, process, log), started, _peer_address)
+
+
+async def command_output(*argv: str, env: dict[str, str] | None = None,
+                         cwd: str | None = None, within: float = 20) -> str:
+    """stdout of a short command ('' if it fails or takes longer than `within`)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return ""
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        return ""
+    return out.decode(errors="replace").strip() if process.returncode == 0 else ""
+
+
+async def hub_source(env: dict[str, str]) -> dict[str, Any]:
+    """Which hub the nodes run: the directory `import hub` finds with the nodes' path, and
+    the git commit of its tree, with `dirty` when hub/ differs from it there."""
+    where = await command_output(
+        sys.executable, "-c", "import hub, os; print(os.path.dirname(hub.__file__))",
+        env=with_source_root(env))
+    found: dict[str, Any] = {"path": where or None}
+    if where:
+        tree = str(Path(where).parent)
+        found["commit"] = await command_output("git", "-C", tree, "rev-parse", "HEAD") or None
+        status = await command_output("git", "-C", tree, "status", "--porcelain", "--", "hub")
+        found["dirty"] = bool(status) if found["commit"] else None
+    return found
+
+
+async def node_info(node: NodeProcess) -> dict[str, str]:
+    """The labels of `hub_node_info` on the node's /metrics (node, version, write_path…)."""
+    with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
+        status, body = await http_request(node.host, node.port, "GET", "/metrics")
+        if status == 200:
+            for line in body.decode(errors="replace").splitlines():
+                if line.startswith("hub_node_info{"):
+                    labels = line[len("hub_node_info{") : line.rindex("}")]
+                    return dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return {}
 
 
 async def wait_ready(node: NodeProcess, within: float = 30) -> None:
@@ -158,13 +283,10 @@ async def wait_ready(node: NodeProcess, within: float = 30) -> None:
 async def start_client(
     config: dict[str, Any], env: dict[str, str], log: Path, count: int
 ) -> ClientProcess:
-    client_env = dict(env)
-    client_env["PYTHONPATH"] = os.pathsep.join(
-        path for path in (SOURCE_ROOT, env.get("PYTHONPATH")) if path
-    )
     with log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "benchmarks", "--client", json.dumps(config), env=client_env,
+            sys.executable, "-m", "benchmarks", "--client", json.dumps(config),
+            env=with_source_root(env),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
             limit=2**28,
         )

@@ -1,11 +1,18 @@
 """The HTTP publisher: keep-alive connections sharing one `Publishing` job.
 
-Messages are claimed in order and go round-robin over the channels (`benchmarks.layout`).
-A message is sent only once the previous message of its channel was answered: concurrent
-publishers (several connections, several nodes) would otherwise overtake one another, and
-the hub would rightly deliver `seq` out of order. Work on different channels still runs
-side by side; on one channel it is one request at a time, handed from connection to
-connection (and so from node to node).
+Messages are claimed in order and go round-robin over the channels (`benchmarks.layout`),
+each with `seq`, its number in its channel. By default every publisher connection sends
+its next message as soon as its previous one was answered, whatever the channel: with P
+publishers, up to P messages of one channel are in flight at once, on different nodes,
+which is "published as fast as the API takes them". Their order is then the order the
+hub's broker gave them, which its offsets state and the subscribers check
+(`benchmarks.sequence`); `seq` order is not defined.
+
+With `ordered` (`--ordered`) a message is sent only once the previous message of its
+channel was answered, so concurrent publishers cannot overtake one another and `seq`
+order is defined (checked too): on one channel that is one request at a time, handed
+from connection to connection (and so from node to node); work on different channels
+still runs side by side.
 
 With `--batch B` one `/api/broadcast` carries one message to B consecutive channels of the
 same round (a claim never wraps from the last channel to the first), so the one `data` it
@@ -34,7 +41,7 @@ class Claim:
     channel: int
     size: int
     seq: int
-    after: list[asyncio.Future[None]]  # the previous publish on each of these channels
+    after: list[asyncio.Future[None]]  # `ordered`: the previous publish on these channels
     done: asyncio.Future[None]
 
 
@@ -47,6 +54,7 @@ class Publishing:
     deadline: float
     api_key: str
     channels: int = 1
+    ordered: bool = False  # wait for the previous message of the channel (`--ordered`)
     next_index: int = 0
     published_on: list[int] = field(default_factory=list)  # per channel
     errors: int = 0
@@ -71,8 +79,8 @@ class Publishing:
         size = min(self.batch, self.messages - index, self.channels - channel)
         self.next_index += size
         done = asyncio.get_running_loop().create_future()
-        after = []
-        for number in range(channel, channel + size):
+        after: list[asyncio.Future[None]] = []
+        for number in range(channel, channel + size) if self.ordered else ():
             previous = self.latest.get(number)
             if previous is not None and not previous.done() and previous not in after:
                 after.append(previous)

@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.common import BenchError
 from benchmarks.redis_shards import Shard
 from benchmarks.resp import redis_commands
 
@@ -66,6 +67,16 @@ async def read_shard(shard: Shard) -> Reading:
         username=shard.username, password=shard.password,
     )
     return Reading(parse_commandstats(str(commandstats)), parse_cpu_seconds(str(cpu)))
+
+
+async def redis_version(shard: Shard) -> str | None:
+    """`redis_version` of `INFO server` (None if it cannot be read)."""
+    try:
+        (info,) = await redis_commands(shard.host, shard.port, [["INFO", "server"]],
+                                       username=shard.username, password=shard.password)
+    except (BenchError, OSError):
+        return None
+    return _info_fields(str(info)).get("redis_version")
 
 
 async def read_shards(shards: list[Shard]) -> list[Reading]:

@@ -1,8 +1,10 @@
 """The result of a run: one JSON-able dict, and the human summary of it.
 
 `failures` lists what makes the run fail (exit status 1): frames lost or extra, publishes
-answered with an error, and any duplicate, gap, reorder or unknown `seq`, even when the
-frame count matches.
+answered with an error, and anything a subscriber's checks found (`benchmarks.sequence`):
+a `seq` twice or unknown; on the hub an offset duplicated, skipped, out of order, of
+another epoch or missing; with `--ordered` a `seq` out of order; even when the frame count
+matches.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from benchmarks.layout import subscribers_per_channel
 from benchmarks.processes import ClientProcess, NodeProcess
 from benchmarks.publisher import Publishing
 from benchmarks.redis_stats import RedisWindow, redis_section
+from benchmarks.sequence import CHECK_KINDS
 
-ORDER_KINDS = ("duplicates", "gaps", "reorders", "unknown")
-PROTOCOL_PATHS = {"ws": "ws (/ws)", "centrifugo": "centrifugo (/connection/websocket)"}
+CHECK_TITLES = {
+    "seq": "each seq at most once",
+    "offsets": "offsets +1 in one epoch",
+    "order": "seq in order (--ordered)",
+}
+PROTOCOL_PATHS = {"ws": "ws (/ws)", "centrifugo": "centrifugo (/connection/websocket)",
+                  "socketio": "socket.io (Engine.IO v4 /socket.io/)"}
+PEER_NAMES = {"hub": "hub", "socketio": "Socket.IO on Node"}
 
 
 def percentiles(values: list[int], scale: float) -> dict[str, float]:
@@ -48,13 +57,18 @@ def _total_kib_per_connection(nodes: list[NodeProcess]) -> float | None:
     return round(added / connections, 2)
 
 
-def _order(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    order: dict[str, Any] = {
-        kind: sum(int(r["order"][kind]) for r in reports) for kind in ORDER_KINDS
-    }
-    order["connections"] = sum(int(r["order"]["connections"]) for r in reports)
-    order["samples"] = [text for r in reports for text in r["order"]["samples"]][:5]
-    return order
+def _checks(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each check's counts summed over the client processes."""
+    checks: dict[str, Any] = {}
+    for name, kinds in CHECK_KINDS.items():
+        found = [r["checks"][name] for r in reports if name in r["checks"]]
+        if not found:
+            continue
+        entry: dict[str, Any] = {kind: sum(int(f[kind]) for f in found) for kind in kinds}
+        entry["connections"] = sum(int(f["connections"]) for f in found)
+        entry["samples"] = [text for f in found for text in f["samples"]][:5]
+        checks[name] = entry
+    return checks
 
 
 def failures(result: dict[str, Any]) -> list[str]:
@@ -65,11 +79,11 @@ def failures(result: dict[str, Any]) -> list[str]:
         found.append(f"{result['extra']} frames more than published")
     if result["publish_errors"]:
         found.append(f"{result['publish_errors']} publishes failed")
-    order = result["order"]
-    bad = [f"{order[kind]} {kind}" for kind in ORDER_KINDS if order[kind]]
-    if bad:
-        found.append(f"seq out of order on {order['connections']} connections: "
-                     + ", ".join(bad))
+    for name, check in result["checks"].items():
+        bad = [f"{check[kind]} {kind}" for kind in CHECK_KINDS[name] if check[kind]]
+        if bad:
+            found.append(f"{CHECK_TITLES[name]} failed on {check['connections']} "
+                         "connections: " + ", ".join(bad))
     return found
 
 
@@ -96,7 +110,11 @@ def summarise(
             closes[code] = closes.get(code, 0) + int(n)
     result: dict[str, Any] = {
         "config": {
-            "protocol": args.protocol,
+            "peer": args.peer,
+            "protocol": "socketio" if args.peer == "socketio" else args.protocol,
+            "ordered": args.ordered,
+            "history_size": args.history_size if args.peer == "hub" else None,
+            "history_ttl": args.history_ttl if args.peer == "hub" else None,
             "nodes": args.nodes, "broker": "redis" if redis else "memory",
             "redis": redis.kind if redis else None,
             "redis_shards": len(redis.shards) if redis else 0,
@@ -114,7 +132,7 @@ def summarise(
         "received": received,
         "lost": max(0, expected - received),
         "extra": max(0, received - expected),
-        "order": _order(reports),
+        "checks": _checks(reports),
         "other_frames": sum(int(r["others"]) for r in reports),
         "min_per_connection": min(int(r["min_per_connection"]) for r in reports),
         "max_per_connection": max(int(r["max_per_connection"]) for r in reports),
@@ -165,11 +183,16 @@ def human(result: dict[str, Any]) -> str:
         broker = f"redis cluster ({shards} shard{'s' if shards > 1 else ''})"
     elif config.get("redis") == "sentinel":
         broker = "redis sentinel"
+    peer = config.get("peer", "hub")
+    history = (f", history {config['history_size']}" if peer == "hub"
+               and config.get("history_size") else "")
     lines = [
-        f"benchmarks: {config['nodes']} node(s), {broker} broker, "
+        f"benchmarks: {config['nodes']} {PEER_NAMES.get(peer, peer)} node(s){history}, "
+        f"{broker} broker, "
         f"{config['subscribers']} subscribers on {config['channels']} channel(s), "
         f"{config['messages']} messages of "
-        f"{config['payload']} B at {rate} ({config['publishers']} publishers, batch "
+        f"{config['payload']} B at {rate} ({config['publishers']} publishers"
+        f"{', ordered' if config.get('ordered') else ''}, batch "
         f"{config['batch']}), {config['client_procs']} client procs, protocol "
         f"{PROTOCOL_PATHS.get(config.get('protocol', 'ws'), config.get('protocol'))}",
         f"published   {result['published']} in {result['publish_seconds']} s "
@@ -177,14 +200,20 @@ def human(result: dict[str, Any]) -> str:
         f"delivered   {result['received']} of {result['expected']} frames "
         f"(lost {result['lost']}, per connection {result['min_per_connection']}-"
         f"{result['max_per_connection']}) in {result['delivery_seconds']} s",
-        "order       seq checked on every frame: "
-        + ", ".join(f"{result['order'][kind]} {kind}" for kind in ORDER_KINDS)
-        + (f" (other frames {result['other_frames']})" if result["other_frames"] else ""),
-        f"rate        {result['delivered_per_second']:,.0f} frames/s delivered = "
-        f"{result['messages_per_second']:,.1f} msg/s to every subscriber of their channel",
     ]
-    if result["order"]["samples"]:
-        lines.append(f"            e.g. {'; '.join(result['order']['samples'])}")
+    for name, check in result["checks"].items():
+        lines.append(
+            f"{'checks' if name == next(iter(result['checks'])) else '':<12}"
+            f"{CHECK_TITLES[name]}: "
+            + ", ".join(f"{check[kind]} {kind}" for kind in CHECK_KINDS[name])
+        )
+        if check["samples"]:
+            lines.append(f"            e.g. {'; '.join(check['samples'])}")
+    if result["other_frames"]:
+        lines.append(f"            other frames {result['other_frames']}")
+    lines.append(
+        f"rate        {result['delivered_per_second']:,.0f} frames/s delivered = "
+        f"{result['messages_per_second']:,.1f} msg/s to every subscriber of their channel")
     if lat.get("samples"):
         lines.append(
             f"latency     p50 {lat['p50']} ms  p90 {lat['p90']} ms  p99 {lat['p99']} ms  "
@@ -220,9 +249,32 @@ def human(result: dict[str, Any]) -> str:
     redis = result.get("redis")
     if redis:
         lines.extend(_redis_lines(redis))
+    lines.append(f"software    {_software(result.get('software', {}))}")
     problems = result["failures"]
     lines.append(f"result      {'FAILED: ' + '; '.join(problems) if problems else 'OK'}")
     return "\n".join(lines)
+
+
+def _software(software: dict[str, Any]) -> str:
+    """What ran: the hub's tree and commit (or Node's and the npm packages' versions)."""
+    parts = []
+    hub = software.get("hub")
+    if hub:
+        commit = (hub.get("commit") or "no git")[:10]
+        state = " + uncommitted hub/ changes" if hub.get("dirty") else ""
+        parts.append(f"hub {hub.get('path')} at {commit}{state}")
+    for info in software.get("node_info") or []:
+        if info:
+            parts.append("hub_node_info " + ",".join(f"{k}={v}" for k, v in info.items()))
+            break
+    parts.extend(f"{name} {software[name]}" for name in
+                 ("node", "socket.io", "@socket.io/redis-adapter", "redis")
+                 if software.get(name))
+    if software.get("python"):
+        parts.append(f"python {software['python']}")
+    if software.get("redis_server"):
+        parts.append(f"redis-server {software['redis_server']}")
+    return "; ".join(parts)
 
 
 def _redis_usage(usage: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""One run: start Redis (a server or a Cluster) and the nodes, connect the clients,
-publish, take the readings, and stop everything it started."""
+"""One run: start Redis (a server or a Cluster) and the nodes (the hub's, or a peer's),
+connect the clients, publish, take the readings, and stop everything it started."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -25,9 +26,15 @@ from benchmarks.layout import node_of
 from benchmarks.processes import (
     ClientProcess,
     NodeProcess,
+    command_output,
+    hub_source,
+    node_info,
+    socketio_missing,
+    socketio_versions,
     start_client,
     start_node,
     start_redis,
+    start_socketio_node,
     stop_process,
     wait_ready,
 )
@@ -35,15 +42,25 @@ from benchmarks.procfs import cpu_seconds, machine_cpu, rss_kib
 from benchmarks.publisher import Publishing, publisher
 from benchmarks.redis_cluster import start_cluster
 from benchmarks.redis_shards import redis_shards
-from benchmarks.redis_stats import RedisWindow, read_shards
+from benchmarks.redis_stats import RedisWindow, read_shards, redis_version
 from benchmarks.report import summarise
 
 CONFIG_TOML = '[namespaces.bench]\nsubscribe = "any"\npublish = "any"\n'
 
 
-def _bench_env(workdir: Path, redis_url: str | None) -> tuple[dict[str, str], str]:
+def config_toml(history_size: int, history_ttl: float) -> str:
+    """The nodes' namespace `bench`: anyone subscribes and publishes; with history every
+    message frame carries the channel's `offset` and `epoch` (PROTOCOL §5)."""
+    if history_size <= 0:
+        return CONFIG_TOML
+    return CONFIG_TOML + f"history_size = {history_size}\nhistory_ttl = {history_ttl:g}\n"
+
+
+def _bench_env(
+    workdir: Path, redis_url: str | None, args: argparse.Namespace
+) -> tuple[dict[str, str], str]:
     config = workdir / "hub.toml"
-    config.write_text(CONFIG_TOML)
+    config.write_text(config_toml(args.history_size, args.history_ttl))
     api_key = secrets_token()
     env = dict(os.environ)
     env.update({
@@ -104,6 +121,8 @@ def _check_fds(args: argparse.Namespace) -> None:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     _check_fds(args)
+    if args.peer == "socketio" and (problem := socketio_missing()):
+        raise BenchError(problem)
     workdir = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     redis_processes: list[asyncio.subprocess.Process] = []  # stopped by pid at the end
     started: list[NodeProcess] = []  # in the order they came up; `nodes` by index
@@ -116,15 +135,28 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             redis_url = await start_redis(workdir, redis_processes)
         elif args.redis_cluster:
             redis_url = await start_cluster(workdir, args.redis_cluster, redis_processes)
-        env, api_key = _bench_env(workdir, redis_url)
-        nodes = list(await asyncio.gather(
-            *(start_node(f"bench-{i}", env, workdir, started) for i in range(args.nodes))
-        ))
+        env, api_key = _bench_env(workdir, redis_url, args)
+        if args.peer == "socketio":
+            peer_env = {k: v for k, v in env.items() if not k.startswith("HUB_")}
+            nodes = list(await asyncio.gather(*(
+                start_socketio_node(f"socketio-{i}", redis_url, peer_env, workdir, started)
+                for i in range(args.nodes)
+            )))
+            software: dict[str, Any] = {"node": await command_output("node", "--version"),
+                                        **socketio_versions()}
+        else:
+            software = {"hub": await hub_source(env)}
+            nodes = list(await asyncio.gather(
+                *(start_node(f"bench-{i}", env, workdir, started) for i in range(args.nodes))
+            ))
         await asyncio.gather(*(wait_ready(node) for node in nodes))
+        if args.peer == "hub":
+            software["node_info"] = [await node_info(node) for node in nodes]
         redis: RedisWindow | None = None
         if redis_url:
             kind, shards = await redis_shards(redis_url)
             redis = RedisWindow(kind, bool(redis_processes), shards)
+            software["redis_server"] = await redis_version(shards[0]) if shards else None
         for node in nodes:  # warm the API path, then take the idle footprint
             await http_request(node.host, node.port, "POST", "/api/publish",
                                b'{"channel":"bench:warm","data":1}', api_key)
@@ -166,7 +198,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             client.process.stdin.write(go.encode() + b"\n")
             await client.process.stdin.drain()
         job = Publishing(args.messages, args.batch, args.rate, args.payload, deadline, api_key,
-                         args.channels)
+                         args.channels, ordered=args.ordered)
         publishers = [
             publisher(nodes[i % len(nodes)], job, start) for i in range(args.publishers)
         ]
@@ -187,6 +219,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if redis is not None:
             redis.after = await read_shards(redis.shards)
         result = summarise(args, nodes, clients, job, own_cpu, redis)
+        result["software"] = {"python": platform.python_version(), **software}
         result["machine_busy_percent"] = machine_busy
         result["cpus"] = os.cpu_count()
         return result
@@ -246,6 +279,16 @@ async def _finish(task: asyncio.Future[None]) -> None:
             await task
 
 
+def client_protocol(args: argparse.Namespace) -> str:
+    """What the subscribers speak: the peer's protocol, or the hub's `--protocol`."""
+    return "socketio" if args.peer == "socketio" else str(args.protocol)
+
+
+def checks_offsets(args: argparse.Namespace) -> bool:
+    """The hub's frames carry offsets when its namespace keeps history; a peer's do not."""
+    return bool(args.peer == "hub" and args.history_size > 0)
+
+
 async def _start_clients(
     args: argparse.Namespace, nodes: list[NodeProcess], env: dict[str, str], workdir: Path,
     clients: list[ClientProcess],
@@ -259,7 +302,8 @@ async def _start_clients(
         count = args.subscribers // procs + (1 if k < args.subscribers % procs else 0)
         config = {
             "targets": targets, "first": first, "count": count, "channels": args.channels,
-            "messages": args.messages, "sample": args.sample, "protocol": args.protocol,
+            "messages": args.messages, "sample": args.sample, "protocol": client_protocol(args),
+            "offsets": checks_offsets(args), "ordered": args.ordered,
             "ttl": 3600 + args.duration + 600,
         }
         clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))

@@ -1,16 +1,20 @@
 """The subscriber side's WebSocket connection: one raw asyncio Protocol per connection.
 
 It does the handshake by hand and then walks frame headers, so that the client is not what
-is measured. Inside a text frame it only reads `seq` (two `find`s and an `int`), to check
-the order (`benchmarks.sequence`), and in one frame in `sample` it also reads the
-publisher's send time and the hub's `ts` for latency.
+is measured. Inside a message it reads `seq` (two `find`s and an `int`) and, from the hub,
+`offset` (an `rfind`, a `find`, an `int`; on `/ws` an `endswith` for the epoch), to check
+them (`benchmarks.sequence`), and in one message in `sample` it also reads the publisher's
+send time and the hub's `ts` for latency.
 
-Two wire protocols, chosen per run (`--protocol`): the hub's own on `/ws` (`Subscriber`:
-token in the query, `subscribe`, one `message` per text frame) and Centrifugo's client
-protocol v2 JSON on `/connection/websocket` (`CentrifugoSubscriber`: `connect` with the
-token, then `subscribe`; a text frame may carry several `\n`-separated messages; the
-server's `{}` pings are answered with `{}`). Both see the same `data` (`seq`, `sent`), so
-the hot path is shared: only the line split and the ping test are Centrifugo's.
+Three wire protocols, chosen per run: the hub's own on `/ws` (`Subscriber`: token in the
+query, `subscribe`, one `message` per text frame, `offset` and `epoch` at its end),
+Centrifugo's client protocol v2 JSON on `/connection/websocket` (`CentrifugoSubscriber`:
+`connect` with the token, then `subscribe`, whose reply gives the epoch and offset; a text
+frame may carry several `\n`-separated messages; the server's `{}` pings are answered with
+`{}`), and Engine.IO v4 / Socket.IO 4 on `/socket.io/` (`SocketIOSubscriber`, for the
+Socket.IO peer: `40`, then `subscribe` with an ack; `42["message",<data>]` per frame; `2`
+pings answered with `3`; no offsets). All see the same `data` (`seq`, `sent`), so the hot
+path is shared: only the line split, the ping and the offset are the protocol's.
 """
 
 from __future__ import annotations
@@ -24,21 +28,30 @@ import random
 import re
 import struct
 import time
-from typing import cast
+from typing import Any, cast
 
-from benchmarks.sequence import SequenceCheck
+from benchmarks.sequence import OffsetCheck, OnceCheck, SequenceCheck
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # `data` (with the publisher's `sent`, unix µs) comes before the hub's `ts` (unix ms): in a
 # `/ws` `message` frame `"ts":N` follows `data`; in a Centrifugo push it is a string in
-# `pub.tags`, `"ts":"N"`, after `pub.data`.
+# `pub.tags`, `"ts":"N"`, after `pub.data`. Socket.IO frames carry `data` only.
 SAMPLE = re.compile(rb'"sent":(\d+).*?"ts":"?(\d+)', re.DOTALL)
-# The publisher writes `{"seq":N,...`: a hub message has it once, in `data` (a channel name
+SAMPLE_SENT = re.compile(rb'"sent":(\d+)')
+# The publisher writes `{"seq":N,...`: a message has it once, in `data` (a channel name
 # cannot contain a quote, and the hub's own fields have no `seq`).
 SEQ = b'"seq":'
+# The hub's `offset` comes after `data` (whose padding is only `x`s): the last one in the
+# message is the hub's. `/ws`: `...,"ts":T,"offset":N,"epoch":"E"}`; Centrifugo:
+# `...,"pub":{"data":{...},"offset":N,"tags":{...}}}}`.
+OFFSET = b'"offset":'
+OFFSET_RE = re.compile(rb'"offset":(\d+)')
+EPOCH_RE = re.compile(rb'"epoch":"([^"]*)"')
 # Centrifugo's ping, and the client's answer to it (docs/centrifugo-notes.md §2).
 CENTRIFUGO_PING = b"{}"
-PROTOCOLS = ("ws", "centrifugo")
+# Engine.IO v4: the server pings with `2`, the client answers `3`.
+ENGINEIO_PING, ENGINEIO_PONG = b"2", b"3"
+PROTOCOLS = ("ws", "centrifugo")  # the hub's; a peer's subscribers speak its own
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -70,16 +83,29 @@ def split_messages(payload: bytes) -> list[bytes]:
 
 
 def read_sample(message: bytes) -> tuple[int, int] | None:
-    """(`sent` in unix µs, hub `ts` in unix ms) of one message, either protocol's."""
+    """(`sent` in unix µs, hub `ts` in unix ms) of one message, either hub protocol's."""
     match = SAMPLE.search(message)
     return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
-class ClientState:
-    """What one client process knows; shared by its connections."""
+def read_position(message: bytes) -> tuple[int | None, str | None]:
+    """(`offset`, `epoch`) of one message the hot path could not read: the last of each
+    (the hub's come after `data`); None where there is none."""
+    offsets = OFFSET_RE.findall(message)
+    epochs = EPOCH_RE.findall(message)
+    return (int(offsets[-1]) if offsets else None,
+            epochs[-1].decode(errors="replace") if epochs else None)
 
-    def __init__(self, sample: int) -> None:
+
+class ClientState:
+    """What one client process knows; shared by its connections. `offsets`: check the
+    hub's offsets (its namespace has history); `ordered`: check that `seq` arrives in
+    order (`--ordered`)."""
+
+    def __init__(self, sample: int, offsets: bool = False, ordered: bool = False) -> None:
         self.sample = sample
+        self.offsets = offsets
+        self.ordered = ordered
         self.received = 0  # message frames (with a `seq`)
         self.others = 0  # other text frames after `subscribed` (none are expected)
         self.expected: int | None = None  # set by `go`; None: not publishing yet
@@ -103,19 +129,30 @@ class ClientState:
 
 
 class Subscriber(asyncio.Protocol):
-    """One `/ws` connection that subscribes to `channel`, counts what arrives and checks
-    that `seq` goes 0, 1, 2, ... up to `limit` (the messages its channel gets)."""
+    """One `/ws` connection that subscribes to `channel` and counts what arrives: each
+    `seq` below `limit` (the messages its channel gets) at most once, offsets up by one
+    from the subscribe reply's position (`state.offsets`), `seq` in order
+    (`state.ordered`)."""
 
     protocol = "ws"
-    # Several messages per text frame, `\n`-separated, and `{}` pings in them (Centrifugo).
+    # Several messages per text frame, `\n`-separated (Centrifugo).
     split = False
+    # A message that is the server's application-level ping, and the answer to it.
+    ping = b""
+    pong = b""
+    # The latency sample: `sent`, and the hub's `ts` where frames have one.
+    sample_re = SAMPLE
+    # Messages carry the epoch next to the offset (`/ws`), not only the subscribe reply.
+    frames_have_epoch = True
 
     def __init__(
         self, state: ClientState, host: str, port: int, token: str, channel: str, limit: int
     ):
         self.state = state
         self.host, self.port, self.token, self.channel = host, port, token, channel
-        self.order = SequenceCheck(limit)
+        self.once = OnceCheck(limit)
+        self.offsets = OffsetCheck() if state.offsets else None
+        self.order = SequenceCheck(limit) if state.ordered else None
         self.transport: asyncio.Transport | None = None
         self.key = base64.b64encode(os.urandom(16))
         self.handshaken = False
@@ -124,6 +161,19 @@ class Subscriber(asyncio.Protocol):
         self.frames = 0
         self.countdown = random.randrange(state.sample) + 1 if state.sample else 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def limit(self) -> int:
+        return self.once.limit
+
+    def checks(self) -> list[tuple[str, Any]]:
+        """(name, check) of each check this connection runs."""
+        found: list[tuple[str, Any]] = [("seq", self.once)]
+        if self.offsets is not None:
+            found.append(("offsets", self.offsets))
+        if self.order is not None:
+            found.append(("order", self.order))
+        return found
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not one
@@ -160,16 +210,22 @@ class Subscriber(asyncio.Protocol):
             self._fail("bad Sec-WebSocket-Accept")
             return None
         self.handshaken = True
-        assert self.transport is not None
-        self.transport.write(client_frame(1, self.opening()))
+        opening = self.opening()
+        if opening is not None:
+            self._send(opening)
         return data
+
+    def _send(self, message: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(1, message))
 
     def target(self) -> str:
         """The request target of the upgrade."""
         return f"/ws?token={self.token}"
 
-    def opening(self) -> bytes:
-        """The first text frame, right after the handshake."""
+    def opening(self) -> bytes | None:
+        """The first text frame, right after the handshake (None: the server speaks
+        first)."""
         return json.dumps({"type": "subscribe", "channel": self.channel, "id": 1}).encode()
 
     def _fail(self, reason: str) -> None:
@@ -178,6 +234,22 @@ class Subscriber(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(reason))
         if self.transport is not None:
             self.transport.abort()
+
+    def _subscribed(self, offset: int | None = None, epoch: str | None = None) -> None:
+        """Live: the subscribe reply came, with the channel's position where it has one."""
+        if self.offsets is not None:
+            self.offsets.start(offset, epoch, self.frames_have_epoch)
+        self.state.subscribed += 1
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _offsets(self) -> tuple[OffsetCheck | None, bytes]:
+        """The offset check for the hot path (None before a position is known), and the
+        `/ws` frame tail of the subscribed epoch."""
+        offsets = self.offsets
+        if offsets is None or not offsets.positioned:
+            return None, b""
+        return offsets, offsets.tail
 
     def data_received(self, data: bytes) -> None:  # the hot path
         if not self.handshaken:
@@ -194,7 +266,12 @@ class Subscriber(asyncio.Protocol):
         others = 0
         live = self.live
         split = self.split
+        ping = self.ping
+        once = self.once
+        seen = once.seen
+        limit = once.limit
         order = self.order
+        offsets, tail = self._offsets()
         countdown = self.countdown
         now = time.time()
         while n - i >= 2:
@@ -220,6 +297,7 @@ class Subscriber(asyncio.Protocol):
             if opcode <= 1 and b0 & 0x80:  # the last (usually only) frame of a text message
                 if not live:
                     live = self._before_live(data[start:end])
+                    offsets, tail = self._offsets()
                     continue
                 s = start
                 while True:  # its messages: one, unless `split` finds `\n`s (s only grows)
@@ -232,28 +310,51 @@ class Subscriber(asyncio.Protocol):
                     if at >= 0:
                         texts += 1
                         at += 6
+                        seq: int | None
                         try:
                             seq = int(data[at : data.find(b",", at, e)])
                         except ValueError:
-                            order.malformed()
+                            seq = None
+                        if seq is not None and 0 <= seq < limit and not seen[seq]:
+                            seen[seq] = 1
                         else:
-                            if seq == order.next:
+                            once.unexpected(seq)
+                        if order is not None:
+                            if seq is None:
+                                order.malformed()
+                            elif seq == order.next:
                                 order.next = seq + 1
                             else:
                                 order.unexpected(seq)
+                        if offsets is not None:
+                            o = data.rfind(OFFSET, at, e)
+                            c = data.find(b",", o + 9, e) if o >= 0 else -1
+                            if c > 0 and (not tail or data.endswith(tail, s, e)):
+                                try:
+                                    offset = int(data[o + 9 : c])
+                                except ValueError:
+                                    offsets.frame(*read_position(data[at:e]))
+                                else:
+                                    if offset == offsets.next:
+                                        offsets.next = offset + 1
+                                    else:
+                                        offsets.unexpected(offset)
+                            else:  # another epoch, or no offset
+                                offsets.frame(*read_position(data[at:e]))
                         if countdown:
                             countdown -= 1
                             if not countdown:
                                 countdown = state.sample
-                                match = SAMPLE.search(data, s, e)
+                                match = self.sample_re.search(data, s, e)
                                 if match is not None:
                                     state.latencies_us.append(
                                         int(now * 1e6) - int(match.group(1))
                                     )
-                                    state.hub_latencies_ms.append(
-                                        int(now * 1e3) - int(match.group(2))
-                                    )
-                    elif split and e - s == 2 and data[s:e] == CENTRIFUGO_PING:
+                                    if match.lastindex == 2:
+                                        state.hub_latencies_ms.append(
+                                            int(now * 1e3) - int(match.group(2))
+                                        )
+                    elif ping and e - s == len(ping) and data[s:e] == ping:
                         self._pong()
                     elif not split or data[s:e].strip():
                         others += 1
@@ -277,18 +378,23 @@ class Subscriber(asyncio.Protocol):
 
     def _before_live(self, payload: bytes) -> bool:
         if b'"type":"subscribed"' in payload:
-            self.state.subscribed += 1
-            if not self.ready.done():
-                self.ready.set_result(None)
+            offset, epoch = None, None
+            try:
+                reply = json.loads(payload)
+            except ValueError:
+                reply = None
+            if isinstance(reply, dict):
+                offset = reply.get("offset") if isinstance(reply.get("offset"), int) else None
+                epoch = reply.get("epoch") if isinstance(reply.get("epoch"), str) else None
+            self._subscribed(offset, epoch)
             return True
         if b'"type":"error"' in payload:
             self._fail(payload.decode(errors="replace")[:200])
         return False
 
     def _pong(self) -> None:
-        """Centrifugo's ping is a message, `{}`; the answer is `{}` in a frame of its own."""
-        assert self.transport is not None
-        self.transport.write(client_frame(1, CENTRIFUGO_PING))
+        """An application-level ping is a message; its answer goes in a frame of its own."""
+        self._send(self.pong)
 
     def _control(self, opcode: int, payload: bytes) -> bool:
         """Returns True when the connection is closing."""
@@ -314,12 +420,17 @@ class Subscriber(asyncio.Protocol):
 class CentrifugoSubscriber(Subscriber):
     """One `/connection/websocket` connection (Centrifugo client protocol v2, JSON): it
     sends `connect` (id 1) with the token, on the connect reply `subscribe` (id 2), and is
-    live on the subscribe reply. Pushes carry the publisher's `data` as `pub.data`, so the
-    shared hot path reads `seq` and `sent` there; it splits frames at `\n` and answers the
-    server's `{}` pings (unanswered, the hub closes with 3012)."""
+    live on the subscribe reply, whose `epoch` and `offset` (left out when 0) are where the
+    offsets start. Pushes carry the publisher's `data` as `pub.data` and the offset as
+    `pub.offset` (no epoch), so the shared hot path reads `seq`, `sent` and the offset
+    there; it splits frames at `\n` and answers the server's `{}` pings (unanswered, the
+    hub closes with 3012)."""
 
     protocol = "centrifugo"
     split = True
+    ping = CENTRIFUGO_PING
+    pong = CENTRIFUGO_PING
+    frames_have_epoch = False
     CONNECT_ID = 1
     SUBSCRIBE_ID = 2
 
@@ -338,15 +449,52 @@ class CentrifugoSubscriber(Subscriber):
                 self._fail(f"centrifugo error: {detail}")
                 return False
             elif kind == "reply" and detail == str(self.CONNECT_ID):
-                assert self.transport is not None
-                command = subscribe_command(self.SUBSCRIBE_ID, self.channel)
-                self.transport.write(client_frame(1, command))
+                self._send(subscribe_command(self.SUBSCRIBE_ID, self.channel))
             elif kind == "reply" and detail == str(self.SUBSCRIBE_ID):
-                self.state.subscribed += 1
-                if not self.ready.done():
-                    self.ready.set_result(None)
+                self._subscribed(*subscribe_position(line))
                 return True  # pushes that came in this same frame: none before `go`
         return False
+
+
+class SocketIOSubscriber(Subscriber):
+    """One Socket.IO 4 connection over Engine.IO v4's WebSocket transport, for the peer
+    (benchmarks/peers/socketio/server.mjs): after the upgrade the server sends its open
+    packet `0{...}`, the client connects to the main namespace (`40`, answered `40{...}`)
+    and asks to join the room (`421["subscribe","<channel>"]`, event `subscribe` with ack
+    id 1); it is live on the ack, `431[]`. Messages are `42["message",<data>]`, one per
+    frame; the server pings with `2`, answered `3` (unanswered, it closes after
+    pingInterval + pingTimeout). No offsets: `seq` is checked for exactly once."""
+
+    protocol = "socketio"
+    ping = ENGINEIO_PING
+    pong = ENGINEIO_PONG
+    sample_re = SAMPLE_SENT
+    frames_have_epoch = False
+
+    def target(self) -> str:
+        return "/socket.io/?EIO=4&transport=websocket"
+
+    def opening(self) -> None:
+        return None  # the server's open packet comes first
+
+    def _before_live(self, payload: bytes) -> bool:
+        if payload.startswith(b"0{"):  # Engine.IO open
+            self._send(b"40")
+        elif payload.startswith(b"40"):  # Socket.IO CONNECT accepted
+            self._send(socketio_subscribe(self.channel))
+        elif payload.startswith(b"431"):  # the ack of `subscribe`
+            self._subscribed()
+            return True
+        elif payload == ENGINEIO_PING:
+            self._pong()
+        elif payload.startswith(b"44") or payload.startswith(b"1"):  # CONNECT_ERROR, close
+            self._fail(f"socket.io refused: {payload[:200].decode(errors='replace')}")
+        return False
+
+
+def socketio_subscribe(channel: str) -> bytes:
+    """Socket.IO EVENT `subscribe` on the main namespace with ack id 1."""
+    return b"421" + json.dumps(["subscribe", channel], separators=(",", ":")).encode()
 
 
 def connect_command(command_id: int, token: str) -> bytes:
@@ -357,6 +505,19 @@ def connect_command(command_id: int, token: str) -> bytes:
 def subscribe_command(command_id: int, channel: str) -> bytes:
     return json.dumps({"id": command_id, "subscribe": {"channel": channel}},
                       separators=(",", ":")).encode()
+
+
+def subscribe_position(message: bytes) -> tuple[int | None, str | None]:
+    """(offset, epoch) of a Centrifugo subscribe reply: `epoch` is there for a channel with
+    history (`recoverable`), `offset` left out when 0; (None, None) without history."""
+    try:
+        result = json.loads(message).get("subscribe")
+    except (ValueError, AttributeError):
+        return None, None
+    if not isinstance(result, dict) or not isinstance(result.get("epoch"), str):
+        return None, None
+    offset = result.get("offset", 0)
+    return (offset if isinstance(offset, int) else None), result["epoch"]
 
 
 def classify_reply(message: bytes) -> tuple[str, str]:
@@ -387,4 +548,6 @@ def subscriber_class(protocol: str) -> type[Subscriber]:
         return CentrifugoSubscriber
     if protocol == "ws":
         return Subscriber
+    if protocol == "socketio":
+        return SocketIOSubscriber
     raise ValueError(f"unknown protocol {protocol!r}")

@@ -1,8 +1,9 @@
-"""The fan-out benchmark's own logic (`benchmarks/`, not packaged): the order check that
-fails a run, where connections and messages go, the publisher's per-channel order, how a
-private Redis Cluster's slots are split and when it is formed, which shards are read, the
-per-shard Redis report, the bare RESP client, and the subscriber's frame parsing in both
-protocols (`/ws` and Centrifugo's), fed the hub's own encoders' frames through a fake
+"""The fan-out benchmark's own logic (`benchmarks/`, not packaged): the checks that fail a
+run (each seq once, offsets +1 in one epoch, seq order), where connections and messages go,
+the publisher's concurrent and ordered claims, how a private Redis Cluster's slots are split
+and when it is formed, which shards are read, the per-shard Redis report, the bare RESP
+client, the chunked HTTP answer, and the subscriber's frame parsing in the three protocols
+(`/ws` and Centrifugo's, fed the hub's own encoders' frames, and Socket.IO's) through a fake
 transport. No processes are started: a real run is `python -m benchmarks`
 (benchmarks/README.md)."""
 
@@ -12,13 +13,16 @@ import asyncio
 import itertools
 import json
 import struct
+from pathlib import Path
 from typing import cast
 
 import msgspec
 import pytest
 
+from benchmarks import processes
 from benchmarks.cli import build_parser, check_args
 from benchmarks.common import BenchError
+from benchmarks.httpclient import exchange
 from benchmarks.layout import (
     channel_name,
     channel_of,
@@ -36,23 +40,29 @@ from benchmarks.redis_stats import (
     parse_cpu_seconds,
     redis_section,
 )
+from benchmarks.report import failures
 from benchmarks.resp import encode, read_reply
-from benchmarks.run import _to_the_end
-from benchmarks.sequence import SequenceCheck
+from benchmarks.run import _to_the_end, config_toml
+from benchmarks.sequence import OffsetCheck, OnceCheck, SequenceCheck
 from benchmarks.subscriber import (
     CentrifugoSubscriber,
     ClientState,
+    SocketIOSubscriber,
     Subscriber,
     accept_key,
     classify_reply,
     client_frame,
+    read_position,
     read_sample,
+    socketio_subscribe,
     split_messages,
+    subscribe_position,
     subscriber_class,
 )
 from hub import protocol as p
 from hub.centrifugo_session import CENTRIFUGO_CODEC, PING_FRAME
 from hub.cli import main as hub_main
+from hub.settings import load_namespaces
 from hub.wire import text_frame
 from hub.ws_session import WS_CODEC
 
@@ -100,6 +110,91 @@ def test_missing_tail_is_loss_not_gap() -> None:
     assert check.clean  # the frame count reports it as lost
 
 
+def _once(check: OnceCheck, seqs: list[int | None]) -> OnceCheck:
+    for seq in seqs:  # what the subscriber's hot path does
+        if seq is not None and 0 <= seq < check.limit and not check.seen[seq]:
+            check.seen[seq] = 1
+        else:
+            check.unexpected(seq)
+    return check
+
+
+def test_each_seq_once_in_any_order() -> None:
+    check = _once(OnceCheck(4), [2, 0, 3, 1])
+    assert check.clean and check.received == 4
+
+
+def test_a_seq_twice_or_unknown_fails_the_once_check() -> None:
+    check = _once(OnceCheck(3), [0, 2, 2, 5, -1, None])
+    assert (check.duplicates, check.unknown, check.received) == (1, 3, 2)
+    assert not check.clean
+    assert check.samples[:2] == ["duplicate seq 2", "unknown seq: 5"]
+
+
+def _offsets(check: OffsetCheck, frames: list[tuple[int | None, str | None]]) -> OffsetCheck:
+    for offset, epoch in frames:  # the hot path's case first, as the subscriber does it
+        if offset is not None and epoch == check.epoch and offset == check.next:
+            check.next = offset + 1
+        else:
+            check.frame(offset, epoch)
+    return check
+
+
+def _positioned(offset: int = 0, epoch: str = "e1") -> OffsetCheck:
+    check = OffsetCheck()
+    check.start(offset, epoch, frames_have_epoch=True)
+    return check
+
+
+def test_offsets_from_the_subscribe_position_up_by_one() -> None:
+    check = _offsets(_positioned(7), [(8, "e1"), (9, "e1"), (10, "e1")])
+    assert check.clean and check.next == 11
+    assert check.tail == b',"epoch":"e1"}'
+
+
+def test_offset_gap_reorder_and_duplicate() -> None:
+    check = _offsets(_positioned(), [(1, "e1"), (3, "e1"), (5, "e1"), (2, "e1"), (5, "e1")])
+    assert (check.gaps, check.reorders, check.duplicates) == (1, 1, 1)  # 4 never came
+    assert not check.clean
+    # The first message must follow the subscribe reply's offset: one before it is a gap.
+    assert _offsets(_positioned(0), [(2, "e1")]).gaps == 1
+    # An offset at or below the subscribed position is a duplicate (it was before us).
+    assert _offsets(_positioned(5), [(5, "e1")]).duplicates == 1
+
+
+def test_another_epoch_or_no_position_fails_the_offset_check() -> None:
+    check = _offsets(_positioned(), [(1, "e1"), (1, "e2"), (2, "e1")])
+    assert (check.epochs, check.gaps, check.duplicates) == (1, 0, 0) and not check.clean
+    unpositioned = OffsetCheck()
+    unpositioned.start(None, None, frames_have_epoch=True)
+    assert unpositioned.missing == 1 and not unpositioned.positioned
+    assert not unpositioned.clean
+    check = _offsets(_positioned(), [(1, None), (None, "e1")])
+    assert check.missing == 2
+    # A Centrifugo push has no epoch: the offset alone is checked.
+    centrifugo = OffsetCheck()
+    centrifugo.start(3, "e1", frames_have_epoch=False)
+    assert centrifugo.tail == b""
+    centrifugo.frame(4, None)
+    centrifugo.frame(6, None)
+    assert (centrifugo.next, centrifugo.gaps, centrifugo.missing) == (7, 1, 0)
+
+
+def test_a_far_jump_is_counted_without_a_set_of_holes() -> None:
+    check = _offsets(_positioned(), [(1, "e1"), (10**12, "e1")])
+    assert check.gaps == 10**12 - 2 and not check.holes
+
+
+def test_failures_name_each_check() -> None:
+    result = {"lost": 0, "extra": 0, "publish_errors": 0, "checks": {
+        "seq": {"duplicates": 0, "unknown": 0, "connections": 0, "samples": []},
+        "offsets": {"duplicates": 0, "gaps": 2, "reorders": 1, "epochs": 0, "missing": 0,
+                    "connections": 1, "samples": []},
+    }}
+    assert failures(result) == [
+        "offsets +1 in one epoch failed on 1 connections: 2 gaps, 1 reorders"]
+
+
 def test_each_channel_has_subscribers_on_every_node() -> None:
     nodes, channels = 2, 1000
     where = {(channel_of(i, nodes, channels), node_of(i, nodes)) for i in range(10_000)}
@@ -114,9 +209,21 @@ def test_messages_round_robin_over_channels() -> None:
     assert channel_name(7, 20) == "bench:fanout.7"
 
 
-async def test_claims_wait_for_the_previous_message_of_their_channels() -> None:
+async def test_concurrent_claims_do_not_wait() -> None:
+    job = Publishing(messages=5, batch=1, rate=0, payload=100, deadline=float("inf"),
+                     api_key="k", channels=1)
+    claims = []
+    while (claim := job.claim()) is not None:
+        claims.append(claim)
+    assert [(c.channel, c.seq) for c in claims] == [(0, k) for k in range(5)]
+    assert all(c.after == [] for c in claims)  # up to --publishers in flight on a channel
+    for claim in claims:
+        claim.done.set_result(None)
+
+
+async def test_ordered_claims_wait_for_the_previous_message_of_their_channels() -> None:
     job = Publishing(messages=7, batch=2, rate=0, payload=100, deadline=float("inf"),
-                     api_key="k", channels=3)
+                     api_key="k", channels=3, ordered=True)
     claims = []
     while (claim := job.claim()) is not None:
         claims.append(claim)
@@ -153,10 +260,57 @@ async def test_claims_wait_for_the_previous_message_of_their_channels() -> None:
     (["--redis-cluster", "-1"], "--redis-cluster takes 1-16384"),
     (["--redis-cluster", "16385"], "--redis-cluster takes 1-16384"),
     (["--protocol", "centrifugo"], None),
+    (["--ordered"], None),
+    (["--history-size", "0"], "give --ordered"),
+    (["--history-size", "0", "--ordered"], None),
+    (["--history-ttl", "0"], "--history-ttl > 0"),
+    (["--peer", "socketio"], None),
+    (["--peer", "socketio", "--nodes", "2", "--redis-server"], None),
+    (["--peer", "socketio", "--history-size", "0"], None),  # no offsets to lose there
+    (["--peer", "socketio", "--protocol", "centrifugo"], "leave out --protocol"),
+    (["--peer", "socketio", "--nodes", "2", "--redis-cluster", "3"], "one Redis server"),
+    (["--peer", "socketio", "--redis-url", "redis+cluster://h:1"], "one Redis server"),
+    (["--peer", "socketio", "--channels", "2", "--batch", "2"], "no broadcast"),
 ])
 def test_options(argv: list[str], problem: str | None) -> None:
     found = check_args(build_parser().parse_args(argv))
     assert found == problem if problem is None else problem in (found or "")
+
+
+def test_the_namespace_gets_history(tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(config_toml(100, 600))
+    bench = load_namespaces(str(config))["bench"]
+    assert (bench.history_size, bench.history_ttl, bench.has_history) == (100, 600, True)
+    assert "history" not in config_toml(0, 600)
+
+
+async def test_a_chunked_answer_is_read_to_its_end() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+    writer = cast(asyncio.StreamWriter, FakeTransport())
+    assert await exchange(reader, writer, "h", "POST", "/api/publish", b"{}", "") == (200, b"{}")
+    assert await exchange(reader, writer, "h", "POST", "/api/publish", b"{}", "") == (200, b"[]")
+
+
+def test_the_socketio_peer_says_how_to_install_its_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processes, "SOCKETIO_DIR", tmp_path / "socketio")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    problem = processes.socketio_missing()
+    assert problem is not None and "npm install --prefix" in problem
+    assert "socket.io, @socket.io/redis-adapter, redis" in problem
+    for name in processes.SOCKETIO_PACKAGES:
+        package = tmp_path / "socketio" / "node_modules" / name
+        package.mkdir(parents=True)
+        (package / "package.json").write_text('{"version": "9.9.9"}')
+    assert processes.socketio_missing() is None
+    assert processes.socketio_versions()["socket.io"] == "9.9.9"
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "needs Node.js" in (processes.socketio_missing() or "")
 
 
 def test_hub_bench_points_to_the_new_entry(capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,9 +453,11 @@ async def test_cleanup_runs_to_its_end_when_the_run_is_cancelled() -> None:
 
 
 def _message(seq: int, sent: int = 1_700_000_000_000_000, ts: int = 1_700_000_000_000,
-             channel: str = "bench:fanout") -> p.Message:
+             channel: str = "bench:fanout", offset: int | None = None,
+             epoch: str | None = None) -> p.Message:
     data = json.dumps({"seq": seq, "sent": sent, "pad": "x" * 60}, separators=(",", ":"))
-    return p.Message(channel=channel, data=msgspec.Raw(data.encode()), ts=ts)
+    return p.Message(channel=channel, data=msgspec.Raw(data.encode()), ts=ts, offset=offset,
+                     epoch=epoch)
 
 
 def _payload(frame: bytes) -> bytes:
@@ -309,9 +465,9 @@ def _payload(frame: bytes) -> bytes:
     return frame[4:] if marker == 126 else frame[10:] if marker == 127 else frame[2:]
 
 
-def _push_payload(seq: int) -> bytes:
+def _push_payload(seq: int, offset: int | None = None) -> bytes:
     """One Centrifugo push as the hub encodes it (a message, without the frame header)."""
-    return _payload(CENTRIFUGO_CODEC.message(_message(seq)))
+    return _payload(CENTRIFUGO_CODEC.message(_message(seq, offset=offset)))
 
 
 class FakeTransport:
@@ -346,9 +502,9 @@ class FakeTransport:
         return found
 
 
-def _open(kind: type[Subscriber], limit: int = 10,
-          sample: int = 1) -> tuple[Subscriber, FakeTransport, ClientState]:
-    state = ClientState(sample)
+def _open(kind: type[Subscriber], limit: int = 10, sample: int = 1, offsets: bool = False,
+          ordered: bool = False) -> tuple[Subscriber, FakeTransport, ClientState]:
+    state = ClientState(sample, offsets=offsets, ordered=ordered)
     subscriber = kind(state, "127.0.0.1", 8000, "tok", "bench:fanout", limit)
     transport = FakeTransport()
     subscriber.connection_made(cast(asyncio.BaseTransport, transport))
@@ -390,6 +546,15 @@ def test_centrifugo_replies_are_classified() -> None:
     assert classify_reply(b"[1]")[0] == "bad"
 
 
+def test_centrifugo_subscribe_position() -> None:
+    # The hub leaves a zero offset out (omit_defaults); the epoch is there with history.
+    assert subscribe_position(b'{"id":2,"subscribe":{"recoverable":true,"epoch":"ab",'
+                              b'"positioned":true}}') == (0, "ab")
+    assert subscribe_position(b'{"id":2,"subscribe":{"epoch":"ab","offset":41}}') == (41, "ab")
+    assert subscribe_position(b'{"id":2,"subscribe":{}}') == (None, None)
+    assert subscribe_position(b"[]") == (None, None)
+
+
 def test_latency_sample_reads_both_protocols_frames() -> None:
     message = _message(3, sent=111, ts=222)
     ws = _payload(WS_CODEC.message(message))
@@ -400,15 +565,29 @@ def test_latency_sample_reads_both_protocols_frames() -> None:
     assert read_sample(b'{"push":{}}') is None
 
 
+def test_the_position_is_the_hubs_after_data() -> None:
+    ws = _payload(WS_CODEC.message(_message(3, offset=12, epoch="e9")))
+    assert ws.endswith(b',"offset":12,"epoch":"e9"}')  # what the hot path relies on
+    assert read_position(ws) == (12, "e9")
+    assert read_position(_push_payload(3, offset=12)) == (12, None)
+    assert read_position(b'{"data":{"seq":1}}') == (None, None)
+
+
 def test_subscriber_classes() -> None:
     assert subscriber_class("ws") is Subscriber
     assert subscriber_class("centrifugo") is CentrifugoSubscriber
+    assert subscriber_class("socketio") is SocketIOSubscriber
     with pytest.raises(ValueError, match="unknown protocol"):
         subscriber_class("sse")
 
 
+def _ws_frames(seq_offsets: list[tuple[int, int]], epoch: str = "e1") -> bytes:
+    return b"".join(WS_CODEC.message(_message(seq, offset=offset, epoch=epoch))
+                    for seq, offset in seq_offsets)
+
+
 async def test_ws_subscriber_counts_and_checks_frames_split_across_reads() -> None:
-    subscriber, transport, state = _open(Subscriber)
+    subscriber, transport, state = _open(Subscriber, ordered=True)
     assert b"GET /ws?token=tok " in transport.written[0]
     assert [json.loads(t) for t in transport.texts()] == [
         {"type": "subscribe", "channel": "bench:fanout", "id": 1}]
@@ -419,14 +598,44 @@ async def test_ws_subscriber_counts_and_checks_frames_split_across_reads() -> No
         subscriber.data_received(stream[k : k + 7])
     assert (state.received, subscriber.frames, state.others) == (5, 5, 0)
     order = subscriber.order
+    assert order is not None
     assert (order.duplicates, order.gaps, order.next) == (1, 1, 5)
+    assert (subscriber.once.duplicates, subscriber.once.received) == (1, 4)
     assert len(state.latencies_us) == 5 and len(state.hub_latencies_ms) == 5
     subscriber.data_received(bytes((0x89, 2)) + b"hi")  # a WebSocket ping: a masked pong
     assert transport.written[-1][0] == 0x8A
 
 
+async def test_ws_subscriber_checks_offsets_of_concurrent_publishers() -> None:
+    subscriber, _, state = _open(Subscriber, limit=6, offsets=True)
+    assert subscriber.order is None  # seq order is not defined with concurrent publishers
+    subscriber.data_received(text_frame(
+        p.encode(p.Subscribed(channel="bench:fanout", id=1, offset=20, epoch="e1"))))
+    offsets = subscriber.offsets
+    assert offsets is not None and offsets.positioned and offsets.next == 21
+    # seq in any order (publishers overtook one another), offsets up by one: clean.
+    stream = _ws_frames([(1, 21), (0, 22), (3, 23), (2, 24)])
+    for k in range(0, len(stream), 13):
+        subscriber.data_received(stream[k : k + 13])
+    assert offsets.clean and subscriber.once.clean and offsets.next == 25
+    # A skipped offset, a late one, one twice, one of another epoch:
+    subscriber.data_received(_ws_frames([(4, 26)]) + _ws_frames([(5, 25)])
+                             + _ws_frames([(5, 26)]) + _ws_frames([(4, 27)], epoch="e2"))
+    assert (offsets.gaps, offsets.reorders, offsets.duplicates, offsets.epochs) == (0, 1, 1, 1)
+    assert (subscriber.once.duplicates, state.received) == (2, 8)
+    assert offsets.samples[0] == "gap: expected offset 25, got 26"
+
+
+async def test_ws_subscriber_without_a_position_fails_the_offset_check() -> None:
+    subscriber, _, _ = _open(Subscriber, offsets=True)
+    subscriber.data_received(text_frame(b'{"type":"subscribed","channel":"bench:fanout"}'))
+    subscriber.data_received(WS_CODEC.message(_message(0)))
+    assert subscriber.offsets is not None and subscriber.offsets.missing == 1
+    assert subscriber.once.clean
+
+
 async def test_centrifugo_subscriber_connects_subscribes_and_answers_pings() -> None:
-    subscriber, transport, state = _open(CentrifugoSubscriber, sample=2)
+    subscriber, transport, state = _open(CentrifugoSubscriber, sample=2, ordered=True)
     assert b"GET /connection/websocket " in transport.written[0]
     assert b"tok" not in transport.written[0]  # the token goes in `connect`
     assert [json.loads(t) for t in transport.texts()] == [
@@ -453,11 +662,27 @@ async def test_centrifugo_subscriber_connects_subscribes_and_answers_pings() -> 
     assert transport.texts() == [b"{}", b"{}"]
     assert (state.received, subscriber.frames, state.others) == (5, 5, 0)
     order = subscriber.order
+    assert order is not None
     assert (order.duplicates, order.gaps, order.reorders, order.next) == (1, 0, 0, 4)
-    assert order.samples == ["duplicate: expected 4, got 3"]
+    assert order.samples == ["duplicate: expected seq 4, got 3"]
+    assert subscriber.once.duplicates == 1
     assert len(state.latencies_us) == 2  # the 2nd and 4th of 5 (`sample` = 2)
     subscriber.data_received(text_frame(b'{"push":{"channel":"bench:fanout","join":{}}}'))
     assert state.others == 1
+
+
+async def test_centrifugo_subscriber_checks_offsets_from_the_subscribe_reply() -> None:
+    subscriber, transport, state = _open(CentrifugoSubscriber, limit=4, offsets=True)
+    transport.texts()
+    subscriber.data_received(text_frame(b'{"id":1,"connect":{"client":"c1"}}'))
+    subscriber.data_received(text_frame(
+        b'{"id":2,"subscribe":{"recoverable":true,"epoch":"e1","offset":9,"positioned":true}}'))
+    offsets = subscriber.offsets
+    assert offsets is not None and offsets.positioned and offsets.next == 10
+    batch = b"\n".join([_push_payload(1, 10), _push_payload(0, 11), _push_payload(2, 13)])
+    subscriber.data_received(text_frame(batch))
+    assert (offsets.gaps, offsets.reorders, offsets.duplicates, offsets.next) == (1, 0, 0, 14)
+    assert subscriber.once.clean and state.received == 3
 
 
 async def test_centrifugo_subscriber_fails_on_an_error_reply() -> None:
@@ -465,5 +690,45 @@ async def test_centrifugo_subscriber_fails_on_an_error_reply() -> None:
     transport.texts()
     subscriber.data_received(text_frame(b'{"id":1,"error":{"code":109,"message":"expired"}}'))
     assert transport.aborted and state.errors == ["centrifugo error: 109 expired"]
+    with pytest.raises(ConnectionError):
+        subscriber.ready.result()
+
+
+def _socketio_message(seq: int, sent: int = 1_700_000_000_000_000) -> bytes:
+    data = json.dumps({"seq": seq, "sent": sent, "pad": "x" * 60}, separators=(",", ":"))
+    return text_frame(b'42["message",' + data.encode() + b"]")
+
+
+async def test_socketio_subscriber_connects_joins_with_an_ack_and_answers_pings() -> None:
+    subscriber, transport, state = _open(SocketIOSubscriber, limit=3)
+    assert b"GET /socket.io/?EIO=4&transport=websocket " in transport.written[0]
+    assert transport.texts() == []  # the server speaks first
+    subscriber.data_received(text_frame(
+        b'0{"sid":"s1","upgrades":[],"pingInterval":25000,"pingTimeout":20000}'))
+    assert transport.texts() == [b"40"]
+    subscriber.data_received(text_frame(b'40{"sid":"x1"}'))
+    assert transport.texts() == [socketio_subscribe("bench:fanout")]
+    assert socketio_subscribe("bench:fanout") == b'421["subscribe","bench:fanout"]'
+    subscriber.data_received(text_frame(b"2"))  # an Engine.IO ping before the ack
+    assert transport.texts() == [b"3"]
+    assert not subscriber.ready.done()
+    subscriber.data_received(text_frame(b"431[]"))
+    assert subscriber.ready.done() and subscriber.live and state.subscribed == 1
+    assert subscriber.offsets is None  # no offsets there
+
+    stream = _socketio_message(2, sent=5) + text_frame(b"2") + _socketio_message(0)
+    for k in range(0, len(stream), 9):
+        subscriber.data_received(stream[k : k + 9])
+    subscriber.data_received(_socketio_message(2) + _socketio_message(1))
+    assert transport.texts() == [b"3"]
+    assert (state.received, state.others) == (4, 0)
+    assert (subscriber.once.duplicates, subscriber.once.received) == (1, 3)
+    assert len(state.latencies_us) == 4 and state.hub_latencies_ms == []  # no hub `ts`
+
+
+async def test_socketio_subscriber_fails_on_a_connect_error() -> None:
+    subscriber, transport, state = _open(SocketIOSubscriber)
+    subscriber.data_received(text_frame(b'0{"sid":"s1"}') + text_frame(b'44{"message":"no"}'))
+    assert transport.aborted and state.errors[0].startswith("socket.io refused: 44")
     with pytest.raises(ConnectionError):
         subscriber.ready.result()

@@ -1,8 +1,11 @@
 // Socket.IO 4 on Node 20 with its Redis adapter: the peer the hub is measured against, set up
 // as its users run it for fan-out. One process per node: `node server.mjs PORT [REDIS_URL]`.
 // A client connects over WebSocket (`/socket.io/?EIO=4&transport=websocket`), sends
-// `subscribe` with a channel and joins that room; `POST /api/publish {"channel", "data"}`
-// emits `message` with `data` to the room, on every node through the adapter (Redis pub/sub).
+// `subscribe` with a channel and joins that room (with an ack when it asks for one:
+// `421["subscribe","<channel>"]` is answered `431[]` once joined, so a client knows it will
+// get what is published from then on); `POST /api/publish {"channel", "data"}` emits
+// `message` with `data` to the room, on every node through the adapter (Redis pub/sub), and
+// answers `{}` with a Content-Length (a keep-alive client then needs no chunked parsing).
 // Prints `listening PORT` once it serves.
 import http from "node:http";
 import { Server } from "socket.io";
@@ -19,7 +22,8 @@ const server = http.createServer((request, response) => {
     request.on("end", () => {
       const { channel, data } = JSON.parse(Buffer.concat(chunks).toString());
       io.to(channel).emit("message", data);
-      response.writeHead(200, { "content-type": "application/json" }).end("{}");
+      response.writeHead(200, { "content-type": "application/json", "content-length": 2 });
+      response.end("{}");
     });
     return;
   }
@@ -38,7 +42,10 @@ if (redisUrl) {
   io.adapter(createAdapter(publisher, subscriber));
 }
 io.on("connection", (socket) => {
-  socket.on("subscribe", (channel) => socket.join(channel));
+  socket.on("subscribe", (channel, ack) => {
+    socket.join(channel);
+    if (typeof ack === "function") ack();
+  });
 });
 
 server.listen(port, "127.0.0.1", () => {
