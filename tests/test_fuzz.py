@@ -28,7 +28,7 @@ from tests.conftest import NAMESPACES
 from tests.support import API_KEY, make_settings
 
 FUZZ = settings(
-    max_examples=200, deadline=timedelta(seconds=2), database=None,
+    max_examples=150, deadline=timedelta(seconds=2), database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 COMMAND_CLASSES = (p.Auth, p.Subscribe, p.Unsubscribe, p.Publish, p.PresenceRequest,

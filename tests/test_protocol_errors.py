@@ -34,7 +34,7 @@ from tests.support import (
 )
 
 HOST = "127.0.0.1"
-TIMEOUT = 0.5  # HUB_AUTH_TIMEOUT and HUB_HANDSHAKE_TIMEOUT here
+TIMEOUT = 0.3  # HUB_AUTH_TIMEOUT and HUB_HANDSHAKE_TIMEOUT here
 
 
 def problems(caplog: pytest.LogCaptureFixture) -> list[str]:
