@@ -154,9 +154,14 @@ class RedisBroker:
         await link.subscribe(topic)
 
     async def unsubscribe(self, channel: str) -> None:
+        """The link a subscribe would take goes first, before anything awaits: a subscribe
+        to the same channel made after this call reaches Redis after this UNSUBSCRIBE.
+        Other links may hold the topic from before a shard moved."""
         topic = self._topic(channel)
         self._lost.discard(topic)
-        for link in list(self._links.values()):
+        home = self._links.get(self._topology.shard_of(topic) or "")
+        others = [link for link in self._links.values() if link is not home]
+        for link in ([home] if home is not None else []) + others:
             await link.unsubscribe(topic)
 
     async def publish(

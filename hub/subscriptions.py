@@ -351,8 +351,11 @@ class Subscriptions:
             channel.relayed = True
 
     async def _release(self, channel: Channel) -> None:
-        """The channel has nobody left: forget it, and stop hearing it."""
-        if self._channels.get(channel.name) is not channel:
+        """The channel has nobody left: forget it, and stop hearing it. Looks again first,
+        as `leave_all` releases in tasks: somebody may have joined it meanwhile. What is
+        forgotten and the broker's unsubscribe are one step, so a join that comes after
+        subscribes at the broker after this unsubscribe."""
+        if self._channels.get(channel.name) is not channel or channel.cohorts or channel.joiners:
             return
         del self._channels[channel.name]
         try:

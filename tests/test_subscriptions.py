@@ -6,12 +6,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
+from hub.broker import MemoryBroker, StreamPosition
+from hub.metrics import Metrics
+from hub.node import Node
+from hub.presence import MemoryPresence
+from hub.protocol import Message
+from hub.ws_session import WsCodec
 from tests.support import (
     WAIT,
     Client,
     RunningNode,
     api,
     connect,
+    eventually,
     make_settings,
     next_message,
     publish,
@@ -286,3 +295,45 @@ async def test_api_channels_counts_subscribers(node: RunningNode) -> None:
         assert (await api_get(node, "/api/channels"))["channels"] == {
             "room1": 1, "chat:lobby": 1,
         }
+
+
+class Listener:
+    """The least a Subscriber is: it keeps what it is pushed."""
+
+    codec = WsCodec()
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.user = client_id
+        self.frames: list[bytes] = []
+
+    def push(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        pass
+
+    def reset(self, channel: str, position: StreamPosition) -> bool:
+        return True
+
+
+async def test_a_join_while_a_disconnect_releases_the_channel_keeps_it() -> None:
+    """A disconnect releases the channels it emptied in tasks; one joined before those ran
+    (another connection, same loop turn) stays, relayed, and its member hears it."""
+    broker = MemoryBroker()
+    node = Node(make_settings(), broker, MemoryPresence(), Metrics("test-node"))
+    await broker.start(node)
+    subscriptions = node.subscriptions
+    leaving, joining = Listener("a"), Listener("b")
+    assert await subscriptions.join(leaving, "room1", None, lambda joined: None)
+    left = asyncio.ensure_future(subscriptions.leave_all(leaving))
+    joined = asyncio.ensure_future(subscriptions.join(joining, "room1", None, lambda j: None))
+    assert await left == ["room1"]
+    assert await joined
+    assert list(subscriptions.members("room1")) == [joining]
+    assert "room1" in subscriptions.channels
+    await broker.publish("room1", Message(channel="room1", data=msgspec.Raw(b"1"), ts=1))
+    await eventually(lambda: joining.frames != [])
+    assert await subscriptions.leave_all(joining) == ["room1"]
+    assert subscriptions.channels == []
