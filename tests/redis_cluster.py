@@ -51,12 +51,12 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
-import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.retry import Retry
 
+from tests.needs import need
 from tests.redis_server import free_port, require_redis_server, write_tls_files
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -71,11 +71,8 @@ _PR_SET_PDEATHSIG = 1
 def require_redis_cli() -> str:
     """The redis-cli binary (and redis-server), or skip (fail with HUB_REQUIRE_REDIS=1)."""
     require_redis_server()
-    if REDIS_CLI is None:
-        reason = "redis-cli is not installed (Debian package redis-tools)"
-        if os.environ.get("HUB_REQUIRE_REDIS") == "1":
-            pytest.fail(reason + " (HUB_REQUIRE_REDIS=1)")
-        pytest.skip(reason)
+    need(REDIS_CLI, "redis-cli (Debian package redis-tools)")
+    assert REDIS_CLI is not None
     return REDIS_CLI
 
 

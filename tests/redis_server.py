@@ -20,17 +20,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import need
+
 REDIS_SERVER = shutil.which("redis-server")
 _MACHINE_REDIS_PORT = 6379
 
 
 def require_redis_server() -> str:
     """The redis-server binary, or skip (fail with HUB_REQUIRE_REDIS=1)."""
-    if REDIS_SERVER is None:
-        reason = "redis-server is not installed"
-        if os.environ.get("HUB_REQUIRE_REDIS") == "1":
-            pytest.fail(reason + " (HUB_REQUIRE_REDIS=1)")
-        pytest.skip(reason)
+    need(REDIS_SERVER, "redis-server (Debian package redis-server)")
+    assert REDIS_SERVER is not None
     return REDIS_SERVER
 
 

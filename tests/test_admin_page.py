@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from tests.needs import need
 from tests.support import (
     API_KEY,
     WAIT,
@@ -51,11 +51,7 @@ UI_WAIT_MS = WAIT * 1000
 def check_chromium() -> None:
     """Skip without Debian's chromium; in CI (HUB_REQUIRE_REDIS=1, where .ci/run installs
     it) its absence is a failure."""
-    if CHROMIUM.exists():
-        return
-    if os.environ.get("HUB_REQUIRE_REDIS") == "1":
-        pytest.fail("/usr/bin/chromium is missing: apt-get install chromium")
-    pytest.skip("no /usr/bin/chromium (Debian package chromium)")
+    need(CHROMIUM.exists(), "/usr/bin/chromium (Debian package chromium)")
 
 
 @contextlib.asynccontextmanager

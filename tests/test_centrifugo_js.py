@@ -8,13 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio
 import uvicorn
 from starlette.applications import Starlette
@@ -23,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from hub.centrifugo_session import CentrifugoSession
 from tests.conftest import NAMESPACES
+from tests.needs import need
 from tests.redis_server import RedisServer
 from tests.support import (
     WAIT,
@@ -42,13 +41,6 @@ CHROMIUM = "/usr/bin/chromium"
 HAVE_SDK = SDK_BUILD.exists()
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
 Factory = Callable[..., RedisServer]
-
-
-def need(found: bool, what: str) -> None:
-    if not found:
-        if os.environ.get("HUB_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{what} is missing (HUB_REQUIRE_REDIS=1)")
-        pytest.skip(f"{what} is missing")
 
 
 def address(ws_url: str) -> str:
