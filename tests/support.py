@@ -337,5 +337,13 @@ async def eventually(
         await asyncio.sleep(POLL)
 
 
-async def next_message(client: Client) -> dict[str, Any]:
-    return await client.expect("message")
+async def next_message(client: Client, channel: str | None = None) -> dict[str, Any]:
+    """The next frame, which must be a `message`; with `channel`, the next `message` of
+    that channel, other frames skipped (bounded)."""
+    if channel is None:
+        return await client.expect("message")
+    async with asyncio.timeout(WAIT):
+        while True:
+            frame = await client.recv()
+            if frame["type"] == "message" and frame["channel"] == channel:
+                return frame

@@ -9,13 +9,11 @@ docs/admin.png (else to the test's temp dir).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
@@ -24,10 +22,10 @@ from tests.needs import need
 from tests.support import (
     API_KEY,
     WAIT,
-    Client,
     RunningNode,
     connect,
     make_settings,
+    next_message,
     publish,
     running_node,
     token,
@@ -45,7 +43,6 @@ NAMESPACES = {
     "orders": {"subscribe": "any", "presence": True},
 }
 UI_WAIT_MS = WAIT * 1000
-
 
 
 def check_chromium() -> None:
@@ -67,15 +64,6 @@ async def browser(profile: Path) -> AsyncIterator[BrowserContext]:
             yield context
         finally:
             await context.close()
-
-
-async def next_message(client: Client, channel: str) -> dict[str, Any]:
-    """The next `message` frame of `channel`, skipping other frames."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            frame = await client.recv()
-            if frame["type"] == "message" and frame["channel"] == channel:
-                return frame
 
 
 async def sign_in(page: Page, url: str) -> None:

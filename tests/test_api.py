@@ -15,11 +15,11 @@ from hub.abuse import REASONS
 from tests.support import (
     API_KEY,
     WAIT,
-    Client,
     RunningNode,
     connect,
     make_settings,
     metric_of,
+    next_message,
     running_node,
     token,
 )
@@ -40,15 +40,6 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert set(body["error"]) == {"code", "message"}, body
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-
-
-async def next_message(client: Client, channel: str) -> dict[str, Any]:
-    """The next `message` frame of `channel`, skipping other frames."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            frame = await client.recv()
-            if frame["type"] == "message" and frame["channel"] == channel:
-                return frame
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ from tests.redis_server import free_port
 from tests.support import (
     API_KEY,
     WAIT,
-    Client,
     connect,
     eventually,
     make_settings,
+    next_message,
     running_node,
     token,
 )
@@ -86,14 +86,6 @@ def host_app(realtime: EmbeddedHub, events: list[str]) -> Starlette:
 
     routes = [Route("/announce", announce, methods=["POST"]), realtime.mount("/realtime")]
     return Starlette(routes=routes, lifespan=lifespan)
-
-
-async def next_message(client: Client, channel: str) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        while True:
-            frame = await client.recv()
-            if frame["type"] == "message" and frame["channel"] == channel:
-                return frame
 
 
 async def test_mounted_hub_serves_websocket_and_http_under_the_prefix() -> None:
