@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeAlias, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -22,7 +22,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from hub.redis_url import Kind, RedisTarget
+from hub.redis_url import Kind, RedisTarget, parse_redis_url
 
 log = logging.getLogger("hub.redis")
 
@@ -90,16 +90,23 @@ def create_topology(target: RedisTarget, *, max_connections: int = 64) -> Topolo
 
 def create_server_client(url: str, *, max_connections: int = 64) -> RedisClient:
     """One server: a pool of at most `max_connections` (waiting at most 2 s for one).
-    TLS (`rediss://`), user, password and db number come from the URL.
+    TLS (`rediss://`), user, password and db number come from the URL, read by
+    `hub.redis_url` as for the other forms (`redis://secret@host` is a password, as for
+    redis-cli; redis-py's own parser would take it for a user name).
 
     RESP2: with redis-py 8's default RESP3 (and hiredis) a pooled connection that Redis
     closed (a restart) is handed out again and fails once (redis-py #4252); with RESP2 the
     pool notices the EOF and reconnects.
     """
+    target = parse_redis_url(url)
+    [(host, port)] = target.nodes
+    kwargs = target.connection_kwargs()
+    connection_class = SSLConnection if kwargs.pop("ssl", False) else Connection
     client: RedisClient = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            url, protocol=2, max_connections=max_connections, timeout=2.0,
-            retry=Retry(NoBackoff(), 0), **_TIMEOUTS,
+        connection_pool=BlockingConnectionPool(
+            connection_class=connection_class, host=host, port=port, db=target.db,
+            protocol=2, max_connections=max_connections, timeout=2.0,
+            retry=Retry(NoBackoff(), 0), **_TIMEOUTS, **kwargs,
         )
     )
     return client

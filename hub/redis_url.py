@@ -75,6 +75,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     if kind is Kind.CLUSTER and db:
         raise RedisUrlError("HUB_REDIS_URL: a Redis Cluster has only database 0")
     options = _options(query)
+    tls_only = sorted(name for name in options if name.startswith("ssl_"))
+    if tls_only and not tls:
+        secure = scheme.lower().replace("redis", "rediss", 1)
+        raise RedisUrlError(f"HUB_REDIS_URL: {', '.join(tls_only)} needs TLS ({secure}://)")
     return RedisTarget(
         kind, url, nodes, tls, username, password, db, master, sentinel_password, options
     )
@@ -82,7 +86,7 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 def _credentials(text: str) -> tuple[str | None, str | None]:
     user, colon, password = text.partition(":")
-    if not colon:  # redis://password@host, as redis-py reads it
+    if not colon:  # redis://password@host, as redis-cli reads it
         return None, unquote(user) or None
     return unquote(user) or None, unquote(password) or None
 

@@ -3,10 +3,14 @@ error naming what is wrong with a URL that cannot work, at start."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
+from hub.redis_topology import create_server_client
 from hub.redis_url import Kind, RedisUrlError, parse_redis_url
 from hub.settings import SettingsError, load_settings
+from tests.redis_server import RedisServer
 
 
 def test_one_server_with_credentials_tls_and_db() -> None:
@@ -51,6 +55,8 @@ def test_sentinel_master_db_and_sentinel_password() -> None:
     ("redis+sentinel://s:26379/m/1/2", "/MASTER[/db]"),
     ("redis://a:1?timeout=3", "unknown option 'timeout'"),
     ("redis://a:1?ssl_check_hostname=maybe", "must be true or false"),
+    ("redis://a:1?ssl_ca_certs=/ca.pem", "ssl_ca_certs needs TLS (rediss://)"),
+    ("redis+cluster://a:1?ssl_certfile=/c", "needs TLS (rediss+cluster://)"),
 ])
 def test_a_bad_url_is_one_line_that_says_why(url: str, says: str) -> None:
     with pytest.raises(RedisUrlError) as raised:
@@ -59,3 +65,17 @@ def test_a_bad_url_is_one_line_that_says_why(url: str, says: str) -> None:
     assert says in message and "\n" not in message and message.startswith("HUB_REDIS_URL")
     with pytest.raises(SettingsError, match="HUB_REDIS_URL"):
         load_settings({}, {"HUB_REDIS_URL": url})
+
+
+@pytest.mark.parametrize("credentials", ["s%40cret", ":s%40cret", "default:s%40cret"])
+async def test_one_server_takes_a_password_in_each_spelling(
+    credentials: str, redis_factory: Callable[..., RedisServer]
+) -> None:
+    """`redis://PASSWORD@`, `redis://:PASSWORD@` and `redis://USER:PASSWORD@` all log in
+    (redis-py alone would take the first for a user name, and fail)."""
+    server = redis_factory(password="s@cret")
+    client = create_server_client(f"redis://{credentials}@127.0.0.1:{server.port}/0")
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
