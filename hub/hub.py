@@ -29,8 +29,9 @@ class Subscriber(Protocol):
     def codec(self) -> Codec:
         """Its wire protocol's."""
 
-    def push(self, frame: bytes) -> bool:
-        """Hand over a frame without awaiting; False when it was not delivered."""
+    def push(self, frame: bytes, count: int = 1) -> bool:
+        """Hand over a frame (or a run of `count` frames in one piece of bytes) without
+        awaiting; False when it was not delivered."""
 
     def close(self, code: int, reason: str = "") -> None:
         """Close after what is queued."""

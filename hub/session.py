@@ -50,6 +50,7 @@ class Session:
         "_limited_at",
         "_limited_since",
         "_outbound",
+        "_queued",
         "_reader",
         "_refilled_at",
         "_tokens",
@@ -73,8 +74,10 @@ class Session:
         self.identity = identity
         self.user = identity.user
         self.permissions = Permissions(commands.settings, identity.channels, identity.publish)
-        # Only while the socket pushes back: what waits to be written, and who writes it.
-        self.queue: deque[bytes | _Close] | None = None
+        # Only while the socket pushes back: what waits to be written (each piece with the
+        # frames it holds), how many frames that is, and who writes it.
+        self.queue: deque[tuple[bytes, int] | _Close] | None = None
+        self._queued = 0
         self._writer: asyncio.Task[None] | None = None
         self.close_code: int | None = None
         self._tokens = 2 * commands.settings.rate_limit
@@ -87,11 +90,11 @@ class Session:
 
     # outbound
 
-    def push(self, frame: bytes) -> bool:
-        """Hand over a frame without awaiting: straight to the socket when nothing is
-        queued and it is writable, else into the bounded queue that a writer task drains
-        (both exist only while the socket pushes back); a queue past its limit closes the
-        connection with 4008. False: not delivered."""
+    def push(self, frame: bytes, count: int = 1) -> bool:
+        """Hand over a frame (or a run of `count`) without awaiting: straight to the socket
+        when nothing is queued and it is writable, else into the bounded queue that a
+        writer task drains (both exist only while the socket pushes back); frames past the
+        queue's limit close the connection with 4008. False: not delivered."""
         if self.close_code is not None:
             return False
         queue = self.queue
@@ -101,11 +104,13 @@ class Session:
             if self._outbound.closed:
                 return False
             queue = self._queue_up()
-        elif len(queue) >= self.commands.settings.queue_limit:
-            self.commands.metrics.messages_dropped.labels("slow_consumer").inc(len(queue) + 1)
+        elif self._queued + count > self.commands.settings.queue_limit:
+            dropped = self._queued + count
+            self.commands.metrics.messages_dropped.labels("slow_consumer").inc(dropped)
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
             return False
-        queue.append(frame)
+        queue.append((frame, count))
+        self._queued += count
         return True
 
     def count_error(self, code: ErrorCode) -> None:
@@ -121,19 +126,20 @@ class Session:
             queue = self._queue_up()
         elif not flush:
             queue.clear()
+            self._queued = 0
         queue.append(_Close(code, close_reason(reason)))
         if not flush:  # its queue was dropped: the close goes out now or never
             self._abandon_later()
 
-    def _queue_up(self) -> deque[bytes | _Close]:
+    def _queue_up(self) -> deque[tuple[bytes, int] | _Close]:
         """The socket pushes back (or a close must go out): from now on frames queue, in
         order, until the writer task has written them all."""
-        queue: deque[bytes | _Close] = deque()
+        queue: deque[tuple[bytes, int] | _Close] = deque()
         self.queue = queue
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(queue))
         return queue
 
-    async def _write_loop(self, queue: deque[bytes | _Close]) -> None:
+    async def _write_loop(self, queue: deque[tuple[bytes, int] | _Close]) -> None:
         """Drains the queue, in order, as the socket allows; once it is empty, `push`
         writes straight to the socket again."""
         outbound = self._outbound
@@ -141,8 +147,10 @@ class Session:
             while queue:
                 await outbound.ready()
                 frames: list[bytes] = []
-                while queue and type(queue[0]) is bytes:
-                    frames.append(queue.popleft())  # type: ignore[arg-type]
+                while queue and type(queue[0]) is tuple:
+                    frame, count = queue.popleft()  # type: ignore[misc]
+                    frames.append(frame)
+                    self._queued -= count
                 if frames:
                     await outbound.write(frames)
                     continue

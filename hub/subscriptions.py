@@ -45,11 +45,12 @@ class Frames:
     """What a channel carries, as a frame in each wire protocol, each built once (on first
     need) however many subscribers speak it."""
 
-    __slots__ = ("_build", "_built")
+    __slots__ = ("_build", "_built", "count")
 
-    def __init__(self, build: Callable[[Codec], bytes]) -> None:
+    def __init__(self, build: Callable[[Codec], bytes], count: int = 1) -> None:
         self._build = build
         self._built: dict[Codec, bytes] = {}
+        self.count = count  # frames in the run, for the queue limit
 
     @classmethod
     def of_messages(cls, messages: list[Message]) -> Frames:
@@ -57,7 +58,10 @@ class Frames:
         if len(messages) == 1:
             (message,) = messages
             return cls(lambda codec: codec.message(message))
-        return cls(lambda codec: b"".join([codec.message(message) for message in messages]))
+        return cls(
+            lambda codec: b"".join([codec.message(message) for message in messages]),
+            len(messages),
+        )
 
     @classmethod
     def of_event(cls, event: Join | Leave) -> Frames:
@@ -77,12 +81,13 @@ def fan_out(subscribers: Iterable[Subscriber], frames: Frames) -> int:
     delivered = 0
     codec: Codec | None = None
     frame = b""
+    count = frames.count
     for subscriber in subscribers:
         try:
             if subscriber.codec is not codec:  # most share one: no lookup per recipient
                 codec = subscriber.codec
                 frame = frames.frame(codec)
-            delivered += subscriber.push(frame)
+            delivered += subscriber.push(frame, count)
         except Exception:
             log.exception("delivery to one connection failed; the others go on")
     return delivered

@@ -9,8 +9,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
+from hub.session import Session
 from tests.support import (
     WAIT,
     RunningNode,
@@ -372,6 +374,39 @@ async def test_slow_consumer_is_closed_4008_and_others_get_everything_in_order()
             return closed == closed_before + 1
 
         await wait_until(slow_counted)
+
+
+async def test_the_queue_limit_counts_frames_not_writes() -> None:
+    """Publications that arrive together go to a subscriber in one piece; while its socket
+    pushes back, that piece counts as the frames it holds, so a burst cannot slip past
+    HUB_QUEUE_LIMIT in a few large pieces."""
+    settings = make_settings(namespaces=NAMESPACES, queue_limit=10, rate_limit=0)
+    async with (
+        running_node(settings) as running,
+        connect(running.ws_url, token("fast")) as fast,
+        connect(running.ws_url, token("slow")) as slow,
+    ):
+        for client in (fast, slow):
+            await client.subscribe("feed:burst")
+        node = running.node
+        (session,) = [s for s in node.hub.sessions.values() if s.user == "slow"]
+        assert isinstance(session, Session)
+        slow.connection.transport.pause_reading()
+        got: list[dict[str, Any]] = []
+        while session.queue is None:  # fill the slow socket until the session queues
+            assert len(got) < 10_000
+            await node.publish("feed:burst", msgspec.Raw(b'"%s"' % (b"x" * 10_000)))
+            got.append(await next_message(fast))  # delivered to both by now
+        assert session.close_code is None
+        # Ten more in one turn of the loop: one piece of ten frames, past the limit with
+        # the one queued.
+        await asyncio.gather(*(node.publish("feed:burst", msgspec.Raw(b"%d" % n))
+                               for n in range(10)))
+        got += [await next_message(fast) for _ in range(10)]
+        assert session.close_code == 4008
+        assert [m["offset"] for m in got] == list(range(1, len(got) + 1))
+        slow.connection.transport.resume_reading()
+        assert await slow.closed(timeout=WAIT * 2) == 4008
 
 
 async def test_delivered_metric_moves_by_messages_times_subscribers(node: RunningNode) -> None:

@@ -555,10 +555,10 @@ async def test_a_push_that_fails_half_way_through_a_page_costs_the_others_nothin
         victim_id = victim.welcome["client"]
         real_push = Session.push
 
-        def push(session: Session, frame: bytes) -> bool:
+        def push(session: Session, frame: bytes, count: int = 1) -> bool:
             if session.client_id == victim_id and b'"offset":4,' in frame:
                 raise RuntimeError("push failed (test)")
-            return real_push(session, frame)
+            return real_push(session, frame, count)
 
         monkeypatch.setattr(Session, "push", push)
         gate = gate_history(node, monkeypatch)

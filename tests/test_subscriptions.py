@@ -307,7 +307,7 @@ class Listener:
         self.user = client_id
         self.frames: list[bytes] = []
 
-    def push(self, frame: bytes) -> bool:
+    def push(self, frame: bytes, count: int = 1) -> bool:
         self.frames.append(frame)
         return True
 

@@ -77,7 +77,7 @@ class Recipient:
     def reset(self, channel: str, position: StreamPosition) -> bool:
         return True
 
-    def push(self, frame: bytes) -> bool:
+    def push(self, frame: bytes, count: int = 1) -> bool:
         if self.fails:
             raise RuntimeError("broken connection object")
         self.frames.append(frame)
