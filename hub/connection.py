@@ -60,6 +60,12 @@ class WebSocketEndpoint:
         except _Gone as gone:
             node.metrics.protocol_errors.count_close(gone.code)
             return
+        except _BinaryFrame:
+            code = CloseCode.BINARY_FRAME
+            node.metrics.disconnections.labels(str(int(code))).inc()
+            node.metrics.protocol_errors.count_close(code)
+            await close_socket(send, code, "binary frames are not accepted")
+            return
         # Again: the node may have filled up or begun draining while this one authenticated
         # (an `auth` frame takes a while). From here to the session's registration nothing
         # awaits, so the limit holds.
@@ -126,8 +132,8 @@ class WebSocketEndpoint:
         if message["type"] == "websocket.disconnect":
             raise _Gone(message.get("code"))
         text = message.get("text")
-        if text is None:
-            raise AuthFailed("invalid", "expected an auth frame")
+        if text is None:  # the frame rule holds before authentication too
+            raise _BinaryFrame
         try:
             command = p.decode_command(text)
         except p.BadFrame as exc:
@@ -135,6 +141,10 @@ class WebSocketEndpoint:
         if not isinstance(command, p.Auth):
             raise AuthFailed("missing", "the first frame must be auth")
         return command.token, command.id
+
+
+class _BinaryFrame(Exception):
+    """The first frame was binary."""
 
 
 class _Gone(Exception):

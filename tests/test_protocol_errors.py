@@ -211,7 +211,7 @@ async def waits_out(raw: RawSocket, code: int) -> None:
 SESSIONS: list[tuple[str, str, bool, Exchange, str]] = [
     ("/ws: a first frame that is no auth", "/ws", False, sends(text("hello"), 4001),
      "auth_failed"),
-    ("/ws: binary first frame", "/ws", False, sends(frame(BINARY, b"{}"), 4001), "auth_failed"),
+    ("/ws: binary first frame", "/ws", False, sends(frame(BINARY, b"{}"), 1003), "binary_frame"),
     ("/ws: auth with a bad token", "/ws", False,
      sends(text('{"type":"auth","token":"x.y.z"}'), 4001), "auth_failed"),
     ("/ws: no auth in time", "/ws", False, lambda raw: waits_out(raw, 4001), "auth_timeout"),
