@@ -37,8 +37,9 @@ _NOTHING = object()
 
 
 def _between_requests(cycle: Any) -> bool:
-    """No request is being served: none came yet, or the last one is answered."""
-    return cycle is None or bool(cycle.response_complete)
+    """What comes next is a request's head: none came yet, or the last one is answered and
+    its body was all read (uvicorn drops the rest of a body nobody read, as it comes)."""
+    return cycle is None or bool(cycle.response_complete and not cycle.more_body)
 
 
 class HandshakeDeadline(asyncio.Protocol):
@@ -118,6 +119,8 @@ class HandshakeDeadline(asyncio.Protocol):
             # A fresh connection, or part of a next request; an idle keep-alive connection
             # is uvicorn's to drop (timeout_keep_alive).
             waiting = cycle is None or self._head_bytes > 0
+        elif cycle.response_complete:  # answered; the rest of its body is still coming
+            waiting = True
         else:  # a request whose body is still on the way
             waiting = bool(cycle.more_body and not cycle.response_started)
         if waiting and cycle is self._waited_on:

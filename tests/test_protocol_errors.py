@@ -5,6 +5,7 @@ included. Each case sends one bad thing over a real socket, built by hand (tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -314,6 +315,26 @@ async def test_a_body_that_stops_coming(node: RunningNode) -> None:
     raw.send(f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n"
              "Content-Length: 100\r\n\r\n{\"chan".encode())
     assert await raw.eof(timeout=2 * TIMEOUT + WAIT) == b""
+    raw.close()
+    await counted(node, before, "handshake_timeout")
+
+
+async def test_a_refused_body_that_keeps_trickling(node: RunningNode) -> None:
+    """A body declared over 1 MiB is answered 413 at once; what of it still comes is
+    dropped as it comes, and a client that goes on sending it is cut at the deadline
+    (without a second response)."""
+    before = await counts(node)
+    raw = await rawws.tcp(HOST, port_of(node))
+    raw.send(f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n"
+             f"Content-Length: {2 * 1024 * 1024}\r\n\r\n{{\"chan".encode())
+    head = await raw.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    async with asyncio.timeout(2 * TIMEOUT + WAIT):
+        while not raw.reader.at_eof():
+            raw.send(b"x" * 100)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TIMEOUT / 4):
+                    assert b"HTTP/1.1" not in await raw.reader.read(65536)
     raw.close()
     await counted(node, before, "handshake_timeout")
 
