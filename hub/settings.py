@@ -228,6 +228,7 @@ def validate(settings: Settings) -> None:
         (settings.drain_seconds >= 0, "HUB_DRAIN_SECONDS must be >= 0"),
         (settings.drain_delay >= 0, "HUB_DRAIN_DELAY must be >= 0"),
         (settings.rate_limit >= 0, "HUB_RATE_LIMIT must be >= 0 (0 = no limit)"),
+        (settings.rate_limit_grace >= 0, "HUB_RATE_LIMIT_GRACE must be >= 0"),
         (settings.recovery_max >= 0, "HUB_RECOVERY_MAX must be >= 0"),
         (settings.presence_ttl >= 1, "HUB_PRESENCE_TTL must be >= 1"),
         (settings.redis_min_replicas >= 0, "HUB_REDIS_MIN_REPLICAS must be >= 0"),

@@ -136,6 +136,7 @@ def test_bool_garbage_names_the_variable() -> None:
         ("HUB_DRAIN_SECONDS", "-1"),
         ("HUB_DRAIN_DELAY", "-0.5"),
         ("HUB_RATE_LIMIT", "-1"),
+        ("HUB_RATE_LIMIT_GRACE", "-1"),
         ("HUB_RECOVERY_MAX", "x"),
         ("HUB_PRESENCE_TTL", "0"),
         ("HUB_JWT_REQUIRE_EXP", "sometimes"),
