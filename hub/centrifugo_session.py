@@ -231,6 +231,8 @@ class CentrifugoSession(Session):
         since = request.since
         if since is not None and request.reverse:
             page = await node.history_page(request.channel, None, HISTORY_LIMIT)
+            if since.epoch and since.epoch != page.position.epoch:
+                return None
             before = [m for m in page.messages if (m.offset or 0) < since.offset]
             messages = before[::-1][:limit]
         else:

@@ -25,7 +25,9 @@ from centrifuge import (
     JoinContext,
     LeaveContext,
     PublicationContext,
+    ReplyError,
     ServerPublicationContext,
+    StreamPosition,
     SubscribedContext,
     Subscription,
     SubscriptionEventHandler,
@@ -177,6 +179,14 @@ async def test_history_newest_oldest_and_position(node: RunningNode) -> None:
         assert (position.offset, position.publications) == (5, [])
         newest = await client.history("feed:hist", limit=2, reverse=True)
         assert [p.offset for p in newest.publications] == [5, 4]
+        here = StreamPosition(offset=4, epoch=position.epoch)
+        before = await client.history("feed:hist", limit=2, since=here, reverse=True)
+        assert [p.offset for p in before.publications] == [3, 2]
+        elsewhere = StreamPosition(offset=4, epoch="another")
+        for reverse in (False, True):
+            with pytest.raises(ReplyError) as refused:
+                await client.history("feed:hist", limit=2, since=elsewhere, reverse=reverse)
+            assert refused.value.code == 112
 
 
 # recovery
