@@ -77,6 +77,7 @@ class HandshakeDeadline(asyncio.Protocol):
         finally:
             CURRENT.reset(token)
         if not self._http():
+            self._let_go()
             return
         if _between_requests(self.inner.cycle):
             self._head_bytes += len(data)
@@ -90,6 +91,13 @@ class HandshakeDeadline(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.inner.connection_lost(exc)
+
+    def _let_go(self) -> None:
+        """The connection is a WebSocket's now (or closing): its HTTP protocol, with the
+        handshake's parser and request, need not live on until the next check."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def eof_received(self) -> bool | None:
         result: bool | None = self.inner.eof_received()
