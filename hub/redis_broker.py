@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import msgspec
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
@@ -245,7 +245,8 @@ class RedisBroker:
         return int(time.time() * 1000 + skew + self._timeout * 750)
 
     async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
-        return await script.run(self._topology.client, keys, args)
+        async with self._topology.slots:
+            return await script.run(self._topology.client, keys, args)
 
     async def _publish_message(
         self, channel: str, keys: list[bytes], message: Message, history: HistoryOptions
@@ -258,7 +259,8 @@ class RedisBroker:
             self._topic(channel), self._deadline_ms(), self._publish_command,
         ]
         if self._min_replicas:
-            reply = await self._publish_replicated(keys, args)
+            async with self._topology.slots:
+                reply = await self._publish_replicated(keys, args)
         else:
             reply = await self._run(self._publish_script, keys, args)
         if reply is None:
@@ -303,8 +305,8 @@ class RedisBroker:
         node = get_node(key)
         pool = self._node_pools.get(node.name)
         if pool is None:
-            pool = self._node_pools[node.name] = ConnectionPool(
-                connection_class=node.connection_class, max_connections=8,
+            pool = self._node_pools[node.name] = BlockingConnectionPool(
+                connection_class=node.connection_class, max_connections=8, timeout=2.0,
                 **{**node.connection_kwargs, "protocol": 2},
             )
         return Redis(connection_pool=pool)

@@ -176,11 +176,12 @@ class RedisPresence:
     async def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run scripts in one pipelined round trip; load them once if Redis lost them."""
         try:
-            results = await self._pipeline(calls)
-            if any(isinstance(result, NoScriptError) for result in results):
-                for script in {call[0] for call in calls}:
-                    await self._load(script)
+            async with self._topology.slots:
                 results = await self._pipeline(calls)
+                if any(isinstance(result, NoScriptError) for result in results):
+                    for script in {call[0] for call in calls}:
+                        await self._load(script)
+                    results = await self._pipeline(calls)
             for result in results:
                 if isinstance(result, Exception):
                     raise result

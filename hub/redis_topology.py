@@ -9,7 +9,9 @@ is sent is `hub.redis_broker`'s and `hub.redis_presence`'s business.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from types import TracebackType
 from typing import Any, Protocol, TypeAlias, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -40,9 +42,39 @@ REBUILD_AFTER_FAILURES = 3
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 1.5, "socket_timeout": 2.0}
 
 
+class CommandSlots:
+    """At most `size` commands (or pipelines) of the command client at once: `async with
+    topology.slots:` around each. A single server's pool waits for a free connection, but a
+    Cluster node's pool and a Sentinel master's refuse at once past their size (redis-py
+    raises MaxConnectionsError, or ConnectionError "Too many connections"), so a crowd of
+    subscribes or publishes on one node (thousands of clients reconnecting at once) failed
+    as `unavailable` with Redis idle. Here they wait their turn instead, at most
+    `timeout` seconds (then TimeoutError: Redis is too slow to answer them)."""
+
+    __slots__ = ("_free", "_timeout")
+
+    def __init__(self, size: int, timeout: float = 2.0) -> None:
+        self._free = asyncio.Semaphore(size)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> None:
+        if self._free.locked():
+            async with asyncio.timeout(self._timeout):
+                await self._free.acquire()
+        else:
+            await self._free.acquire()  # free: no waiting, no timer
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._free.release()
+
+
 class Topology(Protocol):
     sharded: bool  # SSUBSCRIBE/SPUBLISH (a Cluster) or SUBSCRIBE/PUBLISH
     db: int
+    slots: CommandSlots  # held around every command of `client`
 
     @property
     def client(self) -> Any:
@@ -119,7 +151,9 @@ class ServerTopology:
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self.db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        pool = client.connection_pool
+        self.db = int(pool.connection_kwargs.get("db", 0) or 0)
+        self.slots = CommandSlots(int(getattr(pool, "max_connections", 64) or 64))
 
     @property
     def client(self) -> RedisClient:
@@ -192,6 +226,8 @@ class ClusterTopology:
     def __init__(self, target: RedisTarget, *, max_connections: int) -> None:
         self._target = target
         self._max_connections = max_connections
+        # One gate for all masters: at most max_connections to any one of them.
+        self.slots = CommandSlots(max_connections)
         self._client = self._build()
         self._initialised = False
         self._failed_refreshes = 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from hub.redis_topology import tagged
@@ -179,6 +180,31 @@ async def test_history_and_recovery_on_every_shard(redis_cluster: RedisCluster) 
                 assert [(m["offset"], m["data"]) for m in got] == [(3, 3), (4, 4), (5, 5)]
             history = (await node.http.get(f"/api/history/{names[0]}?since=3&epoch={epoch}"))
             assert history.status_code == 200
+
+
+async def crowd(node: RunningNode, channel: str, count: int) -> None:
+    """`count` publishes and `count` history reads of one channel at once, as thousands of
+    clients reconnecting to a node ask: each waits for a connection, none is refused."""
+    data = msgspec.Raw(b"1")
+    positions = await asyncio.gather(*(node.node.publish(channel, data) for _ in range(count)))
+    assert sorted(p.offset for p in positions if p is not None) == list(range(1, count + 1))
+    pages = await asyncio.gather(*(node.node.history_page(channel, None, 1)
+                                   for _ in range(count)))
+    assert {page.position.offset for page in pages} == {count}
+
+
+async def test_a_crowd_of_commands_waits_for_a_connection_on_a_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with nodes_on(redis_cluster.url, 1) as (node,):
+        await crowd(node, channels_on_every_shard(redis_cluster, "feed:crowd")[0], 300)
+
+
+async def test_a_crowd_of_commands_waits_for_a_connection_on_sentinel(
+    redis_sentinel_factory: SentinelFactory,
+) -> None:
+    async with nodes_on(redis_sentinel_factory().url, 1) as (node,):
+        await crowd(node, "feed:crowd", 300)
 
 
 async def test_stats_channels_and_presence_are_cluster_wide(
