@@ -48,6 +48,8 @@ def publication(message: p.Message) -> cf.Publication:
 
 
 class CentrifugoCodec:
+    protocol = "centrifugo"
+
     def message(self, message: p.Message) -> bytes:
         push = cf.Push(channel=message.channel, pub=publication(message))
         return text_frame(cf.encode_push(push))

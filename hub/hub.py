@@ -13,6 +13,8 @@ class Codec(Protocol):
     """How one wire protocol writes what a channel carries. One object per protocol, so the
     fan-out builds a frame once per message per protocol, whatever the recipients."""
 
+    protocol: str  # its name, the `protocol` label of hub_connections_by_protocol
+
     def message(self, message: Message) -> bytes: ...
 
     def event(self, event: Join | Leave) -> bytes: ...
@@ -70,6 +72,10 @@ class Hub:
             found.discard(session)
             if len(found) == 1:
                 self.sessions_by_user[session.user] = found.pop()
+
+    def count_speaking(self, protocol: str) -> int:
+        """Connections whose wire protocol is `protocol` (a scrape's work, not the hot path)."""
+        return sum(session.codec.protocol == protocol for session in self.sessions.values())
 
     def sessions_of(self, user: str) -> list[Subscriber]:
         found = self.sessions_by_user.get(user)

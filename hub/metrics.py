@@ -13,6 +13,8 @@ from hub import __version__
 from hub.abuse import ProtocolErrors
 from hub.errors import CloseCode
 
+# The client protocols: /ws and /connection/websocket (the Codec's `protocol`).
+CLIENT_PROTOCOLS = ("ws", "centrifugo")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -28,6 +30,11 @@ class Metrics:
     def __init__(self, node_id: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge("hub_connections", "Open WebSocket connections", registry=registry)
+        self.connections_by_protocol = Gauge(
+            "hub_connections_by_protocol",
+            "Open WebSocket connections, by client protocol (ws: /ws; centrifugo: "
+            "/connection/websocket)", ["protocol"], registry=registry,
+        )
         self.subscriptions = Gauge(
             "hub_subscriptions", "Channel subscriptions (personal ones excluded)", registry=registry
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Collection, Coroutine, Iterable
@@ -20,7 +21,7 @@ from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
 from hub.hub import Hub
-from hub.metrics import Metrics
+from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.settings import Settings
 from hub.subscriptions import Subscriptions, history_options
@@ -66,6 +67,10 @@ class Node:
         self.idle.set()
         hub, subscriptions = self.hub, self.subscriptions
         metrics.connections.set_function(lambda: len(hub.sessions))
+        for protocol in CLIENT_PROTOCOLS:
+            metrics.connections_by_protocol.labels(protocol).set_function(
+                functools.partial(hub.count_speaking, protocol)
+            )
         metrics.subscriptions.set_function(lambda: subscriptions.subscription_count)
         metrics.channels.set_function(lambda: subscriptions.channel_count)
         metrics.broker_up.set_function(lambda: int(_all_up(broker.health())))

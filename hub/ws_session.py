@@ -22,6 +22,8 @@ log = logging.getLogger("hub.session")
 class WsCodec:
     """`/ws` frames: the publishing connection and tokens' `info` stay off them."""
 
+    protocol = "ws"
+
     def message(self, message: p.Message) -> bytes:
         return text_frame(p.encode(message.on_ws()))
 

@@ -4,6 +4,7 @@ counters and gauges that follow what happens on the node, exactly."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +43,7 @@ NODE_ID = "metrics-node"
 # PROTOCOL §8: sample name -> (family type, label names).
 SECTION_8: dict[str, tuple[str, set[str]]] = {
     "hub_connections": ("gauge", set()),
+    "hub_connections_by_protocol": ("gauge", {"protocol"}),
     "hub_subscriptions": ("gauge", set()),
     "hub_channels": ("gauge", set()),
     "hub_connections_accepted_total": ("counter", set()),
@@ -307,6 +309,23 @@ async def test_gauges_follow_connections_and_subscriptions(node: RunningNode) ->
     assert current("hub_disconnections_total", code="1000") == 2
 
 
+async def test_connections_by_protocol(node: RunningNode) -> None:
+    def by_protocol(s: Scrape) -> tuple[float, float]:
+        return (s("hub_connections_by_protocol", protocol="ws"),
+                s("hub_connections_by_protocol", protocol="centrifugo"))
+
+    assert by_protocol(await scrape(node)) == (0, 0)
+    centrifugo_url = node.ws_url.replace("/ws", "/connection/websocket")
+    async with connect(node.ws_url, token("alice")), \
+            websockets.connect(centrifugo_url, open_timeout=WAIT) as sdk:
+        await sdk.send(json.dumps({"id": 1, "connect": {"token": token("bob")}}))
+        assert "connect" in json.loads(await sdk.recv())
+        current = await scrape(node)
+        assert by_protocol(current) == (1, 1)
+        assert current("hub_connections") == 2
+    await eventually(lambda: scrape(node), lambda s: by_protocol(s) == (0, 0))
+
+
 async def test_node_info(node: RunningNode) -> None:
     current = await scrape(node)
     info = {"node": NODE_ID, "version": __version__, "write_path": "direct"}
@@ -341,6 +360,7 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
         "node": lambda v: v == NODE_ID,
         "version": lambda v: v == __version__,
         "write_path": lambda v: v in {"direct", "asgi"},
+        "protocol": lambda v: v in {"ws", "centrifugo"},
     }
     for (name, labels), _ in current.samples.items():
         for label, value in labels:
