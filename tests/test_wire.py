@@ -20,6 +20,7 @@ from hub.broker import StreamPosition
 from hub.deadline import HandshakeDeadline
 from hub.session import Session
 from hub.subscriptions import Frames, fan_out
+from hub.uvicorn_ws import LeanWebSocketsProtocol
 from hub.wire import AsgiOutbound, DirectOutbound, payload_of, text_frame
 from hub.ws_session import WS_CODEC
 from tests.conftest import NAMESPACES
@@ -65,6 +66,17 @@ async def test_sessions_write_straight_to_uvicorns_transport(node: RunningNode) 
         (session,) = node.node.hub.sessions.values()
         assert isinstance(session, Session)
         assert isinstance(session._outbound, DirectOutbound)
+
+
+async def test_uvicorns_websocket_protocol_keeps_its_state_in_slots(node: RunningNode) -> None:
+    """Every attribute uvicorn sets is one of LeanWebSocketsProtocol's slots (an instance
+    dict of its own cost a connection 1.5 KiB): an uvicorn upgrade that adds one fails
+    here, and the name goes into the slots."""
+    async with connect(node.ws_url, token("slots")) as client:
+        await client.subscribe("feed:wire")
+        (protocol,) = [c for c in node.server.server_state.connections
+                       if isinstance(c, LeanWebSocketsProtocol)]
+        assert protocol.__dict__ == {}
 
 
 async def test_a_websocket_lets_go_of_its_http_protocol_once_upgraded(node: RunningNode) -> None:
