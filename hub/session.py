@@ -46,7 +46,6 @@ class Session:
     codec: Codec
     __slots__ = (
         "_abandoned",
-        "_expiry_timer",
         "_limited_at",
         "_limited_since",
         "_outbound",
@@ -84,7 +83,6 @@ class Session:
         self._refilled_at = time.monotonic()
         self._limited_since = 0.0
         self._limited_at = 0.0
-        self._expiry_timer: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[Any] | None = None
         self._abandoned = False
 
@@ -206,8 +204,6 @@ class Session:
             if self._reader is not None:
                 self._reader.uncancel()
         finally:
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
             if self.close_code is not None:
                 code = self.close_code
             self.close_code = self.close_code or code
@@ -262,14 +258,13 @@ class Session:
 
     # token lifetime
 
+    @property
+    def expires(self) -> int | None:
+        return self.identity.expires
+
     def _arm_expiry(self) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        """The node's expiry clock closes it with 4002 when its token expires (a refresh
+        arms it again; the clock looks at the expiry the connection has by then)."""
         expires = self.identity.expires
-        if expires is None:
-            return
-        delay = max(0.0, expires - time.time())
-        self._expiry_timer = asyncio.get_running_loop().call_later(
-            delay, self.close, CloseCode.TOKEN_EXPIRED, "token expired"
-        )
+        if expires is not None:
+            self.commands.node.expiries.watch(self.client_id, expires)

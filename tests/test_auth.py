@@ -290,6 +290,19 @@ async def test_token_expiring_while_connected_closes_4002(node: RunningNode) -> 
         assert time.time() >= expires - 0.05
 
 
+async def test_each_connection_closes_at_its_own_expiry(node: RunningNode) -> None:
+    """One clock for the node: a connection that comes later with an earlier expiry is
+    closed first, and the other at its own time."""
+    now = int(time.time())
+    async with connect(node.ws_url, hs_token({"sub": "late", "exp": now + 2})) as late, \
+            connect(node.ws_url, hs_token({"sub": "early", "exp": now + 1})) as early:
+        assert await early.closed(timeout=5) == 4002
+        assert time.time() < now + 2
+        assert (await late.request({"type": "ping"}))["type"] == "pong"
+        assert await late.closed(timeout=5) == 4002
+        assert time.time() >= now + 2 - 0.05
+
+
 async def test_refresh_before_expiry_keeps_the_connection(node: RunningNode) -> None:
     old_expiry = int(time.time()) + 2
     old_token = hs_token({"sub": "alice", "exp": old_expiry, "channels": ["room1"]})

@@ -1,0 +1,67 @@
+"""Token expiry of every connection of a node on one timer (PROTOCOL §2: a connection whose
+token expires is closed with 4002, unless a `refresh` moved its expiry on).
+
+A timer per connection cost each about 0.8 KiB (uvloop's timer handle, its libuv timer,
+the bound method and its arguments); here a connection costs one heap entry, its expiry
+and id, and the clock holds one timer, for the earliest. An entry is not removed when its
+connection ends or refreshes: when it comes due, the connection is looked up by id and
+closed only if it is still there and its token's expiry has come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from hub.errors import CloseCode
+
+
+@runtime_checkable
+class Expiring(Protocol):
+    @property
+    def expires(self) -> int | None:
+        """Its token's `exp` (unix seconds), None if it has none."""
+
+    def close(self, code: int, reason: str = "") -> None: ...
+
+
+class ExpiryClock:
+    def __init__(self, lookup: Callable[[str], Expiring | None]) -> None:
+        self._lookup = lookup
+        self._due: list[tuple[float, str]] = []  # a heap of (expiry, client id)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def watch(self, client_id: str, expires: float) -> None:
+        """Close the connection `client_id` at `expires` (unix s), if its token's expiry
+        is still that far by then."""
+        heapq.heappush(self._due, (expires, client_id))
+        if expires < self._timer_at:
+            self._arm(expires)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + max(0.0, at - time.time()), self._fire)
+        self._timer_at = at
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = time.time()
+        due = self._due
+        while due and due[0][0] <= now:
+            _, client_id = heapq.heappop(due)
+            connection = self._lookup(client_id)
+            if connection is not None and connection.expires is not None \
+                    and connection.expires <= now:
+                connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+        if due:
+            self._arm(due[0][0])
