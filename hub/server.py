@@ -18,7 +18,7 @@ from hub.deadline import http_protocol
 from hub.logs import configure, install_filters
 from hub.node import node_of
 from hub.settings import Settings
-from hub.uvicorn_ws import LeanWebSocketsProtocol
+from hub.uvicorn_ws import lean_protocol
 
 log = logging.getLogger("hub.server")
 
@@ -85,10 +85,10 @@ def uvicorn_config(
         host=settings.host,
         port=settings.port,
         http=http_protocol(settings.handshake_timeout, node_of(app).metrics.protocol_errors),
-        ws=LeanWebSocketsProtocol,
+        ws=lean_protocol(settings.ping_interval),  # which pings every HUB_PING_INTERVAL
         ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.ping_interval or None,
-        ws_ping_timeout=settings.ping_interval or None,
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
         ws_per_message_deflate=False,
         lifespan="on",
         log_config=log_config,

@@ -21,7 +21,7 @@ from hub.abuse import REASONS
 from hub.session import Session
 from tests import rawws
 from tests.conftest import NAMESPACES
-from tests.rawws import BINARY, CONT, PING, TEXT, RawSocket, close_frame, frame, text
+from tests.rawws import BINARY, CONT, PING, PONG, TEXT, RawSocket, close_frame, frame, text
 from tests.support import (
     API_KEY,
     WAIT,
@@ -400,6 +400,44 @@ def protocol_of(running: RunningNode) -> Any:
     sockets = [c for c in running.server.server_state.connections if hasattr(c, "close_sent")]
     assert len(sockets) == 1, sockets
     return sockets[0]
+
+
+async def authenticated_raw(running: RunningNode) -> RawSocket:
+    raw = await rawws.tcp(HOST, port_of(running))
+    raw.send(rawws.handshake_request(HOST, "/ws", {"Authorization": f"Bearer {token()}"}))
+    await raw.reader.readuntil(b"\r\n\r\n")
+    assert json.loads(await raw.next_text())["type"] == "welcome"
+    return raw
+
+
+async def test_protocol_pings_come_every_interval_and_an_answer_keeps_the_connection() -> None:
+    interval = 0.3
+    async with running_node(make_settings(ping_interval=interval)) as running:
+        raw = await authenticated_raw(running)
+        pings = 0
+        deadline = time.monotonic() + 4.5 * interval
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                opcode, payload = await raw.read_frame(timeout=left)
+            except TimeoutError:
+                break
+            assert opcode == PING, opcode
+            pings += 1
+            raw.send(frame(PONG, payload))
+        assert 3 <= pings <= 5, pings
+        raw.send(text('{"type":"ping","id":1}'))
+        assert json.loads(await raw.next_text())["type"] == "pong"
+        raw.close()
+
+
+async def test_a_connection_that_answers_no_ping_is_closed_within_two_intervals() -> None:
+    interval = 0.3
+    async with running_node(make_settings(ping_interval=interval)) as running:
+        raw = await authenticated_raw(running)
+        started = time.monotonic()
+        assert await raw.closed(timeout=WAIT) == 1011  # uvicorn's "keepalive ping timeout"
+        assert time.monotonic() - started < 2 * interval + 0.25
+        await eventually(lambda: not running.node.hub.sessions, what="the session's end")
 
 
 async def test_no_second_close_after_uvicorn_closed_for_a_ping_timeout(
