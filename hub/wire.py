@@ -168,8 +168,10 @@ class DirectOutbound:
 
     def release_handshake(self) -> None:
         """uvicorn keeps the handshake's request and response (their headers) and the
-        scope's headers for the connection's whole life, about 4 KiB, and reads none of
-        them once the socket is accepted. Each is let go only if it is there."""
+        scope for the connection's whole life, about 4.6 KiB, and reads none of them once
+        the socket is accepted (nor does the hub, once the connection authenticated). Each
+        is let go only if it is there; of the scope, its headers, the query string (which
+        may hold the token), its extensions and its own `asgi` dict (for a shared one)."""
         protocol = self._protocol
         for name in _HANDSHAKE_ATTRIBUTES:
             message = getattr(protocol, name, None)
@@ -182,13 +184,20 @@ class DirectOutbound:
                 headers.clear()
             setattr(protocol, name, None)
         scope = getattr(protocol, "scope", None)
-        if isinstance(scope, dict) and "headers" in scope:
-            scope["headers"] = []
+        if isinstance(scope, dict):
+            for key, value in _SCOPE_RELEASED.items():
+                if key in scope:
+                    scope[key] = value
+            scope.pop("extensions", None)
 
 
 # What DirectOutbound reads of uvicorn's protocol object, and what it lets go of.
 _DIRECT_ATTRIBUTES = ("transport", "writable", "disconnected", "close_sent")
 _HANDSHAKE_ATTRIBUTES = ("request", "response")
+# What an accepted connection's scope keeps of these (the same objects for every one).
+_SCOPE_RELEASED: dict[str, Any] = {
+    "headers": (), "query_string": b"", "asgi": {"version": "3.0", "spec_version": "2.4"},
+}
 
 
 class WritePath:

@@ -72,11 +72,15 @@ async def test_uvicorns_websocket_protocol_keeps_its_state_in_slots(node: Runnin
     """Every attribute uvicorn sets is one of LeanWebSocketsProtocol's slots (an instance
     dict of its own cost a connection 1.5 KiB): an uvicorn upgrade that adds one fails
     here, and the name goes into the slots."""
-    async with connect(node.ws_url, token("slots")) as client:
+    async with connect(node.ws_url, token("slots"), header=False) as client:
         await client.subscribe("feed:wire")
         (protocol,) = [c for c in node.server.server_state.connections
                        if isinstance(c, LeanWebSocketsProtocol)]
         assert protocol.__dict__ == {}
+        # and what it keeps of the handshake is let go (the token in the query string too)
+        assert (protocol.request, protocol.response) == (None, None)
+        scope = protocol.scope
+        assert (scope["headers"], scope["query_string"], "extensions" in scope) == ((), b"", False)
 
 
 async def test_a_websocket_lets_go_of_its_http_protocol_once_upgraded(node: RunningNode) -> None:
