@@ -236,6 +236,10 @@ class ChannelRoute(Route):
         self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
+# What HubApp serves before Starlette's router: POSTs of the calls a backend makes per
+# message. They stay in `routes` too, for a server that calls Starlette directly (a mount).
+shortcuts = {"/api/publish": publish, "/api/broadcast": broadcast, "/api/send": send}
+
 routes = [
     Route("/api/publish", publish, methods=["POST"]),
     Route("/api/broadcast", broadcast, methods=["POST"]),

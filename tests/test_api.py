@@ -576,7 +576,7 @@ async def test_no_channel_or_user_names_in_metric_labels(
 
 
 _ALLOWED_LABEL_VALUES = {
-    "api", "client", "slow_consumer",
+    "api", "client", "slow_consumer", "ws", "centrifugo",
     # close codes and error codes, le buckets
     *(str(code) for code in (1000, 1001, 1003, 1005, 1006, 1008, 1009, 1011, 1012, 1013,
                              4001, 4002, 4003, 4008, 4029)),
