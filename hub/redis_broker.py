@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -43,6 +42,7 @@ from hub.redis_support import (
     RESTART_EPOCH_LUA,
     Incident,
     Script,
+    epoch_candidate,
 )
 from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, create_topology, tagged
 from hub.redis_url import RedisTarget, parse_redis_url
@@ -196,7 +196,7 @@ class RedisBroker:
         limit: int = 1000,
     ) -> HistoryPage:
         self._check_up()
-        args: list[bytes | str | int] = [ttl_ms(history.ttl), secrets.token_hex(4), max(limit, 0)]
+        args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), max(limit, 0)]
         args += [1, since.offset, since.epoch] if since is not None else [0, 0, ""]
         try:
             reply = await self._run(self._history_script, self._keys(channel), args)
@@ -216,7 +216,7 @@ class RedisBroker:
         (a failover to a replica that lacked them), unless another node already did; the
         position to go on from either way."""
         self._check_up()
-        args: list[bytes | str | int] = [ttl_ms(history.ttl), secrets.token_hex(4), stale.epoch]
+        args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), stale.epoch]
         try:
             epoch, offset = await self._run(self._restart_script, self._keys(channel), args)
         except REDIS_ERRORS as exc:
@@ -255,7 +255,7 @@ class RedisBroker:
         # encoded as well.
         message.offset = message.epoch = None
         args: list[bytes | str | int] = [
-            ttl_ms(history.ttl), secrets.token_hex(4), encode(message), max(history.size, 1),
+            ttl_ms(history.ttl), epoch_candidate(), encode(message), max(history.size, 1),
             self._topic(channel), self._deadline_ms(), self._publish_command,
         ]
         if self._min_replicas:

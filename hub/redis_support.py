@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from typing import Any, NamedTuple
 
@@ -200,6 +201,13 @@ redis.call('HSET', meta_key, 'e', ARGV[2], 's', 0)
 redis.call('PEXPIRE', meta_key, ARGV[1])
 return {ARGV[2], 0}
 """
+
+
+def epoch_candidate() -> str:
+    """The epoch a script starts if the channel needs a new one: fresh for every call (a
+    channel's new epoch must differ from its last), random enough (32 bits), and without
+    the getrandom syscall that `secrets` makes on every publish."""
+    return f"{random.getrandbits(32):08x}"
 
 
 class Script(NamedTuple):
