@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from hub.broker import HistoryOptions
 from hub.redis_broker import RedisBroker
 from tests.conftest import NAMESPACES
 from tests.redis_server import RedisServer
@@ -28,6 +29,12 @@ from tests.support import Client, connect, eventually, make_settings, running_no
 from tests.test_refill import Factory, LinkProxy, other_broker, publish_numbers
 
 CHANNELS = ("feed:once-a", "feed:once-b")
+# History that always reaches back over an outage, so a `reset` is always wrong here: a
+# link slowed for long and then cut leaves a subscription over 100 messages behind (the
+# size tests/conftest.py gives `feed`), and its `reset` would be right.
+ONCE_HISTORY = HistoryOptions(size=10_000, ttl=300)
+ONCE_NAMESPACES = {**NAMESPACES, "feed": {"subscribe": "any", "publish": "token",
+                                          "history_size": ONCE_HISTORY.size, "history_ttl": 300}}
 CONNECTIONS = 4
 OPERATIONS = 120
 PUBLISH_BURSTS = 300
@@ -148,7 +155,7 @@ async def publish_bursts(
         channel = rng.choice(CHANNELS)
         first = published[channel] + 1
         count = rng.randint(1, 4)
-        await publish_numbers(other, channel, *range(first, first + count))
+        await publish_numbers(other, channel, *range(first, first + count), history=ONCE_HISTORY)
         published[channel] += count
         await asyncio.sleep(rng.choice((0, 0.001, 0.003)))
 
@@ -189,7 +196,7 @@ async def test_every_subscription_gets_each_offset_once_whatever_the_interleavin
     rng = random.Random(seed)
     published = dict.fromkeys(CHANNELS, 0)
     async with proxy.running() as url, \
-            running_node(make_settings(redis_url=url, namespaces=NAMESPACES)) as running, \
+            running_node(make_settings(redis_url=url, namespaces=ONCE_NAMESPACES)) as running, \
             other_broker(server.url) as other, watchers(running.ws_url) as found:
         node = running.node
         await asyncio.gather(
@@ -199,7 +206,8 @@ async def test_every_subscription_gets_each_offset_once_whatever_the_interleavin
         await eventually(lambda: node.broker.up and not node.subscriptions.refiller.busy,
                          what="the node to settle")
         for channel in CHANNELS:  # the last word on each channel, twice (see below)
-            await publish_numbers(other, channel, published[channel] + 1, published[channel] + 2)
+            await publish_numbers(other, channel, published[channel] + 1, published[channel] + 2,
+                                  history=ONCE_HISTORY)
             published[channel] += 2
 
         def settled() -> list[str]:

@@ -113,11 +113,13 @@ async def other_broker(url: str) -> AsyncIterator[RedisBroker]:
         await broker.close()
 
 
-async def publish_numbers(broker: RedisBroker, channel: str, *numbers: int) -> None:
+async def publish_numbers(
+    broker: RedisBroker, channel: str, *numbers: int, history: HistoryOptions = HISTORY
+) -> None:
     """Publish each number as `data`; in these tests it is also the offset."""
     for n in numbers:
         message = Message(channel=channel, data=msgspec.Raw(b"%d" % n), ts=int(time.time() * 1000))
-        position = await broker.publish(channel, message, HISTORY)
+        position = await broker.publish(channel, message, history)
         assert position is not None and position.offset == n
 
 
