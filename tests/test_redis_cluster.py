@@ -200,6 +200,13 @@ async def test_a_crowd_of_commands_waits_for_a_connection_on_a_cluster(
         await crowd(node, channels_on_every_shard(redis_cluster, "feed:crowd")[0], 300)
 
 
+async def test_a_crowd_of_commands_waits_for_a_connection_on_one_server(
+    redis_url: str,
+) -> None:
+    async with nodes_on(redis_url, 1) as (node,):
+        await crowd(node, "feed:crowd-one", 300)
+
+
 async def test_a_crowd_of_commands_waits_for_a_connection_on_sentinel(
     redis_sentinel_factory: SentinelFactory,
 ) -> None:
