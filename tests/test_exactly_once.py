@@ -220,4 +220,4 @@ async def test_every_subscription_gets_each_offset_once_whatever_the_interleavin
         violations = [v for watcher in found for v in watcher.violations]
         assert not violations, f"seed {seed}: {violations[:10]}"
         delivered = sum(watcher.messages for watcher in found)
-        assert delivered > 0 and sum(map(len, (w.subscriptions for w in found))) > 0
+        assert delivered > 0  # (every subscription may have ended by now: that is timing)
