@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from hub.errors import CloseCode
+
+log = logging.getLogger("hub.expiry")
 
 
 @runtime_checkable
@@ -62,6 +65,9 @@ class ExpiryClock:
             connection = self._lookup(client_id)
             if connection is not None and connection.expires is not None \
                     and connection.expires <= now:
-                connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                try:
+                    connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                except Exception:  # one connection's fault must not stop the clock
+                    log.exception("closing a connection whose token expired failed")
         if due:
             self._arm(due[0][0])

@@ -11,11 +11,14 @@ connection. Nothing else of uvicorn changes. `server.uvicorn_config` uses `lean_
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+log = logging.getLogger("hub.keepalive")
 
 
 class LeanQueue:
@@ -135,10 +138,13 @@ class Keepalive:
                     if protocol not in self._members or protocol.close_sent \
                             or protocol.transport.is_closing():
                         continue
-                    if protocol.pending_ping_payload is None:
-                        protocol.send_ping()
-                    elif protocol.ping_sent_at <= answer_by:
-                        protocol.keepalive_timeout()
+                    try:
+                        if protocol.pending_ping_payload is None:
+                            protocol.send_ping()
+                        elif protocol.ping_sent_at <= answer_by:
+                            protocol.keepalive_timeout()
+                    except Exception:  # one connection's fault must not stop the pings
+                        log.exception("a keepalive ping failed")
 
 
 class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
