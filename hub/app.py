@@ -54,7 +54,7 @@ class HubApp(Starlette):
 
     sockets: dict[str, WebSocketApp]
     # The calls backends make most, by (method, path): taken before Starlette's router and
-    # middleware too, which cost a publish a quarter of its CPU. Their handlers answer
+    # middleware too, which cost a publish a fifth of its CPU. Their handlers answer
     # every error themselves (`endpoints.api`).
     shortcuts: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]
 
