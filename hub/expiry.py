@@ -5,7 +5,10 @@ A timer per connection cost each about 0.8 KiB (uvloop's timer handle, its libuv
 the bound method and its arguments); here a connection costs one heap entry, its expiry
 and id, and the clock holds one timer, for the earliest. An entry is not removed when its
 connection ends or refreshes: when it comes due, the connection is looked up by id and
-closed only if it is still there and its token's expiry has come.
+closed only if it is still there and its token's expiry has come. Entries of
+connections that ended (or refreshed) before their time are swept out whenever they
+outnumber the connections watched, so a node with many short connections on long tokens
+does not keep one entry per connection it ever had.
 """
 
 from __future__ import annotations
@@ -33,8 +36,15 @@ class Expiring(Protocol):
 
 
 class ExpiryClock:
-    def __init__(self, lookup: Callable[[str], Expiring | None]) -> None:
+    # Entries past this many per live connection (plus a little) trigger a sweep.
+    SWEEP_RATIO = 2
+    SWEEP_SLACK = 256
+
+    def __init__(
+        self, lookup: Callable[[str], Expiring | None], live: Callable[[], int]
+    ) -> None:
         self._lookup = lookup
+        self._live = live  # how many connections there are (each has one entry at most)
         self._due: list[tuple[float, str]] = []  # a heap of (expiry, client id)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -43,8 +53,21 @@ class ExpiryClock:
         """Close the connection `client_id` at `expires` (unix s), if its token's expiry
         is still that far by then."""
         heapq.heappush(self._due, (expires, client_id))
+        if len(self._due) > self.SWEEP_RATIO * self._live() + self.SWEEP_SLACK:
+            self._sweep()
         if expires < self._timer_at:
             self._arm(expires)
+
+    def _sweep(self) -> None:
+        """Keep only the entries that still mean something: a connection that is there
+        with that very expiry (a refresh leaves its old one behind)."""
+        kept = []
+        for entry in self._due:
+            connection = self._lookup(entry[1])
+            if connection is not None and connection.expires == entry[0]:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._due = kept
 
     def __len__(self) -> int:
         return len(self._due)

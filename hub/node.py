@@ -59,7 +59,7 @@ class Node:
         self.presence = presence
         self.metrics = metrics
         self.hub = Hub()
-        self.expiries = ExpiryClock(self._expiring)
+        self.expiries = ExpiryClock(self._expiring, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
