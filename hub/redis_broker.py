@@ -245,7 +245,7 @@ class RedisBroker:
         return int(time.time() * 1000 + skew + self._timeout * 750)
 
     async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
-        async with self._topology.slots:
+        async with self._topology.slots_for(keys[0]):
             return await script.run(self._topology.client, keys, args)
 
     async def _publish_message(
@@ -259,7 +259,7 @@ class RedisBroker:
             self._topic(channel), self._deadline_ms(), self._publish_command,
         ]
         if self._min_replicas:
-            async with self._topology.slots:
+            async with self._topology.slots_for(keys[0]):
                 reply = await self._publish_replicated(keys, args)
         else:
             reply = await self._run(self._publish_script, keys, args)
@@ -305,8 +305,9 @@ class RedisBroker:
         node = get_node(key)
         pool = self._node_pools.get(node.name)
         if pool is None:
+            # As many as the master's slots let through, so those are the only gate.
             pool = self._node_pools[node.name] = BlockingConnectionPool(
-                connection_class=node.connection_class, max_connections=8, timeout=2.0,
+                connection_class=node.connection_class, max_connections=64, timeout=2.0,
                 **{**node.connection_kwargs, "protocol": 2},
             )
         return Redis(connection_pool=pool)

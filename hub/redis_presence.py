@@ -175,8 +175,10 @@ class RedisPresence:
 
     async def _run(self, calls: Sequence[_Call]) -> list[Any]:
         """Run scripts in one pipelined round trip; load them once if Redis lost them."""
+        if not calls:
+            return []
         try:
-            async with self._topology.slots:
+            async with self._topology.slots_for(calls[0][1][0]):
                 results = await self._pipeline(calls)
                 if any(isinstance(result, NoScriptError) for result in results):
                     for script in {call[0] for call in calls}:

@@ -43,10 +43,11 @@ _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 1.5, "socket_timeout": 2.
 
 
 class CommandSlots:
-    """At most `size` commands (or pipelines) of the command client at once: `async with
-    topology.slots:` around each. A single server's pool waits for a free connection, but a
-    Cluster node's pool and a Sentinel master's refuse at once past their size (redis-py
-    raises MaxConnectionsError, or ConnectionError "Too many connections"), so a crowd of
+    """At most `size` commands (or pipelines) of the command client at once on one Redis
+    server: `async with topology.slots_for(key):` around each. The pools do not wait for a
+    free connection (a Cluster node's and a Sentinel master's cannot; one server's would
+    cost every command an asyncio condition and a timeout): past their size redis-py
+    raises MaxConnectionsError or ConnectionError "Too many connections", and a crowd of
     subscribes or publishes on one node (thousands of clients reconnecting at once) failed
     as `unavailable` with Redis idle. Here they wait their turn instead, at most
     `timeout` seconds (then TimeoutError: Redis is too slow to answer them)."""
@@ -56,6 +57,11 @@ class CommandSlots:
     def __init__(self, size: int, timeout: float = 2.0) -> None:
         self._free = asyncio.Semaphore(size)
         self._timeout = timeout
+
+    @property
+    def full(self) -> bool:
+        """Every slot is held: the next command waits."""
+        return self._free.locked()
 
     async def __aenter__(self) -> None:
         if self._free.locked():
@@ -71,10 +77,22 @@ class CommandSlots:
         self._free.release()
 
 
+# Connections of each server's pool that the slots leave free, for what runs outside them:
+# a Cluster's slot-map refresh, SCRIPT LOAD on every master, a pipeline that spans shards.
+POOL_HEADROOM = 8
+
+
+def command_slots(pool_size: int) -> CommandSlots:
+    return CommandSlots(max(1, pool_size - POOL_HEADROOM))
+
+
 class Topology(Protocol):
     sharded: bool  # SSUBSCRIBE/SPUBLISH (a Cluster) or SUBSCRIBE/PUBLISH
     db: int
-    slots: CommandSlots  # held around every command of `client`
+
+    def slots_for(self, key: bytes) -> CommandSlots:
+        """The gate to hold around a command on `key` (or a pipeline whose first key it
+        is): one per server, so a Cluster master that hangs holds up only its own."""
 
     @property
     def client(self) -> Any:
@@ -155,7 +173,10 @@ class ServerTopology:
         self._client = client
         pool = client.connection_pool
         self.db = int(pool.connection_kwargs.get("db", 0) or 0)
-        self.slots = CommandSlots(int(getattr(pool, "max_connections", 64) or 64))
+        self._slots = command_slots(int(getattr(pool, "max_connections", 64) or 64))
+
+    def slots_for(self, key: bytes) -> CommandSlots:
+        return self._slots
 
     @property
     def client(self) -> RedisClient:
@@ -228,8 +249,8 @@ class ClusterTopology:
     def __init__(self, target: RedisTarget, *, max_connections: int) -> None:
         self._target = target
         self._max_connections = max_connections
-        # One gate for all masters: at most max_connections to any one of them.
-        self.slots = CommandSlots(max_connections)
+        self._slots: dict[str, CommandSlots] = {}  # per master, by name
+        self._unrouted = command_slots(max_connections)  # keys of a slot no master serves
         self._client = self._build()
         self._initialised = False
         self._failed_refreshes = 0
@@ -252,6 +273,15 @@ class ClusterTopology:
         if not self._initialised:
             return []
         return sorted(node.name for node in self._client.get_primaries())
+
+    def slots_for(self, key: bytes) -> CommandSlots:
+        shard = self.shard_of(key)
+        if shard is None:
+            return self._unrouted
+        slots = self._slots.get(shard)
+        if slots is None:
+            slots = self._slots[shard] = command_slots(self._max_connections)
+        return slots
 
     def shard_of(self, topic: bytes) -> str | None:
         if not self._initialised:

@@ -200,6 +200,30 @@ async def test_a_crowd_of_commands_waits_for_a_connection_on_a_cluster(
         await crowd(node, channels_on_every_shard(redis_cluster, "feed:crowd")[0], 300)
 
 
+async def test_a_master_that_hangs_holds_up_only_its_own_channels(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    """Commands to a master that stopped answering hold its slots, not the others'."""
+    cluster = redis_cluster_factory()
+    hung, healthy = channels_on_every_shard(cluster, "feed:hang")[:2]
+    async with nodes_on(cluster.url, 1) as (node,):
+        for name in (hung, healthy):
+            await publish(node, name, 0)
+        port = cluster.master_for(topic(hung)).port
+        slots = node.node.broker._topology.slots_for(topic(hung))  # type: ignore[attr-defined]
+        cluster.pause(port)
+        stuck = [asyncio.create_task(node.node.publish(hung, msgspec.Raw(b"1")))
+                 for _ in range(100)]
+        try:
+            await eventually(lambda: slots.full, what="the hung master's slots all held")
+            started = time.monotonic()
+            assert (await node.node.publish(healthy, msgspec.Raw(b"2"))) is not None
+            assert time.monotonic() - started < 1.0
+        finally:
+            cluster.resume(port)
+            await asyncio.gather(*stuck, return_exceptions=True)
+
+
 async def test_a_crowd_of_commands_waits_for_a_connection_on_one_server(
     redis_url: str,
 ) -> None:
