@@ -94,57 +94,62 @@ class Keepalive:
     """The protocol pings of every WebSocket of a node, on one timer instead of uvicorn's
     two per connection (ping and pong deadline, about 0.5 KiB of each connection).
 
-    A round lasts `interval` and goes over the connections there were at its start in
-    `TICKS` even slices, one every interval / TICKS, so that 10,000 pings do not go out
-    in one burst that every message then waits behind. At its turn a connection that
-    answered its last ping gets the next (as uvicorn sends it: a random payload, which
-    `handle_pong` matches); one whose ping has waited an interval (less a tick) is closed
-    as uvicorn closes it, 1011 "keepalive ping timeout". So a connection is pinged about
-    every interval, its first ping comes within two, and it is closed between one and
-    two intervals after a ping it did not answer."""
+    Connections are dealt in turn into `TICKS` groups, and every interval / TICKS the next
+    group has its turn, so that 10,000 pings do not go out in one burst that every message
+    then waits behind, and a connection's turn comes every `interval`. At its turn a
+    connection that answered its last ping gets the next (as uvicorn sends it: a random
+    payload, which `handle_pong` matches), and one whose ping is unanswered is closed as
+    uvicorn closes it, 1011 "keepalive ping timeout". So a connection is pinged every
+    interval, its first ping comes within one, and a ping it does not answer closes it one
+    interval later."""
 
     TICKS = 10
 
-    __slots__ = ("_members", "_task", "interval")
+    __slots__ = ("_count", "_groups", "_next", "_task", "interval")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        # Insertion-ordered: a connection never moves later in a round's list.
-        self._members: dict[LeanWebSocketsProtocol, None] = {}
+        self._groups: list[dict[LeanWebSocketsProtocol, None]] = [{} for _ in range(self.TICKS)]
+        self._next = 0  # the group the next connection joins
+        self._count = 0
         self._task: asyncio.Task[None] | None = None
 
     def add(self, protocol: LeanWebSocketsProtocol) -> None:
-        self._members[protocol] = None
-        if self._task is None:
+        self._groups[self._next][protocol] = None
+        self._next = (self._next + 1) % self.TICKS
+        self._count += 1
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def discard(self, protocol: LeanWebSocketsProtocol) -> None:
-        self._members.pop(protocol, None)
-        if not self._members and self._task is not None:
+        for group in self._groups:
+            if protocol in group:
+                del group[protocol]
+                self._count -= 1
+                break
+        if not self._count and self._task is not None:
             self._task.cancel()
             self._task = None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         step = self.interval / self.TICKS
+        turn = 0
         while True:
-            members = list(self._members)
-            count = len(members)
-            for tick in range(self.TICKS):
-                await asyncio.sleep(step)
-                answer_by = loop.time() - self.interval + step
-                for protocol in members[count * tick // self.TICKS:
-                                        count * (tick + 1) // self.TICKS]:
-                    if protocol not in self._members or protocol.close_sent \
-                            or protocol.transport.is_closing():
-                        continue
-                    try:
-                        if protocol.pending_ping_payload is None:
-                            protocol.send_ping()
-                        elif protocol.ping_sent_at <= answer_by:
-                            protocol.keepalive_timeout()
-                    except Exception:  # one connection's fault must not stop the pings
-                        log.exception("a keepalive ping failed")
+            await asyncio.sleep(step)
+            # Its turn came an interval ago as well (a little less: timers run late).
+            answer_by = asyncio.get_running_loop().time() - self.interval + step / 2
+            for protocol in list(self._groups[turn]):
+                if protocol.close_sent or protocol.transport.is_closing():
+                    continue
+                try:
+                    if protocol.pending_ping_payload is None:
+                        protocol.send_ping()
+                    elif protocol.ping_sent_at <= answer_by:
+                        protocol.keepalive_timeout()
+                except Exception:  # one connection's fault must not stop the pings
+                    log.exception("a keepalive ping failed")
+            turn = (turn + 1) % self.TICKS
 
 
 class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
