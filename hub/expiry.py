@@ -19,14 +19,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from hub.errors import CloseCode
 
 log = logging.getLogger("hub.expiry")
 
 
-@runtime_checkable
 class Expiring(Protocol):
     @property
     def expires(self) -> int | None:
@@ -47,6 +46,7 @@ class ExpiryClock:
         self._live = live  # how many connections there are (each has one entry at most)
         self._due: list[tuple[float, str]] = []  # a heap of (expiry, client id)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._timer_at = math.inf
 
     def watch(self, client_id: str, expires: float) -> None:
@@ -55,8 +55,9 @@ class ExpiryClock:
         heapq.heappush(self._due, (expires, client_id))
         if len(self._due) > self.SWEEP_RATIO * self._live() + self.SWEEP_SLACK:
             self._sweep()
-        if expires < self._timer_at:
-            self._arm(expires)
+        # (A node run again on a new loop: the old loop's timer never fires.)
+        if expires < self._timer_at or self._timer_loop is not asyncio.get_running_loop():
+            self._arm(self._due[0][0])
 
     def _sweep(self) -> None:
         """Keep only the entries that still mean something: a connection that is there
@@ -77,7 +78,7 @@ class ExpiryClock:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + max(0.0, at - time.time()), self._fire)
-        self._timer_at = at
+        self._timer_loop, self._timer_at = loop, at
 
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf

@@ -31,6 +31,10 @@ class Subscriber(Protocol):
     def codec(self) -> Codec:
         """Its wire protocol's."""
 
+    @property
+    def expires(self) -> int | None:
+        """Its token's `exp` (unix s), None without one: the node's expiry clock reads it."""
+
     def push(self, frame: bytes, count: int = 1) -> bool:
         """Hand over a frame (or a run of `count` frames in one piece of bytes) without
         awaiting; False when it was not delivered."""

@@ -20,7 +20,7 @@ from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
-from hub.expiry import Expiring, ExpiryClock
+from hub.expiry import ExpiryClock
 from hub.hub import Hub
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
@@ -59,7 +59,7 @@ class Node:
         self.presence = presence
         self.metrics = metrics
         self.hub = Hub()
-        self.expiries = ExpiryClock(self._expiring, lambda: len(self.hub.sessions))
+        self.expiries = ExpiryClock(self.hub.sessions.get, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
@@ -77,10 +77,6 @@ class Node:
         metrics.channels.set_function(lambda: subscriptions.channel_count)
         metrics.broker_up.set_function(lambda: int(_all_up(broker.health())))
         metrics.broker_shards_up.set_function(lambda: broker.health()[0])
-
-    def _expiring(self, client_id: str) -> Expiring | None:
-        session = self.hub.sessions.get(client_id)
-        return session if isinstance(session, Expiring) else None
 
     @property
     def ready(self) -> bool:

@@ -48,3 +48,23 @@ async def test_entries_of_ended_connections_are_swept() -> None:
         if n >= 3:
             del live[f"c{n - 3}"]
     assert len(clock) <= ExpiryClock.SWEEP_RATIO * len(live) + ExpiryClock.SWEEP_SLACK + 1
+
+
+def test_a_clock_run_again_on_a_new_loop_still_fires() -> None:
+    """An embedded hub may be started again under a new event loop: the first loop's timer
+    is gone with it, and a later expiry must not wait for it."""
+    now = time.time()
+    live = {"first": Connection(int(now) + 60), "second": Connection(int(now))}
+    clock = ExpiryClock(live.get, lambda: len(live))
+
+    async def first() -> None:
+        clock.watch("first", now + 0.3)  # its timer dies with this loop
+
+    async def second() -> None:
+        clock.watch("second", now + 0.5)
+        async with asyncio.timeout(WAIT):
+            await live["second"].closed.wait()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert live["second"].closes == [4002]

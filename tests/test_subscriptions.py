@@ -301,6 +301,7 @@ class Listener:
     """The least a Subscriber is: it keeps what it is pushed."""
 
     codec = WsCodec()
+    expires = None
 
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id

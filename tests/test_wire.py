@@ -103,6 +103,7 @@ class Recipient:
     """A stand-in subscriber for the fan-out loop alone: takes frames, or raises."""
 
     codec = WS_CODEC
+    expires = None
 
     def __init__(self, name: str, fails: bool = False) -> None:
         self.client_id = self.user = name
