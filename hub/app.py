@@ -101,7 +101,7 @@ def create_app(settings: Settings) -> Starlette:
     routes = [*endpoints.routes, *openapi.routes, *admin.routes]
     app = HubApp(routes=routes, lifespan=lifespan)
     app.sockets = sockets
-    app.shortcuts = {("POST", path): handler for path, handler in endpoints.shortcuts.items()}
+    app.shortcuts = endpoints.shortcuts
     app.state.node = node
     app.state.settings = settings
     return app

@@ -236,14 +236,13 @@ class ChannelRoute(Route):
         self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
-# What HubApp serves before Starlette's router: POSTs of the calls a backend makes per
-# message. They stay in `routes` too, for a server that calls Starlette directly (a mount).
-shortcuts = {"/api/publish": publish, "/api/broadcast": broadcast, "/api/send": send}
+# What HubApp serves before Starlette's router, by (method, path): the calls a backend
+# makes per message. They are in `routes` too, which /openapi.json and mounts read.
+shortcuts = {("POST", "/api/publish"): publish, ("POST", "/api/broadcast"): broadcast,
+             ("POST", "/api/send"): send}
 
 routes = [
-    Route("/api/publish", publish, methods=["POST"]),
-    Route("/api/broadcast", broadcast, methods=["POST"]),
-    Route("/api/send", send, methods=["POST"]),
+    *(Route(path, handler, methods=[method]) for (method, path), handler in shortcuts.items()),
     Route("/api/disconnect", disconnect, methods=["POST"]),
     ChannelRoute("/api/presence/{channel:path}", presence),
     ChannelRoute("/api/history/{channel:path}", history),

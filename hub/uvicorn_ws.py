@@ -105,19 +105,17 @@ class Keepalive:
 
     TICKS = 10
 
-    __slots__ = ("_count", "_groups", "_next", "_task", "interval")
+    __slots__ = ("_groups", "_next", "_task", "interval")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._groups: list[dict[LeanWebSocketsProtocol, None]] = [{} for _ in range(self.TICKS)]
         self._next = 0  # the group the next connection joins
-        self._count = 0
         self._task: asyncio.Task[None] | None = None
 
     def add(self, protocol: LeanWebSocketsProtocol) -> None:
         self._groups[self._next][protocol] = None
         self._next = (self._next + 1) % self.TICKS
-        self._count += 1
         task = self._task
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -126,9 +124,8 @@ class Keepalive:
         for group in self._groups:
             if protocol in group:
                 del group[protocol]
-                self._count -= 1
                 break
-        if not self._count and self._task is not None:
+        if self._task is not None and not any(self._groups):
             self._task.cancel()
             self._task = None
 
@@ -177,9 +174,7 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         self.writable = writable  # type: ignore[assignment]
 
     def start_keepalive(self) -> None:
-        if self.keepalive is None:
-            super().start_keepalive()
-        else:
+        if self.keepalive is not None:  # (uvicorn's own has no interval: it pings not)
             self.keepalive.add(self)
 
     def stop_keepalive(self) -> None:

@@ -402,18 +402,10 @@ def protocol_of(running: RunningNode) -> Any:
     return sockets[0]
 
 
-async def authenticated_raw(running: RunningNode) -> RawSocket:
-    raw = await rawws.tcp(HOST, port_of(running))
-    raw.send(rawws.handshake_request(HOST, "/ws", {"Authorization": f"Bearer {token()}"}))
-    await raw.reader.readuntil(b"\r\n\r\n")
-    assert json.loads(await raw.next_text())["type"] == "welcome"
-    return raw
-
-
 async def test_protocol_pings_come_every_interval_and_an_answer_keeps_the_connection() -> None:
     interval = 0.3
     async with running_node(make_settings(ping_interval=interval)) as running:
-        raw = await authenticated_raw(running)
+        raw = await authenticated(running)
         pings = 0
         deadline = time.monotonic() + 4.5 * interval
         while (left := deadline - time.monotonic()) > 0:
@@ -433,7 +425,7 @@ async def test_protocol_pings_come_every_interval_and_an_answer_keeps_the_connec
 async def test_a_connection_that_answers_no_ping_is_closed_within_two_intervals() -> None:
     interval = 0.3
     async with running_node(make_settings(ping_interval=interval)) as running:
-        raw = await authenticated_raw(running)
+        raw = await authenticated(running)
         started = time.monotonic()
         assert await raw.closed(timeout=WAIT) == 1011  # uvicorn's "keepalive ping timeout"
         assert time.monotonic() - started < 2 * interval + 0.25
