@@ -17,11 +17,10 @@ from typing import Any
 
 from hub import __version__
 from hub import centrifugo_frames as cf
-from hub.abuse import auth_reason
 from hub.auth import AuthFailed, Identity
 from hub.centrifugo_session import PING_FRAME, CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import close_socket, dev_identity, new_client_id, send_quietly
+from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
 from hub.errors import CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -66,7 +65,7 @@ class CentrifugoEndpoint:
         except _Expired as expired:
             await self._expired(send, receive, expired.command_id)
             return
-        except _Gone as gone:
+        except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
         await self._serve(identity, command, rest, send, receive)
@@ -85,11 +84,10 @@ class CentrifugoEndpoint:
             async with asyncio.timeout(node.settings.auth_timeout):
                 message = await receive()
         except TimeoutError:
-            node.metrics.auth_failures.labels("timeout").inc()
-            node.metrics.protocol_errors.count("auth_timeout")
+            node.metrics.auth_failed("timeout")
             raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
         if message["type"] == "websocket.disconnect":
-            raise _Gone(message.get("code"))
+            raise Gone(message.get("code"))
         text = message.get("text")
         messages = cf.split_frame(text) if text is not None else []
         try:
@@ -97,8 +95,7 @@ class CentrifugoEndpoint:
         except cf.BadCommand:
             command = None
         if command is None or command.connect is None or not command.id:
-            node.metrics.auth_failures.labels("missing").inc()
-            node.metrics.protocol_errors.count("auth_failed")
+            node.metrics.auth_failed("missing")
             raise _Refused(cf.DisconnectCode.BAD_REQUEST, "bad request", CloseCode.UNAUTHORIZED)
         return command, messages[1:]
 
@@ -113,16 +110,13 @@ class CentrifugoEndpoint:
                 raise AuthFailed("invalid", "no token verification key is configured")
             identity = await node.authenticator.verify(token)
         except AuthFailed as exc:
-            node.metrics.auth_failures.labels(exc.reason).inc()
-            reason = auth_reason(exc.reason)
-            if reason is not None:
-                node.metrics.protocol_errors.count(reason)
+            node.metrics.auth_failed(exc.reason)
             if exc.code == CloseCode.TOKEN_EXPIRED:
                 raise _Expired(command.id) from None
             raise _Refused(cf.DisconnectCode.INVALID_TOKEN, "invalid token",
                            CloseCode.UNAUTHORIZED) from None
         if identity.expires is not None and cf.token_ttl(identity.expires, time.time()) < 1:
-            node.metrics.auth_failures.labels("expired").inc()
+            node.metrics.auth_failed("expired")
             raise _Expired(command.id)
         return identity
 
@@ -192,12 +186,3 @@ class _Expired(Exception):
     def __init__(self, command_id: int) -> None:
         super().__init__("token expired")
         self.command_id = command_id
-
-
-class _Gone(Exception):
-    """The client left during the handshake (with this close code)."""
-
-    def __init__(self, code: int | None) -> None:
-        super().__init__(code)
-        self.code = code
-

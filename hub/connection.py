@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from hub import protocol as p
-from hub.abuse import auth_reason
 from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, close_reason
@@ -50,14 +49,11 @@ class WebSocketEndpoint:
         try:
             identity, auth_id = await self._authenticate(scope, receive)
         except AuthFailed as exc:
-            node.metrics.auth_failures.labels(exc.reason).inc()
+            node.metrics.auth_failed(exc.reason)
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
-            reason = auth_reason(exc.reason)
-            if reason is not None:
-                node.metrics.protocol_errors.count(reason)
             await close_socket(send, exc.code, str(exc))
             return
-        except _Gone as gone:
+        except Gone as gone:
             node.metrics.protocol_errors.count_close(gone.code)
             return
         except _BinaryFrame:
@@ -130,7 +126,7 @@ class WebSocketEndpoint:
         except TimeoutError:
             raise AuthFailed("timeout", "no auth frame in time") from None
         if message["type"] == "websocket.disconnect":
-            raise _Gone(message.get("code"))
+            raise Gone(message.get("code"))
         text = message.get("text")
         if text is None:  # the frame rule holds before authentication too
             raise _BinaryFrame
@@ -147,7 +143,7 @@ class _BinaryFrame(Exception):
     """The first frame was binary."""
 
 
-class _Gone(Exception):
+class Gone(Exception):
     """The client left during the handshake (with this close code)."""
 
     def __init__(self, code: int | None) -> None:

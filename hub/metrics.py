@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from hub import __version__
-from hub.abuse import ProtocolErrors
+from hub.abuse import ProtocolErrors, auth_reason
 from hub.errors import CloseCode
 
 # The client protocols: /ws and /connection/websocket (the Codec's `protocol`).
@@ -98,6 +98,14 @@ class Metrics:
         self.node_id = node_id
         self.node_info = Info("hub_node", "This node", registry=registry)
         self.describe_node()
+
+    def auth_failed(self, reason: str) -> None:
+        """A failed authentication (`AuthFailed.reason`): counted, and as the protocol error
+        it is (an expired token is none)."""
+        self.auth_failures.labels(reason).inc()
+        error = auth_reason(reason)
+        if error is not None:
+            self.protocol_errors.count(error)
 
     def describe_node(self, **details: str) -> None:
         """`hub_node_info`: node id, version, and what start-up chose (`write_path`)."""
