@@ -415,8 +415,7 @@ class Subscriptions:
             held.extend(messages)
         cohorts = channel.cohorts
         if len(cohorts) == 1 and cohorts[0].epoch is None:  # no history: no positions
-            taken = fan_out(cohorts[0].members, Frames.of_messages(messages))
-            self._delivered.inc(taken * len(messages))
+            self._send(cohorts[0].members, messages)
             return
         for cohort in cohorts:
             if cohort.held is not None:
@@ -444,8 +443,11 @@ class Subscriptions:
                 self._hold(channel, cohort, messages[index:])
                 break
         if passed:
-            taken = fan_out(cohort.members, Frames.of_messages(passed))
-            self._delivered.inc(taken * len(passed))
+            self._send(cohort.members, passed)
+
+    def _send(self, members: Iterable[Subscriber], messages: list[Message]) -> None:
+        """`messages` as one run of frames to each of `members`, counted per frame."""
+        self._delivered.inc(fan_out(members, Frames.of_messages(messages)) * len(messages))
 
     def _replay(self, channel: Channel, cohort: Cohort, messages: list[Message]) -> None:
         self._deliver_in_turn(channel, cohort, messages)
