@@ -152,7 +152,7 @@ async def test_sharded_pubsub_on_a_plain_node_connection(redis_cluster: RedisClu
             assert message is not None and message["type"] == "smessage"
             assert message["data"] == f"via {port}"
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             await client.aclose()
     client = redis.asyncio.Redis(host=HOST, port=other, decode_responses=True)
     pubsub = client.pubsub()
@@ -161,7 +161,7 @@ async def test_sharded_pubsub_on_a_plain_node_connection(redis_cluster: RedisClu
         with pytest.raises(redis.exceptions.MovedError):
             await pubsub.get_message(timeout=2.0)
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await client.aclose()
 
 
@@ -348,7 +348,7 @@ async def test_sentinel_failover_is_followed_by_master_for(
     assert deployment.url == (
         f"redis+sentinel://:data-secret@{hosts}/mymaster?sentinel_password=s-secret"
     )
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         deployment.sentinels,
         sentinel_kwargs={"password": "s-secret", "socket_timeout": 1.0},
         password="data-secret",
