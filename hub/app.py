@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hub import admin, endpoints, openapi
+from hub import admin, check, endpoints, openapi
 from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
@@ -90,6 +90,8 @@ def create_app(settings: Settings) -> Starlette:
         await node.start()
         if settings.dev:
             log.warning("dev mode: no token needed, every channel open, HTTP API without key")
+        for problem in check.warnings(settings):
+            log.warning(problem)
         try:
             yield
         finally:

@@ -97,6 +97,11 @@ _ENV_NAMES: dict[str, str] = {
 }
 _ENV_NAMES["jwks_url"] = "HUB_JWKS_URL"
 
+
+def variables() -> dict[str, str]:
+    """Option name -> its HUB_* variable, for every option (all but the namespaces)."""
+    return dict(_ENV_NAMES)
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

@@ -438,3 +438,100 @@ async def test_second_sigterm_ends_the_drain_sooner() -> None:
                 await client.closed(timeout=2)
             assert client.connection.close_code is not None
 
+
+
+# check, help, start-up warnings (issue 17)
+
+
+def test_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[namespaces.chat]\nsubscribe = "any"\npresence = true\n')
+    result = run_hub("check", "--port", "9001", env={
+        **BASE_ENV, "HUB_CONFIG": path,
+        "HUB_REDIS_URL": "redis+sentinel://:data-pw@s1:26379/mymaster?sentinel_password=s-pw",
+    })
+    assert result.returncode == 0, result.stderr
+    shown = dict(line.split(None, 1) for line in result.stdout.splitlines()
+                 if line.startswith("HUB_"))
+    assert shown["HUB_PORT"] == "9001"  # a flag, as `serve` takes it
+    assert shown["HUB_JWT_SECRET"] == shown["HUB_API_KEY"] == "********"
+    for secret in (SECRET, API_KEY, "data-pw", "s-pw"):
+        assert secret not in result.stdout
+    assert "[namespaces.chat]" in result.stdout and 'subscribe = "any"' in result.stdout
+    assert "no warnings" in result.stdout
+
+
+def test_check_warns_about_a_node_that_serves_nobody() -> None:
+    result = run_hub("check")
+    assert result.returncode == 0
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "4001" in warnings[0] and "HUB_JWT_SECRET" in warnings[0]
+    assert "HUB_API_KEY" in warnings[1] and "403" in warnings[1]
+
+
+def test_check_exits_2_on_an_error_as_serve_does() -> None:
+    result = run_hub("check", env={**BASE_ENV, "HUB_QUEUE_LIMIT": "0"})
+    assert result.returncode == 2 and "HUB_QUEUE_LIMIT" in result.stderr
+
+
+def test_serve_help_names_every_variable() -> None:
+    from hub.settings import variables
+
+    result = run_hub("serve", "--help")
+    assert result.returncode == 0
+    for variable in variables().values():
+        assert f"  {variable}=" in result.stdout, variable
+
+
+def test_serve_warns_at_start_about_what_it_cannot_do() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "hub", "serve", "--port", "0"],
+        env={**CLEAN_ENV, "HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            assert LISTENING.match(process.stdout.readline().rstrip("\n"))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(WAIT + 5) == 0
+            log = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "every client connection will be closed 4001" in log
+    assert "HUB_API_KEY" in log
+
+
+def test_a_port_in_use_exits_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_hub("serve", "--port", str(port), env=BASE_ENV)
+    assert result.returncode == 1
+    assert "listening" not in result.stdout
+    assert "address already in use" in result.stderr
+
+
+def test_a_node_on_redis_logs_no_library_warning(redis_url: str) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "hub", "serve", "--port", "0"],
+        env={**CLEAN_ENV, **BASE_ENV, "HUB_REDIS_URL": redis_url, "HUB_DRAIN_DELAY": "0",
+             "HUB_DRAIN_SECONDS": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            found = LISTENING.match(process.stdout.readline().rstrip("\n"))
+            assert found
+            url = f"http://127.0.0.1:{found.group(1)}"
+            assert httpx.get(url + "/readyz", timeout=WAIT).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(WAIT + 5) == 0
+            log = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "Warning" not in log and "warnings.warn" not in log, log
