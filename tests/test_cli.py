@@ -535,3 +535,24 @@ def test_a_node_on_redis_logs_no_library_warning(redis_url: str) -> None:
             if process.poll() is None:
                 process.kill()
     assert "Warning" not in log and "warnings.warn" not in log, log
+
+
+async def test_the_readmes_token_posts_in_the_readmes_chat(tmp_path: Path) -> None:
+    """README.md's TOML and its `hub token` line, as a reader copies them: the token reads and
+    posts in a chat room, and reads nothing outside `chat`."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", readme, re.DOTALL)
+    line = re.search(r"^\s*HUB_JWT_SECRET=\.\.\. (hub token .*)$", readme, re.MULTILINE)
+    assert toml and line, "the README no longer shows its namespaces and token line"
+    minted = run_hub(*shlex.split(line.group(1))[1:], env={"HUB_JWT_SECRET": SECRET})
+    assert minted.returncode == 0, minted.stderr
+    with hub_process({"HUB_CONFIG": write_config(tmp_path, toml.group(1))}) as process:
+        async with connect(process.ws_url, minted.stdout.strip()) as client:
+            assert (await client.subscribe("chat:lobby"))["type"] == "subscribed"
+            posted = await client.request({"type": "publish", "channel": "chat:lobby",
+                                           "data": {"text": "hi"}})
+            assert posted["type"] in {"published", "message"}, posted
+            outside = await client.request({"type": "subscribe", "channel": "news"})
+            assert outside["type"] == "error" and outside["code"] == "forbidden"
