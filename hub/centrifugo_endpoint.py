@@ -18,7 +18,7 @@ from typing import Any
 from hub import __version__
 from hub import centrifugo_frames as cf
 from hub.auth import AuthFailed, Identity
-from hub.centrifugo_session import PING_FRAME, CentrifugoSession
+from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
 from hub.errors import CloseCode
@@ -177,7 +177,7 @@ class CentrifugoEndpoint:
                         session.close(cf.DisconnectCode.NO_PONG, "no pong")
                     else:
                         session.pong_due = True
-                        session.push(PING_FRAME)
+                        session.push(session.ping_frame)
         finally:
             self._pinging = False
 

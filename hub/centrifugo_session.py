@@ -69,6 +69,7 @@ CENTRIFUGO_CODEC = CentrifugoCodec()
 class CentrifugoSession(Session):
     __slots__ = ("pong_due",)
     codec = CENTRIFUGO_CODEC
+    ping_frame = PING_FRAME  # what the endpoint's pinger pushes
 
     def __init__(
         self, commands: ClientCommands, outbound: Outbound, client_id: str, identity: Identity
@@ -101,15 +102,19 @@ class CentrifugoSession(Session):
             cf.DisconnectCode.FORCE_NO_RECONNECT
         )
 
-    def connected(self, command_id: int, node_version: str, ping_interval: float) -> None:
+    def connected(
+        self, command_id: int, node_version: str, ping_interval: float,
+        session: str = "", node: str = "",
+    ) -> None:
         """The connect reply: it comes first, and lists the personal channel (the SDKs
-        drop pushes of channels they were not told of)."""
+        drop pushes of channels they were not told of). An emulated session's `session`
+        and `node` are what its `/emulation` POSTs name (PROTOCOL §15)."""
         expires, ttl = self._lifetime(self.identity)
         ping = math.ceil(ping_interval) if ping_interval else 0
         result = cf.ConnectResult(
             client=self.client_id, version=node_version, expires=expires, ttl=ttl,
             subs={personal_channel(self.user): cf.SubscribeResult()},
-            ping=ping, pong=bool(ping),
+            ping=ping, pong=bool(ping), session=session, node=node,
         )
         self.answer(cf.Reply(id=command_id, connect=result))
 

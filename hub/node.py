@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Collection, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
 import msgspec
@@ -67,6 +68,9 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
+        # Channels addressed to this node rather than to subscribers (an emulated
+        # session's commands, `hub.emulation`), and who takes what they carry.
+        self.inboxes: dict[str, Callable[[p.Relayed], None]] = {}
         hub, subscriptions = self.hub, self.subscriptions
         metrics.connections.set_function(lambda: len(hub.sessions))
         for protocol in CLIENT_PROTOCOLS:
@@ -138,11 +142,18 @@ class Node:
 
     @property
     def channels(self) -> Iterable[str]:
-        return self.subscriptions.channels
+        if not self.inboxes:
+            return self.subscriptions.channels
+        return itertools.chain(self.subscriptions.channels, list(self.inboxes))
 
     def on_relayed(self, channel: str, relayed: list[p.Relayed]) -> None:
         """What the broker relayed on one channel, in order; publications that came
         together are delivered together."""
+        inbox = self.inboxes.get(channel)
+        if inbox is not None:
+            for item in relayed:
+                inbox(item)
+            return
         messages: list[p.Message] = []
         for item in relayed:
             if type(item) is p.Message:

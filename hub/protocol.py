@@ -268,7 +268,15 @@ class Error(_Frame, tag="error"):
     id: int | None = None
 
 
-Relayed = Message | Join | Leave | Disconnect
+class Emulation(_Frame, tag="emulation"):
+    """Node-to-node only: a batch of commands for an emulated session (PROTOCOL §15), sent
+    to the node that holds it on that node's inbox channel."""
+
+    session: str
+    data: str
+
+
+Relayed = Message | Join | Leave | Disconnect | Emulation
 """What one node hands to the others through the broker."""
 
 _encoder = msgspec.json.Encoder()

@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_ttl: float = 30.0
     redis_min_replicas: int = 0
     centrifugo: bool = True
+    emulation: bool = True
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False

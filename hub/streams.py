@@ -1,0 +1,320 @@
+"""HTTP streams as a transport (PROTOCOL §15): how a session's frames reach a client that
+holds a long HTTP response open (Server-Sent Events, or newline-delimited messages), and how
+that client's end of the connection is noticed.
+
+A transport moves frames; it knows nothing of the protocol in them. `Framing` says how one
+message is cut into the stream (an SSE event, a line, a WebSocket frame); `StreamOutbound` is
+the session's `Outbound` onto an ASGI streaming response (uvicorn does the HTTP/1.1 chunking
+and keep-alive); `StreamInbox` is what the session reads: the client's commands that reach it
+by other roads (POSTs to `/emulation`), and the end of the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import deque
+from collections.abc import Callable, Collection
+from typing import Any
+
+from hub.session import ASGIReceive
+from hub.wire import ASGISend, text_frame
+
+log = logging.getLogger("hub.streams")
+
+# What ends a stream's headers: no caching, no buffering by a proxy (nginx reads
+# X-Accel-Buffering), and the client may read it across origins (CORS is added around).
+STREAM_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"cache-control", b"private, no-cache, no-store, must-revalidate, max-age=0"),
+    (b"pragma", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Framing:
+    """How one encoded message goes into the stream. One object per kind, shared."""
+
+    __slots__ = ("content_type", "keepalive", "name", "prelude")
+
+    def __init__(self, name: str, content_type: bytes, keepalive: bytes, prelude: bytes) -> None:
+        self.name = name
+        self.content_type = content_type
+        self.keepalive = keepalive  # written every HUB_PING_INTERVAL on a one-way stream
+        self.prelude = prelude  # written once, before anything else
+
+    def wrap(self, payload: bytes, event_id: int | None = None) -> bytes:
+        raise NotImplementedError
+
+
+class SseFraming(Framing):
+    """`data: <message>\\n\\n`, with `id: <offset>` where the message has one (an
+    EventSource sends the last one back as `Last-Event-ID` when it reconnects)."""
+
+    __slots__ = ()
+
+    def wrap(self, payload: bytes, event_id: int | None = None) -> bytes:
+        if event_id is None:
+            return b"data: " + payload + b"\n\n"
+        return b"id: %d\ndata: " % event_id + payload + b"\n\n"
+
+
+class LineFraming(Framing):
+    """One message per line (JSON never holds a raw newline)."""
+
+    __slots__ = ()
+
+    def wrap(self, payload: bytes, event_id: int | None = None) -> bytes:
+        return payload + b"\n"
+
+
+class WebSocketFraming(Framing):
+    """A text frame each, for the one-way WebSocket (the node's write path sends it)."""
+
+    __slots__ = ()
+
+    def wrap(self, payload: bytes, event_id: int | None = None) -> bytes:
+        return text_frame(payload)
+
+
+# `retry:` tells an EventSource how long to wait before it reconnects (ms).
+SSE_RETRY_MS = 3000
+SSE = SseFraming("sse", b"text/event-stream; charset=utf-8", b": ping\n\n",
+                 b"retry: %d\n\n" % SSE_RETRY_MS)
+LINES = LineFraming("http_stream", b"application/x-ndjson", b"{}\n", b"")
+WEBSOCKET = WebSocketFraming("websocket", b"", text_frame(b"{}"), b"")
+
+
+class StreamOutbound:
+    """A session's `Outbound` onto a streaming HTTP response.
+
+    `write_now` appends to what the pump sends next (the pump is a task of the stream's
+    own, which hands each batch to the server in one ASGI body event) while the server
+    takes what it is given; while it pushes back (the client reads slower than we write),
+    `write_now` says no and the session's bounded queue takes over, which closes a slow
+    consumer. `close` writes the protocol's last frame (a disconnect with a reconnect
+    hint) and ends the response.
+    """
+
+    __slots__ = ("_closed", "_ending", "_gone", "_last_frame", "_pending", "_pump", "_send",
+                 "_wake", "_writable", "on_end")
+
+    def __init__(self, send: ASGISend, last_frame: Callable[[int, str], bytes]) -> None:
+        self._send = send
+        self._last_frame = last_frame
+        self._pending: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = False  # a close began: nothing more is taken
+        self._ending = False  # the response ends once `_pending` is out
+        self._gone = False  # the client went away (or the response ended)
+        self._pump: asyncio.Task[None] | None = None
+        self.on_end: Callable[[], None] | None = None  # the session's reader stops
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
+        """Send the response head and its first bytes, then pump from a task of its own."""
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": first, "more_body": True})
+        self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._gone
+
+    def write_now(self, frame: bytes) -> bool:
+        if self._closed or self._gone or not self._writable.is_set():
+            return False
+        self._pending.append(frame)
+        self._wake.set()
+        return True
+
+    async def ready(self) -> None:
+        await self._writable.wait()
+
+    async def write(self, frames: list[bytes]) -> None:
+        if self._gone:
+            raise ConnectionResetError("the client went away")
+        self._pending.extend(frames)
+        self._wake.set()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._gone:
+            self._pending.append(self._last_frame(code, reason))
+        self._ending = True
+        self._wake.set()
+
+    def end(self) -> None:
+        """End the response after what is written, with no last frame."""
+        self._closed = True
+        self._ending = True
+        self._wake.set()
+
+    def abort(self) -> None:
+        """The client did not take the last frames in time: drop its TCP connection (the
+        server's transport, where it lets us reach it), so the pump's send returns."""
+        transport = _transport_of(self._send)
+        if transport is not None:
+            transport.abort()
+        self.gone()
+
+    def release_handshake(self) -> None:
+        return None
+
+    def gone(self) -> None:
+        """The client went away, or the response ended: the session ends."""
+        if self._gone:
+            return
+        self._gone = True
+        self._wake.set()
+        self._writable.set()  # a writer waiting on it finds the stream gone
+        if self.on_end is not None:
+            self.on_end()
+
+    async def finish(self) -> None:
+        """After the session ended: the pump ends the response, or is stopped."""
+        self._ending = True
+        self._wake.set()
+        pump = self._pump
+        if pump is None or pump.done():
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await asyncio.shield(pump)
+        except TimeoutError:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _run_pump(self) -> None:
+        send, pending = self._send, self._pending
+        try:
+            while True:
+                if not pending:
+                    if self._ending or self._gone:
+                        break
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                self._writable.clear()
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    self._writable.set()
+            if not self._gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone; its disconnect ends the session
+        finally:
+            self.gone()
+
+
+def _transport_of(send: Any) -> Any:
+    """The server's transport behind `send` (uvicorn's request cycle keeps it), through
+    the `functools.partial` a middleware (CORS) wraps it in; None where it is not there."""
+    for _ in range(4):
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None:
+            return transport if callable(getattr(transport, "abort", None)) else None
+        if not isinstance(send, functools.partial):
+            return None
+        send = send.keywords.get("send")
+    return None
+
+
+class StreamInbox:
+    """What a stream session's reader awaits instead of a WebSocket's `receive`: the
+    client's command batches (from `/emulation`), at most `limit` waiting, and the end of
+    the stream (the client left, or the response ended)."""
+
+    __slots__ = ("_ended", "_event", "_limit", "_texts", "_watch")
+
+    def __init__(self, limit: int) -> None:
+        self._texts: deque[str] = deque()
+        self._event = asyncio.Event()
+        self._ended = False
+        self._limit = limit
+        self._watch: asyncio.Task[None] | None = None
+
+    def put(self, text: str) -> bool:
+        """False: the session has `limit` batches waiting already (or ended)."""
+        if self._ended or len(self._texts) >= self._limit:
+            return False
+        self._texts.append(text)
+        self._event.set()
+        return True
+
+    def end(self) -> None:
+        self._ended = True
+        self._event.set()
+
+    def watch(self, receive: ASGIReceive, outbound: StreamOutbound) -> None:
+        """Notice the client leaving (`http.disconnect`)."""
+
+        async def wait_for_disconnect() -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            outbound.gone()
+
+        self._watch = asyncio.get_running_loop().create_task(wait_for_disconnect())
+
+    def stop_watching(self) -> None:
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+
+    async def __call__(self) -> dict[str, Any]:
+        while True:
+            if self._texts:
+                return {"type": "websocket.receive", "text": self._texts.popleft()}
+            if self._ended:
+                return {"type": "websocket.disconnect", "code": 1000}
+            self._event.clear()
+            await self._event.wait()
+
+
+async def read_body(receive: ASGIReceive, limit: int) -> bytes | None:
+    """The request body, or None when it is over `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def plain_response(send: ASGISend, status: int, body: bytes,
+                         content_type: bytes = b"application/json") -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def origin_refused(scope: dict[str, Any], allowed: Collection[str] | None) -> bool:
+    """With HUB_ALLOWED_ORIGINS set, a request from a browser of another origin is refused
+    (PROTOCOL §11, §15)."""
+    if not allowed:
+        return False
+    origin = header(scope, b"origin")
+    return origin is not None and origin not in allowed
