@@ -55,6 +55,10 @@ INBOX_PREFIX = "$emulation:"
 # than its commands run, refused with 429.
 INBOX_LIMIT = 64
 CONNECT_PARAM = "cf_connect"
+# What `EmulationRouter.route` returns besides HTTP statuses (both answer 204 / 404).
+ROUTED, UNKNOWN_NODE = 1, 2
+_OUTCOMES = {204: "local", ROUTED: "routed", 404: "unknown_session", UNKNOWN_NODE: "unknown_node",
+             429: "inbox_full", 503: "unavailable"}
 
 
 def inbox_channel(node_id: str) -> str:
@@ -131,14 +135,13 @@ class EmulationRouter:
             log.debug("emulation batch for a session this node does not hold")
             return 404
         if not session.inbox.put(data):
-            session.commands.metrics.protocol_errors.count("emulation_inbox_full")
             return 429
         return 204
 
     async def route(self, node_id: str, session_id: str, data: str) -> int:
-        """The status for a POST: 204 handed over (to this node's session, or to the
-        broker for another node's), 404 no such session here / no such node in the
-        cluster, 503 the broker cannot take it."""
+        """Where a POST's batch went: 204 to this node's session, ROUTED to the broker for
+        another node's; 404 no such session here, UNKNOWN_NODE no such node in the
+        cluster; 429 the session's inbox is full; 503 the broker cannot take it."""
         node = self.node
         if node_id == node.node_id:
             return self.deliver(session_id, data)
@@ -148,13 +151,13 @@ class EmulationRouter:
             log.warning("emulation: the cluster's nodes could not be read: %s", exc)
             return 503
         if node_id not in known:
-            return 404
+            return UNKNOWN_NODE
         try:
             await node.broker.publish(inbox_channel(node_id),
                                       p.Emulation(session=session_id, data=data))
         except BrokerUnavailable:
             return 503
-        return 204
+        return ROUTED
 
 
 class EmulationRequest(msgspec.Struct):
@@ -191,13 +194,16 @@ class EmulationPost:
         try:
             request = msgspec.json.decode(body, type=EmulationRequest)
         except (msgspec.DecodeError, RecursionError) as exc:
+            self.router.node.metrics.emulation_requests.labels("bad_request").inc()
             await _error(send, 400, f"expected {{session, node, data}}: {exc}")
             return
         if len(request.data) > settings.max_frame_bytes:
             await _error(send, 413, "data over HUB_MAX_FRAME_BYTES")
             return
-        status = await self.router.route(request.node, request.session, request.data)
-        if status == 204:
+        outcome = await self.router.route(request.node, request.session, request.data)
+        self.router.node.metrics.emulation_requests.labels(_OUTCOMES[outcome]).inc()
+        status = 404 if outcome == UNKNOWN_NODE else outcome
+        if status in (204, ROUTED):
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return

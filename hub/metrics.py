@@ -26,6 +26,10 @@ def close_code_label(code: int) -> str:
     return str(code) if code in _KNOWN_CLOSE_CODES else "other"
 
 
+EMULATION_OUTCOMES = ("local", "routed", "bad_request", "unknown_session", "unknown_node",
+                      "inbox_full", "unavailable")
+
+
 class Metrics:
     def __init__(self, node_id: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
@@ -89,10 +93,18 @@ class Metrics:
             "hub_delivery_lag_seconds", "From publish to enqueue on the delivering node",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )
+        self.emulation_requests = Counter(
+            "hub_emulation_requests",
+            "POST /emulation batches, by outcome (local: to a session of this node; routed: "
+            "through the broker to the node holding it; PROTOCOL §15)", ["outcome"],
+            registry=registry,
+        )
         # Label values known up front start at 0, so rate() sees the first increment.
         for source in ("api", "client"):
             self.messages_published.labels(source)
         self.messages_dropped.labels("slow_consumer")
+        for outcome in EMULATION_OUTCOMES:
+            self.emulation_requests.labels(outcome)
         for reason in ("missing", "invalid", "expired", "timeout"):
             self.auth_failures.labels(reason)
         for close_code in CloseCode:
