@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hub import __version__
 from hub.abuse import REASONS
 from hub.auth import mint_token
+from hub.metrics import EMULATION_OUTCOMES
 from tests.redis_server import RedisServer
 from tests.support import (
     API_KEY,
@@ -360,6 +361,7 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
         "node": lambda v: v == NODE_ID,
         "version": lambda v: v == __version__,
         "write_path": lambda v: v in {"direct", "asgi"},
+        "outcome": lambda v: v in EMULATION_OUTCOMES,
         "protocol": lambda v: v in {"ws", "centrifugo"},
     }
     for (name, labels), _ in current.samples.items():
