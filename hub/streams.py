@@ -89,55 +89,59 @@ WEBSOCKET = WebSocketFraming("websocket", b"", text_frame(b"{}"), b"")
 class StreamOutbound:
     """A session's `Outbound` onto a streaming HTTP response.
 
-    `write_now` appends to what the pump sends next (the pump is a task of the stream's
-    own, which hands each batch to the server in one ASGI body event) while the server
-    takes what it is given; while it pushes back (the client reads slower than we write),
-    `write_now` says no and the session's bounded queue takes over, which closes a slow
-    consumer. `close` writes the protocol's last frame (a disconnect with a reconnect
-    hint) and ends the response.
+    `write_now` hands frames to a pump task that lives only while there is something to
+    send (as the session's own writer does on a socket: an idle stream holds no task), which
+    gives each batch to the server in one ASGI body event. While the server pushes back
+    (its transport is paused: the client reads slower than we write), `write_now` says no
+    and the session's bounded queue takes over, which closes a slow consumer. `close` writes
+    the protocol's last frame (a disconnect with a reconnect hint) and ends the response.
     """
 
-    __slots__ = ("_closed", "_ending", "_gone", "_last_frame", "_pending", "_pump", "_send",
-                 "_wake", "_writable", "on_end")
+    __slots__ = ("_closed", "_drained", "_ending", "_gone", "_last_frame", "_pending", "_pump",
+                 "_send", "_sending", "on_end")
 
     def __init__(self, send: ASGISend, last_frame: Callable[[int, str], bytes]) -> None:
         self._send = send
         self._last_frame = last_frame
         self._pending: list[bytes] = []
-        self._wake = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._pump: asyncio.Task[None] | None = None
+        self._sending = False  # the pump waits in a send: the server pushes back
+        self._drained: asyncio.Future[None] | None = None  # for a writer waiting on that
         self._closed = False  # a close began: nothing more is taken
         self._ending = False  # the response ends once `_pending` is out
         self._gone = False  # the client went away (or the response ended)
-        self._pump: asyncio.Task[None] | None = None
         self.on_end: Callable[[], None] | None = None  # the session's reader stops
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
-        """Send the response head and its first bytes, then pump from a task of its own."""
+        """Send the response head and its first bytes. Body events then go to the server's
+        own `send`: a middleware around it (CORS) has nothing to add to them."""
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": first, "more_body": True})
-        self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+        self._send = _innermost(self._send)
 
     @property
     def closed(self) -> bool:
         return self._closed or self._gone
 
     def write_now(self, frame: bytes) -> bool:
-        if self._closed or self._gone or not self._writable.is_set():
+        if self._closed or self._gone or self._sending:
             return False
         self._pending.append(frame)
-        self._wake.set()
+        self._pump_soon()
         return True
 
     async def ready(self) -> None:
-        await self._writable.wait()
+        if not self._sending:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)
 
     async def write(self, frames: list[bytes]) -> None:
         if self._gone:
             raise ConnectionResetError("the client went away")
         self._pending.extend(frames)
-        self._wake.set()
+        self._pump_soon()
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed:
@@ -145,18 +149,17 @@ class StreamOutbound:
         self._closed = True
         if not self._gone:
             self._pending.append(self._last_frame(code, reason))
-        self._ending = True
-        self._wake.set()
+        self.end()
 
     def end(self) -> None:
-        """End the response after what is written, with no last frame."""
+        """End the response after what is written (no last frame of its own)."""
         self._closed = True
         self._ending = True
-        self._wake.set()
+        self._pump_soon()
 
     def abort(self) -> None:
         """The client did not take the last frames in time: drop its TCP connection (the
-        server's transport, where it lets us reach it), so the pump's send returns."""
+        server's transport, where it lets us reach it), so a send waiting on it returns."""
         transport = _transport_of(self._send)
         if transport is not None:
             transport.abort()
@@ -170,62 +173,78 @@ class StreamOutbound:
         if self._gone:
             return
         self._gone = True
-        self._wake.set()
-        self._writable.set()  # a writer waiting on it finds the stream gone
+        self._pending.clear()
+        self._wake_writer()
         if self.on_end is not None:
             self.on_end()
 
     async def finish(self) -> None:
-        """After the session ended: the pump ends the response, or is stopped."""
+        """After the session ended: the response is ended (or its pump stopped)."""
         self._ending = True
-        self._wake.set()
+        self._pump_soon()
         pump = self._pump
-        if pump is None or pump.done():
-            return
-        try:
-            async with asyncio.timeout(1.0):
-                await asyncio.shield(pump)
-        except TimeoutError:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        if pump is not None and not pump.done():
+            try:
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(pump)
+            except TimeoutError:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+        self.gone()
+
+    def _pump_soon(self) -> None:
+        if self._pump is None and not self._gone:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    def _wake_writer(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     async def _run_pump(self) -> None:
         send, pending = self._send, self._pending
         try:
-            while True:
-                if not pending:
-                    if self._ending or self._gone:
-                        break
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
+            while pending and not self._gone:
                 chunk = pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
-                self._writable.clear()
+                self._sending = True
                 try:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 finally:
-                    self._writable.set()
-            if not self._gone:
+                    self._sending = False
+                    self._wake_writer()
+            if self._ending and not self._gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.gone()
         except OSError:
-            pass  # the client is gone; its disconnect ends the session
+            self.gone()  # the client is gone
         finally:
-            self.gone()
+            self._pump = None
+
+
+def _innermost(send: Any) -> Any:
+    """The server's own `send` under the `functools.partial`s of middlewares."""
+    for _ in range(4):
+        if not isinstance(send, functools.partial) or "send" not in send.keywords:
+            return send
+        send = send.keywords["send"]
+    return send
 
 
 def _transport_of(send: Any) -> Any:
-    """The server's transport behind `send` (uvicorn's request cycle keeps it), through
-    the `functools.partial` a middleware (CORS) wraps it in; None where it is not there."""
-    for _ in range(4):
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
-        if transport is not None:
-            return transport if callable(getattr(transport, "abort", None)) else None
-        if not isinstance(send, functools.partial):
-            return None
-        send = send.keywords.get("send")
-    return None
+    """The server's transport behind `send` (uvicorn's request cycle keeps it); None where
+    it is not there."""
+    transport = getattr(getattr(_innermost(send), "__self__", None), "transport", None)
+    return transport if callable(getattr(transport, "abort", None)) else None
+
+
+async def until_disconnect(receive: ASGIReceive) -> dict[str, Any]:
+    """A one-way stream's reader: it reads nothing but the end of the request (the client
+    left, or the response ended), as a WebSocket's disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    return {"type": "websocket.disconnect", "code": 1000}
 
 
 class StreamInbox:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Collection
@@ -49,7 +50,13 @@ from hub.stream_codec import (
     UniPush,
     UniSubscribe,
 )
-from hub.streams import STREAM_HEADERS, StreamInbox, StreamOutbound, header, origin_refused
+from hub.streams import (
+    STREAM_HEADERS,
+    StreamOutbound,
+    header,
+    origin_refused,
+    until_disconnect,
+)
 from hub.subscriptions import Joined, history_options
 from hub.wire import ASGISend, Outbound, WritePath
 
@@ -306,14 +313,11 @@ class UniStreamEndpoint(UniBase):
             await _disconnect_response(send, 401, cf.DisconnectCode.EXPIRED, "token expired")
             return
         await outbound.start(200, headers, codec.framing.prelude)
-        inbox = StreamInbox(1)
-        outbound.on_end = inbox.end
-        inbox.watch(receive, outbound)
         session = self.session_class(self.commands, outbound, new_client_id(), identity)
+        reader = functools.partial(until_disconnect, receive)
         try:
-            await self.serve_session(session, request, header(scope, b"last-event-id"), inbox)
+            await self.serve_session(session, request, header(scope, b"last-event-id"), reader)
         finally:
-            inbox.stop_watching()
             await outbound.finish()
 
 

@@ -17,6 +17,7 @@ import pytest
 import websockets
 
 from tests.conftest import NAMESPACES
+from tests.needs import need
 from tests.support import (
     WAIT,
     RunningNode,
@@ -146,8 +147,8 @@ async def test_uni_sse_resumes_from_last_event_id(history_node: RunningNode) -> 
 async def test_uni_http_stream_with_curl(history_node: RunningNode) -> None:
     """`curl -N` reads the newline-delimited pushes as they come."""
     curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    need(curl, "curl (apt-get install curl)")
+    assert curl is not None
     tok = token("cid", channels=["news"])
     process = await asyncio.create_subprocess_exec(
         curl, "-sN", "-X", "POST", "--max-time", "10", "-d", json.dumps({"token": tok}),
