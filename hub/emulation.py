@@ -266,6 +266,9 @@ class EmulationEndpoint(CentrifugoEndpoint):
         if origin_refused(scope, self.allowed_origins):
             await _error(send, 403, "origin not allowed")
             return
+        if _content_type(scope) == "application/octet-stream":
+            await _error(send, 415, "the Protobuf encoding is not served on emulation yet")
+            return
         data, why = await connect_data(scope, receive, 2 * self.node.settings.max_frame_bytes)
         if data is None:
             status = 405 if why == "method not allowed" else 413 if "large" in why else 400

@@ -66,9 +66,6 @@ UNI_SSE_PATH = "/connection/uni_sse"
 UNI_HTTP_STREAM_PATH = "/connection/uni_http_stream"
 UNI_WEBSOCKET_PATH = "/connection/uni_websocket"
 _WILDCARDS = frozenset("*?[")
-# A one-way session closes with this when a channel lost messages it cannot recover
-# (Centrifugo's "insufficient state": the client reconnects and recovers from its position).
-INSUFFICIENT_STATE = 3010
 
 
 def server_side_channels(identity: Identity) -> list[str]:
@@ -107,7 +104,9 @@ class UniSession(CentrifugoSession):
         return None  # one way: what the client sends is not read
 
     def reset(self, channel: str, position: Any) -> bool:
-        self.close(INSUFFICIENT_STATE, "insufficient state")
+        """A channel lost messages its history cannot give back: close with Centrifugo's
+        "insufficient state" (the client reconnects and recovers from its position)."""
+        self.close(cf.DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
         return False
 
     async def start(self, channels: dict[str, p.Since | None], ping_interval: float) -> None:

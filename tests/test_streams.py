@@ -334,6 +334,9 @@ async def test_emulation_bad_input(history_node: RunningNode) -> None:
         assert no_connect.status_code == 400
         sse_no_param = await http.get("/connection/sse")
         assert sse_no_param.status_code == 400
+        protobuf = await http.post("/connection/http_stream", content=b"\x0a\x02",
+                                   headers={"Content-Type": "application/octet-stream"})
+        assert protobuf.status_code == 415
     async with emulated(url, url, token("mal")) as client:
         # a command without an id: closed as Centrifugo does (bad request, no reconnect)
         await client.send({"subscribe": {"channel": "feed:q"}})
