@@ -97,8 +97,8 @@ class StreamOutbound:
     the protocol's last frame (a disconnect with a reconnect hint) and ends the response.
     """
 
-    __slots__ = ("_closed", "_drained", "_ending", "_gone", "_last_frame", "_pending", "_pump",
-                 "_send", "_sending", "on_end")
+    __slots__ = ("_closed", "_cycle", "_drained", "_ending", "_gone", "_last_frame", "_pending",
+                 "_pump", "_send", "_sending", "on_end")
 
     def __init__(self, send: ASGISend, last_frame: Callable[[int, str], bytes]) -> None:
         self._send = send
@@ -111,6 +111,7 @@ class StreamOutbound:
         self._ending = False  # the response ends once `_pending` is out
         self._gone = False  # the client went away (or the response ended)
         self.on_end: Callable[[], None] | None = None  # the session's reader stops
+        self._cycle: Any = None  # uvicorn's request cycle, when a body event can go at once
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
         """Send the response head and its first bytes. Body events then go to the server's
@@ -118,6 +119,7 @@ class StreamOutbound:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": first, "more_body": True})
         self._send = _innermost(self._send)
+        self._cycle = _direct_cycle(self._send)
 
     @property
     def closed(self) -> bool:
@@ -126,6 +128,35 @@ class StreamOutbound:
     def write_now(self, frame: bytes) -> bool:
         if self._closed or self._gone or self._sending:
             return False
+        cycle = self._cycle
+        if cycle is not None and self._pump is None:
+            if cycle.flow.write_paused:
+                return False  # the session's queue takes it, and the pump waits for the drain
+            return self._send_at_once(frame)
+        self._pending.append(frame)
+        self._pump_soon()
+        return True
+
+    def _send_at_once(self, frame: bytes) -> bool:
+        """uvicorn's `send` awaits only while its transport is paused (checked just
+        before): run it to its end here, without a task per frame. Should it wait after all
+        (another uvicorn), it is stopped where it waits, before writing, and the frame goes
+        the pump's way, as do all after it."""
+        if self._cycle.disconnected:
+            self.gone()
+            return False
+        coroutine: Any = self._send(
+            {"type": "http.response.body", "body": frame, "more_body": True})
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            return True
+        except OSError:
+            self.gone()
+            return False
+        coroutine.close()
+        log.warning("uvicorn's send waited on a writable transport: streams take the pump")
+        self._cycle = None
         self._pending.append(frame)
         self._pump_soon()
         return True
@@ -221,6 +252,20 @@ class StreamOutbound:
             self.gone()  # the client is gone
         finally:
             self._pump = None
+
+
+def _direct_cycle(send: Any) -> Any:
+    """uvicorn's request cycle behind `send`, if it has what `_send_at_once` reads (its flow
+    control's `write_paused` and `disconnected`); else None, and every frame takes the pump."""
+    cycle = getattr(send, "__self__", None)
+    kind = type(cycle)
+    if kind.__name__ != "RequestResponseCycle" or not kind.__module__.startswith(
+            "uvicorn.protocols.http."):
+        return None
+    flow = getattr(cycle, "flow", None)
+    if not isinstance(getattr(flow, "write_paused", None), bool):
+        return None
+    return cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
 
 
 def _innermost(send: Any) -> Any:
