@@ -197,7 +197,13 @@ class StreamOutbound:
         self.gone()
 
     def release_handshake(self) -> None:
-        return None
+        """What uvicorn keeps of the request for the response's whole life and nobody
+        reads once the stream is on: its headers and query string (which may hold the
+        token), as the WebSocket road lets them go."""
+        scope = getattr(self._cycle, "scope", None)
+        if isinstance(scope, dict):
+            scope["headers"] = ()
+            scope["query_string"] = b""
 
     def gone(self) -> None:
         """The client went away, or the response ended: the session ends."""

@@ -312,10 +312,11 @@ class UniStreamEndpoint(UniBase):
             await _disconnect_response(send, 401, cf.DisconnectCode.EXPIRED, "token expired")
             return
         await outbound.start(200, headers, codec.framing.prelude)
+        last_event_id = header(scope, b"last-event-id")
         session = self.session_class(self.commands, outbound, new_client_id(), identity)
         reader = functools.partial(until_disconnect, receive)
         try:
-            await self.serve_session(session, request, header(scope, b"last-event-id"), reader)
+            await self.serve_session(session, request, last_event_id, reader)
         finally:
             await outbound.finish()
 
