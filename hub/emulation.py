@@ -55,10 +55,12 @@ INBOX_PREFIX = "$emulation:"
 # than its commands run, refused with 429.
 INBOX_LIMIT = 64
 CONNECT_PARAM = "cf_connect"
-# What `EmulationRouter.route` returns besides HTTP statuses (both answer 204 / 404).
-ROUTED, UNKNOWN_NODE = 1, 2
-_OUTCOMES = {204: "local", ROUTED: "routed", 404: "unknown_session", UNKNOWN_NODE: "unknown_node",
-             429: "inbox_full", 503: "unavailable"}
+# How long a POST waits for the answer of the node it routed its batch to.
+ROUTE_TIMEOUT = 2.0
+# How long the cluster's node list read from presence is used.
+NODES_MAX_AGE, NODES_MIN_AGE = 1.0, 0.1
+_LOCAL_OUTCOMES = {204: "local", 404: "unknown_session", 429: "inbox_full"}
+_ROUTED_OUTCOMES = {204: "routed", 404: "unknown_session", 429: "inbox_full"}
 
 
 def inbox_channel(node_id: str) -> str:
@@ -99,16 +101,21 @@ class HttpStreamSession(EmulatedSession):
 
 class EmulationRouter:
     """The emulated sessions of this node by session id, and the road of a POSTed batch to
-    the node that holds its session."""
+    the node that holds its session and of that node's answer back."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.sessions: dict[str, EmulatedSession] = {}
         self.channel = inbox_channel(node.node_id)
         self._listening: asyncio.Future[None] | None = None
+        self._waiting: dict[int, asyncio.Future[int]] = {}  # routed batches, by request id
+        self._next_id = 0
+        self._nodes: frozenset[str] = frozenset()  # the cluster's, read at most once a second
+        self._nodes_read_at = -NODES_MAX_AGE
 
     async def listen(self) -> None:
-        """Hear this node's inbox channel (from the first emulated session on; kept)."""
+        """Hear this node's inbox channel: from the first emulated session on (its
+        batches), or the first batch routed from here (the answers); kept."""
         if self._listening is None or (self._listening.done()
                                        and self._listening.exception() is not None):
             self._listening = asyncio.ensure_future(self._subscribe())
@@ -126,38 +133,73 @@ class EmulationRouter:
 
     def _on_relayed(self, item: p.Relayed) -> None:
         if isinstance(item, p.Emulation):
-            self.deliver(item.session, item.data)
+            status = self.deliver(item.session, item.data)
+            if item.reply_to:
+                answer = p.EmulationAnswer(id=item.id, status=status)
+                self.node.spawn(self._answer(item.reply_to, answer))
+        elif isinstance(item, p.EmulationAnswer):
+            waiting = self._waiting.pop(item.id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(item.status)
+
+    async def _answer(self, node_id: str, answer: p.EmulationAnswer) -> None:
+        try:
+            await self.node.broker.publish(inbox_channel(node_id), answer)
+        except Exception as exc:  # the POST then times out on its node
+            log.warning("emulation: answer to %s not sent: %s", node_id, exc)
 
     def deliver(self, session_id: str, data: str) -> int:
         """Hand a batch to a session of this node: the HTTP status of the POST."""
         session = self.sessions.get(session_id)
         if session is None or session.close_code is not None:
-            log.debug("emulation batch for a session this node does not hold")
             return 404
         if not session.inbox.put(data):
             return 429
         return 204
 
-    async def route(self, node_id: str, session_id: str, data: str) -> int:
-        """Where a POST's batch went: 204 to this node's session, ROUTED to the broker for
-        another node's; 404 no such session here, UNKNOWN_NODE no such node in the
-        cluster; 429 the session's inbox is full; 503 the broker cannot take it."""
+    async def route(self, node_id: str, session_id: str, data: str) -> tuple[int, str]:
+        """The status of a POST and its outcome (`hub_emulation_requests_total`). A batch
+        for another node goes to that node's inbox channel, and this one waits (at most
+        ROUTE_TIMEOUT) for that node's answer on its own."""
         node = self.node
         if node_id == node.node_id:
-            return self.deliver(session_id, data)
+            status = self.deliver(session_id, data)
+            return status, _LOCAL_OUTCOMES[status]
         try:
-            known = {stats.node for stats in await node.presence.nodes(node.snapshot())}
-        except Exception as exc:
-            log.warning("emulation: the cluster's nodes could not be read: %s", exc)
-            return 503
-        if node_id not in known:
-            return UNKNOWN_NODE
-        try:
-            await node.broker.publish(inbox_channel(node_id),
-                                      p.Emulation(session=session_id, data=data))
+            if node_id not in await self._cluster_nodes(node_id):
+                return 404, "unknown_node"
+            await self.listen()
+            self._next_id += 1
+            request_id = self._next_id
+            waiting = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+            try:
+                await node.broker.publish(inbox_channel(node_id), p.Emulation(
+                    session=session_id, data=data, reply_to=node.node_id, id=request_id))
+                async with asyncio.timeout(ROUTE_TIMEOUT):
+                    status = await waiting
+            finally:
+                self._waiting.pop(request_id, None)
+        except TimeoutError:
+            return 504, "timeout"
         except BrokerUnavailable:
-            return 503
-        return ROUTED
+            return 503, "unavailable"
+        return status, _ROUTED_OUTCOMES.get(status, "routed")
+
+    async def _cluster_nodes(self, wanted: str) -> frozenset[str]:
+        """The nodes presence knows (heartbeats): a node that left or stopped beating is
+        not among them. Read at most once per NODES_MAX_AGE, or NODES_MIN_AGE when `wanted`
+        is not in the last read (it may have just started)."""
+        now = asyncio.get_running_loop().time()
+        age = now - self._nodes_read_at
+        if age >= NODES_MAX_AGE or (wanted not in self._nodes and age >= NODES_MIN_AGE):
+            node = self.node
+            try:
+                stats = await node.presence.nodes(node.snapshot())
+            except Exception as exc:
+                raise BrokerUnavailable(f"the cluster's nodes could not be read: {exc}") from None
+            self._nodes = frozenset(entry.node for entry in stats)
+            self._nodes_read_at = now
+        return self._nodes
 
 
 class EmulationRequest(msgspec.Struct):
@@ -170,7 +212,7 @@ class EmulationPost:
     """`POST /emulation`: a batch of one emulated session's commands, to the node that
     holds it. 204 taken; 400 malformed; 404 unknown session or node; 413 too big; 415
     Protobuf (not served yet); 429 the session has too many batches waiting; 503 the
-    broker is down."""
+    broker is down; 504 the session's node did not answer in time."""
 
     def __init__(self, router: EmulationRouter, allowed_origins: Collection[str] | None) -> None:
         self.router = router
@@ -200,16 +242,16 @@ class EmulationPost:
         if len(request.data) > settings.max_frame_bytes:
             await _error(send, 413, "data over HUB_MAX_FRAME_BYTES")
             return
-        outcome = await self.router.route(request.node, request.session, request.data)
-        self.router.node.metrics.emulation_requests.labels(_OUTCOMES[outcome]).inc()
-        status = 404 if outcome == UNKNOWN_NODE else outcome
-        if status in (204, ROUTED):
+        status, outcome = await self.router.route(request.node, request.session, request.data)
+        self.router.node.metrics.emulation_requests.labels(outcome).inc()
+        if status == 204:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
         messages = {404: "unknown session or node (the stream has ended: connect again)",
                     429: "too many command batches waiting for this session",
-                    503: "the broker is unavailable, try again"}
+                    503: "the broker is unavailable, try again",
+                    504: "the session's node did not answer"}
         await _error(send, status, messages.get(status, "emulation failed"))
 
 

@@ -27,7 +27,7 @@ def close_code_label(code: int) -> str:
 
 
 EMULATION_OUTCOMES = ("local", "routed", "bad_request", "unknown_session", "unknown_node",
-                      "inbox_full", "unavailable")
+                      "inbox_full", "unavailable", "timeout")
 
 
 class Metrics:

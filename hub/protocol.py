@@ -270,13 +270,23 @@ class Error(_Frame, tag="error"):
 
 class Emulation(_Frame, tag="emulation"):
     """Node-to-node only: a batch of commands for an emulated session (PROTOCOL §15), sent
-    to the node that holds it on that node's inbox channel."""
+    to the node that holds it on that node's inbox channel; that node answers `id` on the
+    inbox channel of `reply_to`."""
 
     session: str
     data: str
+    reply_to: str = ""
+    id: int = 0
 
 
-Relayed = Message | Join | Leave | Disconnect | Emulation
+class EmulationAnswer(_Frame, tag="emulation_answer"):
+    """Node-to-node only: what became of a routed `Emulation` batch (an HTTP status)."""
+
+    id: int
+    status: int
+
+
+Relayed = Message | Join | Leave | Disconnect | Emulation | EmulationAnswer
 """What one node hands to the others through the broker."""
 
 _encoder = msgspec.json.Encoder()

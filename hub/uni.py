@@ -37,7 +37,7 @@ from hub.channels import personal_channel
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, new_client_id
 from hub.emulation import _error, connect_data
-from hub.errors import CloseCode, HubError
+from hub.errors import BrokerUnavailable, CloseCode, HubError
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -118,6 +118,10 @@ class UniSession(CentrifugoSession):
                 return
             try:
                 await commands.subscribe(self, channel, since, self._started(channel, since))
+            except BrokerUnavailable:
+                # Its channels cannot be joined now: come back (to another node, maybe).
+                self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
+                return
             except HubError as exc:
                 log.info("server-side subscription to %s refused: %s", channel, exc.message,
                          extra={"client": self.client_id, "user": self.user})

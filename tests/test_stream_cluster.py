@@ -35,6 +35,7 @@ from tests.support import (
     token,
 )
 from tests.test_centrifugo_js import CHROMIUM, HAVE_CHROMIUM, HAVE_SDK, SDK_BUILD, page_server
+from tests.test_streams import emulated
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -238,3 +239,45 @@ async def test_an_eventsource_resumes_without_a_gap_through_nginx(
         assert [e["id"] for e in events if "push" in e and "pub" in e["push"]] == [
             "1", "2", "3", "4", "5"]
         assert json.dumps(events)  # what the page saw, for a failure's message
+
+
+@pytest.fixture
+async def pair(redis_url: str) -> AsyncIterator[list[RunningNode]]:
+    """Two nodes sharing a private Redis, no balancer: a test picks where each request goes."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running_node(make_settings(
+            redis_url=redis_url, node_id=f"pair-{i}", namespaces=NAMESPACES, drain_seconds=0)))
+            for i in range(2)]
+
+
+async def test_emulation_posts_are_routed_to_the_sessions_node(pair: list[RunningNode]) -> None:
+    """The stream on one node, every POST to the other: commands run, replies come down the
+    stream; a POST for a session or node that does not exist gets 404 from wherever it
+    lands; once the session's node has left the cluster, 404 too."""
+    holder_node, other = pair
+    async with emulated(holder_node.url, other.url, token("rou")) as client:
+        assert client.node == "pair-0"
+        reply = await client.command(subscribe={"channel": "feed:routed", "recover": True})
+        assert reply["subscribe"]["recoverable"] is True
+        await publish(other, "feed:routed", "x")
+        push = await client.events.next()
+        assert push["push"]["pub"]["data"] == "x"
+        assert await metric(other, "hub_emulation_requests_total", outcome="routed") == 1
+        async with httpx.AsyncClient(base_url=other.url, timeout=WAIT) as http:
+            unknown = await http.post("/emulation", json={
+                "session": "not-a-session", "node": "pair-0", "data": "{}"})
+            assert unknown.status_code == 404
+            assert await metric(other, "hub_emulation_requests_total",
+                                outcome="unknown_session") == 1
+            nowhere = await http.post("/emulation", json={
+                "session": client.session, "node": "no-such-node", "data": "{}"})
+            assert nowhere.status_code == 404
+            await holder_node.node.drain()  # the stream ends; the node leaves presence
+
+            async def gone() -> bool:
+                answer = await http.post("/emulation", json={
+                    "session": client.session, "node": "pair-0", "data": "{}"})
+                assert answer.status_code in (404, 504), answer.text
+                return answer.status_code == 404
+
+            await eventually(gone, within=3 * WAIT, what="404 for the node that left")
