@@ -86,10 +86,15 @@ class CentrifugoSession(Session):
         self.count_error(error.code)
         self.answer(cf.hub_error_reply(command_id, error))
 
+    def send_push(self, push: cf.Push) -> None:
+        """A push of this connection's own (not a channel's fan-out, which the codec
+        writes), framed as its transport needs: other transports override it (§15)."""
+        self.push(text_frame(cf.encode_push(push)))
+
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """The subscription ends here (it is dropped first), and the SDK subscribes again
         with its last position: `recovered: false` tells the app to reload (PROTOCOL §11)."""
-        self.push(text_frame(cf.encode_push(cf.unsubscribe_push(channel))))
+        self.send_push(cf.unsubscribe_push(channel))
         return False
 
     def wire_close(self, code: int, reason: str) -> tuple[int, str]:

@@ -82,9 +82,8 @@ class EmulatedSession(CentrifugoSession):
     def answer(self, reply: cf.Reply) -> None:
         self.push(self.codec.reply(reply))
 
-    def reset(self, channel: str, position: Any) -> bool:
-        self.push(self.codec.push(cf.unsubscribe_push(channel)))
-        return False
+    def send_push(self, push: cf.Push) -> None:
+        self.push(self.codec.push(push))
 
 
 class SseSession(EmulatedSession):

@@ -408,16 +408,22 @@ async def test_drain_ends_streams_with_a_reconnect_hint(history_node: RunningNod
 async def test_a_server_side_subscription_reaches_a_stream(history_node: RunningNode) -> None:
     """A subscription made through the node's subscribe path while the stream is open (what
     /api/subscribe does on the node holding the connection) brings the channel's pushes."""
+    from hub import centrifugo_frames as cf
     from hub.commands import ClientCommands
+    from hub.uni import UniSession
 
     async with uni_stream(history_node.url, {"token": token("sub", channels=["news"])},
                           sse=False) as events:
         await events.next()
         (session,) = history_node.node.hub.sessions.values()
+        assert isinstance(session, UniSession)
         started: list[Any] = []
         await ClientCommands(history_node.node).subscribe(
-            session, "chat:later", None, started.append)  # type: ignore[arg-type]
+            session, "chat:later", None, started.append)
         assert started
+        # what a server-side subscribe tells a Centrifugo client, bare on a one-way stream
+        session.send_push(cf.Push(channel="chat:later", subscribe=cf.SubscribePush()))
+        assert await events.next() == {"channel": "chat:later", "subscribe": {}}
         await publish(history_node, "chat:later", {"late": True})
         join = await events.next()  # chat: announces joins
         assert join["channel"] == "chat:later" and join["join"]["info"]["user"] == "sub"
