@@ -439,3 +439,29 @@ def test_the_stream_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert line["transport"] == "uni_sse" and line["subscribers"] == 20
     assert {"rss_per_connection_kib", "node_cpu_us_per_delivery"} <= set(line)
+
+
+async def test_uni_subs_recover_several_history_channels(history_node: RunningNode) -> None:
+    """With two history channels an event id cannot say where each stands: the connect
+    request's `subs` does, and `Last-Event-ID` is not applied."""
+    tok = token("two", channels=["feed:one", "feed:two"])
+    positions = {}
+    for channel in ("feed:one", "feed:two"):
+        positions[channel] = (await publish(history_node, channel, "old"))["offset"]
+    epochs = {c: (await history_node.http.get(f"/api/history/{c}")).json()["epoch"]
+              for c in positions}
+    for channel in positions:
+        await publish(history_node, channel, f"missed {channel}")
+    subs = {c: {"recover": True, "offset": positions[c], "epoch": epochs[c]} for c in positions}
+    async with uni_stream(history_node.url, {"token": tok, "subs": subs},
+                          headers={"Last-Event-ID": "0"}) as events:
+        connect = (await events.next())["connect"]
+        assert events.last_id is None  # no id for the connect push of two history channels
+        assert all(connect["subs"][c]["recovered"] for c in positions)
+        got = {(push["channel"], push["pub"]["data"]) for push in
+               [await events.next(), await events.next()]}
+        assert got == {(c, f"missed {c}") for c in positions}
+    async with uni_stream(history_node.url, {"token": tok},
+                          headers={"Last-Event-ID": "0"}) as events:
+        connect = (await events.next())["connect"]
+        assert not any(connect["subs"][c].get("was_recovering") for c in positions)
