@@ -109,6 +109,8 @@ WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint | UniWebSocketEndpoint
 def allowed_origins(settings: Settings) -> tuple[str, ...] | None:
     """HUB_ALLOWED_ORIGINS, where this build has it (PROTOCOL §11)."""
     origins = getattr(settings, "allowed_origins", None)
+    if isinstance(origins, str):  # the variable's comma-separated form
+        origins = [origin.strip() for origin in origins.split(",") if origin.strip()]
     return tuple(origins) if origins else None
 
 
