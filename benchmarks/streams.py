@@ -1,7 +1,8 @@
 """One-way streams against a WebSocket (`python -m benchmarks.streams`): node memory per
 connection and node CPU per delivery for N subscribers of one channel on
 `/connection/uni_sse`, `/connection/uni_http_stream` and `/connection/uni_websocket`
-(PROTOCOL §15), each on a fresh node.
+(PROTOCOL §15), each on a fresh node; with `--transports sse http_stream` also the
+bidirectional emulation's streams (connect and subscribe sent in the connect request).
 
 Every connection is a server-side subscription of the token's `channels` claim, so the
 three differ only in transport (SSE events through an ASGI streaming response, lines
@@ -39,7 +40,8 @@ from benchmarks.procfs import cpu_seconds, rss_kib
 SECRET = "stream-benchmark-secret-of-32-bytes-at-least"
 API_KEY = "stream-benchmark"
 CHANNEL = "bench:fanout"
-TRANSPORTS = ("uni_sse", "uni_http_stream", "uni_websocket")
+TRANSPORTS = ("uni_sse", "uni_http_stream", "uni_websocket", "sse", "http_stream")
+DEFAULT_TRANSPORTS = TRANSPORTS[:3]
 MARK = b'"pub"'
 
 
@@ -98,6 +100,14 @@ def masked_text_frame(payload: bytes) -> bytes:
 
 def requests_for(transport: str, token: str) -> tuple[bytes, bytes]:
     connect = json.dumps({"token": token}).encode()
+    if transport in ("sse", "http_stream"):  # the emulation: connect and subscribe at once
+        commands = (json.dumps({"id": 1, "connect": {"token": token}}) + "\n"
+                    + json.dumps({"id": 2, "subscribe": {"channel": CHANNEL}})).encode()
+        if transport == "sse":
+            return (b"GET /connection/sse?cf_connect=" + quote(commands).encode()
+                    + b" HTTP/1.1\r\nHost: bench\r\n\r\n", b"")
+        return (b"POST /connection/http_stream HTTP/1.1\r\nHost: bench\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(commands) + commands, b"")
     if transport == "uni_sse":
         return (b"GET /connection/uni_sse?cf_connect=" + quote(connect).encode()
                 + b" HTTP/1.1\r\nHost: bench\r\n\r\n", b"")
@@ -189,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subscribers", type=int, default=5000)
     parser.add_argument("--messages", type=int, default=100)
-    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS,
+                        default=list(DEFAULT_TRANSPORTS),
+                        help="uni_* are one-way; sse and http_stream the bidirectional "
+                             "emulation (connect and subscribe in the connect request)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run(args))
