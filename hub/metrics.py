@@ -33,11 +33,12 @@ EMULATION_OUTCOMES = ("local", "routed", "bad_request", "unknown_session", "unkn
 class Metrics:
     def __init__(self, node_id: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.connections = Gauge("hub_connections", "Open WebSocket connections", registry=registry)
+        self.connections = Gauge("hub_connections", "Open connections (WebSockets and streams)",
+                                 registry=registry)
         self.connections_by_protocol = Gauge(
             "hub_connections_by_protocol",
-            "Open WebSocket connections, by client protocol (ws: /ws; centrifugo: "
-            "/connection/websocket)", ["protocol"], registry=registry,
+            "Open connections, by client protocol (ws: /ws; centrifugo: /connection/websocket "
+            "and Centrifugo's other transports)", ["protocol"], registry=registry,
         )
         self.subscriptions = Gauge(
             "hub_subscriptions", "Channel subscriptions (personal ones excluded)", registry=registry
