@@ -202,6 +202,9 @@ class StreamOutbound:
         token), as the WebSocket road lets them go."""
         scope = getattr(self._cycle, "scope", None)
         if isinstance(scope, dict):
+            headers = scope.get("headers")
+            if isinstance(headers, list):
+                headers.clear()  # in place: a middleware's view of them (CORS's) goes too
             scope["headers"] = ()
             scope["query_string"] = b""
 
