@@ -24,6 +24,7 @@ from hub.api_types import (
     BroadcastItem,
     BroadcastReply,
     ChannelsReply,
+    ConnectionsReply,
     DisconnectBody,
     Empty,
     ErrorReply,
@@ -39,9 +40,11 @@ from hub.api_types import (
 )
 from hub.errors import CloseCode
 from hub.presence import NodeStats
+from hub.protocol import ConnectionSummary
 
 __all__ = [
-    "BroadcastItem", "BroadcastReply", "ChannelsReply", "HistoryMessage", "HistoryReply",
+    "BroadcastItem", "BroadcastReply", "ChannelsReply", "ConnectionSummary",
+    "ConnectionsReply", "HistoryMessage", "HistoryReply",
     "HubApiError", "HubClient", "NodeStats", "PresenceClient", "PresenceReply",
     "PublishReply", "StatsReply", "StatsTotal",
 ]
@@ -125,10 +128,15 @@ class HubClient:
         await self._post("/api/send", SendBody(user, _raw(data), event), Empty)
 
     async def disconnect(
-        self, user: str, code: int = int(CloseCode.DISCONNECTED_BY_API), reason: str = ""
+        self,
+        user: str,
+        code: int = int(CloseCode.DISCONNECTED_BY_API),
+        reason: str = "",
+        *,
+        client: str | None = None,
     ) -> None:
-        """Close every connection of `user`, on any node."""
-        await self._post("/api/disconnect", DisconnectBody(user, code, reason), Empty)
+        """Close every connection of `user` (or only its connection `client`), on any node."""
+        await self._post("/api/disconnect", DisconnectBody(user, code, reason, client), Empty)
 
     async def presence(self, channel: str) -> PresenceReply:
         return await self._get(f"/api/presence/{channel_path(channel)}", {}, PresenceReply)
@@ -155,6 +163,20 @@ class HubClient:
 
     async def stats(self) -> StatsReply:
         return await self._get("/api/stats", {}, StatsReply)
+
+    async def connections(
+        self,
+        *,
+        user: str | None = None,
+        channel: str | None = None,
+        node: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> ConnectionsReply:
+        """One page of the cluster's connections; pass its `.next` as `after` for the next."""
+        given = {"user": user, "channel": channel, "node": node, "limit": limit, "after": after}
+        params = {name: value for name, value in given.items() if value is not None}
+        return await self._get("/api/connections", params, ConnectionsReply)
 
     # plumbing
 

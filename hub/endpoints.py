@@ -21,6 +21,7 @@ from starlette.routing import Route
 from hub import api_types as t
 from hub import protocol as p
 from hub.broker import StreamPosition
+from hub.connections import DEFAULT_LIMIT, MAX_LIMIT, Query, decode_cursor, encode_cursor
 from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, ErrorCode, HubError, close_reason
 from hub.node import Node, node_of
 from hub.presence import cluster_stats
@@ -154,7 +155,9 @@ async def disconnect(request: Request, node: Node) -> t.Empty:
     code = body.code
     if not (code == 1000 or 3000 <= code <= 4999) or code != int(code):
         raise ApiError(400, "bad_request", "`code` must be 1000 or 3000-4999")
-    await node.disconnect_user(body.user, int(code), close_reason(body.reason))
+    if body.client is not None and not 1 <= len(body.client) <= 128:
+        raise ApiError(400, "bad_request", "`client` must be 1-128 characters")
+    await node.disconnect_user(body.user, int(code), close_reason(body.reason), body.client)
     return t.Empty()
 
 
@@ -206,7 +209,26 @@ async def channels(request: Request, node: Node) -> t.ChannelsReply:
 
 
 @api
+async def connections(request: Request, node: Node) -> t.ConnectionsReply:
+    params = request.query_params
+    for name in ("user", "channel", "node"):
+        if params.get(name) == "":
+            raise ApiError(400, "bad_request", f"`{name}` must not be empty")
+    limit = _query_int(request, "limit", MAX_LIMIT)
+    after = params.get("after")
+    query = Query(
+        user=params.get("user"), channel=params.get("channel"), node=params.get("node"),
+        limit=DEFAULT_LIMIT if limit is None else max(1, limit),
+        after=decode_cursor(after) if after is not None else None,
+    )
+    page = await node.directory.page(query)
+    cursor = encode_cursor(page.next) if page.next is not None else None
+    return t.ConnectionsReply(page.connections, cursor, page.unanswered)
+
+
+@api
 async def stats(request: Request, node: Node) -> t.StatsReply:
+    node.noticed_address(request.scope)
     cluster = await cluster_stats(node.presence, node.snapshot())
     return t.StatsReply(cluster.nodes, msgspec.convert(cluster.total, t.StatsTotal))
 
@@ -222,6 +244,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     node = node_of(request.app)
+    node.noticed_address(request.scope)
     if node.ready:
         return json_response(t.ReadyReply("ready"))
     return json_response(t.ReadyReply("draining" if node.draining else "broker unavailable"), 503)
@@ -248,6 +271,7 @@ routes = [
     ChannelRoute("/api/history/{channel:path}", history),
     Route("/api/channels", channels, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
+    Route("/api/connections", connections, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -87,6 +87,8 @@ class Hub:
             return []
         return list(found) if isinstance(found, set) else [found]
 
-    def close_user(self, user: str, code: int, reason: str) -> None:
+    def close_user(self, user: str, code: int, reason: str, client: str | None = None) -> None:
+        """Close the user's connections, or only `client` among them."""
         for session in self.sessions_of(user):
-            session.close(code, reason)
+            if client is None or session.client_id == client:
+                session.close(code, reason)

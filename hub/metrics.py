@@ -107,6 +107,20 @@ class Metrics:
         if error is not None:
             self.protocol_errors.count(error)
 
+    def published_count(self) -> int:
+        """Messages published through this node since it started (every source)."""
+        return sum(
+            int(self.registry.get_sample_value(
+                "hub_messages_published_total", {"source": source}) or 0)
+            for source in ("api", "client")
+        )
+
+    def delivered_count(self) -> int:
+        return int(self.registry.get_sample_value("hub_messages_delivered_total") or 0)
+
+    def accepted_count(self) -> int:
+        return int(self.registry.get_sample_value("hub_connections_accepted_total") or 0)
+
     def describe_node(self, **details: str) -> None:
         """`hub_node_info`: node id, version, and what start-up chose (`write_path`)."""
         self.node_info.info({"node": self.node_id, "version": __version__, **details})

@@ -189,11 +189,47 @@ class Leave(_Frame, tag="leave"):
 
 
 class Disconnect(_Frame, tag="disconnect"):
-    """Node-to-node only: close every connection of `user` (sent on its `@user` channel)."""
+    """Node-to-node only: close every connection of `user` (sent on its `@user` channel),
+    or only its connection `client` when one is named."""
 
     user: str
     code: int
     reason: str = ""
+    client: str | None = None
+
+
+class ConnectionSummary(msgspec.Struct, frozen=True):
+    """One connection as `/api/connections` lists it (PROTOCOL §9). `since` is unix s."""
+
+    client: str
+    user: str
+    node: str
+    remote: str
+    user_agent: str
+    protocol: str
+    subscriptions: list[str]
+    since: int
+
+
+class ConnectionsQuery(_Frame, tag="connections_query"):
+    """Node-to-node only, on the asked node's control channel: its connections after client
+    id `after` (in client id order) that match, at most `limit`; answered on `reply_to`."""
+
+    request: str
+    reply_to: str
+    limit: int
+    after: str = ""
+    user: str | None = None
+    channel: str | None = None
+
+
+class ConnectionsPage(_Frame, tag="connections_page"):
+    """Node-to-node only: the answer to a `ConnectionsQuery`; `more` when matches are left."""
+
+    request: str
+    node: str
+    connections: list[ConnectionSummary]
+    more: bool = False
 
 
 class Reset(_Frame, tag="reset"):
@@ -268,7 +304,7 @@ class Error(_Frame, tag="error"):
     id: int | None = None
 
 
-Relayed = Message | Join | Leave | Disconnect
+Relayed = Message | Join | Leave | Disconnect | ConnectionsQuery | ConnectionsPage
 """What one node hands to the others through the broker."""
 
 _encoder = msgspec.json.Encoder()

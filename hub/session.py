@@ -19,6 +19,7 @@ from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import ClientCommands
+from hub.connections import UNKNOWN_ORIGIN, Origin
 from hub.errors import CloseCode, ErrorCode, close_reason
 from hub.hub import Codec
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
@@ -58,6 +59,7 @@ class Session:
         "close_code",
         "commands",
         "identity",
+        "origin",
         "permissions",
         "queue",
         "user",
@@ -72,6 +74,7 @@ class Session:
         self.client_id = client_id
         self.identity = identity
         self.user = identity.user
+        self.origin: Origin = UNKNOWN_ORIGIN  # the endpoint sets it, for /api/connections
         self.permissions = Permissions(commands.settings, identity.channels, identity.publish)
         # Only while the socket pushes back: what waits to be written (each piece with the
         # frames it holds), how many frames that is, and who writes it.

@@ -190,6 +190,10 @@ class Subscriptions:
     def has(self, subscriber: Subscriber, channel: str) -> bool:
         return channel in self._channels_of.get(subscriber, ())
 
+    def channels_of(self, subscriber: Subscriber) -> list[str]:
+        """Its channels (joiners and personal ones included), for `/api/connections`."""
+        return list(self._channels_of.get(subscriber, ()))
+
     def count_of(self, subscriber: Subscriber) -> int:
         """Subscriptions of `subscriber` that count toward its limit (joiners included)."""
         return sum(not is_personal(name) for name in self._channels_of.get(subscriber, ()))
