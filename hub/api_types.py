@@ -19,6 +19,7 @@ import msgspec
 from hub.errors import CloseCode, ErrorCode
 from hub.presence import NodeStats
 from hub.protocol import ConnectionSummary
+from hub.settings import Namespace
 
 CHANNEL_PATTERN = r"^(?:[A-Za-z0-9_\-:.=/]{1,255}|@[\s\S]{1,128})$"
 """What `hub.channels.is_valid` accepts: a name, or `@` and a user id of 1-128 characters."""
@@ -176,6 +177,13 @@ class ConnectionsReply(msgspec.Struct, omit_defaults=True):
     unanswered: list[str] = msgspec.field(default_factory=list)
 
 
+class NamespacesReply(msgspec.Struct):
+    """The options of every configured namespace, `default` always among them (what a
+    channel whose prefix names no namespace gets)."""
+
+    namespaces: dict[str, Namespace]
+
+
 class HealthReply(msgspec.Struct):
     status: Literal["ok"]
 
@@ -189,5 +197,5 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
 )
 REPLIES: tuple[type[msgspec.Struct], ...] = (
     ErrorReply, Empty, PublishReply, BroadcastReply, PresenceReply, HistoryReply,
-    ChannelsReply, StatsReply, ConnectionsReply, HealthReply, ReadyReply,
+    ChannelsReply, StatsReply, ConnectionsReply, NamespacesReply, HealthReply, ReadyReply,
 )

@@ -94,6 +94,10 @@ class Broker(Protocol):
     ) -> HistoryPage:
         """`limit` 0 asks only for the position."""
 
+    async def remove_history(self, channel: str) -> None:
+        """Drop the channel's stored messages; its next epoch starts with the next read or
+        publish (history was lost: subscribers get `reset`, recoveries `recovered: false`)."""
+
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition
     ) -> StreamPosition:
@@ -201,6 +205,9 @@ class MemoryBroker:
         complete = since.offset + 1 >= first_held
         after = [message for message in held if (message.offset or 0) > since.offset]
         return HistoryPage(position, after[:limit], complete=complete)
+
+    async def remove_history(self, channel: str) -> None:
+        self._streams.pop(channel, None)
 
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition

@@ -25,6 +25,7 @@ from hub.connections import DEFAULT_LIMIT, MAX_LIMIT, Query, decode_cursor, enco
 from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, ErrorCode, HubError, close_reason
 from hub.node import Node, node_of
 from hub.presence import cluster_stats
+from hub.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("hub.endpoints")
 
@@ -203,6 +204,27 @@ async def history(request: Request, node: Node) -> t.HistoryReply:
 
 
 @api
+async def remove_history(request: Request, node: Node) -> t.Empty:
+    await node.remove_history(request.path_params["channel"])
+    return t.Empty()
+
+
+async def history_resource(request: Request) -> Response:
+    """One route for both methods, so a 405 names both in `Allow`."""
+    return await (remove_history if request.method == "DELETE" else history)(request)
+
+
+@api
+async def namespaces(request: Request, node: Node) -> t.NamespacesReply:
+    settings = node.settings
+    names = {*settings.namespaces, DEFAULT_NAMESPACE}
+    return t.NamespacesReply({
+        name: settings.namespace_of(f"{name}:x" if name != DEFAULT_NAMESPACE else "x")
+        for name in sorted(names)
+    })
+
+
+@api
 async def channels(request: Request, node: Node) -> t.ChannelsReply:
     prefix = request.query_params.get("prefix", "")
     return t.ChannelsReply(await node.presence.channels(node.snapshot(), prefix))
@@ -254,8 +276,13 @@ class ChannelRoute(Route):
     """A route whose `{channel:path}` matches any channel name, line breaks included (a
     personal channel `@<user>` may hold any character; Starlette's `.*` stops at `\n`)."""
 
-    def __init__(self, path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
-        super().__init__(path, endpoint, methods=["GET"])
+    def __init__(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        methods: tuple[str, ...] = ("GET",),
+    ) -> None:
+        super().__init__(path, endpoint, methods=list(methods))
         self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
@@ -268,7 +295,8 @@ routes = [
     *(Route(path, handler, methods=[method]) for (method, path), handler in shortcuts.items()),
     Route("/api/disconnect", disconnect, methods=["POST"]),
     ChannelRoute("/api/presence/{channel:path}", presence),
-    ChannelRoute("/api/history/{channel:path}", history),
+    ChannelRoute("/api/history/{channel:path}", history_resource, ("GET", "DELETE")),
+    Route("/api/namespaces", namespaces, methods=["GET"]),
     Route("/api/channels", channels, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
     Route("/api/connections", connections, methods=["GET"]),

@@ -278,6 +278,13 @@ class Node:
         position = StreamPosition(since.offset, since.epoch) if since else None
         return await self.broker.history(channel, options, position, limit)
 
+    async def remove_history(self, channel: str) -> None:
+        """Drop a channel's stored messages (its history starts a new epoch)."""
+        check_name(channel)
+        if history_options(self.settings, channel) is None:
+            raise HubError(ErrorCode.FORBIDDEN, "history is off for this channel's namespace")
+        await self.broker.remove_history(channel)
+
     def snapshot(self) -> NodeSnapshot:
         """This node as presence and stats see it."""
         hub, subscriptions = self.hub, self.subscriptions

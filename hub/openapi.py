@@ -143,7 +143,16 @@ def _paths() -> dict[str, Any]:
             "a `since` of another epoch answers the current position and no messages",
             [_channel_parameter(), _since_parameter(),
              _query("limit", "at most this many messages (default and cap 1000)", OFFSET)],
-            "400c", "403n"),
+            "400c", "403n") | {"delete": {
+                "operationId": "remove_history", "summary": "Remove a channel's stored messages",
+                "tags": ["api"], "security": SECURITY, "parameters": [_channel_parameter()],
+                "responses": _responses(
+                    t.Empty, "removed: the channel's history starts a new epoch (subscribers "
+                    "get `reset`, a recovery from before `recovered: false`)", "400c", "403n"),
+            }},
+        "/api/namespaces": _get(
+            "namespaces", "The options of each channel namespace", t.NamespacesReply,
+            "namespace name → options; `default` is what other channels get", [], "403"),
         "/api/channels": _get(
             "channels", "Active channels with subscriber counts, cluster-wide",
             t.ChannelsReply, "channel name → subscriber count",

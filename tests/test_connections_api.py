@@ -106,8 +106,9 @@ async def test_one_node_lists_filters_and_pages_its_connections() -> None:
 
 
 async def test_bad_queries_are_answered_bad_request(node: RunningNode) -> None:
-    for params in ({"limit": "x"}, {"limit": "1001"}, {"limit": "-1"}, {"after": "garbage!"}, {"after": ""},
-                   {"after": "no-node@"}, {"after": "@no-client"}, {"user": ""}, {"channel": ""}):
+    for params in ({"limit": "x"}, {"limit": "1001"}, {"limit": "-1"}, {"after": "garbage!"},
+                   {"after": ""}, {"after": "no-node@"}, {"after": "@no-client"},
+                   {"user": ""}, {"channel": ""}):
         response = await node.http.get("/api/connections", params=params)
         assert response.status_code == 400, params
         assert response.json()["error"]["code"] == "bad_request"
@@ -183,3 +184,28 @@ async def test_two_nodes_list_the_cluster_in_pages(redis_url: str) -> None:
         async with HubClient(a.url, API_KEY) as hub:
             await hub.disconnect("ben", client=ben.welcome["client"])
         assert await ben.closed() == 4003
+
+
+async def test_history_removal_starts_a_new_epoch(node: RunningNode) -> None:
+    """`DELETE /api/history/{channel}` (for the operator's page): the messages are gone, the
+    next read is of a new epoch, and a live subscriber is told with `reset`."""
+    async with connect(node.ws_url, token("dora")) as dora:
+        first = (await node.http.post("/api/publish", json={"channel": "feed:a", "data": 1}))
+        epoch = first.json()["epoch"]
+        await dora.subscribe("feed:a")
+        response = await node.http.delete("/api/history/feed:a")
+        assert response.status_code == 200 and response.json() == {}
+        after = (await node.http.get("/api/history/feed:a")).json()
+        assert after["messages"] == [] and after["epoch"] != epoch
+        await node.http.post("/api/publish", json={"channel": "feed:a", "data": 2})
+        reset = await dora.expect("reset")  # it goes on from there: a reload covers 2
+        assert (reset["epoch"], reset["offset"]) == (after["epoch"], 1)
+        await node.http.post("/api/publish", json={"channel": "feed:a", "data": 3})
+        message = await dora.expect("message")
+        assert (message["data"], message["offset"]) == (3, 2)
+    for channel, code in (("chat:a", "forbidden"), ("bad name", "invalid_channel")):
+        response = await node.http.delete(f"/api/history/{channel}")
+        assert response.json()["error"]["code"] == code
+    namespaces = (await node.http.get("/api/namespaces")).json()["namespaces"]
+    assert namespaces["feed"]["history_size"] == 100 and namespaces["chat"]["presence"]
+    assert "default" in namespaces
