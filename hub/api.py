@@ -30,6 +30,7 @@ from hub.api_types import (
     ErrorReply,
     HistoryMessage,
     HistoryReply,
+    NamespacesReply,
     PresenceClient,
     PresenceReply,
     PublishBody,
@@ -44,8 +45,8 @@ from hub.protocol import ConnectionSummary
 
 __all__ = [
     "BroadcastItem", "BroadcastReply", "ChannelsReply", "ConnectionSummary",
-    "ConnectionsReply", "HistoryMessage", "HistoryReply",
-    "HubApiError", "HubClient", "NodeStats", "PresenceClient", "PresenceReply",
+    "ConnectionsReply", "HistoryMessage", "HistoryReply", "HubApiError", "HubClient",
+    "NamespacesReply", "NodeStats", "PresenceClient", "PresenceReply",
     "PublishReply", "StatsReply", "StatsTotal",
 ]
 
@@ -155,6 +156,18 @@ class HubClient:
         if limit is not None:
             params["limit"] = limit
         return await self._get(f"/api/history/{channel_path(channel)}", params, HistoryReply)
+
+    async def remove_history(self, channel: str) -> None:
+        """Drop the channel's stored messages; its history starts a new epoch (subscribers
+        get `reset`)."""
+        response = await self._http.delete(
+            f"{self.url}/api/history/{channel_path(channel)}", headers=self._headers
+        )
+        _reply(response, Empty)
+
+    async def namespaces(self) -> NamespacesReply:
+        """`.namespaces`: each namespace's options, `default` among them."""
+        return await self._get("/api/namespaces", {}, NamespacesReply)
 
     async def channels(self, prefix: str = "") -> ChannelsReply:
         """`.channels`: channel name → subscriber count, cluster-wide."""

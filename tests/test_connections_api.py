@@ -203,6 +203,10 @@ async def test_history_removal_starts_a_new_epoch(node: RunningNode) -> None:
         await node.http.post("/api/publish", json={"channel": "feed:a", "data": 3})
         message = await dora.expect("message")
         assert (message["data"], message["offset"]) == (3, 2)
+        async with HubClient(node.url, API_KEY) as hub:
+            await hub.remove_history("feed:a")
+            assert (await hub.history("feed:a")).epoch not in (epoch, after["epoch"])
+            assert (await hub.namespaces()).namespaces["feed"].history_size == 100
     for channel, code in (("chat:a", "forbidden"), ("bad name", "invalid_channel")):
         response = await node.http.delete(f"/api/history/{channel}")
         assert response.json()["error"]["code"] == code
