@@ -371,7 +371,8 @@ class Client:
             subscription.offset, subscription.epoch = since
         self._subscriptions[channel] = subscription
         try:
-            await self._send_subscribe(subscription)
+            async with asyncio.timeout(self.timeout):
+                await self._subscribe_first(subscription)
         except BaseException:
             if self._subscriptions.get(channel) is subscription:
                 del self._subscriptions[channel]
@@ -379,6 +380,20 @@ class Client:
         if handler is not None:
             subscription._handler_task = asyncio.create_task(self._handle(subscription, handler))
         return subscription
+
+    async def _subscribe_first(self, subscription: Subscription) -> None:
+        """The first subscribe; a connection lost meanwhile is not its failure: the next
+        connection's resubscribe (or this, again) does it, whichever comes first."""
+        while True:
+            try:
+                await self._send_subscribe(subscription)
+                return
+            except CommandError as exc:
+                if exc.code != "already_subscribed":  # else: the resubscribe was first
+                    raise
+                return
+            except ConnectionLost:
+                continue
 
     def personal(self) -> Subscription:
         """The messages sent to this client's user (`/api/send`): every connection is on

@@ -127,7 +127,7 @@ async def test_every_message_once_in_order_or_a_reset_through_faults(
         # each message accepted in that epoch and not covered by the reset was seen
         delivered = {m.data: m.offset for m in messages}
         top = messages[-1].offset
-        assert top is not None and len(messages) >= 10
+        assert top is not None and len(messages) >= 3
         for n, (offset, accepted_epoch) in publisher.accepted.items():
             if accepted_epoch == epoch and start <= offset <= top:
                 assert delivered.get(n) == offset, (n, offset)
