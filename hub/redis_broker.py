@@ -209,6 +209,19 @@ class RedisBroker:
         messages = [m for m in map(decode_relayed, payloads) if isinstance(m, Message)]
         return HistoryPage(position, messages, complete=bool(complete))
 
+    async def remove_history(self, channel: str) -> None:
+        """The stream goes; the meta (epoch, offset) stays, as in Centrifuge's Redis
+        broker."""
+        self._check_up()
+        stream_key = self._keys(channel)[0]
+        try:
+            async with self._topology.slots_for(stream_key):
+                await self._topology.client.delete(stream_key)
+        except REDIS_ERRORS as exc:
+            self._commands.failed(exc)
+            raise BrokerUnavailable("removing history failed: Redis is unreachable") from exc
+        self._commands.recovered()
+
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition
     ) -> StreamPosition:
