@@ -133,6 +133,18 @@ def _paths() -> dict[str, Any]:
         "/api/disconnect": _post(
             "disconnect", "Close every connection of one user, on any node",
             t.DisconnectBody, t.Empty, "done (also when the user has no connection)"),
+        "/api/subscribe": _post(
+            "subscribe", "Subscribe every connection of one user, on any node, to a channel",
+            t.SubscribeBody, t.Empty,
+            "sent to every node (also when the user has no connection); each connection is "
+            "told (`/ws`: a `subscribed` frame without `id`; Centrifugo's clients: a "
+            "subscribe push), then gets the channel's messages", channel_errors=True),
+        "/api/unsubscribe": _post(
+            "unsubscribe", "Unsubscribe every connection of one user, on any node",
+            t.UnsubscribeBody, t.Empty,
+            "sent to every node; each connection that was subscribed is told (`/ws`: an "
+            "`unsubscribed` frame without `id`; Centrifugo's clients: an unsubscribe push)",
+            channel_errors=True),
         "/api/presence/{channel}": _get(
             "presence", "Who is subscribed to a channel, cluster-wide", t.PresenceReply,
             "the channel's subscribers", [_channel_parameter()], "400c", "403n"),

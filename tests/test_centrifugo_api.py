@@ -425,3 +425,18 @@ async def test_moves_reach_connections_on_the_other_node(redis_url: str) -> None
         # An empty channel: out of every channel (Centrifugo's meaning).
         await api.unsubscribe(UnsubscribeRequest(user="far", channel=""))
         await eventually(lambda: events.unsubscribed == ["chat:far"], what="the push")
+
+
+async def test_history_remove_on_redis_keeps_the_epoch(redis_url: str) -> None:
+    settings = make_settings(redis_url=redis_url, namespaces=NAMESPACES)
+    async with running_node(settings) as running, cent(running) as api:
+        first = await api.publish(PublishRequest(channel="feed:kept", data=1))
+        await api.publish(PublishRequest(channel="feed:kept", data=2))
+        await api.history_remove(HistoryRemoveRequest(channel="feed:kept"))
+        emptied = await api.history(HistoryRequest(channel="feed:kept", limit=-1))
+        assert (emptied.publications, emptied.offset, emptied.epoch) == ([], 2, first.epoch)
+        again = await api.publish(PublishRequest(channel="feed:kept", data=3))
+        assert (again.offset, again.epoch) == (3, first.epoch)
+        since = StreamPosition(offset=1, epoch=first.epoch)
+        after = await api.history(HistoryRequest(channel="feed:kept", limit=-1, since=since))
+        assert [pub.data for pub in after.publications] == [3]

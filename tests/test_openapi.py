@@ -35,6 +35,7 @@ API_CALLS = {
     ("post", "/api/publish"), ("post", "/api/broadcast"), ("post", "/api/send"),
     ("post", "/api/disconnect"), ("get", "/api/presence/{channel}"),
     ("get", "/api/history/{channel}"), ("get", "/api/channels"), ("get", "/api/stats"),
+    ("post", "/api/subscribe"), ("post", "/api/unsubscribe"),
 }
 PROBES = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 # Every namespace open, with history and presence, so most generated calls can succeed.
