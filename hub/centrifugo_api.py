@@ -46,6 +46,7 @@ log = logging.getLogger("hub.centrifugo_api")
 MAX_BODY_BYTES = 1024 * 1024
 MAX_INFO_BYTES = 1024
 MAX_BATCH_PARALLEL = 64  # commands of a `parallel` batch in flight at once
+MAX_EXPIRE_AT = 2**32  # unix seconds: a timer further out is no timer
 
 Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 NO_RAW = p.NO_RAW
@@ -440,8 +441,8 @@ async def refresh(node: Node, request: RefreshRequest) -> Empty:
     info = request.info
     if len(info) and (not bytes(info).lstrip().startswith(b"{") or len(info) > MAX_INFO_BYTES):
         raise CallFailed(BAD_REQUEST, "info must be a JSON object of at most 1 KiB")
-    if request.expire_at < 0:
-        raise CallFailed(BAD_REQUEST, "expire_at must be >= 0")
+    if not 0 <= request.expire_at < MAX_EXPIRE_AT:
+        raise CallFailed(BAD_REQUEST, "expire_at must be unix seconds (0: no expiry)")
     await node.refresh_user(
         user, client=request.client or None, expired=request.expired,
         expire_at=request.expire_at or None, info=info,
