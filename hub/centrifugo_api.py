@@ -33,6 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from hub import __version__
+from hub import centrifugo_frames as cf
 from hub import protocol as p
 from hub.centrifugo_session import publication
 from hub.channels import is_personal, is_valid
@@ -48,7 +49,12 @@ MAX_INFO_BYTES = 1024
 MAX_BATCH_PARALLEL = 64  # commands of a `parallel` batch in flight at once
 MAX_EXPIRE_AT = 2**32  # unix seconds: a timer further out is no timer
 
-Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# A JSON Schema integer includes 4.0, so a whole number with a fraction part of zero is
+# taken as well (as §9 takes a close code); `_whole` checks each one in `__post_init__`.
+Whole = Annotated[int | float, msgspec.Meta(extra_json_schema={
+    "type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1})]
+Offset = Annotated[int | float, msgspec.Meta(extra_json_schema={
+    "type": "integer", "minimum": 0, "maximum": 2**63 - 1})]
 NO_RAW = p.NO_RAW
 
 # Error codes of Centrifugo's server API (apiproto/errors.go).
@@ -92,14 +98,33 @@ class Unreadable(CallFailed):
 # requests (api.proto's fields; unknown ones are ignored, as Centrifugo's decoder does)
 
 
+def _whole(value: int | float, what: str, low: int = -(2**63), high: int = 2**63 - 1) -> int:
+    """An integer field's value; ValueError (the body is unreadable: 400) otherwise."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"`{what}` must be an integer")
+    if not low <= value <= high:
+        raise ValueError(f"`{what}` must be between {low} and {high}")
+    return int(value)
+
+
+def _absent() -> msgspec.Raw:
+    """A raw field left out (a factory, not a default: /openapi.json's schemas hold no
+    default that is not JSON)."""
+    return NO_RAW
+
+
+
 class StreamPosition(msgspec.Struct):
     offset: Offset = 0
     epoch: str = ""
 
+    def __post_init__(self) -> None:
+        self.offset = _whole(self.offset, "offset", 0)
+
 
 class PublishRequest(msgspec.Struct, kw_only=True):
     channel: str = ""
-    data: msgspec.Raw = NO_RAW
+    data: msgspec.Raw = msgspec.field(default_factory=_absent)
     b64data: str = ""
     skip_history: bool = False
     tags: dict[str, str] | None = None
@@ -107,11 +132,14 @@ class PublishRequest(msgspec.Struct, kw_only=True):
     delta: bool = False
     version: Offset = 0
     version_epoch: str = ""
+
+    def __post_init__(self) -> None:
+        self.version = _whole(self.version, "version", 0)
 
 
 class BroadcastRequest(msgspec.Struct, kw_only=True):
     channels: list[str] = msgspec.field(default_factory=list)
-    data: msgspec.Raw = NO_RAW
+    data: msgspec.Raw = msgspec.field(default_factory=_absent)
     b64data: str = ""
     skip_history: bool = False
     tags: dict[str, str] | None = None
@@ -119,20 +147,26 @@ class BroadcastRequest(msgspec.Struct, kw_only=True):
     delta: bool = False
     version: Offset = 0
     version_epoch: str = ""
+
+    def __post_init__(self) -> None:
+        self.version = _whole(self.version, "version", 0)
 
 
 class SubscribeRequest(msgspec.Struct, kw_only=True):
     channel: str = ""
     user: str = ""
-    expire_at: int = 0
-    info: msgspec.Raw = NO_RAW
+    expire_at: Whole = 0
+    info: msgspec.Raw = msgspec.field(default_factory=_absent)
     b64info: str = ""
     client: str = ""
-    data: msgspec.Raw = NO_RAW
+    data: msgspec.Raw = msgspec.field(default_factory=_absent)
     b64data: str = ""
     recover_since: StreamPosition | None = None
-    override: msgspec.Raw = NO_RAW
+    override: msgspec.Raw = msgspec.field(default_factory=_absent)
     session: str = ""
+
+    def __post_init__(self) -> None:
+        self.expire_at = _whole(self.expire_at, "expire_at")
 
 
 class UnsubscribeRequest(msgspec.Struct, kw_only=True):
@@ -143,8 +177,11 @@ class UnsubscribeRequest(msgspec.Struct, kw_only=True):
 
 
 class DisconnectSpec(msgspec.Struct, kw_only=True):
-    code: int = 0
+    code: Whole = 0
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.code = _whole(self.code, "code")
 
 
 class DisconnectRequest(msgspec.Struct, kw_only=True):
@@ -163,18 +200,24 @@ class ChannelRequest(msgspec.Struct, kw_only=True):
 
 class HistoryRequest(msgspec.Struct, kw_only=True):
     channel: str = ""
-    limit: int = 0
+    limit: Whole = 0
     since: StreamPosition | None = None
     reverse: bool = False
+
+    def __post_init__(self) -> None:
+        self.limit = _whole(self.limit, "limit")
 
 
 class RefreshRequest(msgspec.Struct, kw_only=True):
     user: str = ""
     client: str = ""
     expired: bool = False
-    expire_at: int = 0
-    info: msgspec.Raw = NO_RAW
+    expire_at: Whole = 0
+    info: msgspec.Raw = msgspec.field(default_factory=_absent)
     session: str = ""
+
+    def __post_init__(self) -> None:
+        self.expire_at = _whole(self.expire_at, "expire_at")
 
 
 class ChannelsRequest(msgspec.Struct, kw_only=True):
@@ -221,14 +264,8 @@ class BroadcastResult(msgspec.Struct):
     responses: list[PublishResponse]
 
 
-class ClientInfo(msgspec.Struct, omit_defaults=True):
-    user: str
-    client: str
-    conn_info: msgspec.Raw | None = None
-
-
 class PresenceResult(msgspec.Struct):
-    presence: dict[str, ClientInfo]
+    presence: dict[str, cf.ClientInfo]  # by client id
 
 
 class PresenceStatsResult(msgspec.Struct):
@@ -237,7 +274,7 @@ class PresenceStatsResult(msgspec.Struct):
 
 
 class HistoryResult(msgspec.Struct):
-    publications: list[Any]  # hub.centrifugo_frames.Publication, as the client protocol's
+    publications: list[cf.Publication]  # as the client protocol's
     epoch: str
     offset: int
 
@@ -270,6 +307,12 @@ class Reply(msgspec.Struct, omit_defaults=True):
     result: Any = None
 
 
+class ErrorReply(msgspec.Struct):
+    """Every error: `{"error": {"code": ..., "message": ...}}`."""
+
+    error: ErrorBody
+
+
 class BatchResult(msgspec.Struct):
     replies: list[dict[str, Any]]
 
@@ -279,13 +322,15 @@ class BatchResult(msgspec.Struct):
 RequestT = TypeVar("RequestT", bound=msgspec.Struct)
 Call = Callable[[Node, Any], Awaitable[msgspec.Struct]]
 METHODS: dict[str, tuple[type[msgspec.Struct], Call]] = {}
+RESULTS: dict[str, type[msgspec.Struct]] = {}  # by method, for /openapi.json
 
 
 def method(
-    name: str, request: type[RequestT]
+    name: str, request: type[RequestT], result: type[msgspec.Struct]
 ) -> Callable[[Callable[[Node, RequestT], Awaitable[msgspec.Struct]]], Call]:
     def register(call: Callable[[Node, RequestT], Awaitable[msgspec.Struct]]) -> Call:
         METHODS[name] = (request, call)
+        RESULTS[name] = result
         return call
 
     return register
@@ -353,10 +398,10 @@ async def _publish(
     return PublishResult(position.offset, position.epoch)
 
 
-@method("publish", PublishRequest)
+@method("publish", PublishRequest, PublishResult)
 async def publish(node: Node, request: PublishRequest) -> PublishResult:
     channel = _channel(request.channel)
-    _unsupported(request.idempotency_key, request.version)
+    _unsupported(request.idempotency_key, int(request.version))
     event = _event(request.tags)
     data = _json(request.data, request.b64data, "data")
     if not len(data):
@@ -364,11 +409,11 @@ async def publish(node: Node, request: PublishRequest) -> PublishResult:
     return await _publish(node, channel, data, event, request.skip_history)
 
 
-@method("broadcast", BroadcastRequest)
+@method("broadcast", BroadcastRequest, BroadcastResult)
 async def broadcast(node: Node, request: BroadcastRequest) -> BroadcastResult:
     if not request.channels:
         raise CallFailed(BAD_REQUEST, "channels required")
-    _unsupported(request.idempotency_key, request.version)
+    _unsupported(request.idempotency_key, int(request.version))
     event = _event(request.tags)
     data = _json(request.data, request.b64data, "data")
     if not len(data):
@@ -386,7 +431,7 @@ async def broadcast(node: Node, request: BroadcastRequest) -> BroadcastResult:
     return BroadcastResult(responses)
 
 
-@method("subscribe", SubscribeRequest)
+@method("subscribe", SubscribeRequest, Empty)
 async def subscribe(node: Node, request: SubscribeRequest) -> Empty:
     channel, user = _channel(request.channel), _user(request.user)
     _no_session(request.session)
@@ -396,13 +441,13 @@ async def subscribe(node: Node, request: SubscribeRequest) -> Empty:
         raise CallFailed(BAD_REQUEST, "subscription expiry (expire_at) is not supported")
     since = request.recover_since
     await node.subscribe_user(
-        user, channel, p.Since(since.offset, since.epoch) if since is not None else None,
+        user, channel, p.Since(int(since.offset), since.epoch) if since is not None else None,
         client=request.client or None, data=_json(request.data, request.b64data, "data"),
     )
     return Empty()
 
 
-@method("unsubscribe", UnsubscribeRequest)
+@method("unsubscribe", UnsubscribeRequest, Empty)
 async def unsubscribe(node: Node, request: UnsubscribeRequest) -> Empty:
     """An empty channel: every channel of the user (Centrifugo's meaning)."""
     user = _user(request.user)
@@ -416,14 +461,14 @@ async def unsubscribe(node: Node, request: UnsubscribeRequest) -> Empty:
     return Empty()
 
 
-@method("disconnect", DisconnectRequest)
+@method("disconnect", DisconnectRequest, Empty)
 async def disconnect(node: Node, request: DisconnectRequest) -> Empty:
     """Without `disconnect`, or with code 0: the hub's 4003 (3503 on Centrifugo's
     endpoints, Centrifugo's default)."""
     user = _user(request.user)
     _no_session(request.session)
     spec = request.disconnect or DisconnectSpec()
-    code = spec.code or int(CloseCode.DISCONNECTED_BY_API)
+    code = int(spec.code) or int(CloseCode.DISCONNECTED_BY_API)
     if not 3000 <= code <= 4999:
         raise CallFailed(BAD_REQUEST, "disconnect code must be 3000-4999")
     await node.disconnect_user(user, code, close_reason(spec.reason),
@@ -431,7 +476,7 @@ async def disconnect(node: Node, request: DisconnectRequest) -> Empty:
     return Empty()
 
 
-@method("refresh", RefreshRequest)
+@method("refresh", RefreshRequest, Empty)
 async def refresh(node: Node, request: RefreshRequest) -> Empty:
     """Centrifugo's meanings: `expired` closes the connections as expired; otherwise
     `expire_at` (unix s) is their new expiry, and none (0) means none; `info` replaces
@@ -441,40 +486,42 @@ async def refresh(node: Node, request: RefreshRequest) -> Empty:
     info = request.info
     if len(info) and (not bytes(info).lstrip().startswith(b"{") or len(info) > MAX_INFO_BYTES):
         raise CallFailed(BAD_REQUEST, "info must be a JSON object of at most 1 KiB")
-    if not 0 <= request.expire_at < MAX_EXPIRE_AT:
+    expire_at = int(request.expire_at)
+    if not 0 <= expire_at < MAX_EXPIRE_AT:
         raise CallFailed(BAD_REQUEST, "expire_at must be unix seconds (0: no expiry)")
     await node.refresh_user(
         user, client=request.client or None, expired=request.expired,
-        expire_at=request.expire_at or None, info=info,
+        expire_at=expire_at or None, info=info,
     )
     return Empty()
 
 
-@method("presence", ChannelRequest)
+@method("presence", ChannelRequest, PresenceResult)
 async def presence(node: Node, request: ChannelRequest) -> PresenceResult:
     members = await node.presence_of(_channel(request.channel))
     return PresenceResult({
-        m.client: ClientInfo(m.user, m.client, m.info if m.info is not None else None)
+        m.client: cf.ClientInfo(user=m.user, client=m.client, conn_info=m.info)
         for m in members
     })
 
 
-@method("presence_stats", ChannelRequest)
+@method("presence_stats", ChannelRequest, PresenceStatsResult)
 async def presence_stats(node: Node, request: ChannelRequest) -> PresenceStatsResult:
     members = await node.presence_of(_channel(request.channel))
     return PresenceStatsResult(len(members), len({m.user for m in members}))
 
 
-@method("history", HistoryRequest)
+@method("history", HistoryRequest, HistoryResult)
 async def history(node: Node, request: HistoryRequest) -> HistoryResult:
     """Centrifugo's meanings: `limit` 0 is the position only, a negative one everything
     (up to the hub's cap, 1,000); without `since` the oldest (`reverse`: the newest, newest
     first); with `since` those after it (`reverse`: before it, newest first); a `since` of
     another epoch is 112, and an empty epoch means the current one."""
     channel = _channel(request.channel)
-    limit = HISTORY_LIMIT if request.limit < 0 else min(request.limit, HISTORY_LIMIT)
+    limit = HISTORY_LIMIT if request.limit < 0 else min(int(request.limit), HISTORY_LIMIT)
     top = (await node.history_page(channel, None, 0)).position
-    since = request.since
+    position = request.since
+    since = p.Since(int(position.offset), position.epoch) if position is not None else None
     if since is not None and since.epoch and since.epoch != top.epoch:
         raise CallFailed(UNRECOVERABLE)
     messages: list[p.Message] = []
@@ -493,13 +540,13 @@ async def history(node: Node, request: HistoryRequest) -> HistoryResult:
     return HistoryResult([publication(m) for m in messages], top.epoch, top.offset)
 
 
-@method("history_remove", ChannelRequest)
+@method("history_remove", ChannelRequest, Empty)
 async def history_remove(node: Node, request: ChannelRequest) -> Empty:
     await node.remove_history(_channel(request.channel))
     return Empty()
 
 
-@method("channels", ChannelsRequest)
+@method("channels", ChannelsRequest, ChannelsResult)
 async def channels(node: Node, request: ChannelsRequest) -> ChannelsResult:
     """`pattern` is a glob (`*`, `?`, `[...]`), as Centrifugo's; empty: every channel."""
     counts = await node.presence.channels(node.snapshot())
@@ -510,7 +557,7 @@ async def channels(node: Node, request: ChannelsRequest) -> ChannelsResult:
     })
 
 
-@method("info", InfoRequest)
+@method("info", InfoRequest, InfoResult)
 async def info(node: Node, request: InfoRequest) -> InfoResult:
     cluster = await cluster_stats(node.presence, node.snapshot())
     now = int(time.time())
@@ -679,3 +726,67 @@ def shortcuts(settings: Settings) -> dict[tuple[str, str], Endpoint]:
     before the router (as it does the hub's own)."""
     prefix = settings.centrifugo_api_prefix
     return {("POST", f"{prefix}/{name}"): endpoint(name) for name in ("publish", "broadcast")}
+
+
+
+# /openapi.json
+
+SCHEMA_PREFIX = "Centrifugo"  # its components' names, apart from the hub's own API's
+
+
+def _ref(kind: type[msgspec.Struct]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{SCHEMA_PREFIX}{kind.__name__}"}
+
+
+def openapi_schemas() -> dict[str, Any]:
+    kinds = {*(kind for kind, _ in METHODS.values()), *RESULTS.values(), BatchRequest,
+             BatchResult, ErrorReply}
+    _, schemas = msgspec.json.schema_components(
+        sorted(kinds, key=lambda kind: kind.__name__),
+        ref_template=f"#/components/schemas/{SCHEMA_PREFIX}{{name}}",
+    )
+    return {SCHEMA_PREFIX + name: schema for name, schema in schemas.items()}
+
+
+def openapi_paths(prefix: str) -> dict[str, Any]:
+    """Each method: its request, `{"result"}` or `{"error"}` at 200, the statuses of what
+    is no call."""
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description,
+                "content": {"application/json": {"schema": _ref(ErrorReply)}}}
+
+    paths: dict[str, Any] = {}
+    for name in METHOD_NAMES:
+        request: type[msgspec.Struct] = BatchRequest
+        ok: dict[str, Any] = _ref(BatchResult)
+        if name != "batch":
+            request = METHODS[name][0]
+            ok = {"oneOf": [
+                {"type": "object", "properties": {"result": _ref(RESULTS[name])},
+                 "required": ["result"]},
+                _ref(ErrorReply),
+            ]}
+        paths[f"{prefix}/{name}"] = {"post": {
+            "operationId": f"centrifugo_{name}", "tags": ["centrifugo"],
+            "summary": f"Centrifugo's server API: {name} (PROTOCOL §16)",
+            "security": [{"ApiKey": []}, {"CentrifugoApiKey": []}],
+            "requestBody": {"required": False,  # no body: `{}`
+                            "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": {
+                "200": {"description": "`{\"result\"}`, or `{\"error\"}` with Centrifugo's "
+                        "code (100, 102, 104, 107, 108, 112)",
+                        "content": {"application/json": {"schema": ok}}},
+                "400": error("107: the body is no JSON, or a field has the wrong type"),
+                "401": error("101: missing or wrong API key"),
+                "403": error("103: no HUB_API_KEY is configured (and not in dev mode)"),
+                "413": error("107: body over 1 MiB"),
+                "500": error("100: a failure of the node (logged)"),
+            },
+        }}
+    return paths
+
+
+SECURITY_SCHEME = {"type": "apiKey", "in": "header", "name": "Authorization",
+                   "description": "`apikey <HUB_API_KEY>` (Centrifugo's form; X-API-Key too)"}
+

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub import __version__
+from hub import __version__, centrifugo_api
 from hub import api_types as t
+from hub.node import node_of
 
 JSON = "application/json"
 SECURITY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
@@ -189,8 +190,12 @@ def _components() -> dict[str, Any]:
     }
 
 
-def document(root_path: str = "") -> dict[str, Any]:
-    """The whole document; `root_path` is where the hub is mounted (embedding)."""
+def document(
+    root_path: str = "", centrifugo_prefix: str = "/centrifugo/api"
+) -> dict[str, Any]:
+    """The whole document; `root_path` is where the hub is mounted (embedding), and
+    Centrifugo's server API (PROTOCOL §16) is under `centrifugo_prefix`."""
+    components = _components()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -202,14 +207,19 @@ def document(root_path: str = "") -> dict[str, Any]:
                 "mode it may be left out. Probes and metrics need none."),
         },
         "servers": [{"url": root_path or "/"}],
-        "paths": _paths(),
-        "components": _components(),
+        "paths": {**_paths(), **centrifugo_api.openapi_paths(centrifugo_prefix)},
+        "components": {
+            "schemas": {**components["schemas"], **centrifugo_api.openapi_schemas()},
+            "securitySchemes": {**components["securitySchemes"],
+                                "CentrifugoApiKey": centrifugo_api.SECURITY_SCHEME},
+        },
     }
 
 
 async def openapi_json(request: Request) -> Response:
     root_path = request.scope.get("root_path", "").rstrip("/")
-    return Response(msgspec.json.encode(document(root_path)), media_type=JSON)
+    prefix = node_of(request.app).settings.centrifugo_api_prefix
+    return Response(msgspec.json.encode(document(root_path, prefix)), media_type=JSON)
 
 
 routes = [Route("/openapi.json", openapi_json, methods=["GET"])]
