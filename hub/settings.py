@@ -242,6 +242,10 @@ def validate(settings: Settings) -> None:
             "(e.g. /centrifugo/api), without a trailing /",
         ),
         (
+            settings.centrifugo_api_prefix != "/api",
+            "HUB_CENTRIFUGO_API_PREFIX cannot be /api: the hub's own API calls live there",
+        ),
+        (
             settings.log_level in {"critical", "error", "warning", "info", "debug", "trace"},
             "HUB_LOG_LEVEL must be one of critical, error, warning, info, debug, trace",
         ),

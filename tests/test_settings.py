@@ -148,6 +148,7 @@ def test_bool_garbage_names_the_variable() -> None:
         ("HUB_CENTRIFUGO_API_PREFIX", "centrifugo/api"),
         ("HUB_CENTRIFUGO_API_PREFIX", "/centrifugo/api/"),
         ("HUB_CENTRIFUGO_API_PREFIX", "/a b"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/api"),
     ],
 )
 def test_bad_value_names_the_option(variable: str, raw: str) -> None:
