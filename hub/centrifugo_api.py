@@ -76,6 +76,7 @@ from hub.centrifugo_api_types import (
 )
 from hub.centrifugo_session import publication
 from hub.channels import is_personal, is_valid
+from hub.endpoints import MAX_BODY_BYTES
 from hub.errors import BrokerUnavailable, CloseCode, HubError, close_reason
 from hub.node import HISTORY_LIMIT, Node, node_of
 from hub.presence import cluster_stats
@@ -83,7 +84,6 @@ from hub.settings import Settings
 
 log = logging.getLogger("hub.centrifugo_api")
 
-MAX_BODY_BYTES = 1024 * 1024
 MAX_INFO_BYTES = 1024
 MAX_BATCH_PARALLEL = 64  # commands of a `parallel` batch in flight at once
 MAX_EXPIRE_AT = 2**32  # unix seconds: a timer further out is no timer
@@ -366,6 +366,9 @@ async def _batch_item(node: Node, command: dict[str, msgspec.Raw]) -> dict[str, 
         return {name: await run(node, name, command[name])}
     except CallFailed as exc:
         return {"error": _error_body(exc)}
+    except Exception:  # one command's failure is its own reply, not the batch's
+        log.exception("centrifugo API batch command %s failed", name)
+        return {"error": ErrorBody(INTERNAL, MESSAGES[INTERNAL])}
 
 
 async def run(node: Node, name: str, body: msgspec.Raw | bytes) -> msgspec.Struct:
