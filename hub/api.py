@@ -31,6 +31,7 @@ from hub.api_types import (
     HistoryMessage,
     HistoryReply,
     NamespacesReply,
+    Position,
     PresenceClient,
     PresenceReply,
     PublishBody,
@@ -38,6 +39,8 @@ from hub.api_types import (
     SendBody,
     StatsReply,
     StatsTotal,
+    SubscribeBody,
+    UnsubscribeBody,
 )
 from hub.errors import CloseCode
 from hub.presence import NodeStats
@@ -139,6 +142,23 @@ class HubClient:
         """Close every connection of `user` (or only its connection `client`), on any node."""
         await self._post("/api/disconnect", DisconnectBody(user, code, reason, client), Empty)
 
+    async def subscribe(
+        self,
+        user: str,
+        channel: str,
+        *,
+        since: tuple[int, str] | None = None,
+        client: str | None = None,
+    ) -> None:
+        """Subscribe every connection of `user` (only `client`, when given), on any node, to
+        `channel`; `since` is `(offset, epoch)`: each recovers the messages after it."""
+        position = Position(*since) if since is not None else None
+        await self._post("/api/subscribe", SubscribeBody(user, channel, position, client), Empty)
+
+    async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe every connection of `user` (only `client`, when given), on any node."""
+        await self._post("/api/unsubscribe", UnsubscribeBody(user, channel, client), Empty)
+
     async def presence(self, channel: str) -> PresenceReply:
         return await self._get(f"/api/presence/{channel_path(channel)}", {}, PresenceReply)
 
@@ -158,8 +178,8 @@ class HubClient:
         return await self._get(f"/api/history/{channel_path(channel)}", params, HistoryReply)
 
     async def remove_history(self, channel: str) -> None:
-        """Drop the channel's stored messages; its history starts a new epoch (subscribers
-        get `reset`)."""
+        """Drop the channel's stored messages; its epoch and offset stay (a recovery from
+        before now is not recovered)."""
         response = await self._http.delete(
             f"{self.url}/api/history/{channel_path(channel)}", headers=self._headers
         )

@@ -95,8 +95,9 @@ class Broker(Protocol):
         """`limit` 0 asks only for the position."""
 
     async def remove_history(self, channel: str) -> None:
-        """Drop the channel's stored messages; its next epoch starts with the next read or
-        publish (history was lost: subscribers get `reset`, recoveries `recovered: false`)."""
+        """Drop the stored messages of `channel`; its epoch and offset stay, so the next
+        publication goes on from there and a recovery from before now is not complete
+        (Centrifugo's `history_remove`)."""
 
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition
@@ -207,7 +208,9 @@ class MemoryBroker:
         return HistoryPage(position, after[:limit], complete=complete)
 
     async def remove_history(self, channel: str) -> None:
-        self._streams.pop(channel, None)
+        stream = self._streams.get(channel)
+        if stream is not None:
+            stream.messages.clear()
 
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition

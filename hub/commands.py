@@ -20,7 +20,7 @@ from hub.auth import AuthFailed, Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions, check_client_channel, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
-from hub.hub import Subscriber
+from hub.hub import Connection
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.settings import Namespace
@@ -29,7 +29,7 @@ from hub.subscriptions import Joined
 log = logging.getLogger("hub.commands")
 
 
-class Client(Subscriber, Protocol):
+class Client(Connection, Protocol):
     """A connection as commands see it."""
 
     identity: Identity
@@ -78,9 +78,34 @@ class ClientCommands:
         """`joined` gets what the subscription starts from (for the reply) before any
         message of the channel reaches the client."""
         namespace = client.permissions.check_subscribe(channel)
-        subscriptions = self._subscriptions
-        if subscriptions.has(client, channel):
+        if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
+        await self._join(client, channel, namespace, since, joined)
+
+    async def server_subscribe(
+        self,
+        client: Client,
+        channel: str,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> bool:
+        """A subscribe the server API asks for (PROTOCOL §15): the backend decides, so no
+        permission is checked, but the subscription limit holds. False: it was subscribed
+        already, and nothing changes."""
+        if self._subscriptions.has(client, channel):
+            return False
+        await self._join(client, channel, self.settings.namespace_of(channel), since, joined)
+        return True
+
+    async def _join(
+        self,
+        client: Client,
+        channel: str,
+        namespace: Namespace,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> None:
+        subscriptions = self._subscriptions
         limit = self.settings.max_subscriptions
         if limit and subscriptions.count_of(client) >= limit:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
@@ -95,6 +120,13 @@ class ClientCommands:
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
         await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+
+    async def server_unsubscribe(self, client: Client, channel: str) -> bool:
+        """An unsubscribe the server API asks for; False: it was not subscribed."""
+        if not await self._subscriptions.leave(client, channel):
+            return False
+        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        return True
 
     async def publish(
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None

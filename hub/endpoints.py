@@ -158,7 +158,8 @@ async def disconnect(request: Request, node: Node) -> t.Empty:
         raise ApiError(400, "bad_request", "`code` must be 1000 or 3000-4999")
     if body.client is not None and not 1 <= len(body.client) <= 128:
         raise ApiError(400, "bad_request", "`client` must be 1-128 characters")
-    await node.disconnect_user(body.user, int(code), close_reason(body.reason), body.client)
+    await node.disconnect_user(body.user, int(code), close_reason(body.reason),
+                               client=body.client)
     return t.Empty()
 
 

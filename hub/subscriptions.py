@@ -191,8 +191,8 @@ class Subscriptions:
         return channel in self._channels_of.get(subscriber, ())
 
     def channels_of(self, subscriber: Subscriber) -> list[str]:
-        """Its channels (joiners and personal ones included), for `/api/connections`."""
-        return list(self._channels_of.get(subscriber, ()))
+        """The channels `subscriber` is in or joining, personal ones left out."""
+        return [name for name in self._channels_of.get(subscriber, ()) if not is_personal(name)]
 
     def count_of(self, subscriber: Subscriber) -> int:
         """Subscriptions of `subscriber` that count toward its limit (joiners included)."""

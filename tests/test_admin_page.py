@@ -14,6 +14,7 @@ temp dir).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 import httpx
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
-from hub import endpoints
 from tests.needs import need
 from tests.support import (
     API_KEY,
@@ -273,13 +273,16 @@ async def test_operator_acts_on_connections_and_watches_rates(tmp_path: Path) ->
         await expect(rows).to_have_count(2)
         await expect(page.locator("#action-result")).to_contain_text("disconnected")
 
-        # unsubscribe one connection from one channel, where the hub has the call
-        if any(getattr(route, "path", "") == "/api/unsubscribe" for route in endpoints.routes):
-            await bob_row.locator(".chip[data-channel='orders:eu'] button").click()
-            await page.click("#confirm-yes")
-            await expect(bob_row.locator(".chip")).to_have_count(1)
-            assert (await bob.request({"type": "unsubscribe", "channel": "orders:eu"}))[
-                "code"] == "not_subscribed"
+        # unsubscribe one connection from one channel (confirmed): the client is told
+        await bob_row.locator(".chip[data-channel='orders:eu'] button").click()
+        await expect(page.locator("#confirm-text")).to_contain_text("orders:eu")
+        await page.click("#confirm-yes")
+        await expect(bob_row.locator(".chip")).to_have_count(1)
+        async with asyncio.timeout(WAIT):
+            while (frame := await bob.recv())["type"] != "unsubscribed":
+                pass
+        assert frame == {"type": "unsubscribed", "channel": "orders:eu"}
+        await expect(page.locator("#action-result")).to_contain_text("unsubscribed")
 
         # the rate charts draw what was published and delivered
         for number in range(30):

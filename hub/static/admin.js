@@ -482,7 +482,7 @@ function unsubscribe(connection, channel) {
 function removeHistory() {
   const channel = state.selected;
   if (channel === null) return;
-  act(`Remove the stored messages of ${channel}? Its subscribers are told to reload.`,
+  act(`Remove the stored messages of ${channel}? Clients that come back later cannot recover what they missed before now.`,
     "DELETE", "api/history/" + channelPath(channel), undefined,
     `removed the history of ${channel}`);
 }
