@@ -20,6 +20,7 @@ from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
+from hub.events import Events
 from hub.expiry import ExpiryClock
 from hub.hub import Hub
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
@@ -66,6 +67,7 @@ class Node:
         self.draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()  # set while no connection is open
+        self.events: Events | None = None  # PROTOCOL §14, when somebody listens (`attach`)
         self.idle.set()
         hub, subscriptions = self.hub, self.subscriptions
         metrics.connections.set_function(lambda: len(hub.sessions))
@@ -87,10 +89,14 @@ class Node:
     async def start(self) -> None:
         await self.presence.start()
         await self.broker.start(self)
+        if self.events is not None:
+            await self.events.start()
         self.spawn(self._heartbeat_loop())
 
     async def stop(self) -> None:
         await self.subscriptions.close()
+        if self.events is not None:
+            await self.events.stop()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
         for step in (self.presence.leave, self.broker.close, self.presence.close):
