@@ -287,6 +287,7 @@ class RedisLedger:
             holds.add(hold)
         else:
             holds.discard(hold)
+        self._dirty.pop(hold, None)  # to the end: Redis takes changes in their order
         self._dirty[hold] = next(self._changes)
         self._applied.clear()
         self._wake.set()
@@ -489,6 +490,10 @@ class RedisLedger:
                 self._incident.failed(exc)
                 sent = False
                 failures += 1
+            except Exception:
+                log.exception("events: sending bucket %d failed; trying again", bucket)
+                sent = False
+                failures += 1
             if sent:
                 self._idle[bucket].clear()
             else:
@@ -507,10 +512,10 @@ class RedisLedger:
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-            start: Any = "0-0"
-            while True:
+            start: Any = b"0-0"
+            while True:  # (redis-py's justid=True drops the cursor)
                 reply = await client.xautoclaim(
-                    stream, GROUP, self._node, 0, start_id=start, count=1000, justid=True)
+                    stream, GROUP, self._node, 0, start_id=start, count=BATCH_SIZE)
                 start = reply[0]
                 if start in (b"0-0", "0-0"):
                     break
