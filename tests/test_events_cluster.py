@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,17 @@ import pytest
 import redis.asyncio
 
 from hub.events_redis import bucket_of
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
-from tests.support import Client, NodeProcess, connect, eventually, token
+from tests.support import (
+    Client,
+    NodeProcess,
+    connect,
+    eventually,
+    make_settings,
+    running_node,
+    token,
+)
 from tests.test_cluster import node_env, stop_nodes, unique
 from tests.test_events import EVENTS_SECRET, Receiver, names, receiver_process
 
@@ -230,6 +240,34 @@ async def test_killed_node_is_counted_out(cluster: EventsCluster) -> None:
     print(f"vacated {delay:.2f} s after the SIGKILL (TTL {TTL} s)")
 
 
+async def test_frozen_node_counted_out_tells_again(cluster: EventsCluster) -> None:
+    """A node frozen (SIGSTOP) past the TTL is counted out (vacated); when it runs again
+    it finds itself unknown and tells Redis what it holds (occupied again): the events
+    follow what the cluster knew, and still pair up."""
+    channel = unique("chat:ev-frozen")
+    frozen = NodeProcess(cluster.env(unique("ev-frozen"))).start()
+    try:
+        async with connect(frozen.ws_url, token(unique("u"))) as client:
+            await client.subscribe(channel)
+            await cluster.held_by("c", channel, 1)
+            frozen.signal(signal.SIGSTOP)
+            try:
+                await cluster.held_by("c", channel, 0)
+            finally:
+                frozen.signal(signal.SIGCONT)
+            await cluster.held_by("c", channel, 1)
+            await client.request({"type": "unsubscribe", "channel": channel})
+        found = await eventually(
+            lambda: cluster.receiver.events(channel=channel, name="channel_vacated"),
+            lambda found: len(found) == 2, within=10, what="two vacated")
+        assert found
+        events = unique_events(await cluster.receiver.events(channel=channel))
+        assert [e["name"] for e in events if e["name"].startswith("channel_")] == [
+            "channel_occupied", "channel_vacated"] * 2
+    finally:
+        frozen.kill()
+
+
 async def test_sender_killed_mid_send_loses_nothing(cluster: EventsCluster) -> None:
     """The node sending a channel's bucket dies while the receiver holds its POST: another
     node claims what it had read and sends it again, with the same ids."""
@@ -314,3 +352,32 @@ async def test_redis_restart_keeps_everything(cluster: EventsCluster) -> None:
         "channel_occupied", "member_added", "member_removed", "channel_vacated"]
     assert names(unique_events(await receiver.events(channel=recorded))) == [
         "channel_occupied", "member_added", "member_removed", "channel_vacated"]
+
+
+async def test_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    """On a Redis Cluster each bucket's scripts run on its shard: two nodes, channels in
+    every bucket, one pair of events per channel."""
+    channels = [f"chat:ev-shard{index}" for index in range(40)]
+    assert {bucket_of("c", channel) for channel in channels} == set(range(16))
+    with receiver_process() as receiver:
+        settings = [
+            make_settings(redis_url=redis_cluster.url, node_id=f"evc-{n}", presence_ttl=TTL,
+                          events_url=receiver.events_url, events_secret=EVENTS_SECRET,
+                          namespaces={"chat": {"subscribe": "any", "presence": True}})
+            for n in "ab"
+        ]
+        async with running_node(settings[0]) as a:
+            async with running_node(settings[1]) as b, \
+                    connect(a.ws_url, token("evc-1")) as one, \
+                    connect(b.ws_url, token("evc-2")) as two:
+                for channel in channels:
+                    await one.subscribe(channel)
+                    await two.subscribe(channel)
+                for channel in channels:
+                    await one.request({"type": "unsubscribe", "channel": channel})
+            for channel in channels:
+                found = await settled(receiver, channel, channel=channel)
+                assert [e["name"] for e in unique_events(found)
+                        if e["name"].startswith("channel_")] == [
+                    "channel_occupied", "channel_vacated"], channel
+        assert (await receiver.recorded())["bad_signatures"] == 0
