@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -67,6 +68,7 @@ log = logging.getLogger("hub.events")
 BUCKETS = 16
 GROUP = "hub-events"
 _APPLY_BATCH = 500  # scripts per pipelined round trip
+_APPLY_WINDOW = 0.005  # s: how long a change waits for others to share its round trip
 _REAP_BUDGET = 1000  # holdings released per reap script
 
 # KEYS: stream, subject, node's holdings, alive. ARGV: 1 held / 0 released, holder, node,
@@ -119,7 +121,8 @@ local nodes
 if ARGV[2] ~= '' then nodes = {ARGV[2]} else
   nodes = redis.call('ZRANGEBYSCORE', alive, '-inf', now) end
 local budget, max_len = tonumber(ARGV[4]), tonumber(ARGV[3])
-local recorded, dropped = {}, {}
+local members, others = {}, {}  -- the events owed: a member's removal before its channel's
+local finished = {}
 for _, node in ipairs(nodes) do
   local holdings = ARGV[1] .. node
   local cursor = '0'
@@ -133,24 +136,34 @@ for _, node in ipairs(nodes) do
       local holder, subject = string.sub(field, 1, cut - 1), string.sub(field, cut + 1)
       redis.call('HDEL', holdings, field)
       if redis.call('HDEL', subject, holder) == 1 and redis.call('HLEN', subject) == 0 then
-        local name = string.match(tail, '"name":"([a-z_]+)"') or 'unknown'
-        if redis.call('XLEN', stream) < max_len then
-          redis.call('XADD', stream, '*', 'e', tail)
-          recorded[#recorded + 1] = name
-        else
-          dropped[#dropped + 1] = name
-        end
+        if string.find(subject, ':s:m:', 1, true) then members[#members + 1] = tail
+        else others[#others + 1] = tail end
       end
       budget = budget - 1
     end
   until cursor == '0' or budget <= 0
-  if budget <= 0 and redis.call('HLEN', holdings) > 0 then
-    return {1, table.concat(recorded, ','), table.concat(dropped, ',')}
-  end
-  redis.call('DEL', holdings)
+  if redis.call('HLEN', holdings) == 0 then finished[#finished + 1] = node end
+  if budget <= 0 then break end
+end
+for _, node in ipairs(finished) do
+  redis.call('DEL', ARGV[1] .. node)
   redis.call('ZREM', alive, node)
 end
-return {0, table.concat(recorded, ','), table.concat(dropped, ',')}
+local recorded, dropped = {}, {}
+for _, group in ipairs({members, others}) do
+  for _, tail in ipairs(group) do
+    local name = string.match(tail, '"name":"([a-z_]+)"') or 'unknown'
+    if redis.call('XLEN', stream) < max_len then
+      redis.call('XADD', stream, '*', 'e', tail)
+      recorded[#recorded + 1] = name
+    else
+      dropped[#dropped + 1] = name
+    end
+  end
+end
+local more = 0
+if #finished < #nodes then more = 1 end
+return {more, table.concat(recorded, ','), table.concat(dropped, ',')}
 """
 
 # KEYS: lease. ARGV: node, ttl_ms. 1: renewed; 2: taken (it was free); 0: another's.
@@ -213,9 +226,10 @@ class RedisLedger:
         self._wake = asyncio.Event()
         self._owned = [False] * BUCKETS
         self._fresh = [False] * BUCKETS  # just taken: claim what the last owner left
-        self._owner_changed = [asyncio.Event() for _ in range(BUCKETS)]
-        # Set while the bucket has nothing for this node to send (not its, or sent).
-        self._idle = [asyncio.Event() for _ in range(BUCKETS)]
+        # This consumer may hold entries it read and did not acknowledge: read those first.
+        self._claimed = [False] * BUCKETS
+        self._idle = asyncio.Event()  # the sender found nothing to send
+        self._idle.set()
         self._applied = asyncio.Event()  # Redis has taken every change of this node
         self._applied.set()
         self._healthy_since: float | None = None  # Redis answered every beat since
@@ -251,7 +265,7 @@ class RedisLedger:
     async def start(self) -> None:
         self._tellers = [asyncio.create_task(loop, name="hub-events")
                          for loop in (self._apply_loop(), self._beat_loop())]
-        senders = [self._lease_loop(), *(self._bucket_loop(b) for b in range(BUCKETS))]
+        senders = [self._lease_loop(), self._send_loop()]
         self._senders = [asyncio.create_task(loop, name="hub-events") for loop in senders]
 
     async def stop(self) -> None:
@@ -267,10 +281,9 @@ class RedisLedger:
         except REDIS_ERRORS as exc:
             log.warning("events: could not count this node out (%s); the others will "
                         "once its entries lapse", exc)
-        await asyncio.sleep(BATCH_WINDOW)
+        self._idle.clear()  # the sender looks once more (what the count-out recorded)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*(idle.wait() for idle in self._idle)), STOP_SECONDS)
+            await asyncio.wait_for(self._idle.wait(), STOP_SECONDS)
         await _cancel(self._senders)
         self._tellers, self._senders = [], []
         with contextlib.suppress(*REDIS_ERRORS):  # else the leases lapse by themselves
@@ -307,6 +320,7 @@ class RedisLedger:
         failures = 0
         while True:
             await self._wake.wait()
+            await asyncio.sleep(_APPLY_WINDOW)  # changes close together: one round trip
             self._wake.clear()
             while self._dirty or self._emits or self._unregistered:
                 try:
@@ -405,23 +419,31 @@ class RedisLedger:
             await asyncio.sleep(interval)
 
     async def _retire(self) -> None:
-        for bucket in range(BUCKETS):
-            more = 1
-            while more:
-                more = await self._reap_bucket(bucket, self._node)
+        buckets = list(range(BUCKETS))
+        while buckets:
+            buckets = await self._reap_buckets(buckets, self._node)
 
-    async def _reap_bucket(self, bucket: int, node: str = "") -> int:
-        prefix = self._bases[bucket] + b"h:"
-        keys = [self._stream(bucket), self._alive(bucket)]
-        args: list[bytes | str | int] = [prefix, node, self._max_pending, _REAP_BUDGET]
-        [(more, recorded, dropped)] = await self._run([(self._reap, keys, args)])
-        for name in filter(None, recorded.decode().split(",")):
-            self._metrics.events.labels(name, "produced").inc()
-        for name in filter(None, dropped.decode().split(",")):
-            self._overflow.dropped(name)
-        if recorded and not node:
-            log.info("events: counted out nodes whose presence lapsed (bucket %d)", bucket)
-        return int(more)
+    async def _reap_buckets(self, buckets: list[int], node: str = "") -> list[int]:
+        """Count out lapsed nodes (or `node`) in `buckets`, one round trip; returns the
+        buckets where more is left to do."""
+        calls: list[_Call] = [
+            (self._reap, [self._stream(b), self._alive(b)],
+             [self._bases[b] + b"h:", node, self._max_pending, _REAP_BUDGET])
+            for b in buckets
+        ]
+        more: list[int] = []
+        for bucket, (unfinished, recorded, dropped) in zip(
+            buckets, await self._run(calls), strict=True
+        ):
+            for name in filter(None, recorded.decode().split(",")):
+                self._metrics.events.labels(name, "produced").inc()
+            for name in filter(None, dropped.decode().split(",")):
+                self._overflow.dropped(name)
+            if recorded and not node:
+                log.info("events: counted out nodes whose presence lapsed (bucket %d)", bucket)
+            if unfinished:
+                more.append(bucket)
+        return more
 
     # sending
 
@@ -446,60 +468,117 @@ class RedisLedger:
 
     def _set_owned(self, states: list[int]) -> None:
         for bucket, state in enumerate(states):
-            owned = state > 0
-            if state == 2:
+            self._owned[bucket] = state > 0
+            if state == 2:  # just taken: claim what the last owner left, first
                 self._fresh[bucket] = True
-            if owned != self._owned[bucket]:
-                self._owned[bucket] = owned
-                self._owner_changed[bucket].set()
 
-    async def _bucket_loop(self, bucket: int) -> None:
-        """While this node owns the bucket: count out lapsed nodes now and then, read what
-        waits (what this consumer read before first), send it, acknowledge and delete it."""
+    async def _send_loop(self) -> None:
+        """The node's sender: reads what waits in every bucket it owns (one pipelined round
+        trip), sends it in POSTs of at most `BATCH_SIZE` events (each bucket's in stream
+        order), acknowledges and deletes each POST's entries; looks again at once while
+        there was something, else after `BATCH_WINDOW`. Now and then it counts out lapsed
+        nodes in those buckets."""
         reap_every = min(1.0, self._ttl / 3)
         reaped_at = 0.0
         failures = 0
         while True:
-            if not self._owned[bucket]:
-                self._idle[bucket].set()
-                changed = self._owner_changed[bucket]
-                changed.clear()
-                await changed.wait()
-                continue
+            self._idle.clear()
             try:
-                if self._fresh[bucket]:
-                    await self._take_over(bucket)
-                    self._fresh[bucket] = False
-                now = time.monotonic()
-                healthy = self._healthy_since
-                if now - reaped_at >= reap_every and healthy is not None and (
+                buckets = [b for b in range(BUCKETS) if self._owned[b]]
+                for bucket in buckets:
+                    if self._fresh[bucket]:
+                        await self._take_over(bucket)
+                        self._fresh[bucket] = False
+                        self._claimed[bucket] = True
+                now, healthy = time.monotonic(), self._healthy_since
+                if buckets and now - reaped_at >= reap_every and healthy is not None and (
                     now - healthy >= self._ttl
                 ):
                     reaped_at = now
-                    while await self._reap_bucket(bucket):
-                        pass
-                sent = await self._send_some(bucket)
+                    await self._reap_buckets(buckets)
+                entries = await self._read_all(buckets)
+                sent = await self._send_all(entries)
                 failures = 0
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    self._fresh[bucket] = True  # Redis lost the group (and its data)
-                self._incident.failed(exc)
-                sent = False
-                failures += 1
             except REDIS_ERRORS as exc:
                 self._incident.failed(exc)
-                sent = False
                 failures += 1
+                sent = False
             except Exception:
-                log.exception("events: sending bucket %d failed; trying again", bucket)
-                sent = False
+                log.exception("events: the sender failed; trying again")
                 failures += 1
-            if sent:
-                self._idle[bucket].clear()
-            else:
-                self._idle[bucket].set()
-            if not sent:
+                sent = False
+            if failures:
                 await asyncio.sleep(min(2.0, BATCH_WINDOW * 2 ** min(failures, 5)))
+            elif not sent:
+                self._idle.set()
+                await asyncio.sleep(BATCH_WINDOW)
+
+    async def _read_all(self, buckets: list[int]) -> list[tuple[int, bytes, Any]]:
+        """What waits in `buckets`, oldest first per bucket: what this consumer read
+        before and has not acknowledged (after a take-over or a failed send), else what is
+        new. A bucket whose group Redis lost is taken over again."""
+        if not buckets:
+            return []
+        async with self._topology.slots_for(self._stream(buckets[0])):
+            pipe = self._topology.client.pipeline(transaction=False)
+            for bucket in buckets:
+                start = "0" if self._claimed[bucket] else ">"
+                pipe.xreadgroup(GROUP, self._node, {self._stream(bucket): start},
+                                count=BATCH_SIZE)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        entries: list[tuple[int, bytes, Any]] = []
+        for bucket, reply in zip(buckets, replies, strict=True):
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                self._fresh[bucket] = True  # Redis lost the group (and its data)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            found = reply[0][1] if reply else []
+            if not found:
+                self._claimed[bucket] = False  # nothing left from before
+            entries.extend((bucket, entry_id, fields) for entry_id, fields in found)
+        return entries
+
+    async def _send_all(self, entries: list[tuple[int, bytes, Any]]) -> bool:
+        """POSTs of at most `BATCH_SIZE`, in turn; False when there was nothing."""
+        for start in range(0, len(entries), BATCH_SIZE):
+            chunk = entries[start:start + BATCH_SIZE]
+            buckets = {bucket for bucket, _, _ in chunk}
+            batch = [
+                pending for bucket, entry_id, fields in chunk
+                if (pending := self._pending(bucket, entry_id, fields)) is not None
+            ]
+            still = functools.partial(self._still_owned, buckets)
+            if batch and not await self._delivery.send(batch, still):
+                for bucket in buckets:
+                    self._claimed[bucket] = True  # read again if it comes back
+                return True
+            await self._acknowledge(chunk)
+        return bool(entries)
+
+    def _still_owned(self, buckets: set[int]) -> bool:
+        return all(self._owned[bucket] for bucket in buckets)
+
+    async def _acknowledge(self, chunk: list[tuple[int, bytes, Any]]) -> None:
+        """XACK and XDEL what was delivered; retried while this node owns the buckets (a
+        node that lost them leaves it to the next owner, who sends it again)."""
+        by_bucket: dict[int, list[bytes]] = {}
+        for bucket, entry_id, _ in chunk:
+            by_bucket.setdefault(bucket, []).append(entry_id)
+        while True:
+            try:
+                async with self._topology.slots_for(self._stream(chunk[0][0])):
+                    pipe = self._topology.client.pipeline(transaction=False)
+                    for bucket, ids in by_bucket.items():
+                        pipe.xack(self._stream(bucket), GROUP, *ids)
+                        pipe.xdel(self._stream(bucket), *ids)
+                    await pipe.execute()
+                return
+            except REDIS_ERRORS as exc:
+                self._incident.failed(exc)
+                if not self._still_owned(set(by_bucket)):
+                    return
+                await asyncio.sleep(0.5)
 
     async def _take_over(self, bucket: int) -> None:
         """The bucket is this node's now: claim what earlier owners read and did not
@@ -520,35 +599,6 @@ class RedisLedger:
                 if start in (b"0-0", "0-0"):
                     break
 
-    async def _send_some(self, bucket: int) -> bool:
-        """One batch: False when there was nothing to send."""
-        stream = self._stream(bucket)
-        entries = await self._read(stream, "0")  # read before, not acknowledged
-        if not entries:
-            entries = await self._read(stream, ">")
-        if not entries:
-            return False
-        ids = [entry_id for entry_id, _ in entries]
-        batch = [
-            pending for entry_id, fields in entries
-            if (pending := self._pending(bucket, entry_id, fields)) is not None
-        ]
-        if batch and not await self._delivery.send(batch, lambda: self._owned[bucket]):
-            return False
-        while True:
-            try:
-                async with self._topology.slots_for(stream):
-                    pipe = self._topology.client.pipeline(transaction=False)
-                    pipe.xack(stream, GROUP, *ids)
-                    pipe.xdel(stream, *ids)
-                    await pipe.execute()
-                return True
-            except REDIS_ERRORS as exc:
-                self._incident.failed(exc)
-                if not self._owned[bucket]:
-                    return False  # the next owner sends them again
-                await asyncio.sleep(0.5)
-
     async def _read(self, stream: bytes, start: str) -> list[tuple[bytes, Any]]:
         async with self._topology.slots_for(stream):
             reply = await self._topology.client.xreadgroup(
@@ -566,9 +616,8 @@ class RedisLedger:
         subject: bytes = fields.get(b"e", b"")
         if not subject.startswith(b"{"):
             return None
-        raw_id: bytes = entry_id
-        event_id = fields.get(b"i") or b"%d-%s" % (bucket, raw_id)
-        time_ms = int(raw_id.split(b"-")[0])
+        event_id = fields.get(b"i") or b"%d-%s" % (bucket, entry_id)
+        time_ms = int(entry_id.split(b"-")[0])
         name_at = subject.find(b'"name":"') + 8
         name = subject[name_at:subject.find(b'"', name_at)].decode()
         body = b'{"id":"%s","time_ms":%d,%s' % (event_id, time_ms, subject[1:])

@@ -312,8 +312,8 @@ async def test_receiver_failing_for_a_while(cluster: EventsCluster) -> None:
             async with connect(node.ws_url, token(unique("u"))) as client:
                 await client.subscribe(channel)
                 await cluster.held_by("c", channel, 1)
-        await eventually(receiver.recorded, lambda r: r["attempts"] >= before + 5,
-                         what="five refused POSTs")
+        await eventually(receiver.recorded, lambda r: r["attempts"] >= before + 3,
+                         what="three refused POSTs")
         await receiver.mode(status=200)
         for channel in channels:
             found = unique_events(await settled(receiver, channel, channel=channel))
