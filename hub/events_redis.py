@@ -23,10 +23,11 @@ whether it holds it now, and sends that state until Redis has taken it: retries 
 outage are safe, and what waits is bounded by the number of subjects.
 
 One node at a time sends each bucket (its lease), so its events go out in stream order:
-in order per channel and per user. A new owner first claims (`XAUTOCLAIM`) what the last
-one had read but not acknowledged, and sends it again, with the same `id`s. The owner also
-counts out nodes whose entry in `alive` has lapsed (`REAP_LUA`): what they held is released
-and the events they owed are recorded, once.
+in order per channel and per user. A node's one sender reads every bucket it owns in one
+pipelined round trip and sends what it found in POSTs of up to `BATCH_SIZE` events. A new
+owner first claims (`XAUTOCLAIM`) what the last one had read but not acknowledged, and sends
+it again, with the same `id`s. The owner also counts out nodes whose entry in `alive` has
+lapsed (`REAP_LUA`): what they held is released and the events they owed are recorded, once.
 """
 
 from __future__ import annotations

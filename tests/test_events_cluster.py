@@ -289,11 +289,13 @@ async def test_sender_killed_mid_send_loses_nothing(cluster: EventsCluster) -> N
         assert owner
         victim = next(n for n in cluster.nodes if n.env["HUB_NODE_ID"] == owner)
         victim.kill()
+        killed_at = time.monotonic()
         await receiver.mode(delay=0)
         found = await eventually(
             lambda: receiver.events(channel=channel),
             lambda found: len(unique_events(found)) == 12, within=TTL + 10,
             what="every event, resent by another node")
+        print(f"resent {time.monotonic() - killed_at:.2f} s after the sender's SIGKILL")
         assert names(unique_events(found)) == [
             "channel_occupied", "member_added", "member_removed", "channel_vacated"] * 3
         victim.start()  # a node again for the tests after
@@ -315,6 +317,10 @@ async def test_receiver_failing_for_a_while(cluster: EventsCluster) -> None:
         await eventually(receiver.recorded, lambda r: r["attempts"] >= before + 3,
                          what="three refused POSTs")
         await receiver.mode(status=200)
+        answering = time.monotonic()
+        for channel in channels:
+            found = unique_events(await settled(receiver, channel, channel=channel))
+        print(f"delivered {time.monotonic() - answering:.2f} s after the receiver answered")
         for channel in channels:
             found = unique_events(await settled(receiver, channel, channel=channel))
             assert names(found) == [
@@ -341,8 +347,10 @@ async def test_redis_restart_keeps_everything(cluster: EventsCluster) -> None:
         await cluster.held_by("c", recorded, 0)
         cluster.redis_server.stop()
         cluster.redis_server.start(keep_data=True)
+        back = time.monotonic()
         await receiver.mode(status=200)
         await settled(receiver, "events recorded before the restart", channel=recorded)
+        print(f"delivered {time.monotonic() - back:.2f} s after Redis was back")
         # Every node beats again; none is counted out for the outage (bounded wait).
         await asyncio.sleep(2 * TTL + 1)
         assert names(unique_events(await receiver.events(channel=busy))) == [
