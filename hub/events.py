@@ -367,6 +367,9 @@ def create_events(
     on the in-process one this node is the cluster."""
     if call is None and not settings.events_url:
         return None
+    for name in EVENT_NAMES:  # known label values start at 0, so rate() sees the first
+        for outcome in OUTCOMES:
+            metrics.events.labels(name, outcome)
     delivery = Delivery(metrics, url=settings.events_url, secret=settings.events_secret or "",
                         call=call)
     ledger: Ledger

@@ -67,8 +67,9 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def receiver_process() -> Iterator[Receiver]:
-    port = free_port()
+def receiver_process(port: int | None = None) -> Iterator[Receiver]:
+    """The receiver in its own process, on `port` or a free one."""
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.events_receiver", str(port), EVENTS_SECRET],
         stdout=subprocess.PIPE,
@@ -173,6 +174,25 @@ async def test_receiver_failing_delays_and_loses_nothing(receiver: Receiver) -> 
                 ] * 3
     finally:
         await receiver.mode(status=200)
+
+
+async def test_receiver_not_listening_yet() -> None:
+    """A closed port is a failed attempt like any other: client traffic goes on, and the
+    events arrive once something listens there."""
+    port = free_port()
+    settings = make_settings(namespaces=NAMESPACES, node_id="ev-closed",
+                             events_secret=EVENTS_SECRET,
+                             events_url=f"http://127.0.0.1:{port}/events")
+    async with running_node(settings) as node, connect(node.ws_url, token("ev-cl")) as c:
+        await c.subscribe("chat:ev-closed")
+        await eventually(lambda: events_metric(node, "user_online", "retried"),
+                         lambda value: value > 0, what="a retry")
+        await c.subscribe("chat:ev-closed-2")  # clients are not held up meanwhile
+        with receiver_process(port) as receiver:
+            found = await eventually(
+                lambda: receiver.events(channel="chat:ev-closed-2"), within=15,
+                what="the events, once the receiver listens")
+    assert names(found) == ["channel_occupied", "member_added"]
 
 
 async def test_client_publish_over_the_socket(receiver: Receiver) -> None:
