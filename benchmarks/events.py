@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await http_get_json(receiver_port, "/report")
                 break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # the nodes take their buckets
+        await asyncio.sleep(3.0)  # the nodes share the buckets out
         per_connection = args.connections // args.nodes
         total_connections = per_connection * args.nodes
         if args.rate:

@@ -167,12 +167,21 @@ if #finished < #nodes then more = 1 end
 return {more, table.concat(recorded, ','), table.concat(dropped, ',')}
 """
 
-# KEYS: lease. ARGV: node, ttl_ms. 1: renewed; 2: taken (it was free); 0: another's.
+# KEYS: lease. ARGV: node, ttl_ms, may take (1/0). 1: renewed; 2: taken (it was free, and
+# the node may take more); 0: another's (or free, and the node has its share).
 LEASE_LUA = """
 local owner = redis.call('GET', KEYS[1])
 if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not owner then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
+if not owner and ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
+"""
+
+# KEYS: a bucket's alive. The live nodes there (every node beats in every bucket).
+NODES_LUA = _NOW + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%d', now), '+inf')
 """
 
 # KEYS: lease. ARGV: node.
@@ -217,6 +226,9 @@ class RedisLedger:
             Script.of(source)
             for source in (HOLD_LUA, EMIT_LUA, TOUCH_LUA, REAP_LUA, LEASE_LUA, RELEASE_LUA)
         )
+        self._nodes = Script.of(NODES_LUA)
+        self._share = BUCKETS  # buckets this node may send: its part of the live nodes'
+        self._surplus = 0  # buckets it holds past its share, to hand back
         # What this node holds now, by bucket: the one truth it tells Redis.
         self._held: list[set[Hold]] = [set() for _ in range(BUCKETS)]
         # Holdings whose state Redis has not taken yet, by the change's number.
@@ -449,23 +461,43 @@ class RedisLedger:
     # sending
 
     async def _lease_loop(self) -> None:
-        """Take free buckets, keep the ones this node sends (every TTL / 4)."""
-        interval = self._ttl / 4
+        """Keep the buckets this node sends, and take free ones while it has fewer than
+        its share (16 / live nodes, rounded up), every second (or TTL / 4, if less); what
+        it holds past its share the sender hands back (so a cluster's buckets spread over
+        its nodes; a bucket handed back waits for its next owner about a second)."""
+        interval = min(1.0, self._ttl / 4)
         renewed = time.monotonic()
         while True:
+            take = int(sum(self._owned) < self._share)
             calls: list[_Call] = [
-                (self._lease, [self._owner(b)], [self._node, self._ttl_ms])
+                (self._lease, [self._owner(b)], [self._node, self._ttl_ms, take])
                 for b in range(BUCKETS)
             ]
+            calls.append((self._nodes, [self._alive(0)], []))
             try:
-                results = await self._run(calls)
+                *results, nodes = await self._run(calls)
             except REDIS_ERRORS:
                 if time.monotonic() - renewed > self._ttl / 2:
                     self._set_owned([0] * BUCKETS)
             else:
                 renewed = time.monotonic()
+                self._share = -(-BUCKETS // max(1, int(nodes)))
                 self._set_owned([int(result) for result in results])
+                self._surplus = max(0, sum(self._owned) - self._share)
             await asyncio.sleep(interval * random.uniform(0.8, 1.0))
+
+    async def _hand_back(self) -> None:
+        """Release buckets past this node's share, among those with nothing read and not
+        acknowledged (between two sends: the next owner has nothing to send again)."""
+        spare = [b for b in range(BUCKETS)
+                 if self._owned[b] and not (self._fresh[b] or self._claimed[b])]
+        chosen = spare[-self._surplus:] if self._surplus else []
+        self._surplus = 0
+        if not chosen:
+            return
+        for bucket in chosen:
+            self._owned[bucket] = False
+        await self._run([(self._release, [self._owner(b)], [self._node]) for b in chosen])
 
     def _set_owned(self, states: list[int]) -> None:
         for bucket, state in enumerate(states):
@@ -485,6 +517,8 @@ class RedisLedger:
         while True:
             self._idle.clear()
             try:
+                if self._surplus:
+                    await self._hand_back()
                 buckets = [b for b in range(BUCKETS) if self._owned[b]]
                 for bucket in buckets:
                     if self._fresh[bucket]:
