@@ -174,7 +174,7 @@ def load_events_table(path: str) -> dict[str, object]:
     unknown = set(table) - set(_EVENTS_TABLE)
     if unknown:
         raise SettingsError(f"HUB_CONFIG: [events]: unknown keys {sorted(unknown)}")
-    return {_EVENTS_TABLE[key]: value for key, value in table.items()}
+    return {_EVENTS_TABLE[key]: value for key, value in table.items() if value != ""}
 
 
 def _read_public_key(value: str) -> str:
