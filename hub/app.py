@@ -17,6 +17,7 @@ from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
 from hub.connection import WebSocketEndpoint
+from hub.events import EventsCallable, attach, create_events
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
@@ -78,10 +79,13 @@ class HubApp(Starlette):
 WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, on_events: EventsCallable | None = None) -> Starlette:
+    """`on_events`: a callable that gets the events of PROTOCOL §14 instead of
+    `HUB_EVENTS_URL` (an embedded hub)."""
     broker, presence = create_backends(settings)
     metrics = Metrics(settings.node_id)
     node = Node(settings, broker, presence, metrics)
+    attach(node, create_events(settings, metrics, broker, on_events))
     write_path = WritePath()
 
     @contextlib.asynccontextmanager

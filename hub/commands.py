@@ -59,6 +59,8 @@ class ClientCommands:
         if not node.hub.sessions:
             node.idle.set()
         self.metrics.disconnections.labels(close_code_label(code)).inc()
+        for channel in self._subscriptions.channels_of(client):  # removed before vacated
+            self._member(client, channel, self.settings.namespace_of(channel), False)
         channels = await self._subscriptions.leave_all(client)
         if node.broker.up:  # else presence expires by TTL, and leave events cannot go out
             await asyncio.gather(*(
@@ -113,13 +115,16 @@ class ClientCommands:
             raise BrokerUnavailable()
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined):
+            self._member(client, channel, namespace, True)
             await self._announce(client, channel, namespace, joined=True)
 
     async def unsubscribe(self, client: Client, channel: str) -> None:
         check_client_channel(channel)
+        namespace = self.settings.namespace_of(channel)
+        self._member(client, channel, namespace, False)  # before vacated; a no-op if not in
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
-        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        await self._announce(client, channel, namespace, joined=False)
 
     async def server_unsubscribe(self, client: Client, channel: str) -> bool:
         """An unsubscribe the server API asks for; False: it was not subscribed."""
@@ -131,11 +136,15 @@ class ClientCommands:
     async def publish(
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None
     ) -> StreamPosition | None:
-        client.permissions.check_publish(channel)
-        return await self.node.publish(
+        namespace = client.permissions.check_publish(channel)
+        position = await self.node.publish(
             channel, data, event, from_user=client.user, from_client=client.client_id,
             from_info=client.identity.info, source="client",
         )
+        events = self.node.events
+        if events is not None and namespace.events_client_publish:
+            events.client_publish(channel, client.user, client.client_id, data)
+        return position
 
     async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
         """Members without their node: that is the operators' business."""
@@ -158,6 +167,12 @@ class ClientCommands:
         if identity.user != client.user:
             raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
         return identity
+
+    def _member(self, client: Client, channel: str, namespace: Namespace, joined: bool) -> None:
+        """member_added / member_removed (PROTOCOL §14), beside presence."""
+        events = self.node.events
+        if events is not None and namespace.presence:
+            events.member(channel, client.user, client.client_id, joined)
 
     async def _announce(
         self, client: Client, channel: str, namespace: Namespace, joined: bool

@@ -40,6 +40,7 @@ from hub.api_types import (
 from hub.app import create_app
 from hub.channels import check_name
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
+from hub.events import EventsCallable
 from hub.node import Node, node_of
 from hub.protocol import Since
 from hub.settings import Settings
@@ -54,9 +55,11 @@ class EmbeddedHub:
     Errors are `hub.errors.HubError` with the contract's code (`invalid_channel`,
     `forbidden`, `unavailable`, ...)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_events: EventsCallable | None = None) -> None:
+        """`on_events`: an async callable that gets each batch of events (PROTOCOL §14,
+        a list of dicts) instead of `HUB_EVENTS_URL`; raising means "send it again"."""
         self.settings = settings
-        self.app: Starlette = create_app(settings)
+        self.app: Starlette = create_app(settings, on_events=on_events)
         self.node: Node = node_of(self.app)
 
     def mount(self, path: str = "/realtime", name: str | None = "hub") -> Mount:

@@ -4,6 +4,7 @@ and by user."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from hub.broker import StreamPosition
@@ -66,12 +67,16 @@ class Hub:
         # A user's one connection, or the set of them: most users have one, and a set costs
         # a connection 216 bytes at least.
         self.sessions_by_user: dict[str, Connection | set[Connection]] = {}
+        # Told of a user's first connection here (True) and of its last gone (events).
+        self.on_user: Callable[[str, bool], None] | None = None
 
     def add(self, session: Connection) -> None:
         self.sessions[session.client_id] = session
         found = self.sessions_by_user.get(session.user)
         if found is None:
             self.sessions_by_user[session.user] = session
+            if self.on_user is not None:
+                self.on_user(session.user, True)
         elif isinstance(found, set):
             found.add(session)
         elif found is not session:
@@ -82,6 +87,8 @@ class Hub:
         found = self.sessions_by_user.get(session.user)
         if found is session:
             del self.sessions_by_user[session.user]
+            if self.on_user is not None:
+                self.on_user(session.user, False)
         elif isinstance(found, set):
             found.discard(session)
             if len(found) == 1:
