@@ -24,11 +24,14 @@ from hub.api_types import (
     BroadcastItem,
     BroadcastReply,
     ChannelsReply,
+    ConnectionsReply,
     DisconnectBody,
     Empty,
     ErrorReply,
     HistoryMessage,
     HistoryReply,
+    NamespacesReply,
+    Position,
     PresenceClient,
     PresenceReply,
     PublishBody,
@@ -36,13 +39,17 @@ from hub.api_types import (
     SendBody,
     StatsReply,
     StatsTotal,
+    SubscribeBody,
+    UnsubscribeBody,
 )
 from hub.errors import CloseCode
 from hub.presence import NodeStats
+from hub.protocol import ConnectionSummary
 
 __all__ = [
-    "BroadcastItem", "BroadcastReply", "ChannelsReply", "HistoryMessage", "HistoryReply",
-    "HubApiError", "HubClient", "NodeStats", "PresenceClient", "PresenceReply",
+    "BroadcastItem", "BroadcastReply", "ChannelsReply", "ConnectionSummary",
+    "ConnectionsReply", "HistoryMessage", "HistoryReply", "HubApiError", "HubClient",
+    "NamespacesReply", "NodeStats", "PresenceClient", "PresenceReply",
     "PublishReply", "StatsReply", "StatsTotal",
 ]
 
@@ -125,10 +132,32 @@ class HubClient:
         await self._post("/api/send", SendBody(user, _raw(data), event), Empty)
 
     async def disconnect(
-        self, user: str, code: int = int(CloseCode.DISCONNECTED_BY_API), reason: str = ""
+        self,
+        user: str,
+        code: int = int(CloseCode.DISCONNECTED_BY_API),
+        reason: str = "",
+        *,
+        client: str | None = None,
     ) -> None:
-        """Close every connection of `user`, on any node."""
-        await self._post("/api/disconnect", DisconnectBody(user, code, reason), Empty)
+        """Close every connection of `user` (or only its connection `client`), on any node."""
+        await self._post("/api/disconnect", DisconnectBody(user, code, reason, client), Empty)
+
+    async def subscribe(
+        self,
+        user: str,
+        channel: str,
+        *,
+        since: tuple[int, str] | None = None,
+        client: str | None = None,
+    ) -> None:
+        """Subscribe every connection of `user` (only `client`, when given), on any node, to
+        `channel`; `since` is `(offset, epoch)`: each recovers the messages after it."""
+        position = Position(*since) if since is not None else None
+        await self._post("/api/subscribe", SubscribeBody(user, channel, position, client), Empty)
+
+    async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe every connection of `user` (only `client`, when given), on any node."""
+        await self._post("/api/unsubscribe", UnsubscribeBody(user, channel, client), Empty)
 
     async def presence(self, channel: str) -> PresenceReply:
         return await self._get(f"/api/presence/{channel_path(channel)}", {}, PresenceReply)
@@ -148,6 +177,18 @@ class HubClient:
             params["limit"] = limit
         return await self._get(f"/api/history/{channel_path(channel)}", params, HistoryReply)
 
+    async def remove_history(self, channel: str) -> None:
+        """Drop the channel's stored messages; its epoch and offset stay (a recovery from
+        before now is not recovered)."""
+        response = await self._http.delete(
+            f"{self.url}/api/history/{channel_path(channel)}", headers=self._headers
+        )
+        _reply(response, Empty)
+
+    async def namespaces(self) -> NamespacesReply:
+        """`.namespaces`: each namespace's options, `default` among them."""
+        return await self._get("/api/namespaces", {}, NamespacesReply)
+
     async def channels(self, prefix: str = "") -> ChannelsReply:
         """`.channels`: channel name → subscriber count, cluster-wide."""
         params: dict[str, str | int] = {"prefix": prefix} if prefix else {}
@@ -155,6 +196,20 @@ class HubClient:
 
     async def stats(self) -> StatsReply:
         return await self._get("/api/stats", {}, StatsReply)
+
+    async def connections(
+        self,
+        *,
+        user: str | None = None,
+        channel: str | None = None,
+        node: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> ConnectionsReply:
+        """One page of the cluster's connections; pass its `.next` as `after` for the next."""
+        given = {"user": user, "channel": channel, "node": node, "limit": limit, "after": after}
+        params = {name: value for name, value in given.items() if value is not None}
+        return await self._get("/api/connections", params, ConnectionsReply)
 
     # plumbing
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hub import admin, check, endpoints, openapi
+from hub import admin, centrifugo_api, check, endpoints, openapi, user_api
 from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
@@ -29,6 +29,7 @@ from hub.emulation import (
     HttpStreamSession,
     SseSession,
 )
+from hub.events import EventsCallable, attach, create_events
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
@@ -142,10 +143,13 @@ def _cors(app: Any, origins: tuple[str, ...] | None) -> ASGIApp:
     )
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, on_events: EventsCallable | None = None) -> Starlette:
+    """`on_events`: a callable that gets the events of PROTOCOL §14 instead of
+    `HUB_EVENTS_URL` (an embedded hub)."""
     broker, presence = create_backends(settings)
     metrics = Metrics(settings.node_id)
     node = Node(settings, broker, presence, metrics)
+    attach(node, create_events(settings, metrics, broker, on_events))
     write_path = WritePath()
 
     @contextlib.asynccontextmanager
@@ -169,11 +173,12 @@ def create_app(settings: Settings) -> Starlette:
         streams = stream_routes(node, write_path)
         sockets[UNI_WEBSOCKET_PATH] = UniWebSocketEndpoint(
             node, ClientCommands(node), write_path, allowed_origins(settings))
-    routes = [*endpoints.routes, *openapi.routes, *admin.routes]
+    routes = [*endpoints.routes, *user_api.routes, *openapi.routes, *admin.routes,
+              *centrifugo_api.routes(settings)]
     app = HubApp(routes=routes, lifespan=lifespan)
     app.sockets = sockets
     app.streams = streams
-    app.shortcuts = endpoints.shortcuts
+    app.shortcuts = {**endpoints.shortcuts, **centrifugo_api.shortcuts(settings)}
     app.state.node = node
     app.state.settings = settings
     return app

@@ -21,6 +21,7 @@ from hub.auth import AuthFailed, Identity
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
+from hub.connections import Origin
 from hub.errors import CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -68,7 +69,7 @@ class CentrifugoEndpoint:
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive)
+        await self._serve(identity, command, rest, send, receive, Origin.of_scope(scope))
 
     def _check_room(self) -> None:
         node = self.node
@@ -141,11 +142,13 @@ class CentrifugoEndpoint:
         rest: list[bytes],
         send: ASGISend,
         receive: ASGIReceive,
+        origin: Origin,
     ) -> None:
         node, commands = self.node, self.commands
         session = CentrifugoSession(
             commands, self.write_path.outbound_for(send), new_client_id(), identity
         )
+        session.origin = origin
         session.connected(command.id, __version__, node.settings.ping_interval)
         code: int = CloseCode.INTERNAL_ERROR
         self.sessions.add(session)

@@ -88,8 +88,14 @@ class CentrifugoSession(Session):
 
     def send_push(self, push: cf.Push) -> None:
         """A push of this connection's own (not a channel's fan-out, which the codec
-        writes), framed as its transport needs: other transports override it (§15)."""
-        self.push(text_frame(cf.encode_push(push)))
+        writes), framed as its transport needs: other transports override `send_pushes`
+        (§15)."""
+        self.send_pushes([push])
+
+    def send_pushes(self, pushes: list[cf.Push]) -> None:
+        """Several, in order, as one piece (one WebSocket frame, newline-separated)."""
+        messages = [cf.encode_push(push) for push in pushes]
+        self.push(text_frame(cf.join_frame(messages)), len(messages))
 
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """The subscription ends here (it is dropped first), and the SDK subscribes again
@@ -277,3 +283,35 @@ class CentrifugoSession(Session):
             return
         self.refreshed(identity)
         self.answer(cf.Reply(id=command_id, refresh=cf.RefreshResult(expires=expires, ttl=ttl)))
+
+    # what the server API did (PROTOCOL §15, §16): pushes, as Centrifugo sends them
+
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        """A subscribe push (the position, as a subscribe reply gives it), then the
+        recovered publications."""
+        channel, since = command.channel, command.since
+        data = command.data if len(command.data) else None
+
+        def pushed(start: Joined) -> None:
+            position = start.position
+            push = cf.SubscribePush(data=data)
+            if position is not None:
+                recovered = since is not None and bool(start.recovered)
+                push = cf.SubscribePush(
+                    recoverable=True, positioned=True, epoch=position.epoch, data=data,
+                    offset=since.offset if since is not None and recovered else position.offset,
+                )
+            pushes = [cf.Push(channel=channel, subscribe=push)]
+            pushes += [cf.Push(channel=channel, pub=publication(message))
+                       for message in start.messages]
+            self.send_pushes(pushes)
+
+        return pushed
+
+    def server_unsubscribed(self, channel: str) -> None:
+        self.send_push(cf.unsubscribe_push(channel, cf.UnsubscribeCode.SERVER))
+
+    def server_refreshed(self, identity: Identity) -> None:
+        expires, ttl = self._lifetime(identity)
+        refresh = cf.RefreshPush(expires=expires, ttl=ttl)
+        self.send_push(cf.Push(refresh=refresh))

@@ -20,7 +20,7 @@ from hub.auth import AuthFailed, Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions, check_client_channel, personal_channel
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
-from hub.hub import Subscriber
+from hub.hub import Connection
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.settings import Namespace
@@ -29,7 +29,7 @@ from hub.subscriptions import Joined
 log = logging.getLogger("hub.commands")
 
 
-class Client(Subscriber, Protocol):
+class Client(Connection, Protocol):
     """A connection as commands see it."""
 
     identity: Identity
@@ -59,6 +59,8 @@ class ClientCommands:
         if not node.hub.sessions:
             node.idle.set()
         self.metrics.disconnections.labels(close_code_label(code)).inc()
+        for channel in self._subscriptions.channels_of(client):  # removed before vacated
+            self._member(client, channel, self.settings.namespace_of(channel), False)
         channels = await self._subscriptions.leave_all(client)
         if node.broker.up:  # else presence expires by TTL, and leave events cannot go out
             await asyncio.gather(*(
@@ -78,9 +80,34 @@ class ClientCommands:
         """`joined` gets what the subscription starts from (for the reply) before any
         message of the channel reaches the client."""
         namespace = client.permissions.check_subscribe(channel)
-        subscriptions = self._subscriptions
-        if subscriptions.has(client, channel):
+        if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
+        await self._join(client, channel, namespace, since, joined)
+
+    async def server_subscribe(
+        self,
+        client: Client,
+        channel: str,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> bool:
+        """A subscribe the server API asks for (PROTOCOL §15): the backend decides, so no
+        permission is checked, but the subscription limit holds. False: it was subscribed
+        already, and nothing changes."""
+        if self._subscriptions.has(client, channel):
+            return False
+        await self._join(client, channel, self.settings.namespace_of(channel), since, joined)
+        return True
+
+    async def _join(
+        self,
+        client: Client,
+        channel: str,
+        namespace: Namespace,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> None:
+        subscriptions = self._subscriptions
         limit = self.settings.max_subscriptions
         if limit and subscriptions.count_of(client) >= limit:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
@@ -88,22 +115,36 @@ class ClientCommands:
             raise BrokerUnavailable()
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined):
+            self._member(client, channel, namespace, True)
             await self._announce(client, channel, namespace, joined=True)
 
     async def unsubscribe(self, client: Client, channel: str) -> None:
         check_client_channel(channel)
+        namespace = self.settings.namespace_of(channel)
+        self._member(client, channel, namespace, False)  # before vacated; a no-op if not in
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
+        await self._announce(client, channel, namespace, joined=False)
+
+    async def server_unsubscribe(self, client: Client, channel: str) -> bool:
+        """An unsubscribe the server API asks for; False: it was not subscribed."""
+        if not await self._subscriptions.leave(client, channel):
+            return False
         await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        return True
 
     async def publish(
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None
     ) -> StreamPosition | None:
-        client.permissions.check_publish(channel)
-        return await self.node.publish(
+        namespace = client.permissions.check_publish(channel)
+        position = await self.node.publish(
             channel, data, event, from_user=client.user, from_client=client.client_id,
             from_info=client.identity.info, source="client",
         )
+        events = self.node.events
+        if events is not None and namespace.events_client_publish:
+            events.client_publish(channel, client.user, client.client_id, data)
+        return position
 
     async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
         """Members without their node: that is the operators' business."""
@@ -126,6 +167,12 @@ class ClientCommands:
         if identity.user != client.user:
             raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
         return identity
+
+    def _member(self, client: Client, channel: str, namespace: Namespace, joined: bool) -> None:
+        """member_added / member_removed (PROTOCOL §14), beside presence."""
+        events = self.node.events
+        if events is not None and namespace.presence:
+            events.member(channel, client.user, client.client_id, joined)
 
     async def _announce(
         self, client: Client, channel: str, namespace: Namespace, joined: bool

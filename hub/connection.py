@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
+from hub.connections import Origin
 from hub.errors import CloseCode, close_reason
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -67,7 +68,8 @@ class WebSocketEndpoint:
         # awaits, so the limit holds.
         if await self._refused(send):
             return
-        await self._serve(identity, auth_id, send, receive)
+        node.noticed_address(scope)
+        await self._serve(identity, auth_id, send, receive, Origin.of_scope(scope))
 
     async def _refused(self, send: ASGISend) -> bool:
         """Close with 1013 when the node is full or draining."""
@@ -81,11 +83,17 @@ class WebSocketEndpoint:
         return True
 
     async def _serve(
-        self, identity: Identity, auth_id: int | None, send: ASGISend, receive: ASGIReceive
+        self,
+        identity: Identity,
+        auth_id: int | None,
+        send: ASGISend,
+        receive: ASGIReceive,
+        origin: Origin,
     ) -> None:
         node, commands = self.node, self.commands
         outbound = self.write_path.outbound_for(send)
         session = WsSession(commands, outbound, new_client_id(), identity)
+        session.origin = origin
         interval = node.settings.ping_interval
         session.reply(p.Welcome(
             client=session.client_id,

@@ -38,7 +38,9 @@ from hub.api_types import (
     PublishReply,
 )
 from hub.app import create_app
+from hub.channels import check_name
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
+from hub.events import EventsCallable
 from hub.node import Node, node_of
 from hub.protocol import Since
 from hub.settings import Settings
@@ -53,9 +55,11 @@ class EmbeddedHub:
     Errors are `hub.errors.HubError` with the contract's code (`invalid_channel`,
     `forbidden`, `unavailable`, ...)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_events: EventsCallable | None = None) -> None:
+        """`on_events`: an async callable that gets each batch of events (PROTOCOL §14,
+        a list of dicts) instead of `HUB_EVENTS_URL`; raising means "send it again"."""
         self.settings = settings
-        self.app: Starlette = create_app(settings)
+        self.app: Starlette = create_app(settings, on_events=on_events)
         self.node: Node = node_of(self.app)
 
     def mount(self, path: str = "/realtime", name: str | None = "hub") -> Mount:
@@ -100,6 +104,24 @@ class EmbeddedHub:
         if not (code == 1000 or 3000 <= code <= 4999):
             raise HubError(ErrorCode.BAD_REQUEST, "`code` must be 1000 or 3000-4999")
         await self.node.disconnect_user(user, code, close_reason(reason))
+
+    async def subscribe(
+        self,
+        user: str,
+        channel: str,
+        *,
+        since: tuple[int, str] | None = None,
+        client: str | None = None,
+    ) -> None:
+        """Subscribe every connection of `user` (only `client`, when given), on any node,
+        to `channel` (PROTOCOL §15); `since` is `(offset, epoch)`."""
+        await self.node.subscribe_user(user, channel, Since(*since) if since else None,
+                                       client=client)
+
+    async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe every connection of `user` (only `client`, when given), on any node."""
+        check_name(channel)
+        await self.node.unsubscribe_user(user, channel, client=client)
 
     async def presence(self, channel: str) -> PresenceReply:
         """Who is subscribed to `channel`, cluster-wide."""

@@ -82,8 +82,8 @@ class EmulatedSession(CentrifugoSession):
     def answer(self, reply: cf.Reply) -> None:
         self.push(self.codec.reply(reply))
 
-    def send_push(self, push: cf.Push) -> None:
-        self.push(self.codec.push(push))
+    def send_pushes(self, pushes: list[cf.Push]) -> None:
+        self.push(self.codec.pushes(pushes), len(pushes))
 
 
 class SseSession(EmulatedSession):

@@ -100,6 +100,15 @@ class Metrics:
             "through the broker to the node holding it; PROTOCOL §15)", ["outcome"],
             registry=registry,
         )
+        self.events = Counter(
+            "hub_events", "Events of PROTOCOL §14, by name and outcome (produced: recorded "
+            "by this node; sent: delivered by it; retried: in a failed attempt; dropped: "
+            "past HUB_EVENTS_MAX_PENDING)", ["name", "outcome"], registry=registry,
+        )
+        self.event_delay = Histogram(
+            "hub_event_delay_seconds", "From an event to its delivery (2xx)",
+            buckets=(*_LATENCY_BUCKETS, 10, 30, 60, 300), registry=registry,
+        )
         # Label values known up front start at 0, so rate() sees the first increment.
         for source in ("api", "client"):
             self.messages_published.labels(source)
@@ -124,6 +133,19 @@ class Metrics:
         if error is not None:
             self.protocol_errors.count(error)
 
+    # Read from the counters themselves: collecting the registry would also run the gauges'
+    # functions, and hub_connections_by_protocol walks every connection.
+
+    def published_count(self) -> int:
+        """Messages published through this node since it started (every source)."""
+        return _total(self.messages_published)
+
+    def delivered_count(self) -> int:
+        return _total(self.messages_delivered)
+
+    def accepted_count(self) -> int:
+        return _total(self.connections_accepted)
+
     def describe_node(self, **details: str) -> None:
         """`hub_node_info`: node id, version, and what start-up chose (`write_path`)."""
         self.node_info.info({"node": self.node_id, "version": __version__, **details})
@@ -132,3 +154,13 @@ class Metrics:
         """Prometheus text, or OpenMetrics when the scraper asks for it."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+def _total(counter: Counter) -> int:
+    """A counter's value summed over its labels."""
+    return int(sum(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    ))

@@ -15,8 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub import __version__
+from hub import __version__, centrifugo_api
 from hub import api_types as t
+from hub.connections import CURSOR_PATTERN
+from hub.node import node_of
 
 JSON = "application/json"
 SECURITY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
@@ -131,8 +133,20 @@ def _paths() -> dict[str, Any]:
             "send", "Personal message to every connection of one user, on any node",
             t.SendBody, t.Empty, "sent (also when the user has no connection anywhere)"),
         "/api/disconnect": _post(
-            "disconnect", "Close every connection of one user, on any node",
+            "disconnect", "Close every connection of one user (or one of them), on any node",
             t.DisconnectBody, t.Empty, "done (also when the user has no connection)"),
+        "/api/subscribe": _post(
+            "subscribe", "Subscribe every connection of one user, on any node, to a channel",
+            t.SubscribeBody, t.Empty,
+            "sent to every node (also when the user has no connection); each connection is "
+            "told (`/ws`: a `subscribed` frame without `id`; Centrifugo's clients: a "
+            "subscribe push), then gets the channel's messages", channel_errors=True),
+        "/api/unsubscribe": _post(
+            "unsubscribe", "Unsubscribe every connection of one user, on any node",
+            t.UnsubscribeBody, t.Empty,
+            "sent to every node; each connection that was subscribed is told (`/ws`: an "
+            "`unsubscribed` frame without `id`; Centrifugo's clients: an unsubscribe push)",
+            channel_errors=True),
         "/api/presence/{channel}": _get(
             "presence", "Who is subscribed to a channel, cluster-wide", t.PresenceReply,
             "the channel's subscribers", [_channel_parameter()], "400c", "403n"),
@@ -142,7 +156,16 @@ def _paths() -> dict[str, Any]:
             "a `since` of another epoch answers the current position and no messages",
             [_channel_parameter(), _since_parameter(),
              _query("limit", "at most this many messages (default and cap 1000)", OFFSET)],
-            "400c", "403n"),
+            "400c", "403n") | {"delete": {
+                "operationId": "remove_history", "summary": "Remove a channel's stored messages",
+                "tags": ["api"], "security": SECURITY, "parameters": [_channel_parameter()],
+                "responses": _responses(
+                    t.Empty, "removed: epoch and offset stay, the next publication takes the next "
+                    "offset, a recovery from before now is `recovered: false`", "400c", "403n"),
+            }},
+        "/api/namespaces": _get(
+            "namespaces", "The options of each channel namespace", t.NamespacesReply,
+            "namespace name → options; `default` is what other channels get", [], "403"),
         "/api/channels": _get(
             "channels", "Active channels with subscriber counts, cluster-wide",
             t.ChannelsReply, "channel name → subscriber count",
@@ -151,6 +174,19 @@ def _paths() -> dict[str, Any]:
         "/api/stats": _get(
             "stats", "Connection statistics per node and in total, cluster-wide",
             t.StatsReply, "every live node and the totals", [], "403"),
+        "/api/connections": _get(
+            "connections", "The connections of the cluster, filtered and paged",
+            t.ConnectionsReply, "at most `limit` connections in (node, client) order; `next` "
+            "is the `after` of the following page",
+            [_query("user", "only this user's connections", {"type": "string", "minLength": 1}),
+             _query("channel", "only connections subscribed to this channel",
+                    {"type": "string", "minLength": 1}),
+             _query("node", "only this node's connections", {"type": "string", "minLength": 1}),
+             _query("limit", "at most this many (default 100, cap 1000)",
+                    {"type": "integer", "minimum": 0, "maximum": 1000}),
+             _query("after", "the `next` of the previous page",
+                    {"type": "string", "pattern": CURSOR_PATTERN})],
+            "400", "403"),
         "/healthz": _probe("healthz", "Liveness: 200 while the process serves", {
             "200": {"description": "alive", "content": _json(t.HealthReply)}}),
         "/readyz": _probe("readyz", "Readiness for a load balancer", {
@@ -177,8 +213,12 @@ def _components() -> dict[str, Any]:
     }
 
 
-def document(root_path: str = "") -> dict[str, Any]:
-    """The whole document; `root_path` is where the hub is mounted (embedding)."""
+def document(
+    root_path: str = "", centrifugo_prefix: str = "/centrifugo/api"
+) -> dict[str, Any]:
+    """The whole document; `root_path` is where the hub is mounted (embedding), and
+    Centrifugo's server API (PROTOCOL §16) is under `centrifugo_prefix`."""
+    components = _components()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -190,14 +230,19 @@ def document(root_path: str = "") -> dict[str, Any]:
                 "mode it may be left out. Probes and metrics need none."),
         },
         "servers": [{"url": root_path or "/"}],
-        "paths": _paths(),
-        "components": _components(),
+        "paths": {**_paths(), **centrifugo_api.openapi_paths(centrifugo_prefix)},
+        "components": {
+            "schemas": {**components["schemas"], **centrifugo_api.openapi_schemas()},
+            "securitySchemes": {**components["securitySchemes"],
+                                "CentrifugoApiKey": centrifugo_api.SECURITY_SCHEME},
+        },
     }
 
 
 async def openapi_json(request: Request) -> Response:
     root_path = request.scope.get("root_path", "").rstrip("/")
-    return Response(msgspec.json.encode(document(root_path)), media_type=JSON)
+    prefix = node_of(request.app).settings.centrifugo_api_prefix
+    return Response(msgspec.json.encode(document(root_path, prefix)), media_type=JSON)
 
 
 routes = [Route("/openapi.json", openapi_json, methods=["GET"])]

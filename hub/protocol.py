@@ -189,11 +189,84 @@ class Leave(_Frame, tag="leave"):
 
 
 class Disconnect(_Frame, tag="disconnect"):
-    """Node-to-node only: close every connection of `user` (sent on its `@user` channel)."""
+    """Node-to-node only: close every connection of `user` (sent on its `@user` channel),
+    or only `client`, sparing those in `whitelist`."""
 
     user: str
     code: int
     reason: str = ""
+    client: str | None = None
+    whitelist: list[str] | None = None
+
+
+class ServerSubscribe(_Frame, tag="server_subscribe"):
+    """Node-to-node only (on the `@user` channel): subscribe every connection of `user`
+    (or only `client`) to `channel`, recovering from `since` (PROTOCOL §15). `data` goes
+    to protocols that show it (Centrifugo's subscribe push)."""
+
+    user: str
+    channel: str
+    client: str | None = None
+    since: Since | None = None
+    data: msgspec.Raw = NO_RAW
+
+
+class ServerUnsubscribe(_Frame, tag="server_unsubscribe"):
+    """Node-to-node only: unsubscribe every connection of `user` (or only `client`)."""
+
+    user: str
+    channel: str
+    client: str | None = None
+
+
+class ServerRefresh(_Frame, tag="server_refresh"):
+    """Node-to-node only: a new expiry for every connection of `user` (or only `client`),
+    as Centrifugo's server API `refresh`: `expired` closes it as expired, `expire_at`
+    (unix s) moves its expiry, None removes it; `info` replaces its token's `info`."""
+
+    user: str
+    client: str | None = None
+    expired: bool = False
+    expire_at: int | None = None
+    info: msgspec.Raw = NO_RAW
+
+
+ServerCommand = ServerSubscribe | ServerUnsubscribe | ServerRefresh
+"""What the server API asks of a user's connections, wherever they are."""
+
+
+class ConnectionSummary(msgspec.Struct, frozen=True):
+    """One connection as `/api/connections` lists it (PROTOCOL §9). `since` is unix s."""
+
+    client: str
+    user: str
+    node: str
+    remote: str
+    user_agent: str
+    protocol: str
+    subscriptions: list[str]
+    since: int
+
+
+class ConnectionsQuery(_Frame, tag="connections_query"):
+    """Node-to-node only, on the asked node's control channel: its connections after client
+    id `after` (in client id order) that match, at most `limit`; answered on `reply_to`."""
+
+    request: str
+    reply_to: str
+    limit: int
+    after: str = ""
+    user: str | None = None
+    channel: str | None = None
+
+
+class ConnectionsPage(_Frame, tag="connections_page"):
+    """Node-to-node only: the answer to a `ConnectionsQuery`; `more` when matches are left."""
+
+    request: str
+    node: str
+    connections: list[ConnectionSummary]
+    more: bool = False
 
 
 class Reset(_Frame, tag="reset"):
@@ -286,7 +359,10 @@ class EmulationAnswer(_Frame, tag="emulation_answer"):
     status: int
 
 
-Relayed = Message | Join | Leave | Disconnect | Emulation | EmulationAnswer
+Relayed = (
+    Message | Join | Leave | Disconnect | ServerSubscribe | ServerUnsubscribe | ServerRefresh
+    | ConnectionsQuery | ConnectionsPage | Emulation | EmulationAnswer
+)
 """What one node hands to the others through the broker."""
 
 _encoder = msgspec.json.Encoder()

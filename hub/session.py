@@ -15,12 +15,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
+from hub import protocol as p
 from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import ClientCommands
-from hub.errors import CloseCode, ErrorCode, close_reason
+from hub.connections import UNKNOWN_ORIGIN, Origin
+from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.hub import Codec
+from hub.subscriptions import Joined
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
 
 log = logging.getLogger("hub.session")
@@ -58,6 +63,7 @@ class Session:
         "close_code",
         "commands",
         "identity",
+        "origin",
         "permissions",
         "queue",
         "user",
@@ -72,6 +78,7 @@ class Session:
         self.client_id = client_id
         self.identity = identity
         self.user = identity.user
+        self.origin: Origin = UNKNOWN_ORIGIN  # the endpoint sets it, for /api/connections
         self.permissions = Permissions(commands.settings, identity.channels, identity.publish)
         # Only while the socket pushes back: what waits to be written (each piece with the
         # frames it holds), how many frames that is, and who writes it.
@@ -245,6 +252,19 @@ class Session:
         """`Subscriber.reset`."""
         raise NotImplementedError
 
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        """How the client hears of a subscription the server API made (PROTOCOL §15):
+        called with its start, before any message of the channel."""
+        raise NotImplementedError
+
+    def server_unsubscribed(self, channel: str) -> None:
+        """How the client hears that the server API ended a subscription."""
+        raise NotImplementedError
+
+    def server_refreshed(self, identity: Identity) -> None:
+        """How the client hears of a new expiry the server API gave it."""
+        raise NotImplementedError
+
     def wire_close(self, code: int, reason: str) -> tuple[int, str]:
         """The close code and reason this protocol sends for one of the hub's (PROTOCOL §3)."""
         return code, reason
@@ -255,6 +275,48 @@ class Session:
         self.permissions = Permissions(self.commands.settings, identity.channels,
                                        identity.publish)
         self._arm_expiry()
+
+    # what the server API asks (PROTOCOL §15, §16)
+
+    async def server_command(self, command: p.ServerCommand) -> None:
+        """`Subscriber.server_command`: a failure for this connection is logged and
+        counted, and touches nothing else."""
+        if self.close_code is not None:
+            return
+        commands = self.commands
+        try:
+            if isinstance(command, p.ServerSubscribe):
+                await commands.server_subscribe(
+                    self, command.channel, command.since, self.server_subscribed(command)
+                )
+            elif isinstance(command, p.ServerUnsubscribe):
+                # No channel: every one (Centrifugo's server API).
+                channels = [command.channel] if command.channel else (
+                    commands.node.subscriptions.channels_of(self))
+                for channel in channels:
+                    if await commands.server_unsubscribe(self, channel):
+                        self.server_unsubscribed(channel)
+            else:
+                self._server_refresh(command)
+        except HubError as exc:
+            self.count_error(exc.code)
+            log.warning("server %s for one connection failed: %s", command.__class__.__name__,
+                        exc.message, extra={"client": self.client_id, "user": self.user})
+        except Exception:
+            log.exception("server %s for one connection failed", command.__class__.__name__,
+                          extra={"client": self.client_id, "user": self.user})
+
+    def _server_refresh(self, command: p.ServerRefresh) -> None:
+        """Centrifugo's meanings: `expired`, or an `expire_at` already past, closes it as
+        expired; no `expire_at` means no expiry from now on."""
+        expires = command.expire_at or None
+        if command.expired or (expires is not None and expires <= time.time()):
+            self.close(CloseCode.TOKEN_EXPIRED, "connection expired")
+            return
+        info = command.info if len(command.info) else self.identity.info
+        identity = msgspec.structs.replace(self.identity, expires=expires, info=info)
+        self.refreshed(identity)
+        self.server_refreshed(identity)
 
     # token lifetime
 

@@ -39,6 +39,7 @@ class Namespace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     history_ttl: float = 0
     presence: bool = False
     join_leave: bool = False
+    events_client_publish: bool = False  # PROTOCOL §14: client publications as events
 
     @property
     def has_history(self) -> bool:
@@ -76,9 +77,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_min_replicas: int = 0
     centrifugo: bool = True
     emulation: bool = True
+    centrifugo_api_prefix: str = "/centrifugo/api"
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
+    events_url: str | None = None  # PROTOCOL §14; also `url` of the TOML's [events]
+    events_secret: str | None = None
+    events_max_pending: int = 100_000
 
     def namespace_of(self, channel: str) -> Namespace:
         """Options for a channel: its namespace's, else the default namespace's."""
@@ -142,7 +147,7 @@ def load_namespaces(path: str) -> dict[str, Namespace]:
         raise SettingsError(f"HUB_CONFIG: cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"HUB_CONFIG: {path} is not valid TOML: {exc}") from None
-    unknown = set(document) - {"namespaces"}
+    unknown = set(document) - {"namespaces", "events"}
     if unknown:
         raise SettingsError(f"HUB_CONFIG: unknown top-level keys {sorted(unknown)}")
     tables = document.get("namespaces", {})
@@ -159,6 +164,24 @@ def load_namespaces(path: str) -> dict[str, Namespace]:
         except msgspec.ValidationError as exc:
             raise SettingsError(f"HUB_CONFIG: [namespaces.{name}]: {exc}") from None
     return namespaces
+
+
+_EVENTS_TABLE = {"url": "events_url", "secret": "events_secret",
+                 "max_pending": "events_max_pending"}
+
+
+def load_events_table(path: str) -> dict[str, object]:
+    """The `[events]` table of the TOML file (`url`, `secret`, `max_pending`), as options."""
+    try:
+        table = tomllib.loads(Path(path).read_text()).get("events", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}  # load_namespaces has said what is wrong with the file
+    if not isinstance(table, dict):
+        raise SettingsError("HUB_CONFIG: [events] must be a table")
+    unknown = set(table) - set(_EVENTS_TABLE)
+    if unknown:
+        raise SettingsError(f"HUB_CONFIG: [events]: unknown keys {sorted(unknown)}")
+    return {_EVENTS_TABLE[key]: value for key, value in table.items() if value != ""}
 
 
 def _read_public_key(value: str) -> str:
@@ -197,12 +220,14 @@ def load_settings(
         values[name] = _coerce(_ENV_NAMES[name], raw, kind)
     for optional_text in (
         "redis_url", "jwt_secret", "jwt_public_key", "jwks_url", "jwt_audience", "jwt_issuer",
-        "api_key", "config",
+        "api_key", "config", "events_url", "events_secret",
     ):
         if values.get(optional_text) == "":
             values[optional_text] = None
     if values.get("config"):
         values["namespaces"] = load_namespaces(str(values["config"]))
+        for name, value in load_events_table(str(values["config"])).items():
+            values.setdefault(name, value)  # flags and variables win over the file
     if values.get("jwt_public_key"):
         values["jwt_public_key"] = _read_public_key(str(values["jwt_public_key"]))
     if not values.get("node_id"):
@@ -219,6 +244,9 @@ def load_settings(
         raise SettingsError(f"{option}: {exc}" if option else str(exc)) from None
     validate(settings)
     return settings
+
+
+_API_PREFIX = re.compile(r"(?:/[A-Za-z0-9_.\-]+)+")
 
 
 def validate(settings: Settings) -> None:
@@ -239,6 +267,15 @@ def validate(settings: Settings) -> None:
         (settings.presence_ttl >= 1, "HUB_PRESENCE_TTL must be >= 1"),
         (settings.redis_min_replicas >= 0, "HUB_REDIS_MIN_REPLICAS must be >= 0"),
         (
+            _API_PREFIX.fullmatch(settings.centrifugo_api_prefix) is not None,
+            "HUB_CENTRIFUGO_API_PREFIX must be a path: / and segments of A-Z a-z 0-9 _ - . "
+            "(e.g. /centrifugo/api), without a trailing /",
+        ),
+        (
+            settings.centrifugo_api_prefix != "/api",
+            "HUB_CENTRIFUGO_API_PREFIX cannot be /api: the hub's own API calls live there",
+        ),
+        (
             settings.log_level in {"critical", "error", "warning", "info", "debug", "trace"},
             "HUB_LOG_LEVEL must be one of critical, error, warning, info, debug, trace",
         ),
@@ -251,6 +288,13 @@ def validate(settings: Settings) -> None:
             parse_redis_url(settings.redis_url)
         except RedisUrlError as exc:
             raise SettingsError(str(exc)) from None
+    if settings.events_max_pending < 1:
+        raise SettingsError("HUB_EVENTS_MAX_PENDING must be >= 1")
+    if settings.events_url:
+        if not settings.events_url.startswith(("http://", "https://")):
+            raise SettingsError("HUB_EVENTS_URL must be an http:// or https:// URL")
+        if not settings.events_secret:
+            raise SettingsError("HUB_EVENTS_URL needs HUB_EVENTS_SECRET (batches are signed)")
     for name, namespace in settings.namespaces.items():
         if namespace.history_size < 0 or namespace.history_ttl < 0:
             raise SettingsError(f"[namespaces.{name}]: history_size and history_ttl must be >= 0")

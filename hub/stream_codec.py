@@ -82,6 +82,11 @@ class StreamCodec:
         payload = encode_bare(push) if self.uni else cf.encode_push(push)
         return self.framing.wrap(payload, event_id if self.ids else None)
 
+    def pushes(self, pushes: list[cf.Push]) -> bytes:
+        """Several of a connection's own pushes, in order; on SSE with ids, a publication
+        carries its offset and a subscription's start its position."""
+        return b"".join([self.push(push, _event_id(push)) for push in pushes])
+
     def reply(self, reply: cf.Reply) -> bytes:
         return self.framing.wrap(cf.encode(reply))
 
@@ -91,6 +96,15 @@ class StreamCodec:
         reason = reason or cf.reason_for(code)
         return self.push(cf.Push(disconnect=cf.Disconnect(
             code=code, reason=reason, reconnect=not cf.is_terminal(code))))
+
+
+def _event_id(push: cf.Push) -> int | None:
+    if push.pub is not None and push.pub.offset:
+        return push.pub.offset
+    subscribe = push.subscribe
+    if subscribe is not None and subscribe.recoverable:
+        return subscribe.offset
+    return None
 
 
 EMULATION_SSE = StreamCodec(SSE, uni=False)

@@ -179,6 +179,8 @@ class Subscriptions:
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
+        # Told of a channel's first member here (True) and of its last gone (events).
+        self.on_occupancy: Callable[[str, bool], None] | None = None
 
     # reading
 
@@ -189,6 +191,10 @@ class Subscriptions:
 
     def has(self, subscriber: Subscriber, channel: str) -> bool:
         return channel in self._channels_of.get(subscriber, ())
+
+    def channels_of(self, subscriber: Subscriber) -> list[str]:
+        """The channels `subscriber` is in or joining, personal ones left out."""
+        return [name for name in self._channels_of.get(subscriber, ()) if not is_personal(name)]
 
     def count_of(self, subscriber: Subscriber) -> int:
         """Subscriptions of `subscriber` that count toward its limit (joiners included)."""
@@ -349,6 +355,8 @@ class Subscriptions:
             self.subscription_count += change
             if channel.size == (1 if change > 0 else 0):
                 self.channel_count += change
+                if self.on_occupancy is not None:
+                    self.on_occupancy(channel.name, change > 0)
 
     async def _relay(self, channel: Channel) -> None:
         if not channel.relayed:

@@ -103,8 +103,8 @@ class UniSession(CentrifugoSession):
     async def handle(self, text: str) -> None:
         return None  # one way: what the client sends is not read
 
-    def send_push(self, push: cf.Push) -> None:
-        self.push(self.codec.push(push))
+    def send_pushes(self, pushes: list[cf.Push]) -> None:
+        self.push(self.codec.pushes(pushes), len(pushes))
 
     def reset(self, channel: str, position: Any) -> bool:
         """A channel lost messages its history cannot give back: close with Centrifugo's

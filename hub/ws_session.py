@@ -10,6 +10,7 @@ import msgspec
 
 from hub import protocol as p
 from hub.abuse import decode_reason
+from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.errors import ErrorCode, HubError
 from hub.session import Session
@@ -101,6 +102,17 @@ class WsSession(Session):
                 self.reply(p.Pong(id=frame_id))
             case p.Auth(id=frame_id):
                 raise HubError(ErrorCode.BAD_REQUEST, "already authenticated; use refresh")
+
+    # what the server API did (PROTOCOL §15): the replies' frames, without an id
+
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        return self._joined(command.channel, None)
+
+    def server_unsubscribed(self, channel: str) -> None:
+        self.reply(p.Unsubscribed(channel=channel))
+
+    def server_refreshed(self, identity: Identity) -> None:
+        self.reply(p.Refreshed(expires=identity.expires))
 
     def _joined(self, channel: str, frame_id: int | None) -> Callable[[Joined], None]:
         """The `subscribed` reply, then the recovered messages."""

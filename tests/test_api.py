@@ -460,7 +460,8 @@ async def test_stats_shape(node: RunningNode, api: httpx.AsyncClient) -> None:
     assert set(body) == {"nodes", "total"}
     [entry] = body["nodes"]
     assert set(entry) == {"node", "connections", "users", "subscriptions", "channels",
-                          "started", "updated"}
+                          "started", "updated", "version", "address", "state", "rss", "cpu",
+                          "published", "delivered", "accepted"}
     assert entry["node"] == "test-node"
     assert (entry["connections"], entry["users"], entry["subscriptions"],
             entry["channels"]) == (3, 2, 3, 2)
@@ -585,4 +586,8 @@ _ALLOWED_LABEL_VALUES = {
     "missing", "invalid", "expired", "timeout", *REASONS,
     "+Inf", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5",
     "1.0", "2.5", "5.0",
+    "10.0", "30.0", "60.0", "300.0",  # hub_event_delay_seconds: retries may take long
+    # hub_events_total (PROTOCOL §14)
+    "channel_occupied", "channel_vacated", "user_online", "user_offline", "member_added",
+    "member_removed", "client_publish", "produced", "sent", "retried", "dropped",
 }

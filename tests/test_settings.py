@@ -42,9 +42,13 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
     ("HUB_EMULATION", "0", "emulation", False),
+    ("HUB_CENTRIFUGO_API_PREFIX", "/cf/api", "centrifugo_api_prefix", "/cf/api"),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
+    ("HUB_EVENTS_URL", "https://app.example/events", "events_url", "https://app.example/events"),
+    ("HUB_EVENTS_SECRET", "ev3nts", "events_secret", "ev3nts"),
+    ("HUB_EVENTS_MAX_PENDING", "50", "events_max_pending", 50),
 ]
 
 
@@ -68,6 +72,10 @@ def test_default_node_id_is_hostname_and_a_random_suffix() -> None:
     assert first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
 
 
+# What a variable cannot go without.
+NEEDS = {"HUB_EVENTS_URL": {"HUB_EVENTS_SECRET": "s"}}
+
+
 def test_every_field_has_a_variable_in_this_test() -> None:
     covered = {field for _, _, field, _ in EVERY_VARIABLE}
     assert covered == set(Settings.__struct_fields__) - {"namespaces", "config"}
@@ -76,7 +84,7 @@ def test_every_field_has_a_variable_in_this_test() -> None:
 @pytest.mark.parametrize(("variable", "raw", "field", "expected"), EVERY_VARIABLE,
                          ids=[row[0] for row in EVERY_VARIABLE])
 def test_every_variable_is_read(variable: str, raw: str, field: str, expected: object) -> None:
-    settings = load_settings({}, {variable: raw})
+    settings = load_settings({}, {variable: raw, **NEEDS.get(variable, {})})
     assert getattr(settings, field) == expected
 
 
@@ -145,6 +153,10 @@ def test_bool_garbage_names_the_variable() -> None:
         ("HUB_LOG_FORMAT", "xml"),
         ("HUB_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
         ("HUB_CONFIG", "/nonexistent/hub.toml"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "centrifugo/api"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/centrifugo/api/"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/a b"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/api"),
     ],
 )
 def test_bad_value_names_the_option(variable: str, raw: str) -> None:

@@ -465,3 +465,47 @@ async def test_uni_subs_recover_several_history_channels(history_node: RunningNo
                           headers={"Last-Event-ID": "0"}) as events:
         connect = (await events.next())["connect"]
         assert not any(connect["subs"][c].get("was_recovering") for c in positions)
+
+
+@pytest.mark.parametrize("sse", [True, False], ids=["uni_sse", "uni_http_stream"])
+async def test_api_subscribe_moves_a_one_way_client(history_node: RunningNode, sse: bool
+                                                    ) -> None:
+    """/api/subscribe while the stream is open: a bare subscribe push (on SSE with the
+    position as its id), then the channel's publications; /api/unsubscribe: a bare
+    unsubscribe push, and nothing more of the channel."""
+    async with uni_stream(history_node.url, {"token": token("mov", channels=["news"])},
+                          sse=sse) as events:
+        await events.next()
+        await publish(history_node, "feed:moved", "before")
+        answer = await history_node.http.post("/api/subscribe", json={
+            "user": "mov", "channel": "feed:moved"})
+        assert answer.status_code == 200, answer.text
+        push = await events.next()
+        assert push["channel"] == "feed:moved"
+        assert push["subscribe"]["recoverable"] is True and push["subscribe"]["offset"] == 1
+        if sse:
+            assert events.last_id == "1"
+        await publish(history_node, "feed:moved", "after")
+        push = await events.next()
+        assert push["pub"]["data"] == "after" and push["pub"]["offset"] == 2
+        answer = await history_node.http.post("/api/unsubscribe", json={
+            "user": "mov", "channel": "feed:moved"})
+        assert answer.status_code == 200
+        push = await events.next()
+        assert push == {"channel": "feed:moved",
+                        "unsubscribe": {"code": 2000, "reason": "server unsubscribe"}}
+        await publish(history_node, "feed:moved", "gone")
+        await publish(history_node, "news", "still here")
+        assert (await events.next())["pub"]["data"] == "still here"
+
+
+async def test_api_subscribe_reaches_an_emulated_session(history_node: RunningNode) -> None:
+    url = history_node.url
+    async with emulated(url, url, token("emu", channels=["news"]), sse=True) as client:
+        answer = await history_node.http.post("/api/subscribe", json={
+            "user": "emu", "channel": "news"})
+        assert answer.status_code == 200
+        push = await client.events.next()
+        assert push == {"push": {"channel": "news", "subscribe": {}}}
+        await publish(history_node, "news", 1)
+        assert (await client.events.next())["push"]["pub"]["data"] == 1
