@@ -30,6 +30,7 @@ from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, new_client_id
+from hub.connections import Origin
 from hub.errors import BrokerUnavailable, CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -361,12 +362,14 @@ class EmulationEndpoint(CentrifugoEndpoint):
             return
         except Gone:
             return
-        await self._serve_stream(identity, command, rest, outbound, inbox)
+        await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope))
 
     async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
-                            outbound: StreamOutbound, inbox: StreamInbox) -> None:
+                            outbound: StreamOutbound, inbox: StreamInbox, origin: Origin
+                            ) -> None:
         node, commands = self.node, self.commands
         session = self.session_class(commands, outbound, new_client_id(), identity, inbox)
+        session.origin = origin
         session.connected(command.id, __version__, node.settings.ping_interval,
                           session=session.session_id, node=node.node_id)
         code: int = CloseCode.INTERNAL_ERROR

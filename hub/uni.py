@@ -36,6 +36,7 @@ from hub.centrifugo_session import CentrifugoSession
 from hub.channels import personal_channel
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, new_client_id
+from hub.connections import Origin
 from hub.emulation import _error, connect_data
 from hub.errors import BrokerUnavailable, CloseCode, HubError
 from hub.metrics import close_code_label
@@ -320,7 +321,9 @@ class UniStreamEndpoint(UniBase):
             return
         await outbound.start(200, headers, codec.framing.prelude)
         last_event_id = header(scope, b"last-event-id")
+        origin = Origin.of_scope(scope)
         session = self.session_class(self.commands, outbound, new_client_id(), identity)
+        session.origin = origin
         reader = functools.partial(until_disconnect, receive)
         try:
             await self.serve_session(session, request, last_event_id, reader)
@@ -368,8 +371,10 @@ class UniWebSocketEndpoint(UniBase):
         except Gone as gone:
             node.metrics.protocol_errors.count_close(gone.code)
             return
+        origin = Origin.of_scope(scope)
         session = UniWebSocketSession(self.commands, self.write_path.outbound_for(send),
                                       new_client_id(), identity)
+        session.origin = origin
         await self.serve_session(session, request, None, receive)
 
     async def _first_request(self, receive: ASGIReceive) -> cf.ConnectRequest:

@@ -509,3 +509,18 @@ async def test_api_subscribe_reaches_an_emulated_session(history_node: RunningNo
         assert push == {"push": {"channel": "news", "subscribe": {}}}
         await publish(history_node, "news", 1)
         assert (await client.events.next())["push"]["pub"]["data"] == 1
+
+
+async def test_api_connections_lists_streams(history_node: RunningNode) -> None:
+    url = history_node.url
+    async with uni_stream(url, {"token": token("lis", channels=["news"])},
+                          headers={"User-Agent": "dashboard/1"}) as events, \
+            emulated(url, url, token("lis")):
+        await events.next()
+        answer = await history_node.http.get("/api/connections", params={"user": "lis"})
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["connections"]
+        assert len(rows) == 2
+        assert {row["protocol"] for row in rows} == {"centrifugo"}
+        assert "dashboard/1" in {row["user_agent"] for row in rows}
+        assert all(row["remote"].startswith("127.0.0.1:") for row in rows)
