@@ -51,7 +51,8 @@ class ClientCommands:
         node.hub.add(client)
         node.idle.clear()
         self.metrics.connections_accepted.inc()
-        await self._subscriptions.join_personal(client, personal_channel(client.user))
+        if client.user:  # an anonymous connection (Centrifugo's protocol) has none
+            await self._subscriptions.join_personal(client, personal_channel(client.user))
 
     async def disconnect(self, client: Client, code: int) -> None:
         node = self.node
@@ -74,10 +75,14 @@ class ClientCommands:
         channel: str,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        *,
+        granted: bool = False,
+        delta: bool = False,
     ) -> None:
         """`joined` gets what the subscription starts from (for the reply) before any
-        message of the channel reaches the client."""
-        namespace = client.permissions.check_subscribe(channel)
+        message of the channel reaches the client. `granted`: a subscription token allows
+        it; `delta`: publications go as fossil deltas (the client's codec writes them)."""
+        namespace = client.permissions.check_subscribe(channel, granted)
         subscriptions = self._subscriptions
         if subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
@@ -87,7 +92,7 @@ class ClientCommands:
         if not self.node.broker.up:
             raise BrokerUnavailable()
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
-        if await subscriptions.join(client, channel, position, joined):
+        if await subscriptions.join(client, channel, position, joined, delta=delta):
             await self._announce(client, channel, namespace, joined=True)
 
     async def unsubscribe(self, client: Client, channel: str) -> None:

@@ -39,6 +39,8 @@ class Namespace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     history_ttl: float = 0
     presence: bool = False
     join_leave: bool = False
+    # Delta compression a subscription on /connection/websocket may ask for ("fossil").
+    allowed_delta_types: tuple[Literal["fossil"], ...] = ()
 
     @property
     def has_history(self) -> bool:
@@ -75,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_ttl: float = 30.0
     redis_min_replicas: int = 0
     centrifugo: bool = True
+    # /connection/websocket: a connect without a token, or with one without `sub`, is an
+    # anonymous user (Centrifugo's allow_anonymous_connect_without_token).
+    anonymous: bool = False
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False

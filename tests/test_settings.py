@@ -41,6 +41,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_PRESENCE_TTL", "12", "presence_ttl", 12.0),
     ("HUB_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
+    ("HUB_ANONYMOUS", "1", "anonymous", True),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
