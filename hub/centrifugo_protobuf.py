@@ -401,9 +401,22 @@ def _read(schema: _Schema, data: bytes) -> dict[str, Any]:
     return values
 
 
-def _struct(schema: _Schema, cls: type[Any]) -> Callable[[dict[str, Any], str, bytes], None]:
+_DEFAULTS = {"str": "", "bytes": b"", "bool": False, "uint": 0, "int32": 0, "int64": 0}
+
+
+def _struct(
+    schema: _Schema, cls: type[Any], required: tuple[str, ...] = ()
+) -> Callable[[dict[str, Any], str, bytes], None]:
+    """A request: absent fields are their proto3 defaults, except `required` JSON payloads
+    (as in the JSON encoding, a publish without data is a bad command)."""
+    defaults = {name: _DEFAULTS[kind] for name, kind in schema.values() if kind in _DEFAULTS}
+
     def read(values: dict[str, Any], name: str, data: bytes) -> None:
-        values[name] = cls(**_read(schema, data))
+        fields = _read(schema, data)
+        for missing in required:
+            if not fields.get(missing):
+                raise _Malformed(f"`{name}` without `{missing}`")
+        values[name] = cls(**{**defaults, **fields})
     return read
 
 
@@ -451,7 +464,8 @@ _COMMAND: _Schema = {
     4: ("connect", _struct(_CONNECT, cf.ConnectRequest)),
     5: ("subscribe", _struct(_SUBSCRIBE, cf.SubscribeRequest)),
     6: ("unsubscribe", _struct(_CHANNEL, cf.UnsubscribeRequest)),
-    7: ("publish", _struct({1: ("channel", "str"), 2: ("data", "json")}, cf.PublishRequest)),
+    7: ("publish", _struct({1: ("channel", "str"), 2: ("data", "json")}, cf.PublishRequest,
+                           ("data",))),
     8: ("presence", _struct(_CHANNEL, cf.PresenceRequest)),
     9: ("presence_stats", _struct(_CHANNEL, cf.PresenceStatsRequest)),
     10: ("history", _struct(_HISTORY, cf.HistoryRequest)),
