@@ -200,11 +200,13 @@ class CentrifugoSession(Session):
                                        None)
             self.answer(cf.Reply(id=command_id, publish=cf.PublishResult()))
         elif method == "presence" and command.presence is not None:
-            members = await commands.presence(self, command.presence.channel)
+            channel = command.presence.channel
+            members = await commands.presence(self, channel, granted=self._subscribed(channel))
             presence = {m.client: client_info(m.user, m.client, m.info) for m in members}
             self.answer(cf.Reply(id=command_id, presence=cf.PresenceResult(presence)))
         elif method == "presence_stats" and command.presence_stats is not None:
-            members = await commands.presence(self, command.presence_stats.channel)
+            channel = command.presence_stats.channel
+            members = await commands.presence(self, channel, granted=self._subscribed(channel))
             stats = cf.PresenceStatsResult(len(members), len({m.user for m in members}))
             self.answer(cf.Reply(id=command_id, presence_stats=stats))
         elif method == "history" and command.history is not None:
@@ -222,6 +224,12 @@ class CentrifugoSession(Session):
         else:
             self._protocol_error("unknown_command")
             self.fail(command_id, HubError(ErrorCode.UNKNOWN_TYPE, "method not found"))
+
+    def _subscribed(self, channel: str) -> bool:
+        """A subscriber may read a channel's history and presence, as Centrifugo's
+        `allow_history_for_subscriber` and `allow_presence_for_subscriber` have it (its
+        subscription token may be all that allowed it in)."""
+        return self.commands.node.subscriptions.has(self, channel)
 
     def _protocol_error(self, reason: str) -> None:
         self.commands.metrics.protocol_errors.count(reason)
@@ -376,7 +384,7 @@ class CentrifugoSession(Session):
         up to the cap; without `since` the oldest first (it reads the stream from its
         start), with `reverse` the newest first (with `since`: those before it); a `since`
         of another epoch is error 112 (None here)."""
-        self.permissions.check_subscribe(request.channel)
+        self.permissions.check_subscribe(request.channel, self._subscribed(request.channel))
         node = self.commands.node
         limit = HISTORY_LIMIT if request.limit < 0 else min(request.limit, HISTORY_LIMIT)
         since = request.since

@@ -110,9 +110,12 @@ class ClientCommands:
             from_info=client.identity.info, source="client",
         )
 
-    async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
-        """Members without their node: that is the operators' business."""
-        client.permissions.check_subscribe(channel)
+    async def presence(
+        self, client: Client, channel: str, *, granted: bool = False
+    ) -> list[p.ClientInfo]:
+        """Members without their node: that is the operators' business. `granted`: the
+        protocol allows it whatever the token says (Centrifugo's, to a subscriber)."""
+        client.permissions.check_subscribe(channel, granted)
         members = await self.node.presence_of(channel)
         return [p.ClientInfo(m.client, m.user, None, m.info) for m in members]
 
