@@ -21,7 +21,7 @@ from hub import centrifugo_frames as cf
 from hub import centrifugo_protobuf as pb
 from hub import protocol as p
 from hub.channels import is_personal
-from hub.wire import binary_frame, text_frame
+from hub.wire import binary_frame, binary_frame_of, text_frame
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 
@@ -135,6 +135,13 @@ class CentrifugoProtobufCodec(CentrifugoCodec):
 
     def frame(self, units: list[bytes]) -> bytes:
         return binary_frame(units[0] if len(units) == 1 else b"".join(units))
+
+    def _publication(self, message: p.Message, pub: cf.Publication) -> bytes:
+        channel = message.channel
+        parts = pb.publication_parts(channel, pub)
+        if is_personal(channel):
+            parts += pb.publication_parts("#" + channel[1:], pub)
+        return binary_frame_of(parts)
 
     def delta_publication(self, message: p.Message, patch: bytes | None) -> cf.Publication:
         pub = publication(message)

@@ -123,6 +123,46 @@ def publication(pub: cf.Publication) -> bytes:
     return w.done()
 
 
+def _string_field(key: bytes, value: bytes) -> bytes:
+    return key + _varint(len(value)) + value if value else b""
+
+
+def publication_parts(channel: str, pub: cf.Publication) -> list[bytes]:
+    """`Reply{push{channel, pub}}`, delimited, as pieces to join once into the frame: the
+    hot path, so written out by hand. The payload is written last (field order is free in
+    protobuf) and the lengths are summed rather than nested, so it is copied once, where
+    the frame is joined."""
+    fields = []
+    info = pub.info
+    if info is not None:
+        body = _string_field(b"\x0a", info.user.encode()) + _string_field(
+            b"\x12", info.client.encode())
+        if info.conn_info is not None and len(info.conn_info):
+            body += b"\x1a" + _varint(len(info.conn_info)) + bytes(info.conn_info)
+        fields.append(b"\x2a" + _varint(len(body)) + body)
+    if pub.offset:
+        fields.append(b"\x30" + _varint(pub.offset))
+    if pub.tags:
+        for key, value in pub.tags.items():
+            entry = _string_field(b"\x0a", key.encode()) + _string_field(
+                b"\x12", value.encode())
+            fields.append(b"\x3a" + _varint(len(entry)) + entry)
+    if pub.delta:
+        fields.append(b"\x40\x01")
+    if pub.time:
+        fields.append(b"\x48" + _varint(pub.time))
+    data: Any = pub.data
+    size = len(data)
+    if size:
+        fields.append(b"\x22" + _varint(size))
+    head = b"".join(fields)
+    pub_size = len(head) + size
+    push_head = _string_field(b"\x12", channel.encode()) + b"\x22" + _varint(pub_size)
+    push_size = len(push_head) + pub_size
+    reply_head = b"\x22" + _varint(push_size)
+    return [_varint(len(reply_head) + push_size) + reply_head + push_head + head, data]
+
+
 def _info_only(info: cf.ClientInfo) -> bytes:
     w = _Writer()
     w.message(1, client_info(info))

@@ -43,6 +43,18 @@ def binary_frame(payload: bytes) -> bytes:
     return _frame(_BINARY, payload)
 
 
+def binary_frame_of(parts: list[bytes]) -> bytes:
+    """`binary_frame` of the pieces joined, in one copy of each."""
+    size = sum(len(part) for part in parts)
+    if size < 126:
+        header = bytes((_BINARY, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", _BINARY, 126, size)
+    else:
+        header = struct.pack("!BBQ", _BINARY, 127, size)
+    return b"".join([header, *parts])
+
+
 def is_binary(frame: bytes) -> bool:
     return frame[0] == _BINARY
 
