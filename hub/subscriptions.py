@@ -143,14 +143,21 @@ def fan_out_deltas(
     base): they get the delta form of the run, and hold a base from then on."""
     delivered = 0
     count = frames.count
+    codec: Codec | None = None
+    base: bool | None = None
+    frame = b""
+    holds = deltas.get
     for subscriber in subscribers:
         try:
-            has_base = deltas.get(subscriber)
-            if has_base is None:
-                delivered += subscriber.push(frames.frame(subscriber.codec), count)
-            elif subscriber.push(frames.delta_frame(subscriber.codec, has_base), count):
+            has_base = holds(subscriber)
+            if subscriber.codec is not codec or has_base is not base or not frame:
+                codec, base = subscriber.codec, has_base
+                frame = (frames.frame(codec) if has_base is None
+                         else frames.delta_frame(codec, has_base))
+            if subscriber.push(frame, count):
                 delivered += 1
-                deltas[subscriber] = True
+                if has_base is False:
+                    deltas[subscriber] = True
         except Exception:
             log.exception("delivery to one connection failed; the others go on")
     return delivered
