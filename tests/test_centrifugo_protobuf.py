@@ -489,3 +489,56 @@ async def test_a_json_client_refuses_binary_and_a_protobuf_client_text(
         with contextlib.suppress(websockets.ConnectionClosed):
             await asyncio.wait_for(client.socket.recv(), WAIT)
         assert client.socket.close_code == 3501
+
+
+async def test_patches_once_per_publication_and_frames_once_per_encoding(
+    monkeypatch: Any,
+) -> None:
+    """200 delta subscribers in two encodings and 100 plain ones: each publication's patch
+    is computed once, and every subscriber of one kind gets the very same frame object."""
+    import hub.subscriptions as subs_module
+    from benchmarks.encodings import CHANNEL, Sink
+    from hub.broker import MemoryBroker
+    from hub.metrics import Metrics
+    from hub.settings import Settings
+    from hub.subscriptions import Subscriptions
+
+    patches: list[int] = []
+
+    def counted(source: bytes, target: bytes) -> bytes:
+        patches.append(len(target))
+        return fossil.create(source, target)
+
+    monkeypatch.setattr(subs_module, "fossil_delta", counted)
+    settings = msgspec.convert({"namespaces": {"doc": DELTA_NAMESPACES["doc"]}}, Settings)
+    subscriptions = Subscriptions(MemoryBroker(), settings, Metrics("t"))
+    received: dict[int, list[bytes]] = {}
+
+    class Keeping(Sink):
+        def push(self, frame: bytes, count: int = 1) -> bool:
+            received.setdefault(id(self), []).append(frame)
+            return super().push(frame, count)
+
+    kinds = [(JSON_CODEC, True), (PROTOBUF_CODEC, True), (PROTOBUF_CODEC, False)]
+    sinks = [(Keeping(n, codec), codec, delta) for n in range(300)
+             for codec, delta in [kinds[n % 3]]]
+    starts: list[Any] = []
+    for sink, _, delta in sinks:
+        await subscriptions.join(sink, CHANNEL, None, starts.append, delta=delta)
+    position = starts[0].position
+    for version in (1, 2, 3):
+        message = p.Message(channel=CHANNEL, data=msgspec.Raw(json.dumps(document(version))),
+                            ts=0, offset=position.offset + version, epoch=position.epoch)
+        subscriptions.deliver(CHANNEL, [message])
+    assert len(patches) == 2  # versions 2 and 3; version 1 goes whole
+    for codec, delta in kinds:
+        frames = [received[id(sink)] for sink, c, d in sinks if (c, d) == (codec, delta)]
+        for index in range(3):
+            assert all(got[index] is frames[0][index] for got in frames)
+    json_frames = received[id(sinks[0][0])]
+    second = json.loads(payload_of(json_frames[1]))["push"]["pub"]
+    first = json.loads(payload_of(json_frames[0]))["push"]["pub"]
+    assert second["delta"] and "delta" not in first
+    rebuilt = apply_delta(first["data"].encode(), second["data"].encode())
+    assert json.loads(rebuilt) == document(2)
+    await subscriptions.close()
