@@ -24,6 +24,12 @@ from hub.channels import is_personal
 from hub.wire import binary_frame, binary_frame_of, text_frame
 
 PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
+CENTRIFUGO_PERSONAL_PREFIX = "#"
+
+
+def centrifugo_personal(user: str) -> str:
+    """Centrifugo's name of a user's personal channel, served beside the hub's `@user`."""
+    return CENTRIFUGO_PERSONAL_PREFIX + user
 
 
 def client_info(user: str, client: str | None, info: msgspec.Raw | None) -> cf.ClientInfo:
@@ -87,7 +93,7 @@ class CentrifugoCodec:
         channel = message.channel
         units = [self.unit(cf.Push(channel=channel, pub=pub))]
         if is_personal(channel):
-            units.append(self.unit(cf.Push(channel="#" + channel[1:], pub=pub)))
+            units.append(self.unit(cf.Push(channel=centrifugo_personal(channel[1:]), pub=pub)))
         return self.frame(units)
 
     def event(self, event: p.Join | p.Leave) -> bytes:
@@ -140,7 +146,7 @@ class CentrifugoProtobufCodec(CentrifugoCodec):
         channel = message.channel
         parts = pb.publication_parts(channel, pub)
         if is_personal(channel):
-            parts += pb.publication_parts("#" + channel[1:], pub)
+            parts += pb.publication_parts(centrifugo_personal(channel[1:]), pub)
         return binary_frame_of(parts)
 
     def delta_publication(self, message: p.Message, patch: bytes | None) -> cf.Publication:

@@ -22,7 +22,13 @@ from hub import protocol as p
 from hub.abuse import decode_reason
 from hub.auth import AuthFailed, Identity
 from hub.broker import StreamPosition
-from hub.centrifugo_codecs import JSON_CODEC, CentrifugoCodec, client_info, publication
+from hub.centrifugo_codecs import (
+    JSON_CODEC,
+    CentrifugoCodec,
+    centrifugo_personal,
+    client_info,
+    publication,
+)
 from hub.channels import personal_channel
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, ErrorCode, HubError
@@ -36,15 +42,9 @@ log = logging.getLogger("hub.centrifugo")
 
 CENTRIFUGO_CODEC = JSON_CODEC
 PING_FRAME = JSON_CODEC.ping_frame
-CENTRIFUGO_PERSONAL_PREFIX = "#"
 REJECT_UNRECOVERED = 2
 """Subscribe `flag` bit (Centrifugo >= 6.8): answer 112 rather than subscribe unrecovered."""
 FOSSIL = "fossil"
-
-
-def centrifugo_personal(user: str) -> str:
-    """Centrifugo's name of a user's personal channel, served beside the hub's `@user`."""
-    return CENTRIFUGO_PERSONAL_PREFIX + user
 
 
 class CentrifugoSession(Session):
