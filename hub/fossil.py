@@ -3,10 +3,12 @@ and the SDKs' `applyDelta` use): `create(source, target)` writes the target as c
 source ranges and literal inserts.
 
 Written here: the PyPI packages that wrap delta.c build from source only (a C compiler in
-every install, none in the slim image). Pure Python stays fast by indexing the source in
-16-byte blocks (a dict of byte slices, hashed in C), scanning the target only where it
-differs, and extending each match with slice comparisons instead of byte loops: a 10 KB
-JSON document with a few changed values takes tens of microseconds (docs/protocol.md §11).
+every install, none in the slim image). Pure Python stays fast by doing the byte work in C:
+what source and target share at both ends is found by slice comparison, a match is looked
+for with `bytes.find` near where the source would go on (an index of the source's 16-byte
+blocks only for a stretch that has none there), and each match is extended by comparing
+slices, not bytes: a 12 KB JSON document with ten changed values takes about 0.4 ms, one
+with one change under 0.1 ms (docs/protocol.md §11).
 
 Every literal insert is whole UTF-8 characters when the target is UTF-8 (copies never
 start or end inside a character), so a delta of JSON text is itself UTF-8 text, as the
@@ -21,6 +23,7 @@ from array import array
 _DIGITS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
 _BLOCK = 16
 _GALLOP = 64
+_WINDOW = 256  # bytes either side of where the source would go on
 
 
 def _int(value: int) -> bytes:
@@ -119,16 +122,31 @@ def create(source: bytes, target: bytes) -> bytes:
 
 def _between(source: bytes, target: bytes, offset: int, parts: list[bytes]) -> None:
     """Copies (of `source`, which starts at `offset` of the whole) and literals that make
-    `target`, appended to `parts`."""
-    index = {source[at:at + _BLOCK]: at for at in range(0, len(source) - _BLOCK + 1, _BLOCK)}
+    `target`, appended to `parts`. After each copy the next match is looked for near where
+    the source would go on (`find` in a window, at C speed: edits of a document move the
+    rest little); only a stretch with no match there for a block's length consults the
+    index of the source's aligned blocks, built then."""
+    index: dict[bytes, int] | None = None
     literal_from = 0  # target bytes before this are written
+    expected = 0  # where in the source the target at `literal_from` would go on
     at = 0
-    last = len(target) - _BLOCK if index else -1
+    misses = 0
+    last = len(target) - _BLOCK
     while at <= last:
-        found = index.get(target[at:at + _BLOCK])
-        if found is None:
-            at += 1
-            continue
+        block = target[at:at + _BLOCK]
+        low = max(0, expected + at - literal_from - _WINDOW)
+        found = source.find(block, low, low + 2 * _WINDOW + _BLOCK)
+        if found < 0:
+            misses += 1
+            if misses > _BLOCK:
+                if index is None:
+                    index = {source[i:i + _BLOCK]: i
+                             for i in range(0, len(source) - _BLOCK + 1, _BLOCK)}
+                found = index.get(block, -1)
+            if found < 0:
+                at += 1
+                continue
+        misses = 0
         start, origin = at, found
         while start > literal_from and origin > 0 and source[origin - 1] == target[start - 1]:
             start -= 1
@@ -145,6 +163,7 @@ def _between(source: bytes, target: bytes, offset: int, parts: list[bytes]) -> N
         if start > literal_from:
             parts += (_int(start - literal_from), b":", target[literal_from:start])
         parts += (_int(end - start), b"@", _int(origin + offset), b",")
+        expected = origin + end - start
         literal_from = at = end
     if literal_from < len(target):
         parts += (_int(len(target) - literal_from), b":", target[literal_from:])
