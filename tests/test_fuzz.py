@@ -334,6 +334,40 @@ def test_mutated_protobuf_frames(messages: list[bytes]) -> None:
     check_protobuf(b"".join(messages))
 
 
+@st.composite
+def edited(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A source and a target made of it by insertions, deletions, replacements and moved
+    stretches, as a changing document is."""
+    alphabet = st.sampled_from([*b'ab{}":,0123456789', 0xC3, 0xA9])
+    source = bytes(draw(st.lists(alphabet, max_size=3000)))
+    target = bytearray(source)
+    for _ in range(draw(st.integers(0, 6))):
+        at = draw(st.integers(0, len(target)))
+        size = draw(st.integers(1, 200))
+        how = draw(st.sampled_from(["insert", "delete", "replace", "move"]))
+        if how == "insert":
+            target[at:at] = bytes(draw(st.lists(alphabet, min_size=1, max_size=size)))
+        elif how == "delete":
+            del target[at:at + size]
+        elif how == "replace":
+            target[at:at + 3] = b"QQQ"
+        else:
+            stretch = target[at:at + size]
+            target[draw(st.integers(0, len(target))):0] = stretch
+    return source, bytes(target)
+
+
+@FUZZ
+@given(edited())
+def test_fossil_patches_apply_with_the_sdk(pair: tuple[bytes, bytes]) -> None:
+    from centrifuge.fossil import apply_delta
+
+    from hub import fossil
+
+    source, target = pair
+    assert apply_delta(source, fossil.create(source, target)) == target
+
+
 async def test_malformed_protobuf_frames_on_a_live_node(caplog: pytest.LogCaptureFixture) -> None:
     """Each kind of bad frame on a Protobuf connection: a command whose id reads gets error
     107 and the connection stays; one without, or a frame that is not delimited messages,
