@@ -1,4 +1,5 @@
-"""`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted, the
+"""`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted in the
+encoding the client asks for (`hub.centrifugo_codecs.codec_for`: JSON unless Protobuf), the
 first command must be `connect` (within HUB_AUTH_TIMEOUT), its token is the hub's own;
 then a `CentrifugoSession` serves, and one task pings every such connection with `{}`.
 
@@ -18,6 +19,7 @@ from typing import Any
 from hub import __version__
 from hub import centrifugo_frames as cf
 from hub.auth import AuthFailed, Identity
+from hub.centrifugo_codecs import PROTOBUF_SUBPROTOCOL, CentrifugoCodec, codec_for
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
@@ -26,7 +28,7 @@ from hub.errors import CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
-from hub.wire import ASGISend, WritePath
+from hub.wire import ASGISend, WritePath, payload_of
 
 log = logging.getLogger("hub.centrifugo")
 
@@ -53,10 +55,14 @@ class CentrifugoEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
+        codec = codec_for(scope)
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
+            accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
+        await send(accept)
         try:
             self._check_room()
-            command, rest = await self._first_command(receive)
+            command, rest = await self._first_command(receive, codec)
             identity = await self._authenticate(scope, command)
             self._check_room()  # it may have filled up or begun draining meanwhile
         except _Refused as refused:
@@ -64,12 +70,12 @@ class CentrifugoEndpoint:
             await close_socket(send, refused.code, refused.reason)
             return
         except _Expired as expired:
-            await self._expired(send, receive, expired.command_id)
+            await self._expired(send, receive, expired.command_id, codec)
             return
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive, Origin.of_scope(scope))
+        await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope))
 
     def _check_room(self) -> None:
         node = self.node
@@ -78,8 +84,11 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
                            CloseCode.TRY_AGAIN_LATER)
 
-    async def _first_command(self, receive: ASGIReceive) -> tuple[cf.Command, list[bytes]]:
-        """The `connect` command, and the commands that came in its frame after it."""
+    async def _first_command(
+        self, receive: ASGIReceive, codec: CentrifugoCodec
+    ) -> tuple[cf.Command, list[bytes]]:
+        """The `connect` command, and the commands that came in its frame after it, in
+        the connection's encoding (text frames for JSON, binary for Protobuf)."""
         node = self.node
         try:
             async with asyncio.timeout(node.settings.auth_timeout):
@@ -89,10 +98,10 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
         if message["type"] == "websocket.disconnect":
             raise Gone(message.get("code"))
-        text = message.get("text")
-        messages = cf.split_frame(text) if text is not None else []
+        data = message.get("bytes") if codec.binary else message.get("text")
+        messages = codec.split(data.encode() if isinstance(data, str) else data)[0] if data else []
         try:
-            command = cf.decode_command(messages[0]) if messages else None
+            command = codec.decode(messages[0]) if messages else None
         except cf.BadCommand:
             command = None
         if command is None or command.connect is None or not command.id:
@@ -104,12 +113,15 @@ class CentrifugoEndpoint:
         node = self.node
         assert command.connect is not None
         token = command.connect.token
+        anonymous = node.settings.anonymous
         if not token and node.settings.dev:
             return dev_identity(scope)
+        if not token and anonymous:
+            return Identity(user="")
         try:
             if not node.authenticator.configured and token:
                 raise AuthFailed("invalid", "no token verification key is configured")
-            identity = await node.authenticator.verify(token)
+            identity = await node.authenticator.verify(token, anonymous=anonymous)
         except AuthFailed as exc:
             node.metrics.auth_failed(exc.reason)
             if exc.code == CloseCode.TOKEN_EXPIRED:
@@ -121,13 +133,18 @@ class CentrifugoEndpoint:
             raise _Expired(command.id)
         return identity
 
-    async def _expired(self, send: ASGISend, receive: ASGIReceive, command_id: int) -> None:
+    async def _expired(
+        self, send: ASGISend, receive: ASGIReceive, command_id: int, codec: CentrifugoCodec
+    ) -> None:
         """Error 109: the SDK closes, fetches a new token and connects again. Closing first
         could reach it before the reply, and stop it; so the client closes, or the auth
         timeout does."""
         self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
         reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
-        await send_quietly(send, {"type": "websocket.send", "text": cf.encode(reply).decode()})
+        frame = payload_of(codec.reply(reply))
+        event = {"type": "websocket.send", "bytes": frame} if codec.binary else {
+            "type": "websocket.send", "text": frame.decode()}
+        await send_quietly(send, event)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.node.settings.auth_timeout):
                 while (await receive())["type"] != "websocket.disconnect":
@@ -142,11 +159,12 @@ class CentrifugoEndpoint:
         rest: list[bytes],
         send: ASGISend,
         receive: ASGIReceive,
+        codec: CentrifugoCodec,
         origin: Origin,
     ) -> None:
         node, commands = self.node, self.commands
         session = CentrifugoSession(
-            commands, self.write_path.outbound_for(send), new_client_id(), identity
+            commands, self.write_path.outbound_for(send), new_client_id(), identity, codec
         )
         session.origin = origin
         session.connected(command.id, __version__, node.settings.ping_interval)
@@ -180,7 +198,7 @@ class CentrifugoEndpoint:
                         session.close(cf.DisconnectCode.NO_PONG, "no pong")
                     else:
                         session.pong_due = True
-                        session.push(session.ping_frame)
+                        session.push(session.codec.ping_frame)
         finally:
             self._pinging = False
 

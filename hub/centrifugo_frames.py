@@ -294,6 +294,13 @@ class RefreshRequest(msgspec.Struct):
     token: str
 
 
+class SubRefreshRequest(msgspec.Struct, kw_only=True):
+    """A new subscription token for a channel subscribed with one."""
+
+    channel: str
+    token: str = ""
+
+
 class Command(msgspec.Struct, kw_only=True):
     """One client message. Only the first method set counts (client.proto); a command with
     an id and no method served here is answered 104."""
@@ -312,7 +319,7 @@ class Command(msgspec.Struct, kw_only=True):
     ping: msgspec.Raw = NO_RAW
     send: msgspec.Raw = NO_RAW
     rpc: msgspec.Raw = NO_RAW
-    sub_refresh: msgspec.Raw = NO_RAW
+    sub_refresh: SubRefreshRequest | None = None
 
     @property
     def method(self) -> str | None:
@@ -334,7 +341,7 @@ _METHODS = (
 )
 SERVED_METHODS = frozenset(
     {"connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats",
-     "history", "refresh"}
+     "history", "refresh", "sub_refresh"}
 )
 
 
@@ -410,6 +417,7 @@ class Publication(msgspec.Struct, omit_defaults=True):
     info: ClientInfo | None = None
     offset: int = 0
     tags: dict[str, str] | None = None
+    delta: bool = False
     time: int = 0
 
 
@@ -483,6 +491,7 @@ class SubscribeResult(msgspec.Struct, omit_defaults=True):
     positioned: bool = False
     data: msgspec.Raw | None = None
     was_recovering: bool = False
+    delta: bool = False
 
 
 class ConnectResult(msgspec.Struct, omit_defaults=True):
@@ -508,6 +517,15 @@ class RefreshResult(msgspec.Struct, omit_defaults=True):
     version: str = ""
     expires: bool = False
     ttl: int = 0
+
+
+class SubRefreshResult(msgspec.Struct, omit_defaults=True):
+    expires: bool = False
+    ttl: int = 0
+
+
+class RPCResult(msgspec.Struct, omit_defaults=True):
+    data: msgspec.Raw | None = None
 
 
 class UnsubscribeResult(msgspec.Struct):
@@ -551,7 +569,9 @@ class Reply(msgspec.Struct, omit_defaults=True):
     presence: PresenceResult | None = None
     presence_stats: PresenceStatsResult | None = None
     history: HistoryResult | None = None
+    rpc: RPCResult | None = None
     refresh: RefreshResult | None = None
+    sub_refresh: SubRefreshResult | None = None
 
 
 PING = b"{}"

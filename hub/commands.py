@@ -51,7 +51,8 @@ class ClientCommands:
         node.hub.add(client)
         node.idle.clear()
         self.metrics.connections_accepted.inc()
-        await self._subscriptions.join_personal(client, personal_channel(client.user))
+        if client.user:  # an anonymous connection (Centrifugo's protocol) has none
+            await self._subscriptions.join_personal(client, personal_channel(client.user))
 
     async def disconnect(self, client: Client, code: int) -> None:
         node = self.node
@@ -76,13 +77,17 @@ class ClientCommands:
         channel: str,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        *,
+        granted: bool = False,
+        delta: bool = False,
     ) -> None:
         """`joined` gets what the subscription starts from (for the reply) before any
-        message of the channel reaches the client."""
-        namespace = client.permissions.check_subscribe(channel)
+        message of the channel reaches the client. `granted`: a subscription token allows
+        it; `delta`: publications go as fossil deltas (the client's codec writes them)."""
+        namespace = client.permissions.check_subscribe(channel, granted)
         if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
-        await self._join(client, channel, namespace, since, joined)
+        await self._join(client, channel, namespace, since, joined, delta=delta)
 
     async def server_subscribe(
         self,
@@ -106,6 +111,8 @@ class ClientCommands:
         namespace: Namespace,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        *,
+        delta: bool = False,
     ) -> None:
         subscriptions = self._subscriptions
         limit = self.settings.max_subscriptions
@@ -114,7 +121,7 @@ class ClientCommands:
         if not self.node.broker.up:
             raise BrokerUnavailable()
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
-        if await subscriptions.join(client, channel, position, joined):
+        if await subscriptions.join(client, channel, position, joined, delta=delta):
             self._member(client, channel, namespace, True)
             await self._announce(client, channel, namespace, joined=True)
 
@@ -146,9 +153,12 @@ class ClientCommands:
             events.client_publish(channel, client.user, client.client_id, data)
         return position
 
-    async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
-        """Members without their node: that is the operators' business."""
-        client.permissions.check_subscribe(channel)
+    async def presence(
+        self, client: Client, channel: str, *, granted: bool = False
+    ) -> list[p.ClientInfo]:
+        """Members without their node: that is the operators' business. `granted`: the
+        protocol allows it whatever the token says (Centrifugo's, to a subscriber)."""
+        client.permissions.check_subscribe(channel, granted)
         members = await self.node.presence_of(channel)
         return [p.ClientInfo(m.client, m.user, None, m.info) for m in members]
 

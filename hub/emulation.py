@@ -69,34 +69,26 @@ def inbox_channel(node_id: str) -> str:
 
 
 class EmulatedSession(CentrifugoSession):
-    """A Centrifugo session whose frames go down an HTTP stream."""
+    """A Centrifugo session whose frames go down an HTTP stream (its codec's framing)."""
 
     __slots__ = ("inbox", "session_id")
-    codec: StreamCodec  # type: ignore[assignment]
+    stream_codec: StreamCodec
 
     def __init__(self, commands: ClientCommands, outbound: StreamOutbound, client_id: str,
                  identity: Identity, inbox: StreamInbox) -> None:
-        super().__init__(commands, outbound, client_id, identity)
+        super().__init__(commands, outbound, client_id, identity, self.stream_codec)
         self.inbox = inbox
         self.session_id = secrets.token_urlsafe(18)  # whoever knows it speaks for the client
-
-    def answer(self, reply: cf.Reply) -> None:
-        self.push(self.codec.reply(reply))
-
-    def send_pushes(self, pushes: list[cf.Push]) -> None:
-        self.push(self.codec.pushes(pushes), len(pushes))
 
 
 class SseSession(EmulatedSession):
     __slots__ = ()
-    codec = EMULATION_SSE
-    ping_frame = EMULATION_SSE.ping
+    stream_codec = EMULATION_SSE
 
 
 class HttpStreamSession(EmulatedSession):
     __slots__ = ()
-    codec = EMULATION_HTTP_STREAM
-    ping_frame = EMULATION_HTTP_STREAM.ping
+    stream_codec = EMULATION_HTTP_STREAM
 
 
 class EmulationRouter:
@@ -325,7 +317,7 @@ class EmulationEndpoint(CentrifugoEndpoint):
         if command is None or command.connect is None or not command.id:
             await _error(send, 400, "the first command must be connect, with an id")
             return
-        codec = self.session_class.codec
+        codec = self.session_class.stream_codec
         outbound = StreamOutbound(send, codec.disconnect)
         headers = [(b"content-type", codec.framing.content_type), *STREAM_HEADERS]
         await outbound.start(200, headers, codec.framing.prelude)
@@ -353,7 +345,7 @@ class EmulationEndpoint(CentrifugoEndpoint):
         except _Expired as expired:
             # Error 109: the SDK fetches a new token and connects again.
             node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            outbound.write_now(self.session_class.codec.reply(
+            outbound.write_now(self.session_class.stream_codec.reply(
                 cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)))
             outbound.end()
             return

@@ -22,6 +22,14 @@ class Codec(Protocol):
     def event(self, event: Join | Leave) -> bytes: ...
 
 
+class DeltaCodec(Codec, Protocol):
+    """A protocol that writes publications as fossil deltas (Centrifugo's)."""
+
+    def delta(self, message: Message, patch: bytes | None) -> bytes:
+        """`message` for a delta subscription: `patch` against the previous publication
+        it was sent, or (None) its full payload."""
+
+
 class Subscriber(Protocol):
     """What the hub needs of a connection: where to put a frame, how to end it, and what a
     `reset` of one of its channels means to its protocol."""

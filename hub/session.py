@@ -197,10 +197,11 @@ class Session:
                 kind = message["type"]
                 if kind == "websocket.receive":
                     text = message.get("text")
-                    if text is None:
-                        self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
+                    if self.close_code is not None:
                         continue
-                    if self.close_code is None:
+                    if text is None:
+                        await self.handle_binary(message.get("bytes") or b"")
+                    else:
                         await self.handle(text)
                 elif kind == "websocket.disconnect":
                     code = int(message.get("code", CloseCode.NORMAL))
@@ -247,6 +248,11 @@ class Session:
     async def handle(self, text: str) -> None:
         """One text frame of the client."""
         raise NotImplementedError
+
+    async def handle_binary(self, data: bytes) -> None:
+        """One binary frame of the client: refused, unless the protocol has an encoding
+        that uses them."""
+        self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
 
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """`Subscriber.reset`."""

@@ -40,6 +40,8 @@ class Namespace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     presence: bool = False
     join_leave: bool = False
     events_client_publish: bool = False  # PROTOCOL §14: client publications as events
+    # Delta compression a subscription on /connection/websocket may ask for ("fossil").
+    allowed_delta_types: tuple[Literal["fossil"], ...] = ()
 
     @property
     def has_history(self) -> bool:
@@ -78,6 +80,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     centrifugo: bool = True
     emulation: bool = True
     centrifugo_api_prefix: str = "/centrifugo/api"
+    # /connection/websocket: a connect without a token, or with one without `sub`, is an
+    # anonymous user (Centrifugo's allow_anonymous_connect_without_token).
+    anonymous: bool = False
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False

@@ -1,13 +1,13 @@
 """Centrifugo's client protocol (JSON) written for a transport other than
-`/connection/websocket` (PROTOCOL §15): a protocol codec, which the transports' `Framing`
-cuts into their stream.
+`/connection/websocket` (PROTOCOL §15): the JSON codec of `hub.centrifugo_codecs`, with
+each message cut into the transport's stream by its `Framing` instead of a WebSocket frame.
 
 Bidirectional emulation carries exactly what the WebSocket carries (each push inside a
 reply, `{"push": {...}}`); the one-way transports carry bare pushes (`{"channel", "pub"}`,
 `{"connect": {...}}`), as Centrifugo's unidirectional protocol does. Each codec is one
-object per (protocol, framing), so the fan-out builds a frame once per message per codec,
-whatever the number of recipients. A Protobuf codec plugs in beside these (same methods,
-varint-delimited payloads): the framings and the transports do not change.
+object per (encoding, framing), so the fan-out builds a frame once per message per codec,
+whatever the number of recipients. The Protobuf codec would plug in the same way (its
+units are varint-delimited already: a framing that adds nothing), the session unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from hub import centrifugo_frames as cf
-from hub import protocol as p
-from hub.centrifugo_session import client_info, publication
+from hub.centrifugo_codecs import CentrifugoCodec
 from hub.streams import LINES, SSE, WEBSOCKET, Framing
 
 
@@ -49,12 +48,25 @@ def encode_bare(push: cf.Push) -> bytes:
     return data.replace(b"\n", b"") if b"\n" in data else data
 
 
-class StreamCodec:
-    """Centrifugo's frames for one framing. `uni`: bare pushes; `ids`: publications of
-    history channels carry their offset as the SSE event id."""
+def event_id(push: cf.Push) -> int | None:
+    """The SSE id of a push on a one-way stream: a publication's offset, a subscription's
+    position, or the connect push's one history channel's."""
+    if push.pub is not None and push.pub.offset:
+        return push.pub.offset
+    if push.subscribe is not None and push.subscribe.recoverable:
+        return push.subscribe.offset
+    connect = push.connect if isinstance(push, UniPush) else None
+    if connect is not None and connect.subs:
+        positioned = [sub.offset for sub in connect.subs.values() if sub.recoverable]
+        if len(positioned) == 1:
+            return positioned[0]
+    return None
 
-    protocol = "centrifugo"
-    __slots__ = ("framing", "ids", "ping", "uni")
+
+class StreamCodec(CentrifugoCodec):
+    """The JSON codec for one framing: each unit (push) is a whole piece of the stream (an
+    SSE event, a line, a WebSocket frame), so a frame of several is their concatenation.
+    `uni`: bare pushes, and the framing's keepalive as the ping; `ids`: SSE ids."""
 
     def __init__(self, framing: Framing, *, uni: bool, ids: bool = False) -> None:
         self.framing = framing
@@ -62,33 +74,21 @@ class StreamCodec:
         self.ids = ids
         # The server's ping: `{}`, which a bidirectional client answers `{}`; a one-way
         # stream gets the framing's keepalive instead.
-        self.ping = framing.keepalive if uni else framing.wrap(cf.PING)
+        self._ping = framing.keepalive if uni else framing.wrap(cf.PING)
 
-    # what channels carry (the hub's `Codec`)
-
-    def message(self, message: p.Message) -> bytes:
-        push = cf.Push(channel=message.channel, pub=publication(message))
-        return self.push(push, message.offset if self.ids else None)
-
-    def event(self, event: p.Join | p.Leave) -> bytes:
-        info = client_info(event.user, event.client, event.info)
-        if isinstance(event, p.Join):
-            return self.push(cf.Push(channel=event.channel, join=cf.Join(info=info)))
-        return self.push(cf.Push(channel=event.channel, leave=cf.Leave(info=info)))
-
-    # what a session writes
-
-    def push(self, push: cf.Push, event_id: int | None = None) -> bytes:
-        payload = encode_bare(push) if self.uni else cf.encode_push(push)
-        return self.framing.wrap(payload, event_id if self.ids else None)
-
-    def pushes(self, pushes: list[cf.Push]) -> bytes:
-        """Several of a connection's own pushes, in order; on SSE with ids, a publication
-        carries its offset and a subscription's start its position."""
-        return b"".join([self.push(push, _event_id(push)) for push in pushes])
+    @property
+    def ping_frame(self) -> bytes:
+        return self._ping
 
     def reply(self, reply: cf.Reply) -> bytes:
         return self.framing.wrap(cf.encode(reply))
+
+    def unit(self, push: cf.Push) -> bytes:
+        payload = encode_bare(push) if self.uni else cf.encode_push(push)
+        return self.framing.wrap(payload, event_id(push) if self.ids else None)
+
+    def frame(self, units: list[bytes]) -> bytes:
+        return units[0] if len(units) == 1 else b"".join(units)
 
     def disconnect(self, code: int, reason: str) -> bytes:
         """The last frame of a stream: why it ends, and whether to come back (a stream's
@@ -96,15 +96,6 @@ class StreamCodec:
         reason = reason or cf.reason_for(code)
         return self.push(cf.Push(disconnect=cf.Disconnect(
             code=code, reason=reason, reconnect=not cf.is_terminal(code))))
-
-
-def _event_id(push: cf.Push) -> int | None:
-    if push.pub is not None and push.pub.offset:
-        return push.pub.offset
-    subscribe = push.subscribe
-    if subscribe is not None and subscribe.recoverable:
-        return subscribe.offset
-    return None
 
 
 EMULATION_SSE = StreamCodec(SSE, uni=False)

@@ -31,6 +31,7 @@ from hub import __version__
 from hub import centrifugo_frames as cf
 from hub import protocol as p
 from hub.auth import Identity
+from hub.centrifugo_codecs import centrifugo_personal
 from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
 from hub.centrifugo_session import CentrifugoSession
 from hub.channels import personal_channel
@@ -83,11 +84,11 @@ class UniSession(CentrifugoSession):
     what its channels carry is held (`_held`), so that the connect push goes first."""
 
     __slots__ = ("_held", "_subs")
-    codec: StreamCodec  # type: ignore[assignment]
+    stream_codec: StreamCodec
 
     def __init__(self, commands: ClientCommands, outbound: Outbound, client_id: str,
                  identity: Identity) -> None:
-        super().__init__(commands, outbound, client_id, identity)
+        super().__init__(commands, outbound, client_id, identity, self.stream_codec)
         self._held: list[tuple[bytes, int]] | None = []
         self._subs: dict[str, UniSubscribe] = {}
 
@@ -104,8 +105,6 @@ class UniSession(CentrifugoSession):
     async def handle(self, text: str) -> None:
         return None  # one way: what the client sends is not read
 
-    def send_pushes(self, pushes: list[cf.Push]) -> None:
-        self.push(self.codec.pushes(pushes), len(pushes))
 
     def reset(self, channel: str, position: Any) -> bool:
         """A channel lost messages its history cannot give back: close with Centrifugo's
@@ -130,13 +129,16 @@ class UniSession(CentrifugoSession):
                 log.info("server-side subscription to %s refused: %s", channel, exc.message,
                          extra={"client": self.client_id, "user": self.user})
         expires, ttl = self._lifetime(self.identity)
-        subs: dict[str, UniSubscribe] = {personal_channel(self.user): UniSubscribe()}
+        subs: dict[str, UniSubscribe] = {}
+        if self.user:  # the personal channel under both its names, as on the WebSocket
+            subs[centrifugo_personal(self.user)] = UniSubscribe()
+            subs[personal_channel(self.user)] = UniSubscribe()
         subs.update(self._subs)
         ping = math.ceil(ping_interval) if ping_interval else 0
         connect = UniConnect(client=self.client_id, version=__version__, expires=expires,
                              ttl=ttl, subs=subs, ping=ping, session=self.client_id)
         held, self._held = self._held or [], None
-        super().push(self.codec.push(UniPush(connect=connect), self._resume_id()))
+        super().push(self.codec.push(UniPush(connect=connect)))
         for frame, count in held:
             super().push(frame, count)
 
@@ -157,26 +159,19 @@ class UniSession(CentrifugoSession):
 
         return record
 
-    def _resume_id(self) -> int | None:
-        """The connect push's event id: where the one history channel's stream starts, so
-        a stream cut before any publication resumes from there."""
-        positioned = [sub for sub in self._subs.values() if sub.recoverable]
-        return positioned[0].offset if len(positioned) == 1 else None
-
-
 class UniSseSession(UniSession):
     __slots__ = ()
-    codec = UNI_SSE
+    stream_codec = UNI_SSE
 
 
 class UniHttpStreamSession(UniSession):
     __slots__ = ()
-    codec = UNI_HTTP_STREAM
+    stream_codec = UNI_HTTP_STREAM
 
 
 class UniWebSocketSession(UniSession):
     __slots__ = ()
-    codec = UNI_WEBSOCKET
+    stream_codec = UNI_WEBSOCKET
 
 
 class _BadConnect(Exception):
@@ -261,7 +256,7 @@ class UniBase(CentrifugoEndpoint):
             while self.uni_sessions:
                 await asyncio.sleep(interval)
                 for session in list(self.uni_sessions):
-                    session.push(session.codec.ping)
+                    session.push(session.codec.ping_frame)
         finally:
             self._keeping_alive = False
 
@@ -296,7 +291,7 @@ class UniStreamEndpoint(UniBase):
             status = 405 if why == "method not allowed" else 413 if "large" in why else 400
             await _error(send, status, why)
             return
-        codec = self.session_class.codec
+        codec = self.session_class.stream_codec
         outbound = StreamOutbound(send, codec.disconnect)
         headers = [(b"content-type", codec.framing.content_type), *STREAM_HEADERS]
         try:

@@ -43,6 +43,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
     ("HUB_EMULATION", "0", "emulation", False),
     ("HUB_CENTRIFUGO_API_PREFIX", "/cf/api", "centrifugo_api_prefix", "/cf/api"),
+    ("HUB_ANONYMOUS", "1", "anonymous", True),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
