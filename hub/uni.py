@@ -105,6 +105,8 @@ class UniSession(CentrifugoSession):
     async def handle(self, text: str) -> None:
         return None  # one way: what the client sends is not read
 
+    async def handle_binary(self, data: bytes) -> None:
+        return None
 
     def reset(self, channel: str, position: Any) -> bool:
         """A channel lost messages its history cannot give back: close with Centrifugo's
@@ -158,6 +160,7 @@ class UniSession(CentrifugoSession):
                 self.push(codec.message(message))
 
         return record
+
 
 class UniSseSession(UniSession):
     __slots__ = ()
