@@ -22,6 +22,7 @@ from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
 from hub.expiry import ExpiryClock
 from hub.hub import Hub
+from hub.membership import Membership
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.settings import Settings
@@ -61,6 +62,8 @@ class Node:
         self.hub = Hub()
         self.expiries = ExpiryClock(self.hub.sessions.get, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
+        # Presence, join/leave and heartbeats, derived from the subscriptions.
+        self.membership = Membership(settings, self.subscriptions, presence, broker, self.snapshot)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
         self.draining = False
@@ -87,13 +90,13 @@ class Node:
     async def start(self) -> None:
         await self.presence.start()
         await self.broker.start(self)
-        self.spawn(self._heartbeat_loop())
+        self.membership.start()
 
     async def stop(self) -> None:
         await self.subscriptions.close()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
-        for step in (self.presence.leave, self.broker.close, self.presence.close):
+        for step in (self.membership.leave, self.broker.close, self.presence.close):
             try:
                 await step()
             except Exception:
@@ -103,15 +106,6 @@ class Node:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _heartbeat_loop(self) -> None:
-        interval = self.settings.presence_ttl / 3
-        while True:
-            try:
-                await self.presence.heartbeat(self.snapshot())
-            except Exception as exc:  # logged, retried on the next beat
-                log.warning("presence heartbeat failed: %s", exc)
-            await asyncio.sleep(interval)
 
     async def drain(self) -> None:
         """PROTOCOL §7: refuse new connections, then close existing ones with 1012 spread
@@ -130,7 +124,7 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), CLOSE_HANDSHAKE_SECONDS)
         try:
-            await self.presence.leave()
+            await self.membership.leave()
         except Exception as exc:
             log.warning("leaving presence failed: %s", exc)
 
@@ -165,6 +159,7 @@ class Node:
             self.metrics.delivery_lag_seconds.observe(max(0.0, now - message.ts / 1000))
 
     def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
+        self.membership.beat_soon()  # what Redis holds of this node becomes what it has
         if reconnected:
             self.metrics.broker_reconnects.inc()
             self.subscriptions.broker_reconnected(channels)

@@ -16,6 +16,12 @@ have no positions: every message passes.
 
 Subscriptions that stand at the same position share one `Cohort` (usually a channel has
 one), so the fan-out compares offsets once per cohort, not once per subscriber.
+
+Everything that follows from membership (presence entries, join/leave events, heartbeats;
+cluster-wide events) is derived from it by `MembershipWatcher`s: each hears every admit and
+every drop, on every path (subscribe, unsubscribe, disconnect, a `reset` that ends a
+subscription), and the node-level transitions (a channel's first local member, its last
+gone; for a personal channel `@user`: the user's first local connection, its last gone).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import is_personal
@@ -166,6 +172,23 @@ class Channel:
 Hold = tuple[Channel, Cohort]
 
 
+class MembershipWatcher(Protocol):
+    """Hears membership change; called synchronously, in the order things happen, and must
+    not raise (nor await: what it does with the Redis is its own task's business)."""
+
+    def admitted(self, subscriber: Subscriber, channel: str) -> None:
+        """`subscriber` became a member of `channel` (personal channels included)."""
+
+    def dropped(self, subscriber: Subscriber, channel: str) -> None:
+        """`subscriber` is a member no more, whatever the path."""
+
+    def occupied(self, channel: str) -> None:
+        """The channel's first local member (for `@user`: the user's first connection)."""
+
+    def vacated(self, channel: str) -> None:
+        """Its last local member is gone (for `@user`: the user's last connection)."""
+
+
 class Subscriptions:
     def __init__(self, broker: Broker, settings: Settings, metrics: Metrics) -> None:
         self._broker = broker
@@ -179,6 +202,7 @@ class Subscriptions:
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
+        self.watchers: list[MembershipWatcher] = []
 
     # reading
 
@@ -207,6 +231,12 @@ class Subscriptions:
         """A channel's cohorts as they stand, for tests and debugging."""
         found = self._channels.get(channel)
         return list(found.cohorts) if found is not None else []
+
+    def memberships(self) -> Iterator[tuple[str, Iterator[Subscriber]]]:
+        """Every channel with members, and its members (joiners are not members yet)."""
+        for name, channel in self._channels.items():
+            if channel.size:
+                yield name, channel.members()
 
     def channel_counts(self) -> dict[str, int]:
         return {
@@ -339,16 +369,28 @@ class Subscriptions:
                 cohort.members.discard(subscriber)
                 if not cohort.members:
                     channel.cohorts.remove(cohort)
+                self._tell_dropped(subscriber, channel.name)
                 self._count(channel, -1)
                 return True
         return False
 
     def _count(self, channel: Channel, change: int) -> None:
+        """Every change of membership passes here (the one place that counts it)."""
         channel.size += change
         if not is_personal(channel.name):
             self.subscription_count += change
             if channel.size == (1 if change > 0 else 0):
                 self.channel_count += change
+        if change > 0 and channel.size == change:
+            for watcher in self.watchers:
+                _tell(watcher.occupied, channel.name)
+        elif change < 0 and channel.size == 0:
+            for watcher in self.watchers:
+                _tell(watcher.vacated, channel.name)
+
+    def _tell_dropped(self, subscriber: Subscriber, name: str) -> None:
+        for watcher in self.watchers:
+            _tell(watcher.dropped, subscriber, name)
 
     async def _relay(self, channel: Channel) -> None:
         if not channel.relayed:
@@ -397,6 +439,9 @@ class Subscriptions:
         read predates the latest reconnect, it catches up first."""
         channel.cohorts.append(cohort)
         self._count(channel, len(cohort.members))
+        for watcher in self.watchers:
+            for member in cohort.members:
+                _tell(watcher.admitted, member, channel.name)
         if channel.history is not None and generation != channel.generation:
             self._hold(channel, cohort, held)
         else:
@@ -579,12 +624,21 @@ class Subscriptions:
                 kept = True
             if not kept:
                 cohort.members.discard(member)
-                self._count(channel, -1)
                 self._unlist(member, channel.name)
+                self._tell_dropped(member, channel.name)
+                self._count(channel, -1)
         if not cohort.members:
             channel.cohorts.remove(cohort)
             if not (channel.cohorts or channel.joiners):
                 self._spawn(self._release(channel))
+
+
+def _tell(callback: Callable[..., None], *args: Any) -> None:
+    """A watcher that raises is a bug: logged, and membership goes on."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("membership watcher %s failed", getattr(callback, "__qualname__", ""))
 
 
 def _same(one: Message, other: Message) -> bool:

@@ -217,7 +217,7 @@ async def test_password_user_and_db_come_from_the_url(
         assert db3.exists("hub:s:{room}") == 1
         db3.close()
     finally:
-        await presence.leave()
+        await presence.leave([])
         await broker.close()
         await presence.close()
         admin.close()
