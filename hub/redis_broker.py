@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message, Relayed, decode_relayed, encode
-from hub.redis_link import Link
+from hub.redis_link import PROBE_INTERVAL, CommandProbe, Link
 from hub.redis_presence import RedisPresence, ttl_ms
 from hub.redis_support import (
     HISTORY_LUA,
@@ -44,7 +44,14 @@ from hub.redis_support import (
     Script,
     epoch_candidate,
 )
-from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, create_topology, tagged
+from hub.redis_topology import (
+    COMMAND_TIMEOUT,
+    REDIS_ERRORS,
+    Topology,
+    as_topology,
+    create_topology,
+    tagged,
+)
 from hub.redis_url import RedisTarget, parse_redis_url
 from hub.settings import Settings
 from hub.tasks import cancel
@@ -80,8 +87,8 @@ class RedisBroker:
         topology: Topology | Redis,
         *,
         prefix: str = DEFAULT_PREFIX,
-        ping_interval: float = 2.5,
-        timeout: float = 2.0,
+        ping_interval: float = PROBE_INTERVAL,
+        timeout: float = COMMAND_TIMEOUT,
         backoff_cap: float = 2.0,
         min_replicas: int = 0,
     ) -> None:
@@ -99,7 +106,8 @@ class RedisBroker:
         self._node_pools: dict[str, ConnectionPool] = {}  # Cluster masters, for WAIT
         self._publish_command = "SPUBLISH" if self._topology.sharded else "PUBLISH"
         self._events: BrokerEvents | None = None
-        self._links: dict[str, Link] = {}
+        self._links: dict[str, Link] = {}  # pub/sub, per shard
+        self._probes: dict[str, CommandProbe] = {}  # the command client's way, per shard
         self._watcher: asyncio.Task[None] | None = None
         self._look_again = asyncio.Event()  # a link failed or a topic moved
         # Topics whose link went down, until a link carries them again: they may have
@@ -113,12 +121,17 @@ class RedisBroker:
     @property
     def up(self) -> bool:
         """Serving: at least one shard is reachable (PROTOCOL §6)."""
-        return any(link.up for link in self._links.values())
+        return any(self._shard_up(shard) for shard in self._links)
 
     def health(self) -> tuple[int, int]:
-        """(shards reachable, shards known)."""
-        links = list(self._links.values())
-        return sum(link.up for link in links), len(links)
+        """(shards reachable, shards known): reachable is both ways up, the pub/sub link and
+        the command client's."""
+        shards = list(self._links)
+        return sum(self._shard_up(shard) for shard in shards), len(shards)
+
+    def _shard_up(self, shard: str) -> bool:
+        link, probe = self._links.get(shard), self._probes.get(shard)
+        return link is not None and link.up and (probe is None or probe.up)
 
     async def start(self, events: BrokerEvents) -> None:
         """Learn the shards, connect to each, and wait for the first attempts. If Redis is
@@ -129,16 +142,20 @@ class RedisBroker:
         self._watcher = asyncio.create_task(self._watch(), name="hub-redis-topology")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3 * self._timeout):
-                for link in list(self._links.values()):
-                    await link.first_attempt.wait()
+                attempts = [link.first_attempt for link in self._links.values()]
+                attempts += [probe.first_attempt for probe in self._probes.values()]
+                for attempt in attempts:
+                    await attempt.wait()
         if not self.up:
             log.warning("Redis is not reachable yet; the node is not ready until it is")
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
         await cancel(watcher)
-        await asyncio.gather(*(link.close() for link in self._links.values()))
+        await asyncio.gather(*(link.close() for link in self._links.values()),
+                             *(probe.close() for probe in self._probes.values()))
         self._links.clear()
+        self._probes.clear()
         self._events = None
         for pool in self._node_pools.values():
             await pool.disconnect()
@@ -167,7 +184,9 @@ class RedisBroker:
     async def publish(
         self, channel: str, relayed: Relayed, history: HistoryOptions | None = None
     ) -> StreamPosition | None:
-        self._check_up()
+        """Taken as soon as the command client reaches the channel's shard, whether or not
+        this node's pub/sub link to it is up (docs/protocol.md §5)."""
+        self._check_commands(channel)
         keys = self._keys(channel)
         try:
             if history is not None and isinstance(relayed, Message):
@@ -195,7 +214,7 @@ class RedisBroker:
         since: StreamPosition | None = None,
         limit: int = 1000,
     ) -> HistoryPage:
-        self._check_up()
+        self._check_commands(channel)
         args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), max(limit, 0)]
         args += [1, since.offset, since.epoch] if since is not None else [0, 0, ""]
         try:
@@ -215,7 +234,7 @@ class RedisBroker:
         """Start a new epoch for a channel whose history lost messages the node delivered
         (a failover to a replica that lacked them), unless another node already did; the
         position to go on from either way."""
-        self._check_up()
+        self._check_commands(channel)
         args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), stale.epoch]
         try:
             epoch, offset = await self._run(self._restart_script, self._keys(channel), args)
@@ -233,9 +252,16 @@ class RedisBroker:
         name = tagged(channel)
         return [self._prefix + b"s:" + name, self._prefix + b"m:" + name]
 
-    def _check_up(self) -> None:
-        if not self.up:
-            raise BrokerUnavailable("Redis is unreachable")
+    def _check_commands(self, channel: str) -> None:
+        """Refuse at once what the command client cannot take to the channel's shard now
+        (its probe failed): no command waits for a timeout on a link known to be down."""
+        shard = self._topology.shard_of(self._topic(channel))
+        probe = self._probes.get(shard) if shard is not None else None
+        if probe is None:
+            if not self.up:
+                raise BrokerUnavailable("Redis is unreachable")
+        elif not probe.up:
+            raise BrokerUnavailable(f"Redis commands to {shard} fail")
 
     def _deadline_ms(self) -> int:
         """Redis must run a publish before the client gives up on the reply; a quarter of
@@ -407,6 +433,13 @@ class RedisBroker:
                 timeout=self._timeout, backoff_cap=self._backoff_cap,
             )
             link.start()
+        for shard in shards - set(self._probes):
+            probe = self._probes[shard] = CommandProbe(
+                shard, functools.partial(self._topology.ping, shard), self._look_again.set
+            )
+            probe.start()
+        for shard in set(self._probes) - shards:
+            await self._probes.pop(shard).close()
         for shard in set(self._links) - shards:
             gone = self._links.pop(shard)
             if gone.up and gone.sent:

@@ -37,9 +37,11 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 SERVER_SHARD = "redis"
 REBUILD_AFTER_FAILURES = 3
 
-# Short timeouts: a command to an unreachable Redis fails within seconds instead of
-# hanging; no command is retried by redis-py, so a publish is never sent twice.
-_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 1.5, "socket_timeout": 2.0}
+# Short timeouts: a command to an unreachable Redis fails within a second instead of
+# hanging (PROTOCOL §5: `unavailable` within 1 s); no command is retried by redis-py, so a
+# publish is never sent twice.
+COMMAND_TIMEOUT = 0.8
+_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": COMMAND_TIMEOUT}
 
 
 class CommandSlots:
@@ -113,6 +115,10 @@ class Topology(Protocol):
 
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         """The server behind `connection` is still `shard`'s master."""
+
+    async def ping(self, shard: str) -> None:
+        """PING `shard` through the command client (outside the slots: a probe); raises
+        REDIS_ERRORS."""
 
     async def close(self) -> None: ...
 
@@ -200,6 +206,9 @@ class ServerTopology:
 
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         return True
+
+    async def ping(self, shard: str) -> None:
+        await self._client.ping()
 
     async def close(self) -> None:
         await self._client.connection_pool.disconnect()
@@ -327,6 +336,12 @@ class ClusterTopology:
 
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         return shard in self.shards()
+
+    async def ping(self, shard: str) -> None:
+        node = self._client.get_node(node_name=shard)
+        if node is None:
+            raise RedisClusterException(f"no cluster node {shard}")
+        await self._client.execute_command("PING", target_nodes=node)
 
     async def close(self) -> None:
         await self._client.aclose()
