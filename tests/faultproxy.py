@@ -105,7 +105,6 @@ class FaultProxy:
         self._pairs.add(pair)
         if self.mode == "blackhole":
             pair.blackholed = True
-            pair.tasks.append(asyncio.current_task())  # type: ignore[arg-type]
             with contextlib.suppress(Exception):
                 while await reader.read(65536):
                     pass  # swallowed
