@@ -159,10 +159,13 @@ class Node:
             self.metrics.delivery_lag_seconds.observe(max(0.0, now - message.ts / 1000))
 
     def on_broker_up(self, reconnected: bool, channels: Collection[str]) -> None:
-        self.membership.beat_soon()  # what Redis holds of this node becomes what it has
         if reconnected:
             self.metrics.broker_reconnects.inc()
             self.subscriptions.broker_reconnected(channels)
+
+    def on_broker_ready(self) -> None:
+        self.membership.beat_soon()  # what Redis holds of this node becomes what it has
+        self.subscriptions.resume()
 
     def on_broker_down(self, channels: Collection[str]) -> None:
         log.warning("broker connection lost (%d channels wait); connections stay open, "

@@ -379,12 +379,21 @@ class RedisBroker:
             self._events.on_broker_up(True, [self._channel_of(topic) for topic in missed])
         else:
             self._events.on_broker_up(False, [self._channel_of(topic) for topic in topics])
+        if self._shard_up(link.shard):
+            self._events.on_broker_ready()
 
     def went_down(self, link: Link, topics: list[bytes]) -> None:
         self._look_again.set()
         self._lost.update(topics)
         if self._events is not None:
             self._events.on_broker_down([self._channel_of(topic) for topic in topics])
+
+    def _probe_changed(self, shard: str) -> None:
+        """The command client's way to `shard` went down or came back; back, with the
+        shard's link up, the node goes on with what waited for it (catch-up reads)."""
+        self._look_again.set()
+        if self._events is not None and self._shard_up(shard):
+            self._events.on_broker_ready()
 
     def lost_topic(self, link: Link, topic: bytes) -> None:
         self.went_down(link, [topic])
@@ -435,7 +444,8 @@ class RedisBroker:
             link.start()
         for shard in shards - set(self._probes):
             probe = self._probes[shard] = CommandProbe(
-                shard, functools.partial(self._topology.ping, shard), self._look_again.set
+                shard, functools.partial(self._topology.ping, shard),
+                functools.partial(self._probe_changed, shard),
             )
             probe.start()
         for shard in set(self._probes) - shards:

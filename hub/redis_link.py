@@ -208,7 +208,8 @@ class Link:
             if not self._reached or failures <= 1:
                 # Unreachable, or it was up until now: the next attempt is the probe, and
                 # the link is up again as soon as one answers.
-                await asyncio.sleep(random.uniform(UNREACHABLE_RETRY / 2, UNREACHABLE_RETRY))
+                retry = min(UNREACHABLE_RETRY, self._backoff_cap)  # the cap bounds every pause
+                await asyncio.sleep(random.uniform(retry / 2, retry))
                 continue
             # The exponent is capped: 2**1024 overflows a float after a long outage.
             delay = min(self._backoff_cap, 0.05 * 2 ** min(failures, 16))

@@ -541,6 +541,17 @@ class Subscriptions:
                     cohort.held = []
                 self.refiller.request((channel, cohort))
 
+    def resume(self) -> None:
+        """The broker serves (more) again: cohorts still holding catch up. A catch-up stops
+        while the broker is down, and a link that stayed up while the command client's way
+        was down brings no reconnect to start it again."""
+        for channel in self._channels.values():
+            if channel.history is None:
+                continue
+            for cohort in channel.cohorts:
+                if cohort.held is not None:
+                    self.refiller.request((channel, cohort))
+
     # the refiller's target
 
     def generation(self, hold: Hold) -> int:

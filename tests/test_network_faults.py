@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tests.support import (
     Client,
     RunningNode,
     connect,
+    eventually,
     make_settings,
     running_node,
     token,
@@ -47,7 +48,6 @@ TTL = 3.0
 FAULT_SECONDS = float(os.environ.get("HUB_FAULT_SECONDS", "2.0"))
 DETECT_WITHIN = 1.0
 RESUME_WITHIN = 0.2
-POLL = 0.01
 ROOM = "room:all"
 NAMESPACES = {
     "feed": Namespace(subscribe="any", publish="any", history_size=10_000, history_ttl=300),
@@ -138,14 +138,14 @@ async def listed(http: httpx.AsyncClient, node: RunningNode) -> set[str]:
     return {member["client"] for member in response.json()["clients"]}
 
 
-async def until(probe: Callable[[], Any], within: float) -> float | None:
-    """Seconds until `probe()` is true (polled every 10 ms), None if not within `within`."""
+async def until(probe: Callable[[], Awaitable[bool]], within: float) -> float | None:
+    """Seconds until `probe()` is true (polled by `eventually`), None if not `within`."""
     started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await probe():
-            return time.monotonic() - started
-        await asyncio.sleep(POLL)
-    return None
+    try:
+        await eventually(probe, within=within)
+    except AssertionError:
+        return None
+    return time.monotonic() - started
 
 
 async def test_three_nodes_through_partition_blackhole_latency_and_throttle(
