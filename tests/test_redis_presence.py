@@ -178,30 +178,35 @@ async def test_a_node_that_stops_heartbeating_drops_out_within_the_ttl(redis_url
 
     async def beat_forever() -> None:
         while True:
-            await alive.heartbeat(snapshot("alive", {"room": 1}, {"bob"}),
-                                  {"room": [member("c2", "bob")]})
+            # One beat that fails on a loaded machine is retried, as the node's own loop
+            # does; a task that died of it took "alive" out of the cluster too.
+            with contextlib.suppress(BrokerUnavailable):
+                await alive.heartbeat(snapshot("alive", {"room": 1}, {"bob"}),
+                                      {"room": [member("c2", "bob")]})
             await asyncio.sleep(ttl / 3)
 
     beating = asyncio.create_task(beat_forever())
+    # Every wait bounded, the whole test too: a hang fails here with where it was.
     try:
-        await dying.heartbeat(snapshot("dying", {"room": 1}, {"alice"}), {})
-        await dying.add("room", member("c1", "alice"))
-        await alive.add("room", member("c2", "bob"))
-        last_beat = time.monotonic()
-        assert [n.node for n in await observer.nodes(nobody)] == ["alive", "dying", "observer"]
-        assert await observer.channels(nobody) == {"room": 2}
+        async with asyncio.timeout(30):
+            await dying.heartbeat(snapshot("dying", {"room": 1}, {"alice"}), {})
+            await dying.add("room", member("c1", "alice"))
+            await alive.add("room", member("c2", "bob"))
+            last_beat = time.monotonic()
+            assert [n.node for n in await observer.nodes(nobody)] == ["alive", "dying", "observer"]
+            assert await observer.channels(nobody) == {"room": 2}
 
-        async def dropped_out() -> bool:
-            return [n.node for n in await observer.nodes(nobody)] == ["alive", "observer"]
+            async def dropped_out() -> bool:
+                return [n.node for n in await observer.nodes(nobody)] == ["alive", "observer"]
 
-        await eventually(dropped_out, within=ttl + 3)
-        assert time.monotonic() - last_beat < ttl + 1
-        assert [m.client for m in await observer.members("room")] == ["c2"]
-        assert await observer.channels(nobody) == {"room": 1}
-        assert await observer.distinct_users(nobody) == 1
+            await eventually(dropped_out, within=ttl + 3)
+            assert time.monotonic() - last_beat < ttl + 1
+            assert [m.client for m in await observer.members("room")] == ["c2"]
+            assert await observer.channels(nobody) == {"room": 1}
+            assert await observer.distinct_users(nobody) == 1
     finally:
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await beating
+            await asyncio.wait_for(beating, 5)
         for presence in (dying, alive, observer):
-            await presence.close()
+            await asyncio.wait_for(presence.close(), 5)
