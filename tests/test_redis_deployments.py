@@ -252,8 +252,12 @@ async def test_killed_master_is_replaced_within_seconds(
         await eventually("write to the failed-over shard", lambda: client.set(f"w{tag}", "y"))
         # cluster-require-full-coverage no: the other shards never noticed
         assert failures[other_tag] == []
+        # The failed-over shard's writes may all have succeeded: redis-py's RedisCluster
+        # retries a command with backoff by itself (3 times, up to seconds apart), and one
+        # in flight at the kill can be carried across the whole failover (seen: no failure
+        # at all, so `failures[tag]` cannot be required to be non-empty).
         retried = {"ConnectionError", "TimeoutError", "ClusterDownError", "SlotNotCoveredError"}
-        assert failures[tag] and set(failures[tag]) <= retried, failures[tag]
+        assert set(failures[tag]) <= retried, failures[tag]
         assert cluster.master_for(tag).port == replica
         assert {n.port for n in cluster.masters()} == set(tags) - {victim} | {replica}
 
