@@ -264,11 +264,12 @@ class RedisBroker:
             raise BrokerUnavailable(f"Redis commands to {shard} fail")
 
     def _deadline_ms(self) -> int:
-        """Redis must run a publish before the client gives up on the reply; a quarter of
-        the timeout is left for the reply's way back."""
+        """Redis must run a publish before the client gives up on the reply; half of the
+        timeout is left for the reply's way back (and an event loop that is late to read
+        it)."""
         skews = [link.clock_skew_ms for link in self._links.values() if link.up]
         skew = skews[0] if skews else 0.0
-        return int(time.time() * 1000 + skew + self._timeout * 750)
+        return int(time.time() * 1000 + skew + self._timeout * 500)
 
     async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
         async with self._topology.slots_for(keys[0]):

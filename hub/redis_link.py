@@ -42,7 +42,7 @@ log = logging.getLogger("hub.redis")
 
 PROBE_INTERVAL = 0.25  # a silent link is pinged this often
 PROBE_TIMEOUT = 0.5  # a probe (PING, or connect and TIME) unanswered this long: down
-UNREACHABLE_RETRY = 0.1  # a server that could not be reached is tried again this soon
+UNREACHABLE_RETRY = 0.05  # a server that could not be reached is tried again this soon
 STILL_SERVES_SECONDS = 2.5  # how often a silent link asks whether its server is the master
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
 _READ_BATCH = 1000  # replies taken at once from what has arrived
