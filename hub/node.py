@@ -10,7 +10,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Collection, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
 import msgspec
@@ -66,6 +66,9 @@ class Node:
         self.membership = Membership(settings, self.subscriptions, presence, broker, self.snapshot)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
+        # Monotonic time of the node's sessions (rate limits): a test moves it instead of
+        # sleeping.
+        self.clock: Callable[[], float] = time.monotonic
         self.draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()  # set while no connection is open
