@@ -44,6 +44,11 @@ PROBE_INTERVAL = 0.25  # a silent link is pinged this often
 PROBE_TIMEOUT = 0.5  # a probe (PING, or connect and TIME) unanswered this long: down
 UNREACHABLE_RETRY = 0.05  # a server that could not be reached is tried again this soon
 STILL_SERVES_SECONDS = 2.5  # how often a silent link asks whether its server is the master
+# A wait that ended this much later than it should have: the event loop was held up (a busy
+# or starved process), and an answer that arrived meanwhile is still unread. Silence then
+# proves nothing: the probe is made again, at most `LATE_RETRIES` times in a row.
+LATE = 0.1
+LATE_RETRIES = 3
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
 _READ_BATCH = 1000  # replies taken at once from what has arrived
 # Answers of a Cluster whose shards are changing under the link.
@@ -269,9 +274,15 @@ class Link:
         pinged = False
         loop = asyncio.get_running_loop()
         asked = loop.time()
+        late = 0
         while True:
+            waited_from = loop.time()
             reply: Any = await conn.read_response(timeout=self._ping_interval)
             if reply is None:
+                if loop.time() - waited_from > self._ping_interval + LATE and late < LATE_RETRIES:
+                    late += 1
+                    continue  # the loop was late: read what arrived meanwhile first
+                late = 0
                 if pinged:
                     raise TimeoutError("Redis did not answer PING on the pub/sub connection")
                 await conn.send_command("PING")
@@ -371,15 +382,24 @@ class CommandProbe:
         self.up = False
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        late = 0
         while True:
+            started = loop.time()
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     await self._ping()
             except Exception as exc:  # REDIS_ERRORS, and a bug counts as down too
+                if (isinstance(exc, TimeoutError) and late < LATE_RETRIES
+                        and loop.time() - started > PROBE_TIMEOUT + LATE):
+                    late += 1  # the loop was late, not Redis: ask again at once
+                    continue
+                late = 0
                 self._incident.failed(exc)
                 self._turn(False)
                 delay = random.uniform(UNREACHABLE_RETRY / 2, UNREACHABLE_RETRY)
             else:
+                late = 0
                 self._incident.recovered(for_sure=True)
                 self._turn(True)
                 delay = PROBE_INTERVAL

@@ -135,12 +135,15 @@ class FaultProxy:
                 if pair.blackholed:
                     continue
                 mean, jitter = self.delay
-                wait = max(0.0, mean + random.uniform(-jitter, jitter)) if mean else 0.0
+                now = loop.time()
+                # Latency: each chunk is held its own delay, but never overtakes the one
+                # before it. Bandwidth: chunks go out one after another at the rate.
+                latest = now + max(0.0, mean + random.uniform(-jitter, jitter)) if mean else now
                 if self.rate:
-                    wait += len(chunk) / self.rate
-                if wait:
-                    due = max(due, loop.time()) + wait
-                    await asyncio.sleep(due - loop.time())
+                    latest = max(latest, due) + len(chunk) / self.rate
+                due = max(due, latest)
+                if due > now:
+                    await asyncio.sleep(due - now)
                 if pair.blackholed:
                     continue
                 writer.write(chunk)

@@ -70,6 +70,7 @@ class Publisher:
     refused: set[int] = field(default_factory=set)
     unknown: set[int] = field(default_factory=set)  # the answer was lost
     accepted_at: list[float] = field(default_factory=list)
+    refusals: list[tuple[float, float]] = field(default_factory=list)  # (sent at, took)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -78,6 +79,7 @@ class Publisher:
             n = 0
             while not self.stop.is_set():
                 n += 1
+                sent_at = time.monotonic()
                 try:
                     response = await http.post("/api/publish",
                                                json={"channel": self.channel, "data": n})
@@ -90,6 +92,7 @@ class Publisher:
                     else:
                         assert response.status_code == 503, response.text
                         self.refused.add(n)
+                        self.refusals.append((sent_at, time.monotonic() - sent_at))
                 await asyncio.sleep(0.025)
 
 
@@ -195,7 +198,12 @@ async def test_three_nodes_through_partition_blackhole_latency_and_throttle(
                     faulted_at = time.monotonic()
                     down = asyncio.create_task(until(lambda: _is(ready(http, a), 503),
                                                      FAULT_SECONDS))
-                    await asyncio.sleep(0.3)
+                    # A subscribe sent before the fault is noticed: an answer within 1 s.
+                    asked = time.monotonic()
+                    reply = await leaver.request({"type": "subscribe",
+                                                  "channel": f"feed:new-{fault}"})
+                    answered = time.monotonic() - asked
+                    await asyncio.sleep(max(0.0, asked + 0.3 - time.monotonic()))
                 # the leaver is gone, during the fault
                 detected = await down
                 await asyncio.sleep(max(0.0, faulted_at + FAULT_SECONDS - time.monotonic()))
@@ -208,7 +216,14 @@ async def test_three_nodes_through_partition_blackhole_latency_and_throttle(
                     "detected_s": detected, "readyz_200_after_heal_s": resumed,
                     "presence_settled_after_heal_s": settle,
                     "publish_accepted_after_heal_s": publishing,
+                    "subscribe_answered_s": answered,
+                    "slowest_refused_publish_s": max(
+                        [took for sent, took in publishers[0].refusals if sent >= faulted_at],
+                        default=None,
+                    ),
                 }
+                if fault in ("partition", "blackhole"):
+                    assert reply["type"] == "error" and reply["code"] == "unavailable", reply
         finally:
             for publisher in publishers:
                 publisher.stop.set()
@@ -254,6 +269,10 @@ async def test_three_nodes_through_partition_blackhole_latency_and_throttle(
         assert times["detected_s"] is not None and times["detected_s"] <= DETECT_WITHIN, times
         resumed = times["readyz_200_after_heal_s"]
         assert resumed is not None and resumed <= RESUME_WITHIN, times
+        took = times["subscribe_answered_s"]
+        assert took is not None and took <= DETECT_WITHIN, times
+        slowest = times["slowest_refused_publish_s"]
+        assert slowest is not None and slowest <= DETECT_WITHIN, times
     for fault in ("latency", "throttle"):
         assert report[fault]["detected_s"] is None, (fault, report[fault])
     for fault, times in report.items():
