@@ -55,7 +55,7 @@ RESUME_WITHIN = 0.5
 ROOM = "room:all"
 NAMESPACES = {
     "feed": Namespace(subscribe="any", publish="any", history_size=10_000, history_ttl=300),
-    "room": Namespace(subscribe="any", presence=True),
+    "room": Namespace(subscribe="any", presence=True, join_leave=True),
 }
 NODES = ("a", "b", "c")
 
@@ -307,3 +307,50 @@ async def _is(status: Any, expected: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_clients_cut_off_from_their_node_leave_presence_and_say_leave(
+    redis_url: str,
+) -> None:
+    """Between clients and a node: one client's link is partitioned (RST), another's
+    blackholed. The node closes the first at once and the second at its keepalive (ping
+    unanswered for an interval); both drop out of presence on every node, with a leave."""
+    interval = 0.5
+    settings = [
+        make_settings(redis_url=redis_url, node_id=name, presence_ttl=TTL,
+                      namespaces=NAMESPACES, ping_interval=interval)
+        for name in ("a", "b")
+    ]
+    async with running_node(settings[0]) as a, running_node(settings[1]) as b, \
+            httpx.AsyncClient(headers={"X-API-Key": API_KEY}) as http, \
+            connect(b.ws_url, token("watcher")) as watcher:
+        port = int(a.url.rsplit(":", 1)[1])
+        async with FaultProxy("127.0.0.1", port) as cut, FaultProxy("127.0.0.1", port) as lost:
+            through = [f"ws://127.0.0.1:{proxy.port}/ws" for proxy in (cut, lost)]
+            async with connect(through[0], token("cut")) as one, \
+                    connect(through[1], token("lost")) as two:
+                assert (await watcher.subscribe(ROOM))["type"] == "subscribed"
+                for client in (one, two):
+                    assert (await client.subscribe(ROOM))["type"] == "subscribed"
+                everyone = {c.welcome["client"] for c in (watcher, one, two)}
+
+                async def listed_everywhere(expected: set[str]) -> bool:
+                    return all([await listed(http, node) == expected for node in (a, b)])
+
+                assert await until(lambda: listed_everywhere(everyone), WAIT) is not None
+                cut.partition()
+                lost.blackhole()
+                started = time.monotonic()
+                alone = {watcher.welcome["client"]}
+                settled = await until(lambda: listed_everywhere(alone), 2 * interval + TTL + 1)
+                assert settled is not None, await listed(http, a)
+                assert settled <= 3 * interval + 1, settled
+                left: set[str] = set()
+                async with asyncio.timeout(WAIT):
+                    while left != everyone - alone:
+                        frame = await watcher.recv()
+                        if frame["type"] == "leave":
+                            left.add(frame["client"])
+                assert time.monotonic() - started <= 3 * interval + 2
+                for client in (one, two):  # no close handshake through a dead link
+                    client.connection.transport.abort()
