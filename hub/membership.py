@@ -141,10 +141,17 @@ class Membership:
                     await self._progress.wait()
 
     async def leave(self) -> None:
-        """Graceful shutdown: this node and its members out of presence at once."""
+        """Graceful shutdown: this node and its members out of presence at once, after the
+        leave events of the connections the drain closed (bounded)."""
+        if self._task is not None:
+            await self.settled()
         await self.stop()
-        self._drain_pending()
-        removed = list(self._owed_departures)
+        _, departed = self._drain_pending()
+        try:
+            await self._send_events()
+        except Exception:
+            log.exception("sending the last join/leave events failed")
+        removed = list(self._owed_departures) + departed
         for channel, members in self._members().items():
             removed += [(channel, member.client) for member in members]
         self._owed_departures.clear()

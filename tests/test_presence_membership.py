@@ -167,3 +167,21 @@ async def centrifugo_subscriber(node: RunningNode, channel: str) -> AsyncIterato
         reply = await client.command(2, subscribe={"channel": channel})
         assert "subscribe" in reply, reply
         yield client
+
+
+async def test_a_drained_node_says_leave_for_its_members_and_leaves_presence(
+    redis_url: str,
+) -> None:
+    async with node_on(redis_url, "a") as a, node_on(redis_url, "b") as b, \
+            connect(b.ws_url, token("watcher")) as watcher, \
+            connect(a.ws_url, token("drained")) as drained:
+        assert (await watcher.subscribe(ROOM))["type"] == "subscribed"
+        assert (await drained.subscribe(ROOM))["type"] == "subscribed"
+        both = {watcher.welcome["client"], drained.welcome["client"]}
+        await settles([a, b], lambda: both, within=TTL)
+        draining = asyncio.create_task(a.node.drain())
+        assert await drained.closed() == 1012
+        leave = await next_of_type(watcher, "leave")
+        assert leave["client"] == drained.welcome["client"]
+        await asyncio.wait_for(draining, WAIT)
+        assert await listed(b) == {watcher.welcome["client"]}  # at once, not by the TTL
