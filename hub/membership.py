@@ -41,6 +41,7 @@ log = logging.getLogger("hub.membership")
 # departures then expire by the TTL; the events are lost, and that is logged).
 MAX_OWED = 100_000
 SETTLE_SECONDS = 2.0
+EVENT_BATCH = 256  # join/leave events published side by side (of different members)
 RETRY_SECONDS = 0.25  # a failed heartbeat is tried again this soon (the store may be back)
 
 
@@ -229,19 +230,38 @@ class Membership:
         await self._send_events()
 
     async def _send_events(self) -> None:
-        """Join and leave events in order; at the first failure the rest wait (for the
-        next write or heartbeat)."""
+        """Join and leave events: one connection's in a channel in order (its join before its
+        leave), the others side by side, up to EVENT_BATCH at a time (a crowd joining must
+        not wait for one round trip per join, one after another). What failed, and what
+        comes after it for the same connection, waits for the next write or heartbeat, in
+        its place."""
         owed = self._owed_events
         while owed:
-            channel, event = owed[0]
+            batch = [owed.popleft() for _ in range(min(len(owed), EVENT_BATCH))]
+            by_member: dict[tuple[str, str], list[tuple[str, p.Join | p.Leave]]] = {}
+            for item in batch:
+                by_member.setdefault((item[0], item[1].client), []).append(item)
+            unsent_lists = await asyncio.gather(
+                *(self._publish_in_order(items) for items in by_member.values())
+            )
+            unsent = {id(item) for items in unsent_lists for item in items}
+            if unsent:
+                owed.extendleft(reversed([item for item in batch if id(item) in unsent]))
+                self._beat_due = min(self._beat_due, self._clock() + RETRY_SECONDS)
+                return
+            self._events.recovered(for_sure=True)
+
+    async def _publish_in_order(
+        self, items: list[tuple[str, p.Join | p.Leave]]
+    ) -> list[tuple[str, p.Join | p.Leave]]:
+        """Publish one member's events in order; returns those not sent."""
+        for index, (channel, event) in enumerate(items):
             try:
                 await self._broker.publish(channel, event)
             except Exception as exc:
                 self._events.failed(exc)
-                self._beat_due = min(self._beat_due, self._clock() + RETRY_SECONDS)
-                return
-            owed.popleft()
-            self._events.recovered(for_sure=True)
+                return items[index:]
+        return []
 
     def _members(self) -> dict[str, list[p.ClientInfo]]:
         """Every member of a presence channel on this node, as Subscriptions has them."""
