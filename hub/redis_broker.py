@@ -198,7 +198,7 @@ class RedisBroker:
                     self._deadline_ms(), self._topic(channel), encode(relayed),
                     self._publish_command,
                 ]
-                if await self._run(self._relay_script, keys, args) is None:
+                if await self._run(self._relay_script, keys, args, deadline_at=0) is None:
                     raise TimeoutError("publish reached Redis after its deadline")
                 position = None
         except REDIS_ERRORS as exc:
@@ -264,16 +264,26 @@ class RedisBroker:
             raise BrokerUnavailable(f"Redis commands to {shard} fail")
 
     def _deadline_ms(self) -> int:
-        """Redis must run a publish before the client gives up on the reply; half of the
-        timeout is left for the reply's way back (and an event loop that is late to read
-        it)."""
+        """Redis must run a publish before the client gives up on the reply; a quarter of
+        the timeout is left for the reply's way back."""
         skews = [link.clock_skew_ms for link in self._links.values() if link.up]
         skew = skews[0] if skews else 0.0
-        return int(time.time() * 1000 + skew + self._timeout * 500)
+        return int(time.time() * 1000 + skew + self._timeout * 750)
 
-    async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
+    async def _run(
+        self, script: Script, keys: list[bytes], args: list[Any], deadline_at: int | None = None
+    ) -> Any:
+        """Run `script`, loading it on a server that lacks it. `args[deadline_at]` is a
+        publish deadline: the first call did not run, so the second gets a new one."""
         async with self._topology.slots_for(keys[0]):
-            return await script.run(self._topology.client, keys, args)
+            client = self._topology.client
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.script_load(script.source)
+                if deadline_at is not None:
+                    args[deadline_at] = self._deadline_ms()
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _publish_message(
         self, channel: str, keys: list[bytes], message: Message, history: HistoryOptions
@@ -289,7 +299,7 @@ class RedisBroker:
             async with self._topology.slots_for(keys[0]):
                 reply = await self._publish_replicated(keys, args)
         else:
-            reply = await self._run(self._publish_script, keys, args)
+            reply = await self._run(self._publish_script, keys, args, deadline_at=5)
         if reply is None:
             raise TimeoutError("publish reached Redis after its deadline")
         offset, epoch = reply
@@ -310,6 +320,7 @@ class RedisBroker:
             reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and attempt == 1:
                 await client.script_load(script.source)
+                args[5] = self._deadline_ms()  # it did not run: a new deadline
                 continue
             for result in (reply, replicas):
                 if isinstance(result, Exception):
@@ -445,7 +456,7 @@ class RedisBroker:
             link.start()
         for shard in shards - set(self._probes):
             probe = self._probes[shard] = CommandProbe(
-                shard, functools.partial(self._topology.ping, shard),
+                shard, functools.partial(self._topology.connection_to, shard),
                 functools.partial(self._probe_changed, shard),
             )
             probe.start()

@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from redis.asyncio.connection import AbstractConnection
@@ -358,15 +358,25 @@ class Link:
 
 
 class CommandProbe:
-    """Whether the command client reaches one shard: a PING every `PROBE_INTERVAL`, down
-    when one is unanswered for `PROBE_TIMEOUT` or fails, and then tried every
-    `UNREACHABLE_RETRY` until one answers (up at once). `changed` is called on each turn."""
+    """Whether commands reach one shard: a PING every `PROBE_INTERVAL`, down when one is
+    unanswered for `PROBE_TIMEOUT` or fails, and then tried every `UNREACHABLE_RETRY` until
+    one answers (up at once). `changed` is called on each turn.
+
+    The probe has a connection of its own to the shard's server (the command client's
+    address, credentials and TLS): not one of the pool's, which a cancelled PING would leave
+    with an unread reply, and not through redis-py's RedisCluster, which closes every
+    shard's connections when one node times out (a hung master would then cost the healthy
+    shards their connections)."""
 
     def __init__(
-        self, shard: str, ping: Callable[[], Awaitable[object]], changed: Callable[[], None]
+        self,
+        shard: str,
+        connect: Callable[[], AbstractConnection],
+        changed: Callable[[], None],
     ) -> None:
         self.shard = shard
-        self._ping = ping
+        self._new_connection = connect
+        self._conn: AbstractConnection | None = None
         self._changed = changed
         self.up = False
         self.first_attempt = asyncio.Event()
@@ -379,7 +389,24 @@ class CommandProbe:
     async def close(self) -> None:
         task, self._task = self._task, None
         await cancel(task)
+        await self._drop()
         self.up = False
+
+    async def _ping(self) -> None:
+        conn = self._conn
+        if conn is None:
+            conn = self._new_connection()
+            self._conn = conn
+            await cast(Any, conn).connect()
+        await conn.send_command("PING")
+        if await conn.read_response(timeout=PROBE_TIMEOUT) is None:
+            raise TimeoutError("Redis did not answer PING")
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await conn.disconnect(nowait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -390,6 +417,7 @@ class CommandProbe:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     await self._ping()
             except Exception as exc:  # REDIS_ERRORS, and a bug counts as down too
+                await self._drop()  # a new connection for the next PING
                 if (isinstance(exc, TimeoutError) and late < LATE_RETRIES
                         and loop.time() - started > PROBE_TIMEOUT + LATE):
                     late += 1  # the loop was late, not Redis: ask again at once

@@ -14,9 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
-
-from redis.exceptions import NoScriptError
+from typing import NamedTuple
 
 _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -221,13 +219,6 @@ class Script(NamedTuple):
     @classmethod
     def of(cls, source: str) -> Script:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
-
-    async def run(self, client: Any, keys: list[bytes], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class Incident:

@@ -116,10 +116,6 @@ class Topology(Protocol):
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         """The server behind `connection` is still `shard`'s master."""
 
-    async def ping(self, shard: str) -> None:
-        """PING `shard` through the command client (outside the slots: a probe); raises
-        REDIS_ERRORS."""
-
     async def close(self) -> None: ...
 
 
@@ -206,9 +202,6 @@ class ServerTopology:
 
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         return True
-
-    async def ping(self, shard: str) -> None:
-        await self._client.ping()
 
     async def close(self) -> None:
         await self._client.connection_pool.disconnect()
@@ -336,12 +329,6 @@ class ClusterTopology:
 
     async def still_serves(self, shard: str, connection: AbstractConnection) -> bool:
         return shard in self.shards()
-
-    async def ping(self, shard: str) -> None:
-        node = self._client.get_node(node_name=shard)
-        if node is None:
-            raise RedisClusterException(f"no cluster node {shard}")
-        await self._client.execute_command("PING", target_nodes=node)
 
     async def close(self) -> None:
         await self._client.aclose()
