@@ -383,6 +383,9 @@ class RedisBroker:
     def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None:
         """A link carries `topics` (again): those it carried before it went down, and
         those another link lost, may have missed publications."""
+        probe = self._probes.get(link.shard)
+        if probe is not None and not probe.up:
+            probe.poke()  # Redis answers the link: the commands' way is likely back too
         missed = topics if reconnected else [topic for topic in topics if topic in self._lost]
         self._lost.difference_update(topics)
         if self._events is None:

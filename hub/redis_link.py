@@ -380,6 +380,7 @@ class CommandProbe:
         self._changed = changed
         self.up = False
         self.first_attempt = asyncio.Event()
+        self._poked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._incident = Incident(log, f"Redis commands to {shard}")
 
@@ -432,7 +433,14 @@ class CommandProbe:
                 self._turn(True)
                 delay = PROBE_INTERVAL
             self.first_attempt.set()
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._poked.wait()
+            self._poked.clear()
+
+    def poke(self) -> None:
+        """Probe now (the shard's pub/sub link just came up: Redis is likely back)."""
+        self._poked.set()
 
     def _turn(self, up: bool) -> None:
         if up != self.up:

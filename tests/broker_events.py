@@ -43,6 +43,7 @@ class Recorder:
 
     def on_broker_ready(self) -> None:
         self.readies += 1
+        self._changed.set()  # a wait_for on `broker.up` looks again (not an event of its own)
 
     def data_on(self, channel: str) -> list[bytes]:
         """Payloads of the messages relayed on `channel`, in arrival order."""
