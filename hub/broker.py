@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 import msgspec
@@ -57,6 +57,10 @@ class BrokerEvents(Protocol):
 
     def on_broker_down(self, channels: Collection[str]) -> None:
         """A connection to the broker was lost: `channels` hear nothing until it is back."""
+
+    def on_broker_ready(self) -> None:
+        """Every way to the broker (to one shard, on a Redis Cluster) works again, the
+        commands' and the relay's, whichever came back last: what waited for it goes on."""
 
 
 class Broker(Protocol):
@@ -122,7 +126,8 @@ class MemoryBroker:
     node together at its end (so a burst reaches each socket in one write); history in
     deques."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # history expiry's; a test moves it instead of sleeping
         self._events: BrokerEvents | None = None
         self._relaying: dict[str, list[Relayed]] | None = None  # this turn's, by channel
         self._channels: set[str] = set()
@@ -159,7 +164,7 @@ class MemoryBroker:
             assert stream is not None
             stream.offset += 1
             relayed.offset, relayed.epoch = stream.offset, stream.epoch
-            now = time.monotonic()
+            now = self.clock()
             stream.messages.append((now + history.ttl, relayed))
             stream.expires_at = now + history.ttl
             while len(stream.messages) > history.size:
@@ -193,7 +198,7 @@ class MemoryBroker:
         stream = self._live_stream(channel, history, create=True)
         assert stream is not None
         position = StreamPosition(stream.offset, stream.epoch)
-        now = time.monotonic()
+        now = self.clock()
         while stream.messages and stream.messages[0][0] <= now:
             stream.messages.popleft()
         held = [message for _, message in stream.messages]
@@ -219,19 +224,19 @@ class MemoryBroker:
         assert stream is not None
         if stream.epoch == stale.epoch:
             stream = self._streams[channel] = _Stream()
-            stream.expires_at = time.monotonic() + history.ttl
+            stream.expires_at = self.clock() + history.ttl
         return StreamPosition(stream.offset, stream.epoch)
 
     def _live_stream(self, channel: str, history: HistoryOptions, create: bool) -> _Stream | None:
         """A stream whose every message expired is forgotten: its epoch ends with it."""
         stream = self._streams.get(channel)
-        if stream is not None and stream.expires_at and stream.expires_at <= time.monotonic():
+        if stream is not None and stream.expires_at and stream.expires_at <= self.clock():
             del self._streams[channel]
             stream = None
         if stream is None and create:
             self._sweep()
             stream = self._streams[channel] = _Stream()
-            stream.expires_at = time.monotonic() + history.ttl
+            stream.expires_at = self.clock() + history.ttl
         return stream
 
     def _sweep(self) -> None:
@@ -239,6 +244,6 @@ class MemoryBroker:
         self._created += 1
         if self._created % 1024:
             return
-        now = time.monotonic()
+        now = self.clock()
         for channel in [c for c, s in self._streams.items() if s.expires_at <= now]:
             del self._streams[channel]

@@ -1,14 +1,13 @@
 """What a connection may do, whichever wire protocol it speaks: connect, subscribe,
 unsubscribe, publish, presence, history, refresh, disconnect.
 
-Permissions, limits and the best-effort presence and join/leave announcements live here;
-subscription state lives in `hub.subscriptions`, connections in `hub.hub`. A session
+Permissions and limits live here; subscription state lives in `hub.subscriptions`, what
+follows from it (presence, join/leave) in `hub.membership`, connections in `hub.hub`. A session
 decodes its protocol's frames, calls these, and encodes the answers its own way.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -23,7 +22,6 @@ from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.hub import Connection
 from hub.metrics import close_code_label
 from hub.node import Node
-from hub.settings import Namespace
 from hub.subscriptions import Joined
 
 log = logging.getLogger("hub.commands")
@@ -60,14 +58,8 @@ class ClientCommands:
         if not node.hub.sessions:
             node.idle.set()
         self.metrics.disconnections.labels(close_code_label(code)).inc()
-        for channel in self._subscriptions.channels_of(client):  # removed before vacated
-            self._member(client, channel, self.settings.namespace_of(channel), False)
-        channels = await self._subscriptions.leave_all(client)
-        if node.broker.up:  # else presence expires by TTL, and leave events cannot go out
-            await asyncio.gather(*(
-                self._announce(client, channel, self.settings.namespace_of(channel), False)
-                for channel in channels
-            ))
+        # Presence and leave events follow from the subscriptions (hub.membership).
+        await self._subscriptions.leave_all(client)
 
     # commands
 
@@ -84,10 +76,10 @@ class ClientCommands:
         """`joined` gets what the subscription starts from (for the reply) before any
         message of the channel reaches the client. `granted`: a subscription token allows
         it; `delta`: publications go as fossil deltas (the client's codec writes them)."""
-        namespace = client.permissions.check_subscribe(channel, granted)
+        client.permissions.check_subscribe(channel, granted)
         if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
-        await self._join(client, channel, namespace, since, joined, delta=delta)
+        await self._join(client, channel, since, joined, delta=delta)
 
     async def server_subscribe(
         self,
@@ -101,14 +93,13 @@ class ClientCommands:
         already, and nothing changes."""
         if self._subscriptions.has(client, channel):
             return False
-        await self._join(client, channel, self.settings.namespace_of(channel), since, joined)
+        await self._join(client, channel, since, joined)
         return True
 
     async def _join(
         self,
         client: Client,
         channel: str,
-        namespace: Namespace,
         since: p.Since | None,
         joined: Callable[[Joined], None],
         *,
@@ -122,22 +113,19 @@ class ClientCommands:
             raise BrokerUnavailable()
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined, delta=delta):
-            self._member(client, channel, namespace, True)
-            await self._announce(client, channel, namespace, joined=True)
+            await self.node.membership.settled()  # its next command sees it in presence
 
     async def unsubscribe(self, client: Client, channel: str) -> None:
         check_client_channel(channel)
-        namespace = self.settings.namespace_of(channel)
-        self._member(client, channel, namespace, False)  # before vacated; a no-op if not in
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
-        await self._announce(client, channel, namespace, joined=False)
+        await self.node.membership.settled()
 
     async def server_unsubscribe(self, client: Client, channel: str) -> bool:
         """An unsubscribe the server API asks for; False: it was not subscribed."""
         if not await self._subscriptions.leave(client, channel):
             return False
-        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        await self.node.membership.settled()
         return True
 
     async def publish(
@@ -177,32 +165,3 @@ class ClientCommands:
         if identity.user != client.user:
             raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
         return identity
-
-    def _member(self, client: Client, channel: str, namespace: Namespace, joined: bool) -> None:
-        """member_added / member_removed (PROTOCOL §14), beside presence."""
-        events = self.node.events
-        if events is not None and namespace.presence:
-            events.member(channel, client.user, client.client_id, joined)
-
-    async def _announce(
-        self, client: Client, channel: str, namespace: Namespace, joined: bool
-    ) -> None:
-        """Presence and join/leave are best effort: a broker outage must not fail them."""
-        node = self.node
-        try:
-            if namespace.presence:
-                if joined:
-                    member = p.ClientInfo(
-                        client.client_id, client.user, node.node_id, client.identity.info
-                    )
-                    await node.presence.add(channel, member)
-                else:
-                    await node.presence.remove(channel, client.client_id)
-            if namespace.join_leave:
-                kind = p.Join if joined else p.Leave
-                info = client.identity.info
-                event = kind(channel=channel, user=client.user, client=client.client_id,
-                             info=info if info is not None else p.NO_RAW)
-                await node.broker.publish(channel, event)
-        except Exception as exc:
-            log.warning("presence or join/leave update failed: %s", exc)

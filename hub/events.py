@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 import msgspec
 
+from hub.channels import is_personal
 from hub.metrics import Metrics
 from hub.settings import Settings
 
 if TYPE_CHECKING:
+    from hub.hub import Subscriber
     from hub.node import Node
 from hub.redis_support import Incident
 
@@ -384,9 +386,38 @@ def create_events(
     return Events(ledger, settings.node_id)
 
 
+class MembershipEvents:
+    """The events that follow from membership (`hub.subscriptions.MembershipWatcher`): a
+    channel's first local member and its last one gone, and members of presence channels
+    coming and going. Subscriptions tells a drop before the vacancy it makes, so
+    member_removed comes before channel_vacated by construction."""
+
+    def __init__(self, events: Events, settings: Settings) -> None:
+        self._events = events
+        self._settings = settings
+
+    def _member(self, subscriber: Subscriber, channel: str, added: bool) -> None:
+        if not is_personal(channel) and self._settings.namespace_of(channel).presence:
+            self._events.member(channel, subscriber.user, subscriber.client_id, added)
+
+    def admitted(self, subscriber: Subscriber, channel: str) -> None:
+        self._member(subscriber, channel, True)
+
+    def dropped(self, subscriber: Subscriber, channel: str) -> None:
+        self._member(subscriber, channel, False)
+
+    def occupied(self, channel: str) -> None:
+        if not is_personal(channel):
+            self._events.channel(channel, True)
+
+    def vacated(self, channel: str) -> None:
+        if not is_personal(channel):
+            self._events.channel(channel, False)
+
+
 def attach(node: Node, events: Events | None) -> None:
     """Wire the node's transition points to `events` (nothing when None)."""
     node.events = events
     if events is not None:
         node.hub.on_user = events.user
-        node.subscriptions.on_occupancy = events.channel
+        node.subscriptions.watchers.append(MembershipEvents(events, node.settings))

@@ -25,6 +25,7 @@ from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.events import Events
 from hub.expiry import ExpiryClock
 from hub.hub import Connection, Hub
+from hub.membership import Membership
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.process import CpuMeter, rss_bytes
@@ -65,8 +66,13 @@ class Node:
         self.hub = Hub()
         self.expiries = ExpiryClock(self.hub.sessions.get, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
+        # Presence, join/leave and heartbeats, derived from the subscriptions.
+        self.membership = Membership(settings, self.subscriptions, presence, broker, self.snapshot)
         self.authenticator = Authenticator(settings)
         self.started = int(time.time())
+        # Monotonic time of the node's sessions (rate limits): a test moves it instead of
+        # sleeping.
+        self.clock: Callable[[], float] = time.monotonic
         self.draining = False
         self.directory = Directory(self)
         self.cpu = CpuMeter()
@@ -112,7 +118,7 @@ class Node:
         await self.broker.start(self)
         if self.events is not None:
             await self.events.start()
-        self.spawn(self._heartbeat_loop())
+        self.membership.start()
         self.spawn(self._hear_directory())
 
     async def _hear_directory(self) -> None:
@@ -134,7 +140,7 @@ class Node:
             await self.events.stop()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
-        for step in (self.presence.leave, self.broker.close, self.presence.close):
+        for step in (self.membership.leave, self.broker.close, self.presence.close):
             try:
                 await step()
             except Exception:
@@ -144,15 +150,6 @@ class Node:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _heartbeat_loop(self) -> None:
-        interval = self.settings.presence_ttl / 3
-        while True:
-            try:
-                await self.presence.heartbeat(self.snapshot())
-            except Exception as exc:  # logged, retried on the next beat
-                log.warning("presence heartbeat failed: %s", exc)
-            await asyncio.sleep(interval)
 
     async def drain(self) -> None:
         """PROTOCOL §7: refuse new connections, then close existing ones with 1012 spread
@@ -171,7 +168,7 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), CLOSE_HANDSHAKE_SECONDS)
         try:
-            await self.presence.leave()
+            await self.membership.leave()
         except Exception as exc:
             log.warning("leaving presence failed: %s", exc)
 
@@ -240,6 +237,10 @@ class Node:
         if reconnected:
             self.metrics.broker_reconnects.inc()
             self.subscriptions.broker_reconnected(channels)
+
+    def on_broker_ready(self) -> None:
+        self.membership.beat_soon()  # what Redis holds of this node becomes what it has
+        self.subscriptions.resume()
 
     def on_broker_down(self, channels: Collection[str]) -> None:
         log.warning("broker connection lost (%d channels wait); connections stay open, "

@@ -1,11 +1,14 @@
 """Who is where: channel presence, node heartbeats and cluster statistics.
 
-`Presence` is the interface; `MemoryPresence` serves a single node; the Redis one keeps the
-same data in Redis with TTLs so a node that dies without a word drops out.
+`Presence` is the interface: a store, and no record of its own of who is on this node
+(`hub.subscriptions` owns that; `hub.membership` derives what is written here from it).
+`MemoryPresence` serves a single node; the Redis one keeps the same data in Redis with TTLs
+so a node that dies without a word drops out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -67,22 +70,35 @@ async def cluster_stats(presence: Presence, local: NodeSnapshot) -> ClusterStats
     return ClusterStats(nodes, total)
 
 
+# (channel, client id) of a member to forget.
+Departure = tuple[str, str]
+
+
 class Presence(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def add(self, channel: str, member: ClientInfo) -> None: ...
-
-    async def remove(self, channel: str, client: str) -> None: ...
+    async def update(
+        self, added: Sequence[tuple[str, ClientInfo]], removed: Sequence[Departure]
+    ) -> None:
+        """Write members that joined and forget those that left, in one round trip (the
+        added first). Raises BrokerUnavailable when the store cannot be reached."""
 
     async def members(self, channel: str) -> list[ClientInfo]: ...
 
-    async def heartbeat(self, local: NodeSnapshot) -> None:
-        """Publish this node's snapshot; called on a schedule well inside the TTL."""
+    async def heartbeat(
+        self,
+        local: NodeSnapshot,
+        members: Mapping[str, Sequence[ClientInfo]],
+        removed: Sequence[Departure] = (),
+    ) -> None:
+        """This node's snapshot and every member it has (by channel) with a new TTL, and
+        `removed` forgotten: afterwards the store holds for this node what it has. Called
+        on a schedule well inside the TTL, and at once when the store is back."""
 
-    async def leave(self) -> None:
-        """Remove this node and its members at once (graceful shutdown)."""
+    async def leave(self, removed: Sequence[Departure]) -> None:
+        """Remove this node and `removed` at once (graceful shutdown); never raises."""
 
     async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:
         """Every live node, this one as `local` says (fresher than its last heartbeat)."""
@@ -105,23 +121,34 @@ class MemoryPresence:
     async def close(self) -> None:
         self._members.clear()
 
-    async def add(self, channel: str, member: ClientInfo) -> None:
-        self._members.setdefault(channel, {})[member.client] = member
-
-    async def remove(self, channel: str, client: str) -> None:
-        members = self._members.get(channel)
-        if members is not None:
-            members.pop(client, None)
-            if not members:
-                del self._members[channel]
+    async def update(
+        self, added: Sequence[tuple[str, ClientInfo]], removed: Sequence[Departure]
+    ) -> None:
+        for channel, member in added:
+            self._members.setdefault(channel, {})[member.client] = member
+        for channel, client in removed:
+            members = self._members.get(channel)
+            if members is not None:
+                members.pop(client, None)
+                if not members:
+                    del self._members[channel]
 
     async def members(self, channel: str) -> list[ClientInfo]:
         return list(self._members.get(channel, {}).values())
 
-    async def heartbeat(self, local: NodeSnapshot) -> None:
-        return None
+    async def heartbeat(
+        self,
+        local: NodeSnapshot,
+        members: Mapping[str, Sequence[ClientInfo]],
+        removed: Sequence[Departure] = (),
+    ) -> None:
+        """The whole store is this node's: it becomes what the node has."""
+        self._members = {
+            channel: {member.client: member for member in listed}
+            for channel, listed in members.items() if listed
+        }
 
-    async def leave(self) -> None:
+    async def leave(self, removed: Sequence[Departure]) -> None:
         self._members.clear()
 
     async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:

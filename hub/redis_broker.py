@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message, Relayed, decode_relayed, encode
-from hub.redis_link import Link
+from hub.redis_link import PROBE_INTERVAL, CommandProbe, Link
 from hub.redis_presence import RedisPresence, ttl_ms
 from hub.redis_support import (
     HISTORY_LUA,
@@ -44,7 +44,14 @@ from hub.redis_support import (
     Script,
     epoch_candidate,
 )
-from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, create_topology, tagged
+from hub.redis_topology import (
+    COMMAND_TIMEOUT,
+    REDIS_ERRORS,
+    Topology,
+    as_topology,
+    create_topology,
+    tagged,
+)
 from hub.redis_url import RedisTarget, parse_redis_url
 from hub.settings import Settings
 from hub.tasks import cancel
@@ -80,8 +87,8 @@ class RedisBroker:
         topology: Topology | Redis,
         *,
         prefix: str = DEFAULT_PREFIX,
-        ping_interval: float = 2.5,
-        timeout: float = 2.0,
+        ping_interval: float = PROBE_INTERVAL,
+        timeout: float = COMMAND_TIMEOUT,
         backoff_cap: float = 2.0,
         min_replicas: int = 0,
     ) -> None:
@@ -99,7 +106,8 @@ class RedisBroker:
         self._node_pools: dict[str, ConnectionPool] = {}  # Cluster masters, for WAIT
         self._publish_command = "SPUBLISH" if self._topology.sharded else "PUBLISH"
         self._events: BrokerEvents | None = None
-        self._links: dict[str, Link] = {}
+        self._links: dict[str, Link] = {}  # pub/sub, per shard
+        self._probes: dict[str, CommandProbe] = {}  # the command client's way, per shard
         self._watcher: asyncio.Task[None] | None = None
         self._look_again = asyncio.Event()  # a link failed or a topic moved
         # Topics whose link went down, until a link carries them again: they may have
@@ -118,12 +126,17 @@ class RedisBroker:
     @property
     def up(self) -> bool:
         """Serving: at least one shard is reachable (PROTOCOL §6)."""
-        return any(link.up for link in self._links.values())
+        return any(self._shard_up(shard) for shard in self._links)
 
     def health(self) -> tuple[int, int]:
-        """(shards reachable, shards known)."""
-        links = list(self._links.values())
-        return sum(link.up for link in links), len(links)
+        """(shards reachable, shards known): reachable is both ways up, the pub/sub link and
+        the command client's."""
+        shards = list(self._links)
+        return sum(self._shard_up(shard) for shard in shards), len(shards)
+
+    def _shard_up(self, shard: str) -> bool:
+        link, probe = self._links.get(shard), self._probes.get(shard)
+        return link is not None and link.up and (probe is None or probe.up)
 
     async def start(self, events: BrokerEvents) -> None:
         """Learn the shards, connect to each, and wait for the first attempts. If Redis is
@@ -134,16 +147,20 @@ class RedisBroker:
         self._watcher = asyncio.create_task(self._watch(), name="hub-redis-topology")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3 * self._timeout):
-                for link in list(self._links.values()):
-                    await link.first_attempt.wait()
+                attempts = [link.first_attempt for link in self._links.values()]
+                attempts += [probe.first_attempt for probe in self._probes.values()]
+                for attempt in attempts:
+                    await attempt.wait()
         if not self.up:
             log.warning("Redis is not reachable yet; the node is not ready until it is")
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
         await cancel(watcher)
-        await asyncio.gather(*(link.close() for link in self._links.values()))
+        await asyncio.gather(*(link.close() for link in self._links.values()),
+                             *(probe.close() for probe in self._probes.values()))
         self._links.clear()
+        self._probes.clear()
         self._events = None
         for pool in self._node_pools.values():
             await pool.disconnect()
@@ -172,7 +189,9 @@ class RedisBroker:
     async def publish(
         self, channel: str, relayed: Relayed, history: HistoryOptions | None = None
     ) -> StreamPosition | None:
-        self._check_up()
+        """Taken as soon as the command client reaches the channel's shard, whether or not
+        this node's pub/sub link to it is up (docs/protocol.md §5)."""
+        self._check_commands(channel)
         keys = self._keys(channel)
         try:
             if history is not None and isinstance(relayed, Message):
@@ -184,7 +203,7 @@ class RedisBroker:
                     self._deadline_ms(), self._topic(channel), encode(relayed),
                     self._publish_command,
                 ]
-                if await self._run(self._relay_script, keys, args) is None:
+                if await self._run(self._relay_script, keys, args, deadline_at=0) is None:
                     raise TimeoutError("publish reached Redis after its deadline")
                 position = None
         except REDIS_ERRORS as exc:
@@ -200,7 +219,7 @@ class RedisBroker:
         since: StreamPosition | None = None,
         limit: int = 1000,
     ) -> HistoryPage:
-        self._check_up()
+        self._check_commands(channel)
         args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), max(limit, 0)]
         args += [1, since.offset, since.epoch] if since is not None else [0, 0, ""]
         try:
@@ -218,7 +237,7 @@ class RedisBroker:
         """The stream is emptied, not deleted: a stream gone while the meta says messages
         were published is how a lost history (a new epoch) looks, and here the epoch and
         offset stay."""
-        self._check_up()
+        self._check_commands(channel)
         stream_key = self._keys(channel)[0]
         try:
             async with self._topology.slots_for(stream_key):
@@ -234,7 +253,7 @@ class RedisBroker:
         """Start a new epoch for a channel whose history lost messages the node delivered
         (a failover to a replica that lacked them), unless another node already did; the
         position to go on from either way."""
-        self._check_up()
+        self._check_commands(channel)
         args: list[bytes | str | int] = [ttl_ms(history.ttl), epoch_candidate(), stale.epoch]
         try:
             epoch, offset = await self._run(self._restart_script, self._keys(channel), args)
@@ -252,9 +271,16 @@ class RedisBroker:
         name = tagged(channel)
         return [self._prefix + b"s:" + name, self._prefix + b"m:" + name]
 
-    def _check_up(self) -> None:
-        if not self.up:
-            raise BrokerUnavailable("Redis is unreachable")
+    def _check_commands(self, channel: str) -> None:
+        """Refuse at once what the command client cannot take to the channel's shard now
+        (its probe failed): no command waits for a timeout on a link known to be down."""
+        shard = self._topology.shard_of(self._topic(channel))
+        probe = self._probes.get(shard) if shard is not None else None
+        if probe is None:
+            if not self.up:
+                raise BrokerUnavailable("Redis is unreachable")
+        elif not probe.up:
+            raise BrokerUnavailable(f"Redis commands to {shard} fail")
 
     def _deadline_ms(self) -> int:
         """Redis must run a publish before the client gives up on the reply; a quarter of
@@ -263,9 +289,20 @@ class RedisBroker:
         skew = skews[0] if skews else 0.0
         return int(time.time() * 1000 + skew + self._timeout * 750)
 
-    async def _run(self, script: Script, keys: list[bytes], args: list[Any]) -> Any:
+    async def _run(
+        self, script: Script, keys: list[bytes], args: list[Any], deadline_at: int | None = None
+    ) -> Any:
+        """Run `script`, loading it on a server that lacks it. `args[deadline_at]` is a
+        publish deadline: the first call did not run, so the second gets a new one."""
         async with self._topology.slots_for(keys[0]):
-            return await script.run(self._topology.client, keys, args)
+            client = self._topology.client
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.script_load(script.source)
+                if deadline_at is not None:
+                    args[deadline_at] = self._deadline_ms()
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _publish_message(
         self, channel: str, keys: list[bytes], message: Message, history: HistoryOptions
@@ -281,7 +318,7 @@ class RedisBroker:
             async with self._topology.slots_for(keys[0]):
                 reply = await self._publish_replicated(keys, args)
         else:
-            reply = await self._run(self._publish_script, keys, args)
+            reply = await self._run(self._publish_script, keys, args, deadline_at=5)
         if reply is None:
             raise TimeoutError("publish reached Redis after its deadline")
         offset, epoch = reply
@@ -302,6 +339,7 @@ class RedisBroker:
             reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and attempt == 1:
                 await client.script_load(script.source)
+                args[5] = self._deadline_ms()  # it did not run: a new deadline
                 continue
             for result in (reply, replicas):
                 if isinstance(result, Exception):
@@ -364,6 +402,9 @@ class RedisBroker:
     def went_up(self, link: Link, topics: list[bytes], reconnected: bool) -> None:
         """A link carries `topics` (again): those it carried before it went down, and
         those another link lost, may have missed publications."""
+        probe = self._probes.get(link.shard)
+        if probe is not None and not probe.up:
+            probe.poke()  # Redis answers the link: the commands' way is likely back too
         missed = topics if reconnected else [topic for topic in topics if topic in self._lost]
         self._lost.difference_update(topics)
         if self._events is None:
@@ -372,12 +413,21 @@ class RedisBroker:
             self._events.on_broker_up(True, [self._channel_of(topic) for topic in missed])
         else:
             self._events.on_broker_up(False, [self._channel_of(topic) for topic in topics])
+        if self._shard_up(link.shard):
+            self._events.on_broker_ready()
 
     def went_down(self, link: Link, topics: list[bytes]) -> None:
         self._look_again.set()
         self._lost.update(topics)
         if self._events is not None:
             self._events.on_broker_down([self._channel_of(topic) for topic in topics])
+
+    def _probe_changed(self, shard: str) -> None:
+        """The command client's way to `shard` went down or came back; back, with the
+        shard's link up, the node goes on with what waited for it (catch-up reads)."""
+        self._look_again.set()
+        if self._events is not None and self._shard_up(shard):
+            self._events.on_broker_ready()
 
     def lost_topic(self, link: Link, topic: bytes) -> None:
         self.went_down(link, [topic])
@@ -426,6 +476,14 @@ class RedisBroker:
                 timeout=self._timeout, backoff_cap=self._backoff_cap,
             )
             link.start()
+        for shard in shards - set(self._probes):
+            probe = self._probes[shard] = CommandProbe(
+                shard, functools.partial(self._topology.connection_to, shard),
+                functools.partial(self._probe_changed, shard),
+            )
+            probe.start()
+        for shard in set(self._probes) - shards:
+            await self._probes.pop(shard).close()
         for shard in set(self._links) - shards:
             gone = self._links.pop(shard)
             if gone.up and gone.sent:

@@ -3,9 +3,19 @@ one master of a Cluster): PROTOCOL §5-§6 in practice.
 
 The link subscribes the topics its owner wants on that shard, reads publications, probes a
 silent connection with PING (a half-open one is taken for dead within two intervals),
-asks its owner whether the server is still the shard's master, and reconnects with
-backoff and jitter. It tells its owner when it goes down and comes back, with the topics
-concerned, so the node can fill their gap from history.
+asks its owner whether the server is still the shard's master, and reconnects. It tells
+its owner when it goes down and comes back, with the topics concerned, so the node can
+fill their gap from history.
+
+PROTOCOL §5: a link that died without a word is noticed within 1 s, and service resumes
+within 200 ms of Redis answering again. So a silent link is pinged every
+`PROBE_INTERVAL` and given up after two; a server that cannot be reached is tried again
+every `UNREACHABLE_RETRY` (each attempt is the probe: connect and TIME, bounded by
+`PROBE_TIMEOUT`), and the link comes up as soon as one answers. Backoff only spaces
+attempts that reached Redis and failed after (a server that refuses, or is loading).
+
+`CommandProbe` does the same for the command client's way to a shard: a PING every
+`PROBE_INTERVAL`, down when one goes unanswered for `PROBE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,15 @@ from hub.tasks import cancel
 
 log = logging.getLogger("hub.redis")
 
+PROBE_INTERVAL = 0.25  # a silent link is pinged this often
+PROBE_TIMEOUT = 0.5  # a probe (PING, or connect and TIME) unanswered this long: down
+UNREACHABLE_RETRY = 0.05  # a server that could not be reached is tried again this soon
+STILL_SERVES_SECONDS = 2.5  # how often a silent link asks whether its server is the master
+# A wait that ended this much later than it should have: the event loop was held up (a busy
+# or starved process), and an answer that arrived meanwhile is still unread. Silence then
+# proves nothing: the probe is made again, at most `LATE_RETRIES` times in a row.
+LATE = 0.1
+LATE_RETRIES = 3
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
 _READ_BATCH = 1000  # replies taken at once from what has arrived
 # Answers of a Cluster whose shards are changing under the link.
@@ -91,6 +110,7 @@ class Link:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.first_attempt = asyncio.Event()
+        self._reached = False  # this attempt got an answer from Redis
         self._incident = Incident(log, f"Redis pub/sub connection to {shard}")
 
     def start(self) -> None:
@@ -164,9 +184,10 @@ class Link:
     # the loop
 
     async def _supervise(self) -> None:
-        failures = 0
+        failures = 0  # attempts in a row that reached Redis and failed after
         while True:
             conn: AbstractConnection | None = None
+            self._reached = False
             try:
                 conn = self._new_connection()
                 backlog = await self._connect(conn)
@@ -189,6 +210,12 @@ class Link:
             finally:
                 await self._drop(conn)
                 self.first_attempt.set()
+            if not self._reached or failures <= 1:
+                # Unreachable, or it was up until now: the next attempt is the probe, and
+                # the link is up again as soon as one answers.
+                retry = min(UNREACHABLE_RETRY, self._backoff_cap)  # the cap bounds every pause
+                await asyncio.sleep(random.uniform(retry / 2, retry))
+                continue
             # The exponent is capped: 2**1024 overflows a float after a long outage.
             delay = min(self._backoff_cap, 0.05 * 2 ** min(failures, 16))
             await asyncio.sleep(random.uniform(delay / 2, delay))
@@ -196,9 +223,11 @@ class Link:
     async def _connect(self, conn: AbstractConnection) -> list[list[Any]]:
         """Connect and subscribe every wanted topic; return the publications that arrived
         before all confirmations, to be delivered after the owner heard of the link."""
-        # `connect` is untyped in redis-py's own annotations.
-        await cast(Any, conn).connect()
-        await self._measure_clock(conn)
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            # `connect` is untyped in redis-py's own annotations.
+            await cast(Any, conn).connect()
+            await self._measure_clock(conn)
+        self._reached = True
         async with self._lock:
             topics = self._owner.wanted(self)
             for batch in self._batches(topics):
@@ -233,7 +262,7 @@ class Link:
     async def _measure_clock(self, conn: AbstractConnection) -> None:
         sent = time.time() * 1000
         await conn.send_command("TIME")
-        seconds, micros = await conn.read_response(timeout=self._timeout)
+        seconds, micros = await conn.read_response(timeout=PROBE_TIMEOUT)
         received = time.time() * 1000
         redis_ms = int(seconds) * 1000 + int(micros) / 1000
         self.clock_skew_ms = redis_ms - (sent + received) / 2
@@ -243,15 +272,25 @@ class Link:
         PING, and its owner is asked whether the server still serves the shard; one still
         silent an interval later is taken for dead (half-open socket)."""
         pinged = False
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        late = 0
         while True:
+            waited_from = loop.time()
             reply: Any = await conn.read_response(timeout=self._ping_interval)
             if reply is None:
+                if loop.time() - waited_from > self._ping_interval + LATE and late < LATE_RETRIES:
+                    late += 1
+                    continue  # the loop was late: read what arrived meanwhile first
+                late = 0
                 if pinged:
                     raise TimeoutError("Redis did not answer PING on the pub/sub connection")
                 await conn.send_command("PING")
                 pinged = True
-                if not await self._owner.still_serves(self, conn):
-                    raise ConnectionError(f"{self.shard} moved to another server (failover)")
+                if loop.time() - asked >= STILL_SERVES_SECONDS:
+                    asked = loop.time()
+                    if not await self._owner.still_serves(self, conn):
+                        raise ConnectionError(f"{self.shard} moved to another server")
                 continue
             pinged = False
             replies = [reply]
@@ -290,9 +329,10 @@ class Link:
 
     def _went_up(self, backlog: list[list[Any]]) -> None:
         reconnected, self._was_up, self.up = self._was_up, True, True
-        self._incident.recovered(for_sure=True)
+        self._incident.recovered(for_sure=True)  # the incident's end, with its duration
         self.first_attempt.set()
-        log.info("Redis pub/sub to %s %s", self.shard, "reconnected" if reconnected else "up")
+        if not reconnected:
+            log.info("Redis pub/sub to %s up", self.shard)
         _notify(self._owner.went_up, self, sorted(self.sent), reconnected)
         if backlog:
             self._owner.deliver([(reply[1], reply[2]) for reply in backlog])
@@ -315,6 +355,97 @@ class Link:
         if conn is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await conn.disconnect(nowait=True)
+
+
+class CommandProbe:
+    """Whether commands reach one shard: a PING every `PROBE_INTERVAL`, down when one is
+    unanswered for `PROBE_TIMEOUT` or fails, and then tried every `UNREACHABLE_RETRY` until
+    one answers (up at once). `changed` is called on each turn.
+
+    The probe has a connection of its own to the shard's server (the command client's
+    address, credentials and TLS): not one of the pool's, which a cancelled PING would leave
+    with an unread reply, and not through redis-py's RedisCluster, which closes every
+    shard's connections when one node times out (a hung master would then cost the healthy
+    shards their connections)."""
+
+    def __init__(
+        self,
+        shard: str,
+        connect: Callable[[], AbstractConnection],
+        changed: Callable[[], None],
+    ) -> None:
+        self.shard = shard
+        self._new_connection = connect
+        self._conn: AbstractConnection | None = None
+        self._changed = changed
+        self.up = False
+        self.first_attempt = asyncio.Event()
+        self._poked = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._incident = Incident(log, f"Redis commands to {shard}")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"hub-redis-probe-{self.shard}")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        await cancel(task)
+        await self._drop()
+        self.up = False
+
+    async def _ping(self) -> None:
+        conn = self._conn
+        if conn is None:
+            conn = self._new_connection()
+            self._conn = conn
+            await cast(Any, conn).connect()
+        await conn.send_command("PING")
+        if await conn.read_response(timeout=PROBE_TIMEOUT) is None:
+            raise TimeoutError("Redis did not answer PING")
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await conn.disconnect(nowait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        late = 0
+        while True:
+            started = loop.time()
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    await self._ping()
+            except Exception as exc:  # REDIS_ERRORS, and a bug counts as down too
+                await self._drop()  # a new connection for the next PING
+                if (isinstance(exc, TimeoutError) and late < LATE_RETRIES
+                        and loop.time() - started > PROBE_TIMEOUT + LATE):
+                    late += 1  # the loop was late, not Redis: ask again at once
+                    continue
+                late = 0
+                self._incident.failed(exc)
+                self._turn(False)
+                delay = random.uniform(UNREACHABLE_RETRY / 2, UNREACHABLE_RETRY)
+            else:
+                late = 0
+                self._incident.recovered(for_sure=True)
+                self._turn(True)
+                delay = PROBE_INTERVAL
+            self.first_attempt.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._poked.wait()
+            self._poked.clear()
+
+    def poke(self) -> None:
+        """Probe now (the shard's pub/sub link just came up: Redis is likely back)."""
+        self._poked.set()
+
+    def _turn(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            _notify(self._changed)
 
 
 def _notify(callback: Callable[..., object], *args: Any) -> None:

@@ -9,7 +9,7 @@ TTL is left out of reads and deleted by the next script that passes by.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from hub.errors import BrokerUnavailable
-from hub.presence import NodeSnapshot, NodeStats
+from hub.presence import Departure, NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo, encode
 from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident, Script
 from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, tagged
@@ -47,8 +47,9 @@ _Call = tuple[Script, list[bytes], list[bytes | str | int]]
 
 
 class RedisPresence:
-    """`Presence` over Redis. The members this node added are also kept here, so every
-    heartbeat can rewrite them (and a Redis that restarted empty gets them back)."""
+    """`Presence` over Redis. It keeps no member of its own: the heartbeat is handed every
+    member the node has (derived from its subscriptions), and what could not be forgotten
+    while Redis was away."""
 
     def __init__(
         self, topology: Topology | Redis, node_id: str, ttl: float, *, prefix: str = "hub:"
@@ -60,9 +61,6 @@ class RedisPresence:
         self._touch = Script.of(TOUCH_LUA)
         self._live = Script.of(LIVE_LUA)
         self._forget = Script.of(FORGET_LUA)
-        self._local: dict[str, dict[str, bytes]] = {}
-        # Members removed while a heartbeat (which may write them again) is in flight.
-        self._removed_during_beat: list[tuple[str, str]] | None = None
         self._incident = Incident(log, "Redis presence")
 
     async def start(self) -> None:
@@ -77,67 +75,70 @@ class RedisPresence:
     async def close(self) -> None:
         """Closes the topology too (as the broker does; closing twice is harmless), so
         presence used on its own leaves nothing open."""
-        self._local.clear()
         await self._topology.close()
 
     async def add(self, channel: str, member: ClientInfo) -> None:
-        """Kept locally even when Redis fails (then BrokerUnavailable): the next heartbeat
-        writes it."""
-        if member.node is None:
-            member = msgspec.structs.replace(member, node=self._node_id)
-        encoded = encode(member)
-        self._local.setdefault(channel, {})[member.client] = encoded
-        args: list[bytes | str | int] = [self._ttl_ms, member.client, encoded]
-        await self._run([(self._touch, self._member_keys(channel), args)])
+        await self.update([(channel, member)], [])
 
     async def remove(self, channel: str, client: str) -> None:
-        members = self._local.get(channel)
-        if members is not None:
-            members.pop(client, None)
-            if not members:
-                del self._local[channel]
-        if self._removed_during_beat is not None:
-            self._removed_during_beat.append((channel, client))
-        await self._run([(self._forget, self._member_keys(channel), [client])])
+        await self.update([], [(channel, client)])
+
+    async def update(
+        self, added: Sequence[tuple[str, ClientInfo]], removed: Sequence[Departure]
+    ) -> None:
+        by_channel: dict[str, list[ClientInfo]] = {}
+        for channel, member in added:
+            by_channel.setdefault(channel, []).append(member)
+        await self._run([*self._touches(by_channel), *self._forgets(removed)])
 
     async def members(self, channel: str) -> list[ClientInfo]:
         (flat,) = await self._run([(self._live, self._member_keys(channel), [])])
         return [_member_decoder.decode(value).client_info() for value in flat[1::2]]
 
-    async def heartbeat(self, local: NodeSnapshot) -> None:
-        """One round trip: this node's snapshot and every member it holds, with a new TTL."""
+    async def heartbeat(
+        self,
+        local: NodeSnapshot,
+        members: Mapping[str, Sequence[ClientInfo]],
+        removed: Sequence[Departure] = (),
+    ) -> None:
+        """One round trip: this node's snapshot and every member it has, with a new TTL,
+        then the departures Redis missed."""
         calls: list[_Call] = [
             (self._touch, self._node_keys(), [self._ttl_ms, self._node_id, encode(local)])
         ]
-        for channel, members in self._local.items():
-            pairs = [item for client, value in members.items() for item in (client, value)]
+        await self._run([*calls, *self._touches(members), *self._forgets(removed)])
+
+    async def leave(self, removed: Sequence[Departure]) -> None:
+        """Never raises: a node that cannot reach Redis at shutdown drops out by the TTL."""
+        calls: list[_Call] = [(self._forget, self._node_keys(), [self._node_id])]
+        try:
+            await self._run([*calls, *self._forgets(removed)])
+        except BrokerUnavailable:
+            log.warning("could not leave presence; this node's entries expire by their TTL")
+
+    def _touches(self, members: Mapping[str, Sequence[ClientInfo]]) -> list[_Call]:
+        calls: list[_Call] = []
+        for channel, listed in members.items():
+            pairs: list[bytes | str | int] = []
+            for given in listed:
+                member = given if given.node is not None else msgspec.structs.replace(
+                    given, node=self._node_id
+                )
+                pairs += (member.client, encode(member))
             for start in range(0, len(pairs), 2 * _BATCH):
                 args: list[bytes | str | int] = [self._ttl_ms, *pairs[start : start + 2 * _BATCH]]
                 calls.append((self._touch, self._member_keys(channel), args))
-        self._removed_during_beat = []
-        try:
-            await self._run(calls)
-        finally:
-            removed, self._removed_during_beat = self._removed_during_beat, None
-        if removed:
-            forget: list[_Call] = [
-                (self._forget, self._member_keys(c), [client]) for c, client in removed
-            ]
-            await self._run(forget)
+        return calls
 
-    async def leave(self) -> None:
-        """Never raises: a node that cannot reach Redis at shutdown drops out by the TTL."""
-        calls: list[_Call] = [(self._forget, self._node_keys(), [self._node_id])]
-        for channel, members in self._local.items():
-            clients = list(members)
-            for start in range(0, len(clients), _BATCH):
-                batch: list[bytes | str | int] = [*clients[start : start + _BATCH]]
-                calls.append((self._forget, self._member_keys(channel), batch))
-        self._local.clear()
-        try:
-            await self._run(calls)
-        except BrokerUnavailable:
-            log.warning("could not leave presence; this node's entries expire by their TTL")
+    def _forgets(self, removed: Sequence[Departure]) -> list[_Call]:
+        by_channel: dict[str, list[bytes | str | int]] = {}
+        for channel, client in removed:
+            by_channel.setdefault(channel, []).append(client)
+        return [
+            (self._forget, self._member_keys(channel), clients[start : start + _BATCH])
+            for channel, clients in by_channel.items()
+            for start in range(0, len(clients), _BATCH)
+        ]
 
     async def nodes(self, local: NodeSnapshot) -> list[NodeStats]:
         return [snapshot.stats for snapshot in await self._snapshots(local)]

@@ -13,9 +13,8 @@ import hashlib
 import logging
 import random
 import time
-from typing import Any, NamedTuple
-
-from redis.exceptions import NoScriptError
+from collections.abc import Callable
+from typing import NamedTuple
 
 _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -221,39 +220,47 @@ class Script(NamedTuple):
     def of(cls, source: str) -> Script:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
-    async def run(self, client: Any, keys: list[bytes], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-
 
 class Incident:
-    """Logs when something starts failing and when it works again, not every failure between:
-    a Redis outage under load would otherwise write one line per message. It works again
-    once it has not failed for `QUIET_SECONDS` (on a Cluster with one shard down, commands
-    to the others succeed between the failures)."""
+    """Logs when something starts failing and when it works again, with how long it lasted,
+    not every failure between: a Redis outage under load would otherwise write one line per
+    message. It works again once it has not failed for `QUIET_SECONDS` (on a Cluster with
+    one shard down, commands to the others succeed between the failures), or at once when
+    the caller knows (`for_sure`: a connection is up again)."""
 
     QUIET_SECONDS = 2.0
 
-    def __init__(self, logger: logging.Logger, what: str) -> None:
+    def __init__(
+        self, logger: logging.Logger, what: str, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._logger = logger
         self._what = what
+        self._clock = clock
         self._failures = 0
+        self._started_at = 0.0
         self._failed_at = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        return self._failures > 0
 
     def failed(self, exc: BaseException) -> None:
         self._failures += 1
-        self._failed_at = time.monotonic()
+        self._failed_at = self._clock()
         if self._failures == 1:
+            self._started_at = self._failed_at
             self._logger.warning("%s failing: %s: %s", self._what, type(exc).__name__, exc)
         else:
             self._logger.debug("%s still failing: %s", self._what, exc)
 
     def recovered(self, *, for_sure: bool = False) -> None:
-        """`for_sure`: no need to wait for quiet (a connection is up again)."""
-        quiet = for_sure or time.monotonic() - self._failed_at >= self.QUIET_SECONDS
-        if self._failures and quiet:
-            self._logger.info("%s works again after %d failures", self._what, self._failures)
+        if not self._failures:
+            return
+        now = self._clock()
+        if for_sure or now - self._failed_at >= self.QUIET_SECONDS:
+            # Without `for_sure` the end is only known to lie between the last failure and
+            # now: the last failure is what is said.
+            ended = now if for_sure else self._failed_at
+            self._logger.info("%s works again after %.2f s (%d failures)", self._what,
+                              ended - self._started_at, self._failures)
             self._failures = 0

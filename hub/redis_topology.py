@@ -36,9 +36,11 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 SERVER_SHARD = "redis"
 REBUILD_AFTER_FAILURES = 3
 
-# Short timeouts: a command to an unreachable Redis fails within seconds instead of
-# hanging; no command is retried by redis-py, so a publish is never sent twice.
-_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 1.5, "socket_timeout": 2.0}
+# Short timeouts: a command to an unreachable Redis fails within a second instead of
+# hanging (PROTOCOL §5: `unavailable` within 1 s); no command is retried by redis-py, so a
+# publish is never sent twice.
+COMMAND_TIMEOUT = 0.8
+_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": COMMAND_TIMEOUT}
 
 
 class CommandSlots:

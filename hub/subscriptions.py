@@ -16,6 +16,12 @@ have no positions: every message passes.
 
 Subscriptions that stand at the same position share one `Cohort` (usually a channel has
 one), so the fan-out compares offsets once per cohort, not once per subscriber.
+
+Everything that follows from membership (presence entries, join/leave events, heartbeats;
+cluster-wide events) is derived from it by `MembershipWatcher`s: each hears every admit and
+every drop, on every path (subscribe, unsubscribe, disconnect, a `reset` that ends a
+subscription), and the node-level transitions (a channel's first local member, its last
+gone; for a personal channel `@user`: the user's first local connection, its last gone).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import is_personal
@@ -248,6 +254,23 @@ class Channel:
 Hold = tuple[Channel, Cohort]
 
 
+class MembershipWatcher(Protocol):
+    """Hears membership change; called synchronously, in the order things happen, and must
+    not raise (nor await: what it does with the Redis is its own task's business)."""
+
+    def admitted(self, subscriber: Subscriber, channel: str) -> None:
+        """`subscriber` became a member of `channel` (personal channels included)."""
+
+    def dropped(self, subscriber: Subscriber, channel: str) -> None:
+        """`subscriber` is a member no more, whatever the path."""
+
+    def occupied(self, channel: str) -> None:
+        """The channel's first local member (for `@user`: the user's first connection)."""
+
+    def vacated(self, channel: str) -> None:
+        """Its last local member is gone (for `@user`: the user's last connection)."""
+
+
 class Subscriptions:
     def __init__(self, broker: Broker, settings: Settings, metrics: Metrics) -> None:
         self._broker = broker
@@ -261,8 +284,7 @@ class Subscriptions:
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
-        # Told of a channel's first member here (True) and of its last gone (events).
-        self.on_occupancy: Callable[[str, bool], None] | None = None
+        self.watchers: list[MembershipWatcher] = []
 
     # reading
 
@@ -295,6 +317,12 @@ class Subscriptions:
         """A channel's cohorts as they stand, for tests and debugging."""
         found = self._channels.get(channel)
         return list(found.cohorts) if found is not None else []
+
+    def memberships(self) -> Iterator[tuple[str, Iterator[Subscriber]]]:
+        """Every channel with members, and its members (joiners are not members yet)."""
+        for name, channel in self._channels.items():
+            if channel.size:
+                yield name, channel.members()
 
     def channel_counts(self) -> dict[str, int]:
         return {
@@ -435,6 +463,7 @@ class Subscriptions:
                 cohort.members.discard(subscriber)
                 if not cohort.members:
                     channel.cohorts.remove(cohort)
+                self._tell_dropped(subscriber, channel.name)
                 self._count(channel, -1)
                 return True
         return False
@@ -446,13 +475,22 @@ class Subscriptions:
             channel.deltas = None
 
     def _count(self, channel: Channel, change: int) -> None:
+        """Every change of membership passes here (the one place that counts it)."""
         channel.size += change
         if not is_personal(channel.name):
             self.subscription_count += change
             if channel.size == (1 if change > 0 else 0):
                 self.channel_count += change
-                if self.on_occupancy is not None:
-                    self.on_occupancy(channel.name, change > 0)
+        if change > 0 and channel.size == change:
+            for watcher in self.watchers:
+                _tell(watcher.occupied, channel.name)
+        elif change < 0 and channel.size == 0:
+            for watcher in self.watchers:
+                _tell(watcher.vacated, channel.name)
+
+    def _tell_dropped(self, subscriber: Subscriber, name: str) -> None:
+        for watcher in self.watchers:
+            _tell(watcher.dropped, subscriber, name)
 
     async def _relay(self, channel: Channel) -> None:
         if not channel.relayed:
@@ -501,6 +539,9 @@ class Subscriptions:
         read predates the latest reconnect, it catches up first."""
         channel.cohorts.append(cohort)
         self._count(channel, len(cohort.members))
+        for watcher in self.watchers:
+            for member in cohort.members:
+                _tell(watcher.admitted, member, channel.name)
         if channel.history is not None and generation != channel.generation:
             self._hold(channel, cohort, held)
         else:
@@ -613,6 +654,17 @@ class Subscriptions:
                     cohort.held = []
                 self.refiller.request((channel, cohort))
 
+    def resume(self) -> None:
+        """The broker serves (more) again: cohorts still holding catch up. A catch-up stops
+        while the broker is down, and a link that stayed up while the command client's way
+        was down brings no reconnect to start it again."""
+        for channel in self._channels.values():
+            if channel.history is None:
+                continue
+            for cohort in channel.cohorts:
+                if cohort.held is not None:
+                    self.refiller.request((channel, cohort))
+
     # the refiller's target
 
     def generation(self, hold: Hold) -> int:
@@ -697,12 +749,21 @@ class Subscriptions:
             if not kept:
                 cohort.members.discard(member)
                 self._forget_delta(channel, member)
-                self._count(channel, -1)
                 self._unlist(member, channel.name)
+                self._tell_dropped(member, channel.name)
+                self._count(channel, -1)
         if not cohort.members:
             channel.cohorts.remove(cohort)
             if not (channel.cohorts or channel.joiners):
                 self._spawn(self._release(channel))
+
+
+def _tell(callback: Callable[..., None], *args: Any) -> None:
+    """A watcher that raises is a bug: logged, and membership goes on."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("membership watcher %s failed", getattr(callback, "__qualname__", ""))
 
 
 def _same(one: Message, other: Message) -> bool:

@@ -23,6 +23,7 @@ class Recorder:
         self.ups: list[bool] = []
         self.resubscribed: list[list[str]] = []  # the channels of each `on_broker_up`
         self.downs = 0
+        self.readies = 0
         self.events: list[str] = []
         self._changed = asyncio.Event()
 
@@ -39,6 +40,10 @@ class Recorder:
     def on_broker_down(self, channels: Collection[str]) -> None:
         self.downs += 1
         self._record("down")
+
+    def on_broker_ready(self) -> None:
+        self.readies += 1
+        self._changed.set()  # a wait_for on `broker.up` looks again (not an event of its own)
 
     def data_on(self, channel: str) -> list[bytes]:
         """Payloads of the messages relayed on `channel`, in arrival order."""

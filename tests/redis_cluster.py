@@ -384,6 +384,7 @@ class RedisCluster(_Deployment):
         self.master_count = masters
         self.replicas_per_master = replicas
         self.node_timeout_ms = node_timeout_ms
+        self._cut_off_from: dict[int, int] = {}  # replica -> master, by pause_replication
         self.replica_validity_factor = replica_validity_factor
         self.require_full_coverage = require_full_coverage
         self.password = password
@@ -630,12 +631,18 @@ class RedisCluster(_Deployment):
         replica on purpose. Returns the seconds taken."""
         started = time.monotonic()
         info = self.nodes()[replica_port]
-        assert info.role == "replica" and info.master_port is not None, info
-        slots = self.nodes()[info.master_port].slots
+        # A paused replica's role comes from the others' views, which can be odd once its
+        # master is dead too (seen: "master" without slots, which failed an assertion here
+        # although it was a replica): the master it was cut off from is remembered.
+        master_port = info.master_port if info.role == "replica" else None
+        master_port = master_port or self._cut_off_from.get(replica_port)
+        assert master_port is not None, info
+        slots = self.nodes()[master_port].slots
         if self.processes[replica_port].paused:
             self.resume(replica_port)
         mode = ["TAKEOVER"] if takeover else ["FORCE"] if force else []
-        self.command(replica_port, "CLUSTER", "FAILOVER", *mode)
+        with contextlib.suppress(redis.ResponseError):  # it may have promoted itself
+            self.command(replica_port, "CLUSTER", "FAILOVER", *mode)
         slot = slots[0][0]
 
         def done() -> bool:
@@ -662,6 +669,7 @@ class RedisCluster(_Deployment):
         assert links, f"{replica_port} has no link to its master"
         local = str(links[0]["laddr"])
         self.processes[replica_port].pause()  # not _mark_down: the replica is not "down"
+        self._cut_off_from[replica_port] = master
         self.command(master, "CLIENT", "KILL", "ADDR", local)
         until(
             lambda: not self._replica_listed(master, replica_port),

@@ -32,7 +32,9 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_url(redis_server: RedisServer) -> str:
     if not redis_server.running:  # a test stopped it and did not start it again
         redis_server.start(keep_data=False)
-    client = redis.Redis.from_url(redis_server.url)
+    # Bounded: a server that accepts and never answers fails the setup with a reason
+    # instead of hanging until the test's timeout.
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.flushall()
         client.script_flush()

@@ -88,6 +88,20 @@ async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
             await asyncio.wait_for(task, 10)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told: injected where a test would otherwise
+    sleep for time to pass."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.monotonic() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Client:
     """A `websockets` connection that speaks JSON frames."""
 

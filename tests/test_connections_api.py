@@ -172,7 +172,7 @@ async def test_two_nodes_list_the_cluster_in_pages(redis_url: str) -> None:
         ghost = RedisPresence(create_server_client(redis_url), "node-c", 3)
         now = int(time.time())
         await ghost.heartbeat(NodeSnapshot(NodeStats("node-c", 1, 1, 0, 0, now, now), {},
-                                           frozenset({"ghost"})))
+                                           frozenset({"ghost"})), {})
         started = asyncio.get_running_loop().time()
         page = await listing(a)
         assert page["unanswered"] == ["node-c"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from tests.support import (
     RunningNode,
     api,
     connect,
+    eventually,
     make_settings,
     metric,
     next_message,
@@ -48,16 +49,6 @@ async def api_post(running: RunningNode, path: str, body: dict[str, Any]) -> Any
     response = await http.post(path, json=body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]]) -> None:
-    """Poll an async predicate with a bounded wait (for server-side effects that happen
-    after the client side is done, e.g. disconnect processing)."""
-    async with asyncio.timeout(WAIT * 2):
-        while True:
-            if await predicate():
-                return
-            await asyncio.sleep(0.02)
 
 
 # Fan-out
@@ -318,7 +309,7 @@ async def test_client_vanishing_without_close_does_not_affect_others(node: Runni
             stats = (await http.get("/api/stats")).json()
             return bool(stats["total"]["connections"] == 1)
 
-        await wait_until(ghost_gone)
+        await eventually(ghost_gone, within=WAIT * 2, what="the ghost gone")
         await publish(node, "news", "after")
         assert (await next_message(survivor))["data"] == "after"
 
@@ -373,7 +364,7 @@ async def test_slow_consumer_is_closed_4008_and_others_get_everything_in_order()
             closed = await metric(running, "hub_disconnections_total", code="4008")
             return closed == closed_before + 1
 
-        await wait_until(slow_counted)
+        await eventually(slow_counted, within=WAIT * 2, what="the slow consumer counted")
 
 
 async def test_the_queue_limit_counts_frames_not_writes() -> None:

@@ -3,7 +3,6 @@ frame, or a close code), and an error leaves the connection and its subscription
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -13,6 +12,7 @@ from tests.support import (
     RunningNode,
     api,
     connect,
+    eventually,
     make_settings,
     metric,
     publish,
@@ -26,11 +26,8 @@ CHANNEL = "room1"  # default namespace: subscribe by token claim, no join/leave 
 async def wait_for_metric(running: RunningNode, value: float, name: str, **labels: str) -> None:
     """Poll /metrics until the sample has `value` (a close is counted after the socket is
     gone, asynchronously)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if await metric(running, name, **labels) == value:
-                return
-            await asyncio.sleep(0.02)
+    await eventually(lambda: metric(running, name, **labels), lambda got: got == value,
+                     within=WAIT, what=f"{name} = {value}")
 
 
 async def still_delivers(running: RunningNode, client: Client, channel: str = CHANNEL) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
+from hub.broker import MemoryBroker
 from tests.support import (
     WAIT,
     Client,
+    FakeClock,
     RunningNode,
     connect,
     make_settings,
@@ -396,14 +398,19 @@ async def test_history_limit_is_capped_at_1000(
 async def test_history_expires_after_history_ttl(
     hnode: RunningNode, api: httpx.AsyncClient
 ) -> None:
+    broker = hnode.node.broker
+    assert isinstance(broker, MemoryBroker)
+    clock = broker.clock = FakeClock()
     last = await publish(api, "brief:t", 1)
     await publish(api, "brief:t", 2)
     body = (await api.get("/api/history/brief:t")).json()
     assert [m["data"] for m in body["messages"]] == [1, 2]
-    async with asyncio.timeout(WAIT):
-        while body["messages"]:
-            await asyncio.sleep(0.1)
-            body = (await api.get("/api/history/brief:t")).json()
+    clock.advance(0.99)  # history_ttl is 1 s
+    body = (await api.get("/api/history/brief:t")).json()
+    assert [m["data"] for m in body["messages"]] == [1, 2]
+    clock.advance(0.02)
+    body = (await api.get("/api/history/brief:t")).json()
+    assert body["messages"] == []
     async with connect(hnode.ws_url, token("alice")) as alice:
         reply = await subscribe_since(alice, "brief:t", 0, last["epoch"])
         assert reply["recovered"] is False

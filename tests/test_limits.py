@@ -11,7 +11,16 @@ import httpx
 import pytest
 import websockets
 
-from tests.support import WAIT, Client, RunningNode, connect, make_settings, running_node, token
+from tests.support import (
+    WAIT,
+    Client,
+    FakeClock,
+    RunningNode,
+    connect,
+    make_settings,
+    running_node,
+    token,
+)
 
 RATE = 5
 GRACE = 0.5
@@ -45,11 +54,12 @@ async def test_burst_over_twice_the_rate_is_rate_limited(limited: RunningNode) -
 
 
 async def test_connection_keeps_working_after_a_burst(limited: RunningNode) -> None:
+    clock = limited.node.clock = FakeClock()
     async with connect(limited.ws_url, token("alice")) as alice, limited.api() as api:
         await alice.subscribe("chat:r")
         answers = await burst(alice, 3 * RATE)
         assert any(a["type"] == "error" for a in answers)
-        await asyncio.sleep(2 / RATE)  # two tokens come back
+        clock.advance(2 / RATE)  # two tokens come back
         assert (await alice.request({"type": "ping"}))["type"] == "pong"
         await api.post("/api/publish", json={"channel": "chat:r", "data": 1})
         frame = await alice.expect("message")
@@ -58,12 +68,13 @@ async def test_connection_keeps_working_after_a_burst(limited: RunningNode) -> N
 
 async def test_a_burst_after_a_pause_starts_a_new_stretch(limited: RunningNode) -> None:
     """Refusals long ago do not count toward the grace of new ones."""
+    clock = limited.node.clock = FakeClock()
     async with connect(limited.ws_url, token("alice")) as alice:
         assert any(a["type"] == "error" for a in await burst(alice, 3 * RATE))
-        await asyncio.sleep(1.2)  # past the 1 s gap that ends a stretch, and past the grace
+        clock.advance(1.2)  # past the 1 s gap that ends a stretch, and past the grace
         again = await burst(alice, 3 * RATE)
         assert [a["type"] for a in again].count("error") >= RATE
-        await asyncio.sleep(2 / RATE)
+        clock.advance(2 / RATE)
         assert (await alice.request({"type": "ping"}))["type"] == "pong"
 
 

@@ -109,8 +109,8 @@ async def test_a_killed_redis_is_noticed_and_a_restarted_one_resubscribed(
             await a.subscribe("late")
 
         server.start(keep_data=False)
-        await seen.wait_for(lambda: seen.ups == [False, True])
-        await seen_b.wait_for(lambda: seen_b.ups == [False, True])
+        await seen.wait_for(lambda: seen.ups == [False, True] and a.up)
+        await seen_b.wait_for(lambda: seen_b.ups == [False, True] and b.up)
         await b.publish("room", message("room", 2))
         await b.publish("late", message("late", 3))
         await seen.wait_for(lambda: seen.data_on("late") == [b"3"])
@@ -129,7 +129,7 @@ async def test_a_silent_connection_is_taken_for_dead(redis_factory: Factory) -> 
         finally:
             server.resume()
         assert took < 3.0
-        await seen.wait_for(lambda: seen.ups == [False, True])
+        await seen.wait_for(lambda: seen.ups == [False, True] and broker.up)
         await broker.publish("room", message("room", 1))
         await seen.wait_for(lambda: seen.data_on("room") == [b"1"])
 
@@ -157,14 +157,15 @@ async def test_the_epoch_survives_a_restart_with_data_and_not_an_empty_one(
         assert before is not None and before.offset == 3
 
         server.restart(keep_data=True)
-        await seen.wait_for(lambda: seen.ups == [False, True])
+        # Up: the pub/sub link and the command probe (they come back independently).
+        await seen.wait_for(lambda: seen.ups == [False, True] and broker.up)
         kept = await broker.publish("room", message("room", 4), HISTORY)
         assert kept == StreamPosition(4, before.epoch)
         page = await broker.history("room", HISTORY, before)
         assert page.complete and [m.offset for m in page.messages] == [4]
 
         server.restart(keep_data=False)
-        await seen.wait_for(lambda: seen.ups == [False, True, True])
+        await seen.wait_for(lambda: seen.ups == [False, True, True] and broker.up)
         fresh = await broker.publish("room", message("room", 5), HISTORY)
         assert fresh is not None and fresh.offset == 1 and fresh.epoch != before.epoch
         page = await broker.history("room", HISTORY, kept)
@@ -182,7 +183,7 @@ async def test_a_node_starting_before_redis_connects_when_it_comes(
         with pytest.raises(BrokerUnavailable):
             await broker.subscribe("room")
         server.start()
-        await seen.wait_for(lambda: seen.ups == [False])
+        await seen.wait_for(lambda: seen.ups == [False] and broker.up)
         await broker.publish("room", message("room", 1))
         await seen.wait_for(lambda: seen.data_on("room") == [b"1"])
         assert seen.downs == 0
@@ -217,7 +218,7 @@ async def test_password_user_and_db_come_from_the_url(
         assert db3.exists("hub:s:{room}") == 1
         db3.close()
     finally:
-        await presence.leave()
+        await presence.leave([])
         await broker.close()
         await presence.close()
         admin.close()

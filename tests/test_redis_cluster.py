@@ -224,6 +224,53 @@ async def test_a_master_that_hangs_holds_up_only_its_own_channels(
             await asyncio.gather(*stuck, return_exceptions=True)
 
 
+async def when(condition: Callable[[], bool], within: float) -> float:
+    """The time at which `condition` was found true (polled by `eventually`)."""
+    await eventually(condition, within=within)
+    return time.monotonic()
+
+
+async def test_a_hung_master_is_noticed_within_a_second_and_only_its_channels_wait(
+    redis_cluster_factory: ClusterFactory,
+) -> None:
+    """PROTOCOL §5-§6 per shard: a master that stops answering (SIGSTOP: no RST, nothing)
+    is declared down within 1 s, its channels' publishes answer `unavailable` within 1 s,
+    the other shards serve on and /readyz stays 200; once it answers again the shard is up
+    within moments (resumed before `cluster-node-timeout` would fail it over)."""
+    cluster = redis_cluster_factory(node_timeout_ms=5000)
+    hung, healthy = channels_on_every_shard(cluster, "feed:probe")[:2]
+    async with nodes_on(cluster.url, 1) as (node,):
+        broker = node.node.broker
+        for name in (hung, healthy):
+            await publish(node, name, 0)
+        assert broker.health() == (3, 3)
+        port = cluster.master_for(topic(hung)).port
+        cluster.pause(port)
+        paused_at = time.monotonic()
+        try:
+            noticed = asyncio.create_task(when(lambda: broker.health() == (2, 3), 2))
+            started = time.monotonic()
+            response = await node.http.post("/api/publish", json={"channel": hung, "data": 1})
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - started <= 1.0
+            detected = await noticed - paused_at
+            assert detected <= 1.0, detected
+            started = time.monotonic()
+            response = await node.http.post("/api/publish", json={"channel": hung, "data": 2})
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - started <= 0.2  # known down: refused at once
+            assert (await publish(node, healthy, 3))["offset"] == 2
+            assert (await node.http.get("/readyz")).status_code == 200
+        finally:
+            cluster.resume(port)
+        resumed_at = time.monotonic()
+        await eventually(lambda: broker.health() == (3, 3), within=5)
+        resumed = time.monotonic() - resumed_at
+        assert (await publish(node, hung, 4))["offset"] == 2
+    print(f"hung master: down after {detected:.2f} s, up {resumed:.2f} s after it answered")
+    assert resumed <= 1.0, resumed
+
+
 async def test_a_crowd_of_commands_waits_for_a_connection_on_one_server(
     redis_url: str,
 ) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 import fakeredis
 import msgspec
@@ -82,8 +81,9 @@ async def test_cluster_reads_merge_live_nodes_with_the_local_snapshot(
     fake_server: fakeredis.FakeServer,
 ) -> None:
     async with presence_on(fake_server, "n1") as n1, presence_on(fake_server, "n2") as n2:
-        await n2.heartbeat(snapshot("n2", {"chat:a": 2, "feed:x": 1, "gone": 0}, {"bob", "ann"}))
-        await n1.heartbeat(snapshot("n1", {"chat:a": 9}, {"old"}, updated=1))
+        await n2.heartbeat(snapshot("n2", {"chat:a": 2, "feed:x": 1, "gone": 0}, {"bob", "ann"}),
+                           {})
+        await n1.heartbeat(snapshot("n1", {"chat:a": 9}, {"old"}, updated=1), {})
         local = snapshot("n1", {"chat:a": 1, "chat:b": 3}, {"ann", "cy"}, updated=2)
         nodes = await n1.nodes(local)
         users = await n1.distinct_users(local)
@@ -101,15 +101,15 @@ async def test_leave_removes_the_node_and_its_members_at_once(
     fake_server: fakeredis.FakeServer,
 ) -> None:
     async with presence_on(fake_server, "n1") as n1, presence_on(fake_server, "n2") as n2:
-        await n1.heartbeat(snapshot("n1", {"room": 2}, {"alice"}))
+        await n1.heartbeat(snapshot("n1", {"room": 2}, {"alice"}), {})
         await n1.add("room", member("c1", "alice"))
         await n1.add("lobby", member("c2", "alice"))
         await n2.add("room", member("c3", "bob"))
-        await n1.leave()
+        await n1.leave([("room", "c1"), ("lobby", "c2")])
         nodes = await n2.nodes(snapshot("n2", {}, set()))
         room = await n2.members("room")
         lobby = await n2.members("lobby")
-        await n1.heartbeat(snapshot("n1", {}, set()))  # left: its members stay gone
+        await n1.heartbeat(snapshot("n1", {}, set()), {})  # left: its members stay gone
         room_after_beat = await n2.members("room")
 
     assert [n.node for n in nodes] == ["n2"]
@@ -121,15 +121,17 @@ async def test_the_heartbeat_writes_everything_again_after_redis_lost_it(
     fake_server: fakeredis.FakeServer,
 ) -> None:
     raw = fakeredis.FakeAsyncRedis(server=fake_server)
+    members = {  # more than one script call's batch
+        "big": [member(f"c{n}", f"u{n}") for n in range(1_200)],
+        "room": [member("c1", "alice")],
+    }
     async with presence_on(fake_server, "n1") as n1, presence_on(fake_server, "n2") as n2:
-        for n in range(1_200):  # more than one script call's batch
-            await n1.add("big", member(f"c{n}", f"u{n}"))
-        await n1.add("room", member("c1", "alice"))
+        await n1.heartbeat(snapshot("n1", {"room": 1}, {"alice"}), members)
         await raw.flushall()
         await raw.script_flush()
         assert await n2.members("room") == []
 
-        await n1.heartbeat(snapshot("n1", {"room": 1}, {"alice"}))
+        await n1.heartbeat(snapshot("n1", {"room": 1}, {"alice"}), members)
         assert [m.client for m in await n2.members("room")] == ["c1"]
         assert len(await n2.members("big")) == 1_200
         nodes = await n2.nodes(snapshot("n2", {}, set()))
@@ -137,26 +139,18 @@ async def test_the_heartbeat_writes_everything_again_after_redis_lost_it(
         assert 29_000 < await raw.pttl("hub:p:{room}") <= 30_000
 
 
-class SlowHeartbeat(RedisPresence):
-    """Holds each heartbeat up on its way to Redis, so a removal overtakes it."""
-
-    async def _pipeline(self, calls: Sequence[Any]) -> list[Any]:
-        if len(calls) > 1:
-            await asyncio.sleep(0.05)
-        return await super()._pipeline(calls)
-
-
-async def test_a_member_removed_during_a_heartbeat_stays_removed(
+async def test_a_heartbeat_forgets_the_departures_it_is_given(
     fake_server: fakeredis.FakeServer,
 ) -> None:
-    n1 = SlowHeartbeat(fakeredis.FakeAsyncRedis(server=fake_server), "n1", 30)
-    await n1.add("room", member("c1", "alice"))
-    beat = asyncio.create_task(n1.heartbeat(snapshot("n1", {"room": 1}, {"alice"})))
-    await asyncio.sleep(0.01)  # the heartbeat has taken its list of members
-    await n1.remove("room", "c1")
-    await beat
-    assert await n1.members("room") == []
-    await n1.close()
+    """What Redis holds for a node becomes what the node has: a member it could not remove
+    while Redis was away is removed by the heartbeat it is handed to."""
+    async with presence_on(fake_server, "n1") as n1, presence_on(fake_server, "n2") as n2:
+        await n1.add("room", member("c1", "alice"))
+        await n1.add("room", member("c2", "bob"))
+        await n2.add("room", member("c3", "carol"))
+        await n1.heartbeat(snapshot("n1", {"room": 1}, {"bob"}), {"room": [member("c2", "bob")]},
+                           [("room", "c1")])
+        assert sorted(m.client for m in await n2.members("room")) == ["c2", "c3"]
 
 
 async def test_an_unreachable_redis_fails_fast_but_leave_does_not_raise() -> None:
@@ -170,7 +164,7 @@ async def test_an_unreachable_redis_fails_fast_but_leave_does_not_raise() -> Non
         await presence.add("room", member("c1", "alice"))
     with pytest.raises(BrokerUnavailable):
         await presence.nodes(snapshot("n1", {}, set()))
-    await presence.leave()
+    await presence.leave([("room", "c1")])
     await presence.close()
     assert time.monotonic() - started < 5
 
@@ -184,29 +178,35 @@ async def test_a_node_that_stops_heartbeating_drops_out_within_the_ttl(redis_url
 
     async def beat_forever() -> None:
         while True:
-            await alive.heartbeat(snapshot("alive", {"room": 1}, {"bob"}))
+            # One beat that fails on a loaded machine is retried, as the node's own loop
+            # does; a task that died of it took "alive" out of the cluster too.
+            with contextlib.suppress(BrokerUnavailable):
+                await alive.heartbeat(snapshot("alive", {"room": 1}, {"bob"}),
+                                      {"room": [member("c2", "bob")]})
             await asyncio.sleep(ttl / 3)
 
     beating = asyncio.create_task(beat_forever())
+    # Every wait bounded, the whole test too: a hang fails here with where it was.
     try:
-        await dying.heartbeat(snapshot("dying", {"room": 1}, {"alice"}))
-        await dying.add("room", member("c1", "alice"))
-        await alive.add("room", member("c2", "bob"))
-        last_beat = time.monotonic()
-        assert [n.node for n in await observer.nodes(nobody)] == ["alive", "dying", "observer"]
-        assert await observer.channels(nobody) == {"room": 2}
+        async with asyncio.timeout(30):
+            await dying.heartbeat(snapshot("dying", {"room": 1}, {"alice"}), {})
+            await dying.add("room", member("c1", "alice"))
+            await alive.add("room", member("c2", "bob"))
+            last_beat = time.monotonic()
+            assert [n.node for n in await observer.nodes(nobody)] == ["alive", "dying", "observer"]
+            assert await observer.channels(nobody) == {"room": 2}
 
-        async def dropped_out() -> bool:
-            return [n.node for n in await observer.nodes(nobody)] == ["alive", "observer"]
+            async def dropped_out() -> bool:
+                return [n.node for n in await observer.nodes(nobody)] == ["alive", "observer"]
 
-        await eventually(dropped_out, within=ttl + 3)
-        assert time.monotonic() - last_beat < ttl + 1
-        assert [m.client for m in await observer.members("room")] == ["c2"]
-        assert await observer.channels(nobody) == {"room": 1}
-        assert await observer.distinct_users(nobody) == 1
+            await eventually(dropped_out, within=ttl + 3)
+            assert time.monotonic() - last_beat < ttl + 1
+            assert [m.client for m in await observer.members("room")] == ["c2"]
+            assert await observer.channels(nobody) == {"room": 1}
+            assert await observer.distinct_users(nobody) == 1
     finally:
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await beating
+            await asyncio.wait_for(beating, 5)
         for presence in (dying, alive, observer):
-            await presence.close()
+            await asyncio.wait_for(presence.close(), 5)

@@ -48,13 +48,12 @@ async def api_get(running: RunningNode, path: str) -> Any:
 async def wait_for_stats(running: RunningNode, **expected: int) -> dict[str, Any]:
     """Poll /api/stats until its total has these values (disconnects are processed
     asynchronously after the socket closes)."""
-    total: dict[str, Any] = {}
-    async with asyncio.timeout(WAIT):
-        while True:
-            total = (await api_get(running, "/api/stats"))["total"]
-            if all(total[k] == v for k, v in expected.items()):
-                return total
-            await asyncio.sleep(0.02)
+    async def total() -> dict[str, Any]:
+        found: dict[str, Any] = (await api_get(running, "/api/stats"))["total"]
+        return found
+
+    return await eventually(total, lambda got: all(got[k] == v for k, v in expected.items()),
+                            within=WAIT, what=f"stats {expected}")
 
 
 async def test_subscribe_and_unsubscribe_replies_echo_id(node: RunningNode) -> None:
