@@ -5,7 +5,7 @@ on a Sentinel deployment.
   (`hub_events_total{outcome="dropped"}`) and logged once per incident; on Redis the
   streams are trimmed by age as well, so Redis keeps nothing past it either. A receiver
   in its own process answers 500 until then; the age passes by a clock the test moves
-  where it can (the in-process ledger), and by a 1.5 s age on Redis.
+  where it can (the in-process ledger), and by a 2 s age on Redis.
 - A node's log has no line per POST (httpx and httpcore are kept at WARNING).
 - Redis Sentinel: events reach the receiver, and those recorded (and replicated) before
   the master's failover are sent after it.
@@ -123,14 +123,14 @@ async def streams_length(url: str) -> int:
 async def test_on_redis_events_past_the_age_are_dropped_and_trimmed(
     redis_url: str, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """HUB_EVENTS_MAX_AGE=1.5 on Redis, the receiver answering 500: the events the sender holds
+    """HUB_EVENTS_MAX_AGE=2 on Redis, the receiver answering 500: the events the sender holds
     and those waiting unread in the streams behind them are all dropped, each counted once,
     and the streams are left empty; later events are delivered; one line each for the
     incident's start and end."""
     caplog.set_level(logging.WARNING, "hub.events")
     settings = make_settings(namespaces=NAMESPACES, redis_url=redis_url, node_id="ev-age",
                              events_url=receiver.events_url, events_secret=EVENTS_SECRET,
-                             events_max_age=1.5)
+                             events_max_age=2.0)
     channels = [f"chat:age-redis-{index}" for index in range(12)]
     produced = ("channel_occupied", "channel_vacated", "user_online", "user_offline")
     await receiver.mode(status=500)
