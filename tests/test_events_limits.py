@@ -273,7 +273,10 @@ async def test_on_sentinel_events_survive_a_failover(
                 await receiver.mode(status=200)
             for channel in during:
                 found = unique_events(await settled(receiver, channel, channel=channel))
-                assert names(found) == ["channel_occupied", "channel_vacated"], channel
+                if names(found) != ["channel_occupied", "channel_vacated"]:
+                    await asyncio.sleep(5)  # lost, or out of order? (seen once, under load)
+                    later = await receiver.events(channel=channel)
+                    raise AssertionError(f"{channel}: {found}; 5 s later: {later}")
             new_master = f"redis://127.0.0.1:{deployment.master()}"
             await eventually(lambda: streams_length(new_master), lambda n: n == 0,
                              what="what was sent acknowledged on the new master")
