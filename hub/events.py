@@ -146,18 +146,16 @@ def new_event_id() -> str:
     return f"{random.getrandbits(96):024x}"
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # the sender
 
 
 class Delivery:
     """Sends one batch until it is delivered: POSTed to the URL (signed) and answered 2xx,
     or handed to the callable without it raising. Bad answers (5xx, timeouts, a closed
-    port, a slow body) are retried with exponential backoff and full jitter, for ever;
-    they never touch client traffic (the caller is a task of its own)."""
+    port, a slow body) are retried with exponential backoff and full jitter, until every
+    event of the batch is delivered or older than `max_age` seconds (dropped, `Expiry`);
+    they never touch client traffic (the caller is a task of its own). `clock`: the wall
+    clock (s) events' `time_ms` are judged by (and, in memory, stamped with)."""
 
     def __init__(
         self,
@@ -166,11 +164,15 @@ class Delivery:
         url: str | None = None,
         secret: str = "",
         call: EventsCallable | None = None,
+        max_age: float = 86400.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._metrics = metrics
         self._url = url
         self._secret = secret
         self._call = call
+        self.clock = clock
+        self.expiry = Expiry(metrics, max_age)
         self._http: httpx.AsyncClient | None = None
         self._incident = Incident(log, "events receiver")
 
@@ -180,11 +182,21 @@ class Delivery:
             self._http = None
 
     async def send(self, events: list[Pending], still: Callable[[], bool] = lambda: True) -> bool:
-        """Until delivered (True), or until `still()` turns False between attempts (False:
-        this sender gave the batch up, somebody else sends it)."""
-        body = batch_body(events)
+        """Until delivered (True; also when every event of the batch expired meanwhile),
+        or until `still()` turns False between attempts (False: this sender gave the batch
+        up, somebody else sends it)."""
+        body = b""
         attempt = 0
+        expired = False
         while True:
+            fresh = self.expiry.fresh(events, self.clock())
+            if fresh is not events:
+                expired = True
+                events, body = fresh, b""
+            if not events:
+                return True  # every one dropped for age (counted and logged)
+            if not body:
+                body = batch_body(events)
             try:
                 await self._attempt(body)
                 break
@@ -198,7 +210,9 @@ class Delivery:
                 if not still():
                     return False
         self._incident.recovered(for_sure=True)
-        now = time.time()
+        if not expired:
+            self.expiry.delivered()
+        now = self.clock()
         for event in events:
             self._metrics.events.labels(event.name, "sent").inc()
             self._metrics.event_delay.observe(max(0.0, now - event.time_ms / 1000))
@@ -237,6 +251,47 @@ class Overflow:
                       "event(s), the last a %s", self._limit, self._unlogged, name)
             self._unlogged = 0
             self._logged_at = now
+
+
+class Expiry:
+    """Events dropped because they are older than `HUB_EVENTS_MAX_AGE` when they would be
+    sent (or, on Redis, found unread in a stream past it): counted as `dropped`, and logged
+    once per incident: a line when dropping starts, and one with the count when a batch
+    none of whose events had expired is delivered again."""
+
+    def __init__(self, metrics: Metrics, max_age: float) -> None:
+        self._metrics = metrics
+        self.max_age = max_age
+        self._max_age_ms = max_age * 1000
+        self._count = 0
+
+    def fresh(self, events: list[Pending], now: float) -> list[Pending]:
+        """`events` without those past the age (each counted as dropped); `events` itself
+        when none is."""
+        oldest_ms = now * 1000 - self._max_age_ms
+        if all(event.time_ms >= oldest_ms for event in events):
+            return events
+        kept = []
+        for event in events:
+            if event.time_ms >= oldest_ms:
+                kept.append(event)
+            else:
+                self.dropped(event.name)
+        return kept
+
+    def dropped(self, name: str) -> None:
+        self._metrics.events.labels(name, "dropped").inc()
+        if not self._count:
+            log.error("events: dropping events older than HUB_EVENTS_MAX_AGE (%g s) that "
+                      "the receiver has not taken, the first a %s", self.max_age, name)
+        self._count += 1
+
+    def delivered(self) -> None:
+        """A batch with nothing past the age was delivered: the incident, if any, ended."""
+        if self._count:
+            log.warning("events: delivering again; %d event(s) were dropped for being "
+                        "older than HUB_EVENTS_MAX_AGE (%g s)", self._count, self.max_age)
+            self._count = 0
 
 
 # ledgers
@@ -311,7 +366,7 @@ class MemoryLedger:
         if len(self._queue) >= self._max_pending:
             self._overflow.dropped(name)
             return
-        time_ms = now_ms()
+        time_ms = int(self._delivery.clock() * 1000)  # the clock the age is judged by
         self._queue.append(Pending(name, time_ms, event_json(new_event_id(), time_ms, subject)))
         self._metrics.events.labels(name, "produced").inc()
         self._empty.clear()
@@ -373,14 +428,15 @@ def create_events(
         for outcome in OUTCOMES:
             metrics.events.labels(name, outcome)
     delivery = Delivery(metrics, url=settings.events_url, secret=settings.events_secret or "",
-                        call=call)
+                        call=call, max_age=settings.events_max_age)
     ledger: Ledger
     topology = getattr(broker, "topology", None)
     if topology is not None:
         from hub.events_redis import RedisLedger
 
         ledger = RedisLedger(topology, delivery, metrics, settings.node_id,
-                             settings.presence_ttl, settings.events_max_pending)
+                             settings.presence_ttl, settings.events_max_pending,
+                             max_age=settings.events_max_age)
     else:
         ledger = MemoryLedger(delivery, metrics, settings.events_max_pending)
     return Events(ledger, settings.node_id)

@@ -71,6 +71,8 @@ GROUP = "hub-events"
 _APPLY_BATCH = 500  # scripts per pipelined round trip
 _APPLY_WINDOW = 0.005  # s: how long a change waits for others to share its round trip
 _REAP_BUDGET = 1000  # holdings released per reap script
+_TRIM_BUDGET = 1000  # entries looked at per trim script
+_TRIM_EVERY, _TRIM_EVERY_MIN = 60.0, 0.25  # s: a quarter of the age, within these
 
 # KEYS: stream, subject, node's holdings, alive. ARGV: 1 held / 0 released, holder, node,
 # max_len, first event's subject JSON, last event's, field of the node's holdings.
@@ -167,6 +169,51 @@ if #finished < #nodes then more = 1 end
 return {more, table.concat(recorded, ','), table.concat(dropped, ',')}
 """
 
+# KEYS: stream. ARGV: max age (ms), budget, group. Deletes the entries older than the age:
+# those the group has not handed to a reader yet are dropped (their names are returned,
+# comma-separated, to be counted); those handed out and no longer pending were delivered
+# (acknowledged, but their XDEL was lost), and go silently. Entries still pending are left
+# to their reader, which drops them for age when it would send them (counted there, once).
+TRIM_LUA = _NOW + """
+local stream = KEYS[1]
+local cutoff = now - tonumber(ARGV[1])
+if cutoff <= 0 or redis.call('EXISTS', stream) == 0 then return '' end
+local before = string.format('%d', cutoff - 1)
+local budget = tonumber(ARGV[2])
+local last = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[3] then last = fields['last-delivered-id'] end
+end
+local gone, names = {}, {}
+if last then
+  local pending = {}
+  for _, item in ipairs(redis.call('XPENDING', stream, ARGV[3], '-', before, budget)) do
+    pending[item[1]] = true
+  end
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', last, 'COUNT', budget)) do
+    local id = entry[1]
+    local ms = tonumber(string.match(id, '^(%d+)'))
+    if ms >= cutoff then break end
+    if not pending[id] then gone[#gone + 1] = id end
+  end
+end
+local start = '-'
+if last then start = '(' .. last end
+for _, entry in ipairs(redis.call('XRANGE', stream, start, before, 'COUNT', budget)) do
+  gone[#gone + 1] = entry[1]
+  local name = 'unknown'
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then name = string.match(fields[i + 1], '"name":"([a-z_]+)"') or name end
+  end
+  names[#names + 1] = name
+end
+if #gone > 0 then redis.call('XDEL', stream, unpack(gone)) end
+return table.concat(names, ',')
+"""
+
 # KEYS: lease. ARGV: node, ttl_ms, may take (1/0). 1: renewed; 2: taken (it was free, and
 # the node may take more); 0: another's (or free, and the node has its share).
 LEASE_LUA = """
@@ -212,6 +259,7 @@ class RedisLedger:
         ttl: float,
         max_pending: int,
         *,
+        max_age: float = 86400.0,
         prefix: str = "hub:",
     ) -> None:
         self._topology = topology
@@ -227,6 +275,10 @@ class RedisLedger:
             for source in (HOLD_LUA, EMIT_LUA, TOUCH_LUA, REAP_LUA, LEASE_LUA, RELEASE_LUA)
         )
         self._nodes = Script.of(NODES_LUA)
+        self._trim = Script.of(TRIM_LUA)
+        self._max_age_ms = max(1, int(max_age * 1000))
+        # How often the streams of the buckets this node sends are trimmed by age.
+        self._trim_every = min(_TRIM_EVERY, max(_TRIM_EVERY_MIN, max_age / 4))
         self._share = BUCKETS  # buckets this node may send: its part of the live nodes'
         self._surplus = 0  # buckets it holds past its share, to hand back
         # What this node holds now, by bucket: the one truth it tells Redis.
@@ -278,7 +330,7 @@ class RedisLedger:
     async def start(self) -> None:
         self._tellers = [asyncio.create_task(loop, name="hub-events")
                          for loop in (self._apply_loop(), self._beat_loop())]
-        senders = [self._lease_loop(), self._send_loop()]
+        senders = [self._lease_loop(), self._send_loop(), self._trim_loop()]
         self._senders = [asyncio.create_task(loop, name="hub-events") for loop in senders]
 
     async def stop(self) -> None:
@@ -485,6 +537,34 @@ class RedisLedger:
                 self._set_owned([int(result) for result in results])
                 self._surplus = max(0, sum(self._owned) - self._share)
             await asyncio.sleep(interval * random.uniform(0.8, 1.0))
+
+    async def _trim_loop(self) -> None:
+        """Every `_trim_every`, delete what is older than `HUB_EVENTS_MAX_AGE` from the
+        streams of the buckets this node sends (`TRIM_LUA`), also while its sender is held
+        up by a receiver that does not answer: Redis keeps no event past its age."""
+        while True:
+            await asyncio.sleep(self._trim_every)
+            buckets = [b for b in range(BUCKETS) if self._owned[b]]
+            try:
+                while buckets:
+                    buckets = await self._trim_buckets(buckets)
+            except REDIS_ERRORS as exc:
+                self._incident.failed(exc)
+
+    async def _trim_buckets(self, buckets: list[int]) -> list[int]:
+        """One round trip; returns the buckets that may have more to trim."""
+        calls: list[_Call] = [
+            (self._trim, [self._stream(b)], [self._max_age_ms, _TRIM_BUDGET, GROUP])
+            for b in buckets
+        ]
+        more = []
+        for bucket, names in zip(buckets, await self._run(calls), strict=True):
+            dropped = names.decode().split(",") if names else []
+            for name in dropped:
+                self._delivery.expiry.dropped(name)
+            if len(dropped) >= _TRIM_BUDGET:
+                more.append(bucket)
+        return more
 
     async def _hand_back(self) -> None:
         """Release buckets past this node's share, among those with nothing read and not

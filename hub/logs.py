@@ -37,6 +37,9 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(entry, enc_hook=str).decode()
 
 
+QUIET_CLIENT_LOGGERS = ("httpx", "httpcore")  # kept at WARNING and above
+
+
 def configure(level: str, fmt: str, node_id: str) -> dict[str, Any]:
     """Configure the root logger; returns a uvicorn `log_config` that uses the same handler."""
     handler = logging.StreamHandler()
@@ -48,6 +51,9 @@ def configure(level: str, fmt: str, node_id: str) -> dict[str, Any]:
     root.handlers[:] = [handler]
     numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
     root.setLevel(numeric)
+    # httpx logs every request at info (each POST of events and hooks): noise too.
+    for name in QUIET_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -103,7 +103,8 @@ class Metrics:
         self.events = Counter(
             "hub_events", "Events of PROTOCOL §14, by name and outcome (produced: recorded "
             "by this node; sent: delivered by it; retried: in a failed attempt; dropped: "
-            "past HUB_EVENTS_MAX_PENDING)", ["name", "outcome"], registry=registry,
+            "past HUB_EVENTS_MAX_PENDING or HUB_EVENTS_MAX_AGE)", ["name", "outcome"],
+            registry=registry,
         )
         self.event_delay = Histogram(
             "hub_event_delay_seconds", "From an event to its delivery (2xx)",

@@ -6,6 +6,7 @@ validated here, once, so the rest of the code can trust them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -89,6 +90,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     events_url: str | None = None  # PROTOCOL §14; also `url` of the TOML's [events]
     events_secret: str | None = None
     events_max_pending: int = 100_000
+    events_max_age: float = 86400.0  # s: older than this when it would be sent: dropped
 
     def namespace_of(self, channel: str) -> Namespace:
         """Options for a channel: its namespace's, else the default namespace's."""
@@ -172,11 +174,12 @@ def load_namespaces(path: str) -> dict[str, Namespace]:
 
 
 _EVENTS_TABLE = {"url": "events_url", "secret": "events_secret",
-                 "max_pending": "events_max_pending"}
+                 "max_pending": "events_max_pending", "max_age": "events_max_age"}
 
 
 def load_events_table(path: str) -> dict[str, object]:
-    """The `[events]` table of the TOML file (`url`, `secret`, `max_pending`), as options."""
+    """The `[events]` table of the TOML file (`url`, `secret`, `max_pending`, `max_age`), as
+    options."""
     try:
         table = tomllib.loads(Path(path).read_text()).get("events", {})
     except (OSError, tomllib.TOMLDecodeError):
@@ -295,6 +298,8 @@ def validate(settings: Settings) -> None:
             raise SettingsError(str(exc)) from None
     if settings.events_max_pending < 1:
         raise SettingsError("HUB_EVENTS_MAX_PENDING must be >= 1")
+    if not 0 < settings.events_max_age < math.inf:
+        raise SettingsError("HUB_EVENTS_MAX_AGE must be > 0 (seconds)")
     if settings.events_url:
         if not settings.events_url.startswith(("http://", "https://")):
             raise SettingsError("HUB_EVENTS_URL must be an http:// or https:// URL")

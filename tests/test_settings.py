@@ -50,6 +50,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_EVENTS_URL", "https://app.example/events", "events_url", "https://app.example/events"),
     ("HUB_EVENTS_SECRET", "ev3nts", "events_secret", "ev3nts"),
     ("HUB_EVENTS_MAX_PENDING", "50", "events_max_pending", 50),
+    ("HUB_EVENTS_MAX_AGE", "3600", "events_max_age", 3600.0),
 ]
 
 
