@@ -17,6 +17,7 @@ from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
 from hub.connection import WebSocketEndpoint
+from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
@@ -78,10 +79,11 @@ class HubApp(Starlette):
 WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, hooks: Hooks | None = None) -> Starlette:
+    """`hooks`: callables for the hooks of PROTOCOL §13 (an embedded hub's)."""
     broker, presence = create_backends(settings)
     metrics = Metrics(settings.node_id)
-    node = Node(settings, broker, presence, metrics)
+    node = Node(settings, broker, presence, metrics, hooks)
     write_path = WritePath()
 
     @contextlib.asynccontextmanager

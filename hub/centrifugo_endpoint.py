@@ -20,11 +20,30 @@ from hub import centrifugo_frames as cf
 from hub.auth import AuthFailed, Identity
 from hub.centrifugo_session import PING_FRAME, CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
+from hub.connection import (
+    Gone,
+    close_socket,
+    dev_identity,
+    new_client_id,
+    origin_allowed,
+    send_quietly,
+)
 from hub.errors import CloseCode
+from hub.hooks import (
+    ConnectRequest,
+    ConnectResult,
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    decoded,
+    identity_of,
+    raw_json,
+)
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
+from hub.subscriptions import Joined
 from hub.wire import ASGISend, WritePath
 
 log = logging.getLogger("hub.centrifugo")
@@ -52,23 +71,64 @@ class CentrifugoEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        if not await origin_allowed(self.node, scope, send):
+            return
         await send({"type": "websocket.accept"})
+        hooks = self.node.hooks
+        context = hooks.context(scope) if hooks.active else None
+        hooked: ConnectResult | None = None
+        client_id = new_client_id()
         try:
             self._check_room()
             command, rest = await self._first_command(receive)
-            identity = await self._authenticate(scope, command)
+            assert command.connect is not None
+            if context is not None and hooks.wants_connect(bool(command.connect.token)):
+                hooked = await self._connect_hook(context, command, client_id)
+                identity = identity_of(hooked)
+            else:
+                identity = await self._authenticate(scope, command)
             self._check_room()  # it may have filled up or begun draining meanwhile
         except _Refused as refused:
             self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
             await close_socket(send, refused.code, refused.reason)
             return
         except _Expired as expired:
-            await self._expired(send, receive, expired.command_id)
+            self.node.metrics.disconnections.labels(
+                close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
+            reply = cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)
+            await self._refuse_connect(send, receive, reply)
+            return
+        except _ConnectError as refused:
+            self.node.metrics.disconnections.labels(
+                close_code_label(CloseCode.UNAUTHORIZED)).inc()
+            await self._refuse_connect(send, receive, refused.reply)
             return
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive)
+        await self._serve(identity, command, rest, send, receive, context, hooked, client_id)
+
+    async def _connect_hook(
+        self, context: Context, command: cf.Command, client_id: str
+    ) -> ConnectResult:
+        """PROTOCOL §13: an `error` is the connect reply's error (its code and message), a
+        `disconnect` closes with its code and reason, a failed call is error 100
+        (temporary: the SDKs reconnect with backoff)."""
+        connect = command.connect
+        assert connect is not None
+        request = ConnectRequest(client=client_id, name=connect.name, version=connect.version,
+                                 data=decoded(connect.data))
+        try:
+            return await self.node.hooks.connect(context, request)
+        except HookRefused as refused:
+            error = refused.error
+            raise _ConnectError(cf.Reply(id=command.id, error=cf.Error(
+                code=error.code, message=refused.message, temporary=error.temporary))) from None
+        except HookDisconnected as disconnect:
+            raise _Refused(disconnect.code, disconnect.reason, disconnect.code) from None
+        except HookFailed as failed:
+            reply = cf.error_reply(command.id, cf.ErrorCode.INTERNAL, failed.message)
+            raise _ConnectError(reply) from None
 
     def _check_room(self) -> None:
         node = self.node
@@ -120,12 +180,11 @@ class CentrifugoEndpoint:
             raise _Expired(command.id)
         return identity
 
-    async def _expired(self, send: ASGISend, receive: ASGIReceive, command_id: int) -> None:
-        """Error 109: the SDK closes, fetches a new token and connects again. Closing first
+    async def _refuse_connect(self, send: ASGISend, receive: ASGIReceive, reply: cf.Reply) -> None:
+        """An error reply to `connect` (109: the SDK closes, fetches a new token and connects
+        again; a hook's error: it reconnects or stops as the code says). Closing first
         could reach it before the reply, and stop it; so the client closes, or the auth
         timeout does."""
-        self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-        reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
         await send_quietly(send, {"type": "websocket.send", "text": cf.encode(reply).decode()})
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.node.settings.auth_timeout):
@@ -141,17 +200,25 @@ class CentrifugoEndpoint:
         rest: list[bytes],
         send: ASGISend,
         receive: ASGIReceive,
+        context: Context | None = None,
+        hooked: ConnectResult | None = None,
+        client_id: str | None = None,
     ) -> None:
         node, commands = self.node, self.commands
         session = CentrifugoSession(
-            commands, self.write_path.outbound_for(send), new_client_id(), identity
+            commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity
         )
-        session.connected(command.id, __version__, node.settings.ping_interval)
+        session.hook = context
+        channels = hooked.channels if hooked is not None else []
+        data = raw_json(hooked.data) if hooked is not None and hooked.data is not None else None
+        session.connected(command.id, __version__, node.settings.ping_interval, data, channels)
         code: int = CloseCode.INTERNAL_ERROR
         self.sessions.add(session)
         self._start_pinging()
         try:
             await commands.connect(session)
+            if channels:  # listed in the connect reply: nothing more to tell
+                await commands.subscribe_server_side(session, channels, _told)
             await session.handle_messages(rest)
             code = await session.run(receive)
         finally:
@@ -180,6 +247,18 @@ class CentrifugoEndpoint:
                         session.push(PING_FRAME)
         finally:
             self._pinging = False
+
+
+def _told(channel: str, start: Joined) -> None:
+    """A server-side subscription the connect reply announced."""
+
+
+class _ConnectError(Exception):
+    """Answer `connect` with this error reply."""
+
+    def __init__(self, reply: cf.Reply) -> None:
+        super().__init__("connect refused")
+        self.reply = reply
 
 
 class _Expired(Exception):

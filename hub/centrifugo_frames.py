@@ -294,6 +294,13 @@ class RefreshRequest(msgspec.Struct):
     token: str
 
 
+class RpcRequest(msgspec.Struct, kw_only=True):
+    """`{"method"?, "data"?}`: a call of the application's rpc hook (PROTOCOL §13)."""
+
+    method: str = ""
+    data: msgspec.Raw = NO_RAW
+
+
 class Command(msgspec.Struct, kw_only=True):
     """One client message. Only the first method set counts (client.proto); a command with
     an id and no method served here is answered 104."""
@@ -311,8 +318,8 @@ class Command(msgspec.Struct, kw_only=True):
     # no answer; the others get 104.
     ping: msgspec.Raw = NO_RAW
     send: msgspec.Raw = NO_RAW
-    rpc: msgspec.Raw = NO_RAW
     sub_refresh: msgspec.Raw = NO_RAW
+    rpc: RpcRequest | None = None
 
     @property
     def method(self) -> str | None:
@@ -334,7 +341,7 @@ _METHODS = (
 )
 SERVED_METHODS = frozenset(
     {"connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats",
-     "history", "refresh"}
+     "history", "refresh", "rpc"}
 )
 
 
@@ -522,6 +529,10 @@ class HistoryResult(msgspec.Struct):
     offset: int
 
 
+class RpcResult(msgspec.Struct, omit_defaults=True):
+    data: msgspec.Raw | None = None
+
+
 class Error(msgspec.Struct, omit_defaults=True):
     code: int
     message: str
@@ -540,6 +551,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
     presence_stats: PresenceStatsResult | None = None
     history: HistoryResult | None = None
     refresh: RefreshResult | None = None
+    rpc: RpcResult | None = None
 
 
 PING = b"{}"

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -23,6 +23,7 @@ from hub.broker import StreamPosition
 from hub.channels import personal_channel
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, ErrorCode, HubError
+from hub.hooks import HookRefused
 from hub.node import HISTORY_LIMIT
 from hub.session import Session
 from hub.subscriptions import Joined
@@ -83,7 +84,16 @@ class CentrifugoSession(Session):
 
     def fail(self, command_id: int, error: HubError) -> None:
         self.count_error(error.code)
+        if isinstance(error, HookRefused):  # the application's own code and message
+            refused = error.error
+            self.answer(cf.Reply(id=command_id, error=cf.Error(
+                code=refused.code, message=error.message, temporary=refused.temporary)))
+            return
         self.answer(cf.hub_error_reply(command_id, error))
+
+    def unsubscribed(self, channel: str) -> None:
+        push = cf.unsubscribe_push(channel, cf.UnsubscribeCode.EXPIRED)
+        self.push(text_frame(cf.encode_push(push)))
 
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """The subscription ends here (it is dropped first), and the SDK subscribes again
@@ -101,15 +111,22 @@ class CentrifugoSession(Session):
             cf.DisconnectCode.FORCE_NO_RECONNECT
         )
 
-    def connected(self, command_id: int, node_version: str, ping_interval: float) -> None:
+    def connected(
+        self, command_id: int, node_version: str, ping_interval: float,
+        data: msgspec.Raw | None = None, channels: Iterable[str] = (),
+    ) -> None:
         """The connect reply: it comes first, and lists the personal channel (the SDKs
-        drop pushes of channels they were not told of)."""
-        expires, ttl = self._lifetime(self.identity)
+        drop pushes of channels they were not told of), and the connect hook's channels.
+        A connection the connect hook let in is refreshed by the server (the refresh
+        hook), so its SDK is told of no expiry."""
+        by_hook = self.hook is not None and self.hook.hooked
+        expires, ttl = (False, 0) if by_hook else self._lifetime(self.identity)
         ping = math.ceil(ping_interval) if ping_interval else 0
+        subs = {personal_channel(self.user): cf.SubscribeResult()}
+        subs.update((channel, cf.SubscribeResult()) for channel in channels)
         result = cf.ConnectResult(
             client=self.client_id, version=node_version, expires=expires, ttl=ttl,
-            subs={personal_channel(self.user): cf.SubscribeResult()},
-            ping=ping, pong=bool(ping),
+            subs=subs, ping=ping, pong=bool(ping), data=data,
         )
         self.answer(cf.Reply(id=command_id, connect=result))
 
@@ -194,6 +211,12 @@ class CentrifugoSession(Session):
                 self.answer(cf.Reply(id=command_id, history=history))
         elif method == "refresh" and command.refresh is not None:
             await self._refresh(command_id, command.refresh.token)
+        elif method == "rpc" and command.rpc is not None:
+            if not commands.node.hooks.has("rpc"):
+                self.answer(cf.error_reply(command_id, cf.ErrorCode.NOT_AVAILABLE))
+                return
+            data = await commands.rpc(self, command.rpc.method, command.rpc.data)
+            self.answer(cf.Reply(id=command_id, rpc=cf.RpcResult(data=data)))
         elif method == "connect":
             self._protocol_error("bad_command")
             self.close(cf.DisconnectCode.BAD_REQUEST, "client already authenticated")
@@ -227,7 +250,7 @@ class CentrifugoSession(Session):
         """Centrifugo's meanings: `limit` 0 is the position only, a negative one everything
         up to the cap; `reverse` newest first (with `since`: those before it); a `since` of
         another epoch is error 112 (None here)."""
-        self.permissions.check_subscribe(request.channel)
+        self.commands.check_read(self, request.channel)
         node = self.commands.node
         limit = HISTORY_LIMIT if request.limit < 0 else min(request.limit, HISTORY_LIMIT)
         since = request.since

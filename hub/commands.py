@@ -9,17 +9,38 @@ decodes its protocol's frames, calls these, and encodes the answers its own way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Callable
-from typing import Protocol
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import msgspec
 
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.broker import StreamPosition
-from hub.channels import Permissions, check_client_channel, personal_channel
+from hub.channels import (
+    Permissions,
+    check_client_channel,
+    is_personal,
+    is_valid,
+    personal_channel,
+)
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
+from hub.hooks import (
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    PublishRequest,
+    RPCRequest,
+    SubRefreshRequest,
+    SubscribeRequest,
+    decoded,
+    raw_json,
+)
 from hub.hub import Subscriber
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -27,6 +48,9 @@ from hub.settings import Namespace
 from hub.subscriptions import Joined
 
 log = logging.getLogger("hub.commands")
+T = TypeVar("T")
+# A refresh or sub_refresh hook call that failed is made again this much later.
+HOOK_RETRY_SECONDS = 5
 
 
 class Client(Subscriber, Protocol):
@@ -34,6 +58,10 @@ class Client(Subscriber, Protocol):
 
     identity: Identity
     permissions: Permissions
+    hook: Context | None
+
+    def unsubscribed(self, channel: str) -> None:
+        """The server ended its subscription to `channel`: tell the client."""
 
 
 class ClientCommands:
@@ -86,9 +114,49 @@ class ClientCommands:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
         if not self.node.broker.up:
             raise BrokerUnavailable()
+        expire_at = 0
+        if namespace.subscribe == "proxy" and not self.settings.dev:
+            expire_at = await self._subscribe_hook(client, channel)
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined):
+            if expire_at:
+                self._expire_subscription_at(client, channel, expire_at)
             await self._announce(client, channel, namespace, joined=True)
+
+    async def subscribe_server_side(
+        self, client: Client, channels: list[str], joined: Callable[[str, Joined], None]
+    ) -> None:
+        """The connect hook's `channels`: no permission check, no limit; a name that is not
+        a valid channel is skipped (and logged)."""
+        for channel in channels:
+            if not is_valid(channel) or is_personal(channel):
+                log.warning("connect hook: skipped channel %r (not a client channel)", channel)
+                continue
+            if self._subscriptions.has(client, channel):
+                continue
+            namespace = self.settings.namespace_of(channel)
+            if await self._subscriptions.join(
+                client, channel, None, functools.partial(joined, channel)
+            ):
+                await self._announce(client, channel, namespace, joined=True)
+
+    def check_read(self, client: Client, channel: str) -> None:
+        """Presence and history: what subscribe allows; on a `proxy` namespace, being
+        subscribed (the hook let it in)."""
+        namespace = client.permissions.check_subscribe(channel)
+        if namespace.subscribe == "proxy" and not self.settings.dev \
+                and not self._subscriptions.has(client, channel):
+            raise HubError(ErrorCode.FORBIDDEN, f"not subscribed to {channel}")
+
+    async def rpc(self, client: Client, method: str, data: msgspec.Raw) -> msgspec.Raw:
+        """The rpc hook's `data` for the call (PROTOCOL §13)."""
+        hooks = self.node.hooks
+        if client.hook is None or not hooks.has("rpc"):
+            raise HubError(ErrorCode.UNAVAILABLE, "rpc is not available: no rpc hook")
+        request = RPCRequest(client=client.client_id, user=client.user, method=method,
+                             data=decoded(data), meta=client.hook.meta)
+        result = await self._hooked(client, hooks.rpc(client.hook, request))
+        return raw_json(result.data)
 
     async def unsubscribe(self, client: Client, channel: str) -> None:
         check_client_channel(channel)
@@ -99,7 +167,9 @@ class ClientCommands:
     async def publish(
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None
     ) -> StreamPosition | None:
-        client.permissions.check_publish(channel)
+        namespace = client.permissions.check_publish(channel)
+        if namespace.publish == "proxy" and not self.settings.dev:
+            data = await self._publish_hook(client, channel, data)
         return await self.node.publish(
             channel, data, event, from_user=client.user, from_client=client.client_id,
             from_info=client.identity.info, source="client",
@@ -107,14 +177,14 @@ class ClientCommands:
 
     async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
         """Members without their node: that is the operators' business."""
-        client.permissions.check_subscribe(channel)
+        self.check_read(client, channel)
         members = await self.node.presence_of(channel)
         return [p.ClientInfo(m.client, m.user, None, m.info) for m in members]
 
     async def history(
         self, client: Client, channel: str, since: p.Since | None, limit: int | None
     ) -> p.HistoryReply:
-        client.permissions.check_subscribe(channel)
+        self.check_read(client, channel)
         return await self.node.history(channel, since, limit)
 
     async def refresh(self, client: Client, token: str) -> Identity:
@@ -126,6 +196,65 @@ class ClientCommands:
         if identity.user != client.user:
             raise HubError(ErrorCode.FORBIDDEN, "refresh token is for another user")
         return identity
+
+    # hooks (PROTOCOL §13)
+
+    async def _hooked(self, client: Client, call: Awaitable[T]) -> T:
+        """A hook's result; its `disconnect` closes the connection (and the command is
+        answered `internal`: the close follows)."""
+        try:
+            return await call
+        except HookDisconnected as disconnect:
+            client.close(disconnect.code, disconnect.reason)
+            raise HubError(ErrorCode.INTERNAL, "disconnected by the application") from None
+
+    async def _subscribe_hook(self, client: Client, channel: str) -> int:
+        """Ask the subscribe hook; its `expire_at` (0: none) ends the subscription."""
+        assert client.hook is not None
+        request = SubscribeRequest(client=client.client_id, user=client.user, channel=channel,
+                                   meta=client.hook.meta)
+        result = await self._hooked(client, self.node.hooks.subscribe(client.hook, request))
+        return result.expire_at
+
+    async def _publish_hook(self, client: Client, channel: str, data: msgspec.Raw) -> msgspec.Raw:
+        """Ask the publish hook; a result with `data` replaces the client's."""
+        assert client.hook is not None
+        request = PublishRequest(client=client.client_id, user=client.user, channel=channel,
+                                 data=decoded(data), meta=client.hook.meta)
+        result = await self._hooked(client, self.node.hooks.publish(client.hook, request))
+        return data if result.data is msgspec.UNSET else raw_json(result.data)
+
+    def _expire_subscription_at(self, client: Client, channel: str, expire_at: float) -> None:
+        """At `expire_at` the sub_refresh hook extends the subscription or ends it (without
+        that hook it ends); a failed call is made again HOOK_RETRY_SECONDS later."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expire_at - time.time())
+        loop.call_later(delay, lambda: self.node.spawn(self._sub_refresh(client, channel)))
+
+    async def _sub_refresh(self, client: Client, channel: str) -> None:
+        if client.hook is None or not self._subscriptions.has(client, channel):
+            return
+        hooks = self.node.hooks
+        expire_at = 0
+        if hooks.has("sub_refresh"):
+            request = SubRefreshRequest(client=client.client_id, user=client.user,
+                                        channel=channel, meta=client.hook.meta)
+            try:
+                result = await hooks.sub_refresh(client.hook, request)
+            except HookDisconnected as disconnect:
+                client.close(disconnect.code, disconnect.reason)
+                return
+            except (HookFailed, HookRefused):
+                self._expire_subscription_at(client, channel, time.time() + HOOK_RETRY_SECONDS)
+                return
+            if not result.expired:
+                expire_at = result.expire_at
+        if expire_at > time.time():
+            self._expire_subscription_at(client, channel, expire_at)
+            return
+        with contextlib.suppress(HubError):
+            await self.unsubscribe(client, channel)
+            client.unsubscribed(channel)
 
     async def _announce(
         self, client: Client, channel: str, namespace: Namespace, joined: bool

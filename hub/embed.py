@@ -39,6 +39,7 @@ from hub.api_types import (
 )
 from hub.app import create_app
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
+from hub.hooks import Hooks
 from hub.node import Node, node_of
 from hub.protocol import Since
 from hub.settings import Settings
@@ -53,9 +54,12 @@ class EmbeddedHub:
     Errors are `hub.errors.HubError` with the contract's code (`invalid_channel`,
     `forbidden`, `unavailable`, ...)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, hooks: Hooks | None = None) -> None:
+        """`hooks`: async callables for the hooks of PROTOCOL §13 (`hub.hooks.Hooks`); they
+        get the upgrade request as Starlette's `HTTPConnection`, so the host's session
+        and auth work in them."""
         self.settings = settings
-        self.app: Starlette = create_app(settings)
+        self.app: Starlette = create_app(settings, hooks)
         self.node: Node = node_of(self.app)
 
     def mount(self, path: str = "/realtime", name: str | None = "hub") -> Mount:

@@ -10,8 +10,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Collection, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Coroutine, Iterable
+from typing import Any, cast
 
 import msgspec
 
@@ -20,7 +20,8 @@ from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, personal_channel
 from hub.errors import ErrorCode, HubError
-from hub.expiry import ExpiryClock
+from hub.expiry import Expiring, ExpiryClock
+from hub.hooks import HookConfig, HookMetrics, HookRunner, Hooks
 from hub.hub import Hub
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
@@ -51,7 +52,8 @@ def node_of(app: Any) -> Node:
 
 class Node:
     def __init__(
-        self, settings: Settings, broker: Broker, presence: Presence, metrics: Metrics
+        self, settings: Settings, broker: Broker, presence: Presence, metrics: Metrics,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -59,9 +61,13 @@ class Node:
         self.presence = presence
         self.metrics = metrics
         self.hub = Hub()
-        self.expiries = ExpiryClock(self.hub.sessions.get, lambda: len(self.hub.sessions))
+        # The hub's connections are sessions, which the clock may tell that they expired.
+        sessions = cast(Callable[[str], Expiring | None], self.hub.sessions.get)
+        self.expiries = ExpiryClock(sessions, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
         self.authenticator = Authenticator(settings)
+        self.hooks = HookRunner(HookConfig.of(settings), HookMetrics(metrics.registry), hooks)
+        self.hooks.check_namespaces(settings.namespaces)
         self.started = int(time.time())
         self.draining = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,7 +99,8 @@ class Node:
         await self.subscriptions.close()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
-        for step in (self.presence.leave, self.broker.close, self.presence.close):
+        for step in (self.presence.leave, self.broker.close, self.presence.close,
+                     self.hooks.aclose):
             try:
                 await step()
             except Exception:

@@ -67,11 +67,20 @@ class Ping(_Command, tag="ping"):
     pass
 
 
+class Rpc(_Command, tag="rpc"):
+    """A call of the application's rpc hook (PROTOCOL §13); `data` is any JSON value."""
+
+    method: str
+    data: msgspec.Raw = msgspec.Raw()
+
+
 Command = (
     Auth | Subscribe | Unsubscribe | Publish | PresenceRequest | HistoryRequest | Refresh | Ping
+    | Rpc
 )
 COMMAND_TYPES = frozenset(
-    {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping"}
+    {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping",
+     "rpc"}
 )
 
 
@@ -142,6 +151,7 @@ class Welcome(_Frame, tag="welcome"):
     expires: int | None
     ping_interval: float
     id: int | None = None
+    data: msgspec.Raw = msgspec.Raw()  # the connect hook's `data` (PROTOCOL §13)
 
 
 NO_RAW = msgspec.Raw()
@@ -256,6 +266,11 @@ class HistoryReply(_Frame, tag="history"):
 class Refreshed(_Frame, tag="refreshed"):
     expires: int | None
     id: int | None = None
+
+
+class RpcReply(_Frame, tag="rpc"):
+    id: int | None = None
+    data: msgspec.Raw = msgspec.Raw()
 
 
 class Pong(_Frame, tag="pong"):

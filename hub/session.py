@@ -15,11 +15,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
-from hub.commands import ClientCommands
+from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
 from hub.errors import CloseCode, ErrorCode, close_reason
+from hub.hooks import Context, HookDisconnected, HookFailed, HookRefused, RefreshRequest
 from hub.hub import Codec
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
 
@@ -57,6 +60,7 @@ class Session:
         "client_id",
         "close_code",
         "commands",
+        "hook",
         "identity",
         "permissions",
         "queue",
@@ -85,6 +89,7 @@ class Session:
         self._limited_at = 0.0
         self._reader: asyncio.Task[Any] | None = None
         self._abandoned = False
+        self.hook: Context | None = None  # when the node has hooks (PROTOCOL §13)
 
     # outbound
 
@@ -245,6 +250,11 @@ class Session:
         """`Subscriber.reset`."""
         raise NotImplementedError
 
+    def unsubscribed(self, channel: str) -> None:
+        """Tell the client that the server ended its subscription (a hooked subscription
+        expired, PROTOCOL §13)."""
+        raise NotImplementedError
+
     def wire_close(self, code: int, reason: str) -> tuple[int, str]:
         """The close code and reason this protocol sends for one of the hub's (PROTOCOL §3)."""
         return code, reason
@@ -261,6 +271,43 @@ class Session:
     @property
     def expires(self) -> int | None:
         return self.identity.expires
+
+    def expired(self) -> None:
+        """The expiry clock's call at `expires`: a connection the connect hook let in asks
+        the refresh hook (when there is one); any other is closed with 4002."""
+        hook = self.hook
+        hooks = self.commands.node.hooks
+        if hook is None or not hook.hooked or not hooks.has("refresh"):
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
+        if not hook.refreshing:
+            hook.refreshing = True
+            self.commands.node.spawn(self._refresh_by_hook(hook))
+
+    async def _refresh_by_hook(self, hook: Context) -> None:
+        """`expired`: close 4002; a later `expire_at` moves the end (0: never); a failed
+        call is tried again HOOK_RETRY_SECONDS later, the connection kept meanwhile."""
+        hooks = self.commands.node.hooks
+        identity = self.identity
+        try:
+            request = RefreshRequest(client=self.client_id, user=self.user, meta=hook.meta)
+            result = await hooks.refresh(hook, request)
+        except HookDisconnected as disconnect:
+            self.close(disconnect.code, disconnect.reason)
+            return
+        except (HookFailed, HookRefused):
+            retry = int(time.time() + HOOK_RETRY_SECONDS)
+            self.refreshed(msgspec.structs.replace(identity, expires=retry))
+            return
+        finally:
+            hook.refreshing = False
+        if result.expired or (result.expire_at and result.expire_at <= time.time()):
+            self.close(CloseCode.TOKEN_EXPIRED, "connection expired")
+            return
+        info = identity.info if result.info is None else msgspec.Raw(
+            msgspec.json.encode(result.info))
+        self.refreshed(msgspec.structs.replace(
+            identity, expires=result.expire_at or None, info=info))
 
     def _arm_expiry(self) -> None:
         """The node's expiry clock closes it with 4002 when its token expires (a refresh
