@@ -21,6 +21,10 @@ class Since(msgspec.Struct, frozen=True):
 
 # Client → server
 
+NO_RAW = msgspec.Raw()
+"""An absent raw field. msgspec decodes no `Raw | None`, and it leaves a default out of an
+encoding only when it is this very object (an empty Raw of one's own encodes as nothing)."""
+
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
     id: int | None = None
@@ -71,7 +75,7 @@ class Rpc(_Command, tag="rpc"):
     """A call of the application's rpc hook (PROTOCOL §13); `data` is any JSON value."""
 
     method: str
-    data: msgspec.Raw = msgspec.Raw()
+    data: msgspec.Raw = NO_RAW
 
 
 Command = (
@@ -151,12 +155,7 @@ class Welcome(_Frame, tag="welcome"):
     expires: int | None
     ping_interval: float
     id: int | None = None
-    data: msgspec.Raw = msgspec.Raw()  # the connect hook's `data` (PROTOCOL §13)
-
-
-NO_RAW = msgspec.Raw()
-"""An absent raw field. msgspec decodes no `Raw | None`, and it leaves a default out of an
-encoding only when it is this very object (an empty Raw of one's own encodes as nothing)."""
+    data: msgspec.Raw = NO_RAW  # the connect hook's `data` (PROTOCOL §13)
 
 
 class Message(_Frame, tag="message"):
@@ -270,7 +269,7 @@ class Refreshed(_Frame, tag="refreshed"):
 
 class RpcReply(_Frame, tag="rpc"):
     id: int | None = None
-    data: msgspec.Raw = msgspec.Raw()
+    data: msgspec.Raw = NO_RAW
 
 
 class Pong(_Frame, tag="pong"):

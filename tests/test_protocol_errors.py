@@ -225,7 +225,7 @@ SESSIONS: list[tuple[str, str, bool, Exchange, str]] = [
     ("centrifugo: no connect in time", "/connection/websocket", False,
      lambda raw: waits_out(raw, 3502), "auth_timeout"),
     ("centrifugo: unknown method", "/connection/websocket", True,
-     answers('{"id":2,"rpc":{"method":"x"}}', 104), "unknown_command"),
+     answers('{"id":2,"ping":{}}', 104), "unknown_command"),
     ("centrifugo: no method", "/connection/websocket", True, answers('{"id":2}', 104),
      "unknown_command"),
     ("centrifugo: mistyped field", "/connection/websocket", True,

@@ -44,6 +44,19 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
+    ("HUB_HOOK_CONNECT_URL", "http://app/connect", "hook_connect_url", "http://app/connect"),
+    ("HUB_HOOK_REFRESH_URL", "http://app/refresh", "hook_refresh_url", "http://app/refresh"),
+    ("HUB_HOOK_SUBSCRIBE_URL", "http://app/sub", "hook_subscribe_url", "http://app/sub"),
+    ("HUB_HOOK_PUBLISH_URL", "http://app/pub", "hook_publish_url", "http://app/pub"),
+    ("HUB_HOOK_SUB_REFRESH_URL", "http://app/sr", "hook_sub_refresh_url", "http://app/sr"),
+    ("HUB_HOOK_RPC_URL", "http://app/rpc", "hook_rpc_url", "http://app/rpc"),
+    ("HUB_HOOK_RPC_ROUTES", '{"a.": "http://a/rpc"}', "hook_rpc_routes", '{"a.": "http://a/rpc"}'),
+    ("HUB_HOOK_TIMEOUT", "0.5", "hook_timeout", 0.5),
+    ("HUB_HOOK_HEADERS", "Cookie,Authorization", "hook_headers", "Cookie,Authorization"),
+    ("HUB_HOOK_STATIC_HEADERS", '{"X-Secret": "s"}', "hook_static_headers", '{"X-Secret": "s"}'),
+    ("HUB_HOOK_CONCURRENCY", "8", "hook_concurrency", 8),
+    ("HUB_HOOK_CONNECT_ALWAYS", "1", "hook_connect_always", True),
+    ("HUB_ALLOWED_ORIGINS", "https://a.example", "allowed_origins", "https://a.example"),
 ]
 
 
