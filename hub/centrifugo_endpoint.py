@@ -30,6 +30,7 @@ from hub.connection import (
 )
 from hub.errors import CloseCode
 from hub.hooks import (
+    WEBSOCKET_JSON,
     ConnectRequest,
     ConnectResult,
     Context,
@@ -116,8 +117,8 @@ class CentrifugoEndpoint:
         (temporary: the SDKs reconnect with backoff)."""
         connect = command.connect
         assert connect is not None
-        request = ConnectRequest(client=client_id, name=connect.name, version=connect.version,
-                                 data=decoded(connect.data))
+        request = ConnectRequest(**WEBSOCKET_JSON, client=client_id, name=connect.name,
+                                 version=connect.version, data=decoded(connect.data))
         try:
             return await self.node.hooks.connect(context, request)
         except HookRefused as refused:

@@ -30,6 +30,7 @@ from hub.channels import (
 )
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.hooks import (
+    WEBSOCKET_JSON,
     Context,
     HookDisconnected,
     HookFailed,
@@ -153,8 +154,8 @@ class ClientCommands:
         hooks = self.node.hooks
         if client.hook is None or not hooks.has("rpc"):
             raise HubError(ErrorCode.UNAVAILABLE, "rpc is not available: no rpc hook")
-        request = RPCRequest(client=client.client_id, user=client.user, method=method,
-                             data=decoded(data), meta=client.hook.meta)
+        request = RPCRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
+                             method=method, data=decoded(data), meta=client.hook.meta)
         result = await self._hooked(client, hooks.rpc(client.hook, request))
         return raw_json(result.data)
 
@@ -211,16 +212,16 @@ class ClientCommands:
     async def _subscribe_hook(self, client: Client, channel: str) -> int:
         """Ask the subscribe hook; its `expire_at` (0: none) ends the subscription."""
         assert client.hook is not None
-        request = SubscribeRequest(client=client.client_id, user=client.user, channel=channel,
-                                   meta=client.hook.meta)
+        request = SubscribeRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
+                                   channel=channel, meta=client.hook.meta)
         result = await self._hooked(client, self.node.hooks.subscribe(client.hook, request))
         return result.expire_at
 
     async def _publish_hook(self, client: Client, channel: str, data: msgspec.Raw) -> msgspec.Raw:
         """Ask the publish hook; a result with `data` replaces the client's."""
         assert client.hook is not None
-        request = PublishRequest(client=client.client_id, user=client.user, channel=channel,
-                                 data=decoded(data), meta=client.hook.meta)
+        request = PublishRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
+                                 channel=channel, data=decoded(data), meta=client.hook.meta)
         result = await self._hooked(client, self.node.hooks.publish(client.hook, request))
         return data if result.data is msgspec.UNSET else raw_json(result.data)
 
@@ -237,7 +238,7 @@ class ClientCommands:
         hooks = self.node.hooks
         expire_at = 0
         if hooks.has("sub_refresh"):
-            request = SubRefreshRequest(client=client.client_id, user=client.user,
+            request = SubRefreshRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
                                         channel=channel, meta=client.hook.meta)
             try:
                 result = await hooks.sub_refresh(client.hook, request)

@@ -19,6 +19,7 @@ from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, close_reason
 from hub.hooks import (
+    WEBSOCKET_JSON,
     ConnectRequest,
     ConnectResult,
     Context,
@@ -99,7 +100,7 @@ class WebSocketEndpoint:
     async def _connect_hook(self, context: Context, client_id: str) -> ConnectResult:
         """PROTOCOL §13 on `/ws`: `error` closes 4001 with its message, `disconnect` with
         its code and reason, a failed call 1011."""
-        request = ConnectRequest(client=client_id)
+        request = ConnectRequest(**WEBSOCKET_JSON, client=client_id)
         try:
             return await self.node.hooks.connect(context, request)
         except HookRefused as refused:

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import httpx
 import msgspec
@@ -57,10 +57,22 @@ LOG_EVERY = 60.0  # seconds: one log line per kind of failure
 
 
 class _Request(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`transport`, `protocol` and `encoding` are always sent (Centrifugo's names)."""
+
     client: str
-    transport: str = "websocket"
-    protocol: str = "json"
-    encoding: str = "json"
+    transport: str
+    protocol: str
+    encoding: str
+
+
+class Wire(TypedDict):
+    transport: str
+    protocol: str
+    encoding: str
+
+
+WEBSOCKET_JSON: Wire = {"transport": "websocket", "protocol": "json", "encoding": "json"}
+"""What a JSON WebSocket connection's requests say of it (`/ws` and Centrifugo's JSON)."""
 
 
 class ConnectRequest(_Request):

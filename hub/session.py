@@ -22,7 +22,14 @@ from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
 from hub.errors import CloseCode, ErrorCode, close_reason
-from hub.hooks import Context, HookDisconnected, HookFailed, HookRefused, RefreshRequest
+from hub.hooks import (
+    WEBSOCKET_JSON,
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    RefreshRequest,
+)
 from hub.hub import Codec
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
 
@@ -290,7 +297,8 @@ class Session:
         hooks = self.commands.node.hooks
         identity = self.identity
         try:
-            request = RefreshRequest(client=self.client_id, user=self.user, meta=hook.meta)
+            request = RefreshRequest(**WEBSOCKET_JSON, client=self.client_id, user=self.user,
+                                     meta=hook.meta)
             result = await hooks.refresh(hook, request)
         except HookDisconnected as disconnect:
             self.close(disconnect.code, disconnect.reason)
