@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import websockets
 
@@ -476,3 +477,71 @@ async def test_a_connect_storm_is_held_to_the_bound_and_nobody_waits_past_the_ti
     assert outcomes.count("welcome") >= bound  # some got through in their second
     assert max(waits) < timeout + 1.5, max(waits)  # slack for a loaded machine
     assert stats["calls"]["storm"] <= clients
+
+
+# the examples, run as a user runs them
+
+
+def sign_in(url: str) -> str:
+    response = httpx.post(url + "/login", data={"user": "kim"}, timeout=WAIT)
+    assert response.status_code == 303
+    return f"session={response.cookies['session']}"
+
+
+@contextlib.contextmanager
+def example(script: str, *args: str, port: int) -> Iterator[str]:
+    process = subprocess.Popen([sys.executable, str(ROOT / "examples" / script), "--port",
+                                str(port), *args], cwd=ROOT, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/", timeout=1).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def chat_as_kim(ws_url: str, cookie: str, origin: str) -> None:
+    connection = await websockets.connect(ws_url, additional_headers={"Cookie": cookie},
+                                          origin=origin, open_timeout=WAIT)  # type: ignore[arg-type]
+    welcome = await frame(connection)
+    assert (welcome["user"], welcome["data"]) == ("kim", {"welcome": "hello kim"})
+    reply = await request(connection, {"type": "rpc", "id": 1, "method": "time"})
+    assert reply["data"]["user"] == "kim"
+    await request(connection, {"type": "subscribe", "id": 2, "channel": "chat:lobby"})
+    reply = await request(connection, {"type": "publish", "id": 3, "channel": "chat:lobby",
+                                       "data": {"text": ""}})
+    assert reply["message"] == "a message is a text of 1-500 characters"
+    await request(connection, {"type": "publish", "id": 4, "channel": "chat:lobby",
+                               "data": {"text": "hi"}})
+    assert (await next_message_raw(connection))["data"] == {"text": "hi", "user": "kim"}
+    await connection.close()
+
+
+async def test_the_session_app_example_behind_a_hub() -> None:
+    port = free_port()
+    with example("session_app.py", port=port) as url:
+        settings = load_settings({"port": 0, "node_id": "example"}, {
+            "HUB_CONFIG": str(ROOT / "examples" / "session_app.toml"),
+            "HUB_ALLOWED_ORIGINS": url,
+        })
+        toml_port = "http://127.0.0.1:8080"
+        settings = msgspec.structs.replace(settings, **{
+            name: getattr(settings, name).replace(toml_port, url)
+            for name in ("hook_connect_url", "hook_publish_url", "hook_rpc_url")
+        })
+        async with running_node(settings) as running:
+            await chat_as_kim(running.ws_url, sign_in(url), url)
+
+
+async def test_the_embedded_session_app_example() -> None:
+    port = free_port()
+    with example("session_app_embedded.py", port=port) as url:
+        ws_url = url.replace("http://", "ws://") + "/realtime/ws"
+        await chat_as_kim(ws_url, sign_in(url), url)
