@@ -192,6 +192,13 @@ class CentrifugoEndpoint:
                 while (await receive())["type"] != "websocket.disconnect":
                     pass
                 return
+        error = reply.error
+        if error is not None and error.code != cf.ErrorCode.TOKEN_EXPIRED:
+            # a hook's error the client did not act on: reconnect if it was temporary
+            code = cf.DisconnectCode.SERVER_ERROR if error.temporary else \
+                cf.DisconnectCode.FORCE_NO_RECONNECT
+            await close_socket(send, code, cf.reason_for(code))
+            return
         await close_socket(send, cf.DisconnectCode.EXPIRED, "connection expired")
 
     async def _serve(

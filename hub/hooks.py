@@ -378,6 +378,8 @@ class HookMetrics:
             ["hook"], registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        for hook in HOOK_NAMES:  # known values start at 0, so rate() sees the first call
+            self.calls.labels(hook, "ok")
 
 
 class HookRunner:
@@ -388,7 +390,8 @@ class HookRunner:
         self.config = config
         self.callables = callables or Hooks()
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         # One line per kind of failure per minute (with the count), the latest detail.
         self._details: dict[str, str] = {}
@@ -504,7 +507,7 @@ class HookRunner:
         function = getattr(self.callables, hook)
         try:
             async with asyncio.timeout(self.config.timeout):
-                async with self._slots:
+                async with self._slots_here():
                     if function is not None and url is None:
                         answer = await function(HTTPConnection(context.scope or {}), request)
                         return _as_reply(answer, kind)
@@ -554,6 +557,15 @@ class HookRunner:
                     raise self._failed(hook, "too_large", "over 1 MiB")
                 chunks.append(chunk)
         return b"".join(chunks)
+
+    def _slots_here(self) -> asyncio.Semaphore:
+        """The concurrency bound, of this event loop (an embedded hub may be started again
+        on another)."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots = asyncio.Semaphore(self.config.concurrency)
+            self._slots_loop = loop
+        return self._slots
 
     def _failed(self, hook: str, kind: str, detail: str) -> HookFailed:
         self._details[kind] = f"{hook} hook: {detail}"[:300]
