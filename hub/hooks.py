@@ -505,24 +505,37 @@ class HookRunner:
 
     async def _reply(self, hook: str, context: Context, request: Any, kind: type[R],
                      url: str | None) -> Reply[R]:
-        function = getattr(self.callables, hook)
+        """The answer within HUB_HOOK_TIMEOUT of asking, the wait for a slot included. A
+        call still running when its caller gives up keeps its slot until it ends (at most
+        another timeout): the application never has more than HUB_HOOK_CONCURRENCY calls
+        of this node at once, not even in a storm of timeouts."""
+        timeout = self.config.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        slots = self._slots_here()
+        call: asyncio.Task[Any] | None = None
         try:
-            async with asyncio.timeout(self.config.timeout):
-                async with self._slots_here():
-                    if function is not None and url is None:
-                        answer = await function(HTTPConnection(context.scope or {}), request)
-                        return _as_reply(answer, kind)
-                    body = await self._post(hook, url or self.config.urls[hook], context,
-                                            request)
+            async with asyncio.timeout(timeout):
+                await slots.acquire()
+            call = loop.create_task(self._exchange(hook, context, request, url, slots))
+            answer = await asyncio.wait_for(asyncio.shield(call), deadline - loop.time())
         except TimeoutError:
-            raise self._failed(hook, "timeout", f"no answer in {self.config.timeout} s") \
-                from None
+            raise self._failed(hook, "timeout", f"no answer in {timeout} s") from None
         except (HookFailed, HookDisconnected, HookRefused):
             raise
         except (aiohttp.ClientError, OSError) as exc:
             raise self._failed(hook, "unreachable", f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:
             raise self._failed(hook, "exception", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if call is not None and not call.done():
+                call.add_done_callback(_forget)
+        if not isinstance(answer, bytes):
+            try:
+                return _as_reply(answer, kind)
+            except TypeError as exc:
+                raise self._failed(hook, "exception", str(exc)) from None
+        body = answer
         try:
             reply: Reply[R] = msgspec.json.decode(body, type=Reply[kind])  # type: ignore[valid-type]
         except msgspec.ValidationError as exc:
@@ -532,6 +545,19 @@ class HookRunner:
         if reply.result is None and reply.error is None and reply.disconnect is None:
             raise self._failed(hook, "bad_shape", "none of result, error, disconnect")
         return reply
+
+    async def _exchange(self, hook: str, context: Context, request: Any, url: str | None,
+                        slots: asyncio.Semaphore) -> Any:
+        """The call itself, in a task of its own that holds a slot: the callable's answer,
+        or the body the URL answered."""
+        try:
+            async with asyncio.timeout(2 * self.config.timeout):
+                function = getattr(self.callables, hook)
+                if function is not None and url is None:
+                    return await function(HTTPConnection(context.scope or {}), request)
+                return await self._post(hook, url or self.config.urls[hook], context, request)
+        finally:
+            slots.release()
 
     async def _post(self, hook: str, url: str, context: Context, request: Any) -> bytes:
         headers = [*context.headers, *self.config.static_headers.items(),
@@ -585,6 +611,12 @@ class HookRunner:
         log.warning("hook calls failed (%s) x%d in the last minute, the latest: %s",
                     kind, count, self._details.get(kind, ""),
                     extra={"reason": kind, "count": count})
+
+
+def _forget(call: asyncio.Task[Any]) -> None:
+    """A call its caller gave up on: its end is nobody's business (retrieved, not logged)."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _as_reply(answer: Any, kind: type[R]) -> Reply[R]:

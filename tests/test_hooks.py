@@ -29,6 +29,7 @@ from hub.settings import SettingsError, load_settings
 from tests.redis_server import free_port
 from tests.support import (
     WAIT,
+    NodeProcess,
     RunningNode,
     connect,
     make_settings,
@@ -448,19 +449,22 @@ async def test_each_failure_is_a_clear_answer_and_others_go_on(
 async def test_a_connect_storm_is_held_to_the_bound_and_nobody_waits_past_the_timeout(
     backend: Backend,
 ) -> None:
-    """300 connections at once against a connect hook that takes 200 ms, 8 calls at a time
-    and a 1 s timeout: the backend never has more than 8 calls, the first ~40 are let in
-    and the rest get 1011 when their second is up, none later."""
+    """300 connections at once to a node (its own process) against a connect hook that takes
+    200 ms, 8 calls at a time and a 1 s timeout: the backend never has more than 8 calls,
+    the first ~40 are let in and the rest get 1011 when their second is up, none later.
+    (The 10,000-connect version is benchmarks/hook_connect.py.)"""
     bound, timeout, clients = 8, 1.0, 300
     backend.reset()
-    async with hooked_node(backend, hook_connect_url=backend.url + "/storm",
-                           hook_concurrency=bound, hook_timeout=timeout,
-                           max_connections=0) as running:
+    node = NodeProcess({"HUB_JWT_SECRET": "s", "HUB_HOOK_CONNECT_URL": backend.url + "/storm",
+                        "HUB_HOOK_CONCURRENCY": str(bound), "HUB_HOOK_TIMEOUT": str(timeout),
+                        "HUB_LOG_LEVEL": "error"})
+    await asyncio.to_thread(node.start)
+    try:
         waits: list[float] = []
         outcomes: list[str] = []
 
         async def one() -> None:
-            connection = await websockets.connect(running.ws_url, open_timeout=30)
+            connection = await websockets.connect(node.ws_url, open_timeout=30)
             opened = time.monotonic()
             try:
                 got = await frame(connection, timeout=30)
@@ -471,11 +475,13 @@ async def test_a_connect_storm_is_held_to_the_bound_and_nobody_waits_past_the_ti
             await connection.close()
 
         await asyncio.gather(*(one() for _ in range(clients)))
+    finally:
+        await asyncio.to_thread(node.stop)
     stats = backend.stats()
     assert stats["max_in_flight"] <= bound
     assert set(outcomes) <= {"welcome", "1011"}
-    assert outcomes.count("welcome") >= bound  # some got through in their second
-    assert max(waits) < timeout + 1.5, max(waits)  # slack for a loaded machine
+    assert outcomes.count("welcome") >= bound, outcomes.count("welcome")  # some got in
+    assert max(waits) < timeout + 1.5, sorted(waits)[-5:]  # slack for a loaded machine
     assert stats["calls"]["storm"] <= clients
 
 
