@@ -143,6 +143,7 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
     elapsed = time.perf_counter() - started
     node_cpu = cpu_seconds(node.process.pid) - node_cpu
     backend_cpu = cpu_seconds(backend.process.pid) - backend_cpu
+    calls, call_seconds = hook_calls(node)
     for _, _, writer in results:
         writer.transport.abort()
     latencies = sorted(latency for latency, _, _ in results)
@@ -156,8 +157,21 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
         "failed": connections - welcomed,
         "node_cpu_us_per_connect": 1e6 * node_cpu / max(1, welcomed),
         "backend_cpu_s": backend_cpu,
+        "hook_calls": calls,
+        "hook_call_mean_ms": 1000 * call_seconds / max(1, calls),
         "seconds": elapsed,
     }
+
+
+def hook_calls(node: Process) -> tuple[float, float]:
+    """Connect hook calls so far, and their time in all (wait for a slot included)."""
+    count = total = 0.0
+    for line in httpx.get(node.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('hub_hook_duration_seconds_count{hook="connect"}'):
+            count = float(line.split()[-1])
+        elif line.startswith('hub_hook_duration_seconds_sum{hook="connect"}'):
+            total = float(line.split()[-1])
+    return count, total
 
 
 async def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
