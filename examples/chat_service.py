@@ -33,6 +33,11 @@ class Room(SubscriptionEventHandler):  # type: ignore[misc]
     def __init__(self, name: str) -> None:
         self.name = name
         self.subscription: object | None = None
+        # The SDK handles one frame at a time, and an event handler runs inside that: a
+        # handler that awaited its own publish's reply would wait for a frame that cannot
+        # be read until it returns (the SDK then times out and drops the connection). So a
+        # reply is a task of its own, kept here until it is done.
+        self.replies: set[asyncio.Task[None]] = set()
 
     async def on_subscribed(self, ctx: SubscribedContext) -> None:
         print(f"in {self.name} (recovered: {ctx.recovered})", flush=True)
@@ -41,8 +46,16 @@ class Room(SubscriptionEventHandler):  # type: ignore[misc]
         who = ctx.pub.info.user if ctx.pub.info else "server"
         text = ctx.pub.data.get("text") if isinstance(ctx.pub.data, dict) else ctx.pub.data
         print(f"{who}: {text}", flush=True)
-        if text == "!time" and self.subscription is not None:
-            await self.subscription.publish({"text": time.strftime("it is %H:%M:%S")})  # type: ignore[attr-defined]
+        if text == "!time":
+            reply = asyncio.create_task(self.answer(time.strftime("it is %H:%M:%S")))
+            self.replies.add(reply)
+            reply.add_done_callback(self.replies.discard)
+
+    async def answer(self, text: str) -> None:
+        try:
+            await self.subscription.publish({"text": text})  # type: ignore[attr-defined]
+        except Exception as exc:  # the SDK's errors: say so and go on serving the room
+            print(f"could not answer: {exc!r}", flush=True)
 
 
 class Connection(ClientEventHandler):  # type: ignore[misc]

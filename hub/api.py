@@ -29,6 +29,7 @@ from hub.api_types import (
     ErrorReply,
     HistoryMessage,
     HistoryReply,
+    Position,
     PresenceClient,
     PresenceReply,
     PublishBody,
@@ -36,6 +37,8 @@ from hub.api_types import (
     SendBody,
     StatsReply,
     StatsTotal,
+    SubscribeBody,
+    UnsubscribeBody,
 )
 from hub.errors import CloseCode
 from hub.presence import NodeStats
@@ -129,6 +132,23 @@ class HubClient:
     ) -> None:
         """Close every connection of `user`, on any node."""
         await self._post("/api/disconnect", DisconnectBody(user, code, reason), Empty)
+
+    async def subscribe(
+        self,
+        user: str,
+        channel: str,
+        *,
+        since: tuple[int, str] | None = None,
+        client: str | None = None,
+    ) -> None:
+        """Subscribe every connection of `user` (only `client`, when given), on any node, to
+        `channel`; `since` is `(offset, epoch)`: each recovers the messages after it."""
+        position = Position(*since) if since is not None else None
+        await self._post("/api/subscribe", SubscribeBody(user, channel, position, client), Empty)
+
+    async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe every connection of `user` (only `client`, when given), on any node."""
+        await self._post("/api/unsubscribe", UnsubscribeBody(user, channel, client), Empty)
 
     async def presence(self, channel: str) -> PresenceReply:
         return await self._get(f"/api/presence/{channel_path(channel)}", {}, PresenceReply)

@@ -79,6 +79,36 @@ class DisconnectBody(msgspec.Struct, omit_defaults=True):
     })] = ""
 
 
+class Position(msgspec.Struct):
+    """A place in a channel's history: the messages after `offset` in `epoch`."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    epoch: str
+
+
+ClientId = Annotated[str, msgspec.Meta(extra_json_schema={
+    "description": "only this connection of the user (its `client` id)",
+})]
+
+
+class SubscribeBody(msgspec.Struct, omit_defaults=True):
+    """Subscribe every connection of `user` (or only `client`), on any node, to `channel`;
+    with `since`, each recovers the messages after it (PROTOCOL §5, §15)."""
+
+    user: User
+    channel: Channel
+    since: Position | None = None
+    client: ClientId | None = None
+
+
+class UnsubscribeBody(msgspec.Struct, omit_defaults=True):
+    """Unsubscribe every connection of `user` (or only `client`), on any node."""
+
+    user: User
+    channel: Channel
+    client: ClientId | None = None
+
+
 # replies
 
 
@@ -170,7 +200,7 @@ class ReadyReply(msgspec.Struct):
 
 
 BODIES: tuple[type[msgspec.Struct], ...] = (
-    PublishBody, BroadcastBody, SendBody, DisconnectBody,
+    PublishBody, BroadcastBody, SendBody, DisconnectBody, SubscribeBody, UnsubscribeBody,
 )
 REPLIES: tuple[type[msgspec.Struct], ...] = (
     ErrorReply, Empty, PublishReply, BroadcastReply, PresenceReply, HistoryReply,

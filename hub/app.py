@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hub import admin, endpoints, openapi
+from hub import admin, centrifugo_api, check, endpoints, openapi, user_api
 from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
@@ -92,6 +92,8 @@ def create_app(settings: Settings, hooks: Hooks | None = None) -> Starlette:
         await node.start()
         if settings.dev:
             log.warning("dev mode: no token needed, every channel open, HTTP API without key")
+        for problem in check.warnings(settings):
+            log.warning(problem)
         try:
             yield
         finally:
@@ -100,10 +102,11 @@ def create_app(settings: Settings, hooks: Hooks | None = None) -> Starlette:
     sockets: dict[str, WebSocketApp] = {WEBSOCKET_PATH: WebSocketEndpoint(node, write_path)}
     if settings.centrifugo:
         sockets[CENTRIFUGO_PATH] = CentrifugoEndpoint(node, ClientCommands(node), write_path)
-    routes = [*endpoints.routes, *openapi.routes, *admin.routes]
+    routes = [*endpoints.routes, *user_api.routes, *openapi.routes, *admin.routes,
+              *centrifugo_api.routes(settings)]
     app = HubApp(routes=routes, lifespan=lifespan)
     app.sockets = sockets
-    app.shortcuts = endpoints.shortcuts
+    app.shortcuts = {**endpoints.shortcuts, **centrifugo_api.shortcuts(settings)}
     app.state.node = node
     app.state.settings = settings
     return app

@@ -94,6 +94,11 @@ class Broker(Protocol):
     ) -> HistoryPage:
         """`limit` 0 asks only for the position."""
 
+    async def remove_history(self, channel: str) -> None:
+        """Drop the stored messages of `channel`; its epoch and offset stay, so the next
+        publication goes on from there and a recovery from before now is not complete
+        (Centrifugo's `history_remove`)."""
+
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition
     ) -> StreamPosition:
@@ -201,6 +206,11 @@ class MemoryBroker:
         complete = since.offset + 1 >= first_held
         after = [message for message in held if (message.offset or 0) > since.offset]
         return HistoryPage(position, after[:limit], complete=complete)
+
+    async def remove_history(self, channel: str) -> None:
+        stream = self._streams.get(channel)
+        if stream is not None:
+            stream.messages.clear()
 
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hub import __version__
@@ -257,8 +258,13 @@ class CentrifugoEndpoint:
             self._pinging = False
 
 
-def _told(channel: str, start: Joined) -> None:
-    """A server-side subscription the connect reply announced."""
+def _told(channel: str) -> Callable[[Joined], None]:
+    """A server-side subscription the connect reply announced: nothing more to tell."""
+    return _nothing
+
+
+def _nothing(start: Joined) -> None:
+    pass
 
 
 class _ConnectError(Exception):

@@ -455,6 +455,13 @@ class SubscribePush(msgspec.Struct, omit_defaults=True):
     data: msgspec.Raw | None = None
 
 
+class RefreshPush(msgspec.Struct, omit_defaults=True):
+    """A new expiry the server API gave the connection (Centrifugo's server `refresh`)."""
+
+    expires: bool = False
+    ttl: int = 0
+
+
 class Push(msgspec.Struct, omit_defaults=True):
     channel: str = ""
     pub: Publication | None = None
@@ -464,6 +471,7 @@ class Push(msgspec.Struct, omit_defaults=True):
     message: Message | None = None
     subscribe: SubscribePush | None = None
     disconnect: Disconnect | None = None
+    refresh: RefreshPush | None = None
 
 
 class SubscribeResult(msgspec.Struct, omit_defaults=True):

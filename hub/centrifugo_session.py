@@ -91,7 +91,7 @@ class CentrifugoSession(Session):
             return
         self.answer(cf.hub_error_reply(command_id, error))
 
-    def unsubscribed(self, channel: str) -> None:
+    def subscription_expired(self, channel: str) -> None:
         push = cf.unsubscribe_push(channel, cf.UnsubscribeCode.EXPIRED)
         self.push(text_frame(cf.encode_push(push)))
 
@@ -290,3 +290,36 @@ class CentrifugoSession(Session):
             return
         self.refreshed(identity)
         self.answer(cf.Reply(id=command_id, refresh=cf.RefreshResult(expires=expires, ttl=ttl)))
+
+    # what the server API did (PROTOCOL §15, §16): pushes, as Centrifugo sends them
+
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        """A subscribe push (the position, as a subscribe reply gives it), then the
+        recovered publications."""
+        channel, since = command.channel, command.since
+        data = command.data if len(command.data) else None
+
+        def pushed(start: Joined) -> None:
+            position = start.position
+            push = cf.SubscribePush(data=data)
+            if position is not None:
+                recovered = since is not None and bool(start.recovered)
+                push = cf.SubscribePush(
+                    recoverable=True, positioned=True, epoch=position.epoch, data=data,
+                    offset=since.offset if since is not None and recovered else position.offset,
+                )
+            frames = [cf.encode_push(cf.Push(channel=channel, subscribe=push))]
+            frames += [cf.encode_push(cf.Push(channel=channel, pub=publication(message)))
+                       for message in start.messages]
+            self.push(text_frame(cf.join_frame(frames)), len(frames))
+
+        return pushed
+
+    def server_unsubscribed(self, channel: str) -> None:
+        push = cf.unsubscribe_push(channel, cf.UnsubscribeCode.SERVER)
+        self.push(text_frame(cf.encode_push(push)))
+
+    def server_refreshed(self, identity: Identity) -> None:
+        expires, ttl = self._lifetime(identity)
+        refresh = cf.RefreshPush(expires=expires, ttl=ttl)
+        self.push(text_frame(cf.encode_push(cf.Push(refresh=refresh))))

@@ -1,4 +1,4 @@
-"""`hub serve | token | publish`; `hub bench` only points to `python -m benchmarks`."""
+"""`hub serve | check | token | publish`; `hub bench` only points to `python -m benchmarks`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,30 @@ import sys
 from collections.abc import Sequence
 
 from hub import __version__
-from hub.settings import SettingsError, load_settings
+from hub.settings import Settings, SettingsError, load_settings, variables
 
 
-def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = commands.add_parser("serve", help="run a node")
+def _variables_epilog() -> str:
+    """Every HUB_* variable with its default: the flags above are only the common ones."""
+    defaults = Settings()
+    lines = ["Every option is also a variable (a flag wins over its variable); the variables and",
+             "their defaults (docs/protocol.md section 10 says what each does):", ""]
+    for name, variable in variables().items():
+        default = getattr(defaults, name)
+        shown = "(unset)" if default in (None, "") else default
+        if name == "node_id":
+            shown = "(hostname-<6 random hex digits>)"
+        if isinstance(shown, bool):
+            shown = int(shown)
+        lines.append(f"  {variable}={shown}")
+    lines += ["", "`hub check` prints the values in effect and what would keep the node from "
+              "serving."]
+    return "\n".join(lines)
+
+
+def _node_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `serve` and `check` (which loads the settings exactly as `serve` does)."""
+    serve = parser
     serve.add_argument("--host", help="bind address (HUB_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (HUB_PORT, default 8000; 0 = any free)")
     serve.add_argument("--redis-url", dest="redis_url", help="Redis URL (HUB_REDIS_URL)")
@@ -21,6 +40,19 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--dev", action="store_const", const=True,
                        help="dev mode: no token needed, loopback only (HUB_DEV=1)")
     serve.add_argument("--config", help="TOML file with [namespaces.NAME] tables (HUB_CONFIG)")
+
+
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, help_text in (
+        ("serve", "run a node"),
+        ("check", "print the configuration `serve` would run with, secrets masked, and warn "
+                  "about what would keep it from serving; exit 2 on an error"),
+    ):
+        parser = commands.add_parser(
+            name, help=help_text, epilog=_variables_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _node_flags(parser)
 
 
 def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -119,13 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hub bench: the benchmark moved; run `python -m benchmarks ...` from the "
               "repository root (see benchmarks/README.md)", file=sys.stderr)
         return 2
-    from hub.server import serve
-
     flags = {k: v for k, v in vars(args).items() if k in
              {"host", "port", "redis_url", "node_id", "dev", "config"}}
     try:
         settings = load_settings(flags)
     except SettingsError as exc:
-        print(f"hub serve: {exc}", file=sys.stderr)
+        print(f"hub {args.command}: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        from hub.check import report
+
+        print(report(settings))
+        return 0
+    from hub.server import serve
+
     return serve(settings)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,7 @@ from hub.hooks import (
     decoded,
     raw_json,
 )
-from hub.hub import Subscriber
+from hub.hub import Connection
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.settings import Namespace
@@ -54,15 +53,15 @@ T = TypeVar("T")
 HOOK_RETRY_SECONDS = 5
 
 
-class Client(Subscriber, Protocol):
+class Client(Connection, Protocol):
     """A connection as commands see it."""
 
     identity: Identity
     permissions: Permissions
     hook: Context | None
 
-    def unsubscribed(self, channel: str) -> None:
-        """The server ended its subscription to `channel`: tell the client."""
+    def subscription_expired(self, channel: str) -> None:
+        """A hooked subscription ended at its `expire_at`: tell the client."""
 
 
 class ClientCommands:
@@ -107,17 +106,44 @@ class ClientCommands:
         """`joined` gets what the subscription starts from (for the reply) before any
         message of the channel reaches the client."""
         namespace = client.permissions.check_subscribe(channel)
-        subscriptions = self._subscriptions
-        if subscriptions.has(client, channel):
+        if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
+        hooked = namespace.subscribe == "proxy" and not self.settings.dev
+        await self._join(client, channel, namespace, since, joined, hooked)
+
+    async def server_subscribe(
+        self,
+        client: Client,
+        channel: str,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+    ) -> bool:
+        """A subscribe the server API asks for (PROTOCOL §15): the backend decides, so no
+        permission is checked, but the subscription limit holds. False: it was subscribed
+        already, and nothing changes."""
+        if self._subscriptions.has(client, channel):
+            return False
+        await self._join(client, channel, self.settings.namespace_of(channel), since, joined)
+        return True
+
+    async def _join(
+        self,
+        client: Client,
+        channel: str,
+        namespace: Namespace,
+        since: p.Since | None,
+        joined: Callable[[Joined], None],
+        hooked: bool = False,
+    ) -> None:
+        """`hooked`: ask the subscribe hook first (a client's subscribe in a `proxy`
+        namespace, PROTOCOL §13)."""
+        subscriptions = self._subscriptions
         limit = self.settings.max_subscriptions
         if limit and subscriptions.count_of(client) >= limit:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
         if not self.node.broker.up:
             raise BrokerUnavailable()
-        expire_at = 0
-        if namespace.subscribe == "proxy" and not self.settings.dev:
-            expire_at = await self._subscribe_hook(client, channel)
+        expire_at = await self._subscribe_hook(client, channel) if hooked else 0
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined):
             if expire_at:
@@ -125,21 +151,20 @@ class ClientCommands:
             await self._announce(client, channel, namespace, joined=True)
 
     async def subscribe_server_side(
-        self, client: Client, channels: list[str], joined: Callable[[str, Joined], None]
+        self, client: Client, channels: list[str],
+        joined: Callable[[str], Callable[[Joined], None]],
     ) -> None:
-        """The connect hook's `channels`: no permission check, no limit; a name that is not
-        a valid channel is skipped (and logged)."""
+        """The connect hook's `channels`, as the server API subscribes (no permission
+        check); a name that is not a client channel, or one over the limit, is skipped
+        (and logged)."""
         for channel in channels:
             if not is_valid(channel) or is_personal(channel):
                 log.warning("connect hook: skipped channel %r (not a client channel)", channel)
                 continue
-            if self._subscriptions.has(client, channel):
-                continue
-            namespace = self.settings.namespace_of(channel)
-            if await self._subscriptions.join(
-                client, channel, None, functools.partial(joined, channel)
-            ):
-                await self._announce(client, channel, namespace, joined=True)
+            try:
+                await self.server_subscribe(client, channel, None, joined(channel))
+            except HubError as exc:
+                log.warning("connect hook: channel %r skipped: %s", channel, exc.message)
 
     def check_read(self, client: Client, channel: str) -> None:
         """Presence and history: what subscribe allows; on a `proxy` namespace, being
@@ -164,6 +189,13 @@ class ClientCommands:
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
         await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+
+    async def server_unsubscribe(self, client: Client, channel: str) -> bool:
+        """An unsubscribe the server API asks for; False: it was not subscribed."""
+        if not await self._subscriptions.leave(client, channel):
+            return False
+        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        return True
 
     async def publish(
         self, client: Client, channel: str, data: msgspec.Raw, event: str | None
@@ -255,7 +287,7 @@ class ClientCommands:
             return
         with contextlib.suppress(HubError):
             await self.unsubscribe(client, channel)
-            client.unsubscribed(channel)
+            client.subscription_expired(channel)
 
     async def _announce(
         self, client: Client, channel: str, namespace: Namespace, joined: bool

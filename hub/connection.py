@@ -145,7 +145,7 @@ class WebSocketEndpoint:
             await commands.connect(session)
             if hooked is not None and hooked.channels:
                 await commands.subscribe_server_side(session, hooked.channels,
-                                                     session.server_subscribed)
+                                                     session.hook_subscribed)
             code = await session.run(receive)
         finally:
             node.metrics.protocol_errors.count_close(code)

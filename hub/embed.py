@@ -38,6 +38,7 @@ from hub.api_types import (
     PublishReply,
 )
 from hub.app import create_app
+from hub.channels import check_name
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.hooks import Hooks
 from hub.node import Node, node_of
@@ -104,6 +105,24 @@ class EmbeddedHub:
         if not (code == 1000 or 3000 <= code <= 4999):
             raise HubError(ErrorCode.BAD_REQUEST, "`code` must be 1000 or 3000-4999")
         await self.node.disconnect_user(user, code, close_reason(reason))
+
+    async def subscribe(
+        self,
+        user: str,
+        channel: str,
+        *,
+        since: tuple[int, str] | None = None,
+        client: str | None = None,
+    ) -> None:
+        """Subscribe every connection of `user` (only `client`, when given), on any node,
+        to `channel` (PROTOCOL §15); `since` is `(offset, epoch)`."""
+        await self.node.subscribe_user(user, channel, Since(*since) if since else None,
+                                       client=client)
+
+    async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe every connection of `user` (only `client`, when given), on any node."""
+        check_name(channel)
+        await self.node.unsubscribe_user(user, channel, client=client)
 
     async def presence(self, channel: str) -> PresenceReply:
         """Who is subscribed to `channel`, cluster-wide."""

@@ -1,12 +1,13 @@
 """The local connections of one node: what a connection is to the rest of the hub
-(`Subscriber`, and the `Codec` of its wire protocol), and the registry by id and by user."""
+(`Subscriber`, `Connection`, and the `Codec` of its wire protocol), and the registry by id
+and by user."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 from hub.broker import StreamPosition
-from hub.protocol import Join, Leave, Message
+from hub.protocol import Join, Leave, Message, ServerCommand
 
 
 class Codec(Protocol):
@@ -47,17 +48,26 @@ class Subscriber(Protocol):
         the subscription there (the client subscribes again), so drop it."""
 
 
+
+class Connection(Subscriber, Protocol):
+    """A client connection, as the hub holds it: a subscriber the server API can move."""
+
+    async def server_command(self, command: ServerCommand) -> None:
+        """Carry out what the server API asks of it (subscribe, unsubscribe, refresh:
+        PROTOCOL §15, §16) and tell its client in its protocol's terms; never raises."""
+
+
 class Hub:
     """Connections by id and by user: whom a drain closes, whom `/api/disconnect` reaches,
     what stats count."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, Subscriber] = {}
+        self.sessions: dict[str, Connection] = {}
         # A user's one connection, or the set of them: most users have one, and a set costs
         # a connection 216 bytes at least.
-        self.sessions_by_user: dict[str, Subscriber | set[Subscriber]] = {}
+        self.sessions_by_user: dict[str, Connection | set[Connection]] = {}
 
-    def add(self, session: Subscriber) -> None:
+    def add(self, session: Connection) -> None:
         self.sessions[session.client_id] = session
         found = self.sessions_by_user.get(session.user)
         if found is None:
@@ -67,7 +77,7 @@ class Hub:
         elif found is not session:
             self.sessions_by_user[session.user] = {found, session}
 
-    def remove(self, session: Subscriber) -> None:
+    def remove(self, session: Connection) -> None:
         self.sessions.pop(session.client_id, None)
         found = self.sessions_by_user.get(session.user)
         if found is session:
@@ -81,12 +91,28 @@ class Hub:
         """Connections whose wire protocol is `protocol` (a scrape's work, not the hot path)."""
         return sum(session.codec.protocol == protocol for session in self.sessions.values())
 
-    def sessions_of(self, user: str) -> list[Subscriber]:
+    def sessions_of(self, user: str, client: str | None = None) -> list[Connection]:
+        """The user's connections on this node; only `client` (when it is the user's)
+        when given."""
+        if client is not None:
+            session = self.sessions.get(client)
+            return [session] if session is not None and session.user == user else []
         found = self.sessions_by_user.get(user)
         if found is None:
             return []
         return list(found) if isinstance(found, set) else [found]
 
-    def close_user(self, user: str, code: int, reason: str) -> None:
-        for session in self.sessions_of(user):
-            session.close(code, reason)
+    def close_user(
+        self,
+        user: str,
+        code: int,
+        reason: str,
+        client: str | None = None,
+        whitelist: list[str] | None = None,
+    ) -> None:
+        """Close the user's connections (only `client`, when given), but those in
+        `whitelist`."""
+        spared = frozenset(whitelist or ())
+        for session in self.sessions_of(user, client):
+            if session.client_id not in spared:
+                session.close(code, reason)

@@ -11,7 +11,7 @@ from prometheus_client.exposition import choose_encoder
 
 from hub import __version__
 from hub.abuse import ProtocolErrors, auth_reason
-from hub.errors import CloseCode
+from hub.errors import CloseCode, ErrorCode
 
 # The client protocols: /ws and /connection/websocket (the Codec's `protocol`).
 CLIENT_PROTOCOLS = ("ws", "centrifugo")
@@ -95,6 +95,10 @@ class Metrics:
         self.messages_dropped.labels("slow_consumer")
         for reason in ("missing", "invalid", "expired", "timeout"):
             self.auth_failures.labels(reason)
+        for close_code in CloseCode:
+            self.disconnections.labels(str(int(close_code)))
+        for error_code in ErrorCode:
+            self.command_errors.labels(error_code.value)
         self.node_id = node_id
         self.node_info = Info("hub_node", "This node", registry=registry)
         self.describe_node()

@@ -18,11 +18,11 @@ import msgspec
 from hub import protocol as p
 from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
-from hub.channels import check_name, personal_channel
+from hub.channels import check_name, is_personal, personal_channel
 from hub.errors import ErrorCode, HubError
 from hub.expiry import Expiring, ExpiryClock
 from hub.hooks import HookConfig, HookMetrics, HookRunner, Hooks
-from hub.hub import Hub
+from hub.hub import Connection, Hub
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
 from hub.settings import Settings
@@ -71,6 +71,8 @@ class Node:
         self.started = int(time.time())
         self.draining = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Server API commands (PROTOCOL §15) waiting for a connection, while it has some.
+        self._server_commands: dict[Connection, list[p.ServerCommand]] = {}
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
         hub, subscriptions = self.hub, self.subscriptions
@@ -161,9 +163,32 @@ class Node:
             if isinstance(item, p.Join | p.Leave):
                 self.subscriptions.deliver_event(channel, item)
             elif isinstance(item, p.Disconnect):
-                self.hub.close_user(item.user, item.code, item.reason)
+                self.hub.close_user(item.user, item.code, item.reason, item.client,
+                                    item.whitelist)
+            elif isinstance(item, p.ServerSubscribe | p.ServerUnsubscribe | p.ServerRefresh):
+                self._server_command(item)
         if messages:
             self._deliver(channel, messages)
+
+    def _server_command(self, command: p.ServerCommand) -> None:
+        """To each of the user's connections here, in the order they came: a connection
+        with commands under way queues the next behind them (a subscribe and the
+        unsubscribe after it stay in that order)."""
+        for session in self.hub.sessions_of(command.user, command.client):
+            pending = self._server_commands.get(session)
+            if pending is not None:
+                pending.append(command)
+                continue
+            self._server_commands[session] = [command]
+            self.spawn(self._run_server_commands(session))
+
+    async def _run_server_commands(self, session: Connection) -> None:
+        pending = self._server_commands[session]
+        try:
+            while pending:
+                await session.server_command(pending.pop(0))
+        finally:
+            del self._server_commands[session]
 
     def _deliver(self, channel: str, messages: list[p.Message]) -> None:
         self.subscriptions.deliver(channel, messages)
@@ -192,11 +217,13 @@ class Node:
         from_client: str | None = None,
         from_info: msgspec.Raw | None = None,
         source: str = "api",
+        skip_history: bool = False,
     ) -> StreamPosition | None:
         """Publish to a channel (`@user` included); returns the offset and epoch on a
-        channel with history. A client publish names its user, connection and token info."""
+        channel with history. A client publish names its user, connection and token info.
+        `skip_history` (Centrifugo's server API) publishes without storing or an offset."""
         check_name(channel)
-        options = history_options(self.settings, channel)
+        options = None if skip_history else history_options(self.settings, channel)
         message = p.Message(
             channel=channel, data=data, ts=now_ms(), event=event, from_=from_user,
             client=from_client, info=from_info if from_info is not None else p.NO_RAW,
@@ -210,10 +237,79 @@ class Node:
     async def send_to_user(self, user: str, data: msgspec.Raw, event: str | None) -> None:
         await self.publish(personal_channel(user), data, event)
 
-    async def disconnect_user(self, user: str, code: int, reason: str) -> None:
+    async def disconnect_user(
+        self,
+        user: str,
+        code: int,
+        reason: str,
+        *,
+        client: str | None = None,
+        whitelist: list[str] | None = None,
+    ) -> None:
+        """Close the user's connections, on any node (only `client`, when given; never
+        those in `whitelist`)."""
+        await self._to_user(user, p.Disconnect(
+            user=user, code=code, reason=reason, client=client, whitelist=whitelist or None,
+        ))
+
+    async def subscribe_user(
+        self,
+        user: str,
+        channel: str,
+        since: p.Since | None = None,
+        *,
+        client: str | None = None,
+        data: msgspec.Raw = p.NO_RAW,
+    ) -> None:
+        """Subscribe the user's connections (only `client`, when given), on any node, to
+        `channel`, whatever their token allows (PROTOCOL §15); each client is told."""
+        check_name(channel)
+        if is_personal(channel):
+            raise HubError(ErrorCode.FORBIDDEN, "personal channels take no subscribers")
+        await self._to_user(user, p.ServerSubscribe(
+            user=user, channel=channel, client=client, since=since, data=data,
+        ))
+
+    async def unsubscribe_user(self, user: str, channel: str, *, client: str | None = None) -> None:
+        """Unsubscribe the user's connections (only `client`, when given), on any node;
+        an empty `channel` means from every channel (Centrifugo's server API)."""
+        if channel:
+            check_name(channel)
+        if is_personal(channel):
+            raise HubError(ErrorCode.FORBIDDEN, "personal channels cannot be left")
+        await self._to_user(user, p.ServerUnsubscribe(user=user, channel=channel, client=client))
+
+    async def refresh_user(
+        self,
+        user: str,
+        *,
+        client: str | None = None,
+        expired: bool = False,
+        expire_at: int | None = None,
+        info: msgspec.Raw = p.NO_RAW,
+    ) -> None:
+        """A new expiry for the user's connections (only `client`, when given), on any
+        node: `expired` closes them as expired, `expire_at` (unix s) is their new one, None
+        none; `info` replaces their token's."""
+        await self._to_user(user, p.ServerRefresh(
+            user=user, client=client, expired=expired, expire_at=expire_at, info=info,
+        ))
+
+    async def _to_user(self, user: str, relayed: p.Relayed) -> None:
+        """Through the user's personal channel: every node with a connection of the user
+        hears it."""
         channel = personal_channel(user)
         check_name(channel)
-        await self.broker.publish(channel, p.Disconnect(user=user, code=code, reason=reason))
+        await self.broker.publish(channel, relayed)
+
+    async def remove_history(self, channel: str) -> None:
+        """Forget a channel's stored messages; its epoch and offset stay (a recovery from
+        before now is not recovered)."""
+        check_name(channel)
+        options = history_options(self.settings, channel)
+        if options is None:
+            raise HubError(ErrorCode.FORBIDDEN, "history is off for this channel's namespace")
+        await self.broker.remove_history(channel)
 
     async def presence_of(self, channel: str) -> list[p.ClientInfo]:
         check_name(channel)

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub import __version__
+from hub import __version__, centrifugo_api
 from hub import api_types as t
+from hub.node import node_of
 
 JSON = "application/json"
 SECURITY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
@@ -133,6 +134,18 @@ def _paths() -> dict[str, Any]:
         "/api/disconnect": _post(
             "disconnect", "Close every connection of one user, on any node",
             t.DisconnectBody, t.Empty, "done (also when the user has no connection)"),
+        "/api/subscribe": _post(
+            "subscribe", "Subscribe every connection of one user, on any node, to a channel",
+            t.SubscribeBody, t.Empty,
+            "sent to every node (also when the user has no connection); each connection is "
+            "told (`/ws`: a `subscribed` frame without `id`; Centrifugo's clients: a "
+            "subscribe push), then gets the channel's messages", channel_errors=True),
+        "/api/unsubscribe": _post(
+            "unsubscribe", "Unsubscribe every connection of one user, on any node",
+            t.UnsubscribeBody, t.Empty,
+            "sent to every node; each connection that was subscribed is told (`/ws`: an "
+            "`unsubscribed` frame without `id`; Centrifugo's clients: an unsubscribe push)",
+            channel_errors=True),
         "/api/presence/{channel}": _get(
             "presence", "Who is subscribed to a channel, cluster-wide", t.PresenceReply,
             "the channel's subscribers", [_channel_parameter()], "400c", "403n"),
@@ -177,8 +190,12 @@ def _components() -> dict[str, Any]:
     }
 
 
-def document(root_path: str = "") -> dict[str, Any]:
-    """The whole document; `root_path` is where the hub is mounted (embedding)."""
+def document(
+    root_path: str = "", centrifugo_prefix: str = "/centrifugo/api"
+) -> dict[str, Any]:
+    """The whole document; `root_path` is where the hub is mounted (embedding), and
+    Centrifugo's server API (PROTOCOL §16) is under `centrifugo_prefix`."""
+    components = _components()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -190,14 +207,19 @@ def document(root_path: str = "") -> dict[str, Any]:
                 "mode it may be left out. Probes and metrics need none."),
         },
         "servers": [{"url": root_path or "/"}],
-        "paths": _paths(),
-        "components": _components(),
+        "paths": {**_paths(), **centrifugo_api.openapi_paths(centrifugo_prefix)},
+        "components": {
+            "schemas": {**components["schemas"], **centrifugo_api.openapi_schemas()},
+            "securitySchemes": {**components["securitySchemes"],
+                                "CentrifugoApiKey": centrifugo_api.SECURITY_SCHEME},
+        },
     }
 
 
 async def openapi_json(request: Request) -> Response:
     root_path = request.scope.get("root_path", "").rstrip("/")
-    return Response(msgspec.json.encode(document(root_path)), media_type=JSON)
+    prefix = node_of(request.app).settings.centrifugo_api_prefix
+    return Response(msgspec.json.encode(document(root_path, prefix)), media_type=JSON)
 
 
 routes = [Route("/openapi.json", openapi_json, methods=["GET"])]

@@ -198,11 +198,50 @@ class Leave(_Frame, tag="leave"):
 
 
 class Disconnect(_Frame, tag="disconnect"):
-    """Node-to-node only: close every connection of `user` (sent on its `@user` channel)."""
+    """Node-to-node only: close every connection of `user` (sent on its `@user` channel),
+    or only `client`, sparing those in `whitelist`."""
 
     user: str
     code: int
     reason: str = ""
+    client: str | None = None
+    whitelist: list[str] | None = None
+
+
+class ServerSubscribe(_Frame, tag="server_subscribe"):
+    """Node-to-node only (on the `@user` channel): subscribe every connection of `user`
+    (or only `client`) to `channel`, recovering from `since` (PROTOCOL §15). `data` goes
+    to protocols that show it (Centrifugo's subscribe push)."""
+
+    user: str
+    channel: str
+    client: str | None = None
+    since: Since | None = None
+    data: msgspec.Raw = NO_RAW
+
+
+class ServerUnsubscribe(_Frame, tag="server_unsubscribe"):
+    """Node-to-node only: unsubscribe every connection of `user` (or only `client`)."""
+
+    user: str
+    channel: str
+    client: str | None = None
+
+
+class ServerRefresh(_Frame, tag="server_refresh"):
+    """Node-to-node only: a new expiry for every connection of `user` (or only `client`),
+    as Centrifugo's server API `refresh`: `expired` closes it as expired, `expire_at`
+    (unix s) moves its expiry, None removes it; `info` replaces its token's `info`."""
+
+    user: str
+    client: str | None = None
+    expired: bool = False
+    expire_at: int | None = None
+    info: msgspec.Raw = NO_RAW
+
+
+ServerCommand = ServerSubscribe | ServerUnsubscribe | ServerRefresh
+"""What the server API asks of a user's connections, wherever they are."""
 
 
 class Reset(_Frame, tag="reset"):
@@ -282,7 +321,9 @@ class Error(_Frame, tag="error"):
     id: int | None = None
 
 
-Relayed = Message | Join | Leave | Disconnect
+Relayed = (
+    Message | Join | Leave | Disconnect | ServerSubscribe | ServerUnsubscribe | ServerRefresh
+)
 """What one node hands to the others through the broker."""
 
 _encoder = msgspec.json.Encoder()

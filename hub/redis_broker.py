@@ -209,6 +209,20 @@ class RedisBroker:
         messages = [m for m in map(decode_relayed, payloads) if isinstance(m, Message)]
         return HistoryPage(position, messages, complete=bool(complete))
 
+    async def remove_history(self, channel: str) -> None:
+        """The stream is emptied, not deleted: a stream gone while the meta says messages
+        were published is how a lost history (a new epoch) looks, and here the epoch and
+        offset stay."""
+        self._check_up()
+        stream_key = self._keys(channel)[0]
+        try:
+            async with self._topology.slots_for(stream_key):
+                await self._topology.client.xtrim(stream_key, maxlen=0, approximate=False)
+        except REDIS_ERRORS as exc:
+            self._commands.failed(exc)
+            raise BrokerUnavailable("removing history failed: Redis is unreachable") from exc
+        self._commands.recovered()
+
     async def restart_epoch(
         self, channel: str, history: HistoryOptions, stale: StreamPosition
     ) -> StreamPosition:

@@ -22,7 +22,6 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 from hub.redis_url import Kind, RedisTarget, parse_redis_url
 
@@ -158,7 +157,7 @@ def create_server_client(url: str, *, max_connections: int = 64) -> RedisClient:
         connection_pool=ConnectionPool(
             connection_class=connection_class, host=host, port=port, db=target.db,
             protocol=2, max_connections=max_connections,
-            retry=Retry(NoBackoff(), 0), **_TIMEOUTS, **kwargs,
+            retry=AsyncRetry(NoBackoff(), 0), **_TIMEOUTS, **kwargs,
         )
     )
     return client
@@ -225,7 +224,7 @@ class SentinelTopology(ServerTopology):
         self._master = target.master
         client: RedisClient = self._sentinel.master_for(
             target.master, db=target.db, protocol=2, max_connections=max_connections,
-            retry=Retry(NoBackoff(), 0),
+            retry=AsyncRetry(NoBackoff(), 0),
         )
         super().__init__(client)
         self.db = target.db

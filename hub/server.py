@@ -108,5 +108,8 @@ def serve(settings: Settings) -> int:
     log_config = configure(settings.log_level, settings.log_format, settings.node_id)
     config = uvicorn_config(create_app(settings), settings, log_config)
     server = HubServer(config, settings)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own exit (3) when it cannot bind; ours is 1 (§7)
+        return 1
     return 0 if server.started else 1

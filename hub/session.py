@@ -17,11 +17,12 @@ from typing import Any
 
 import msgspec
 
+from hub import protocol as p
 from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
-from hub.errors import CloseCode, ErrorCode, close_reason
+from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.hooks import (
     WEBSOCKET_JSON,
     Context,
@@ -31,6 +32,7 @@ from hub.hooks import (
     RefreshRequest,
 )
 from hub.hub import Codec
+from hub.subscriptions import Joined
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
 
 log = logging.getLogger("hub.session")
@@ -257,9 +259,22 @@ class Session:
         """`Subscriber.reset`."""
         raise NotImplementedError
 
-    def unsubscribed(self, channel: str) -> None:
-        """Tell the client that the server ended its subscription (a hooked subscription
-        expired, PROTOCOL §13)."""
+    def subscription_expired(self, channel: str) -> None:
+        """Tell the client that a hooked subscription ended at its `expire_at` (PROTOCOL
+        §13)."""
+        raise NotImplementedError
+
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        """How the client hears of a subscription the server API made (PROTOCOL §15):
+        called with its start, before any message of the channel."""
+        raise NotImplementedError
+
+    def server_unsubscribed(self, channel: str) -> None:
+        """How the client hears that the server API ended a subscription."""
+        raise NotImplementedError
+
+    def server_refreshed(self, identity: Identity) -> None:
+        """How the client hears of a new expiry the server API gave it."""
         raise NotImplementedError
 
     def wire_close(self, code: int, reason: str) -> tuple[int, str]:
@@ -272,6 +287,48 @@ class Session:
         self.permissions = Permissions(self.commands.settings, identity.channels,
                                        identity.publish)
         self._arm_expiry()
+
+    # what the server API asks (PROTOCOL §15, §16)
+
+    async def server_command(self, command: p.ServerCommand) -> None:
+        """`Subscriber.server_command`: a failure for this connection is logged and
+        counted, and touches nothing else."""
+        if self.close_code is not None:
+            return
+        commands = self.commands
+        try:
+            if isinstance(command, p.ServerSubscribe):
+                await commands.server_subscribe(
+                    self, command.channel, command.since, self.server_subscribed(command)
+                )
+            elif isinstance(command, p.ServerUnsubscribe):
+                # No channel: every one (Centrifugo's server API).
+                channels = [command.channel] if command.channel else (
+                    commands.node.subscriptions.channels_of(self))
+                for channel in channels:
+                    if await commands.server_unsubscribe(self, channel):
+                        self.server_unsubscribed(channel)
+            else:
+                self._server_refresh(command)
+        except HubError as exc:
+            self.count_error(exc.code)
+            log.warning("server %s for one connection failed: %s", command.__class__.__name__,
+                        exc.message, extra={"client": self.client_id, "user": self.user})
+        except Exception:
+            log.exception("server %s for one connection failed", command.__class__.__name__,
+                          extra={"client": self.client_id, "user": self.user})
+
+    def _server_refresh(self, command: p.ServerRefresh) -> None:
+        """Centrifugo's meanings: `expired`, or an `expire_at` already past, closes it as
+        expired; no `expire_at` means no expiry from now on."""
+        expires = command.expire_at or None
+        if command.expired or (expires is not None and expires <= time.time()):
+            self.close(CloseCode.TOKEN_EXPIRED, "connection expired")
+            return
+        info = command.info if len(command.info) else self.identity.info
+        identity = msgspec.structs.replace(self.identity, expires=expires, info=info)
+        self.refreshed(identity)
+        self.server_refreshed(identity)
 
     # token lifetime
 

@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_ttl: float = 30.0
     redis_min_replicas: int = 0
     centrifugo: bool = True
+    centrifugo_api_prefix: str = "/centrifugo/api"
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
@@ -111,6 +112,11 @@ _ENV_NAMES: dict[str, str] = {
     name: "HUB_" + name.upper() for name in Settings.__struct_fields__ if name != "namespaces"
 }
 _ENV_NAMES["jwks_url"] = "HUB_JWKS_URL"
+
+
+def variables() -> dict[str, str]:
+    """Option name -> its HUB_* variable, for every option (all but the namespaces)."""
+    return dict(_ENV_NAMES)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -266,6 +272,9 @@ def load_settings(
     return settings
 
 
+_API_PREFIX = re.compile(r"(?:/[A-Za-z0-9_.\-]+)+")
+
+
 def validate(settings: Settings) -> None:
     checks: list[tuple[bool, str]] = [
         (0 <= settings.port < 65536, "HUB_PORT must be 0-65535 (0 = any free port)"),
@@ -283,6 +292,15 @@ def validate(settings: Settings) -> None:
         (settings.recovery_max >= 0, "HUB_RECOVERY_MAX must be >= 0"),
         (settings.presence_ttl >= 1, "HUB_PRESENCE_TTL must be >= 1"),
         (settings.redis_min_replicas >= 0, "HUB_REDIS_MIN_REPLICAS must be >= 0"),
+        (
+            _API_PREFIX.fullmatch(settings.centrifugo_api_prefix) is not None,
+            "HUB_CENTRIFUGO_API_PREFIX must be a path: / and segments of A-Z a-z 0-9 _ - . "
+            "(e.g. /centrifugo/api), without a trailing /",
+        ),
+        (
+            settings.centrifugo_api_prefix != "/api",
+            "HUB_CENTRIFUGO_API_PREFIX cannot be /api: the hub's own API calls live there",
+        ),
         (
             settings.log_level in {"critical", "error", "warning", "info", "debug", "trace"},
             "HUB_LOG_LEVEL must be one of critical, error, warning, info, debug, trace",

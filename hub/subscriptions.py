@@ -190,6 +190,10 @@ class Subscriptions:
     def has(self, subscriber: Subscriber, channel: str) -> bool:
         return channel in self._channels_of.get(subscriber, ())
 
+    def channels_of(self, subscriber: Subscriber) -> list[str]:
+        """The channels `subscriber` is in or joining, personal ones left out."""
+        return [name for name in self._channels_of.get(subscriber, ()) if not is_personal(name)]
+
     def count_of(self, subscriber: Subscriber) -> int:
         """Subscriptions of `subscriber` that count toward its limit (joiners included)."""
         return sum(not is_personal(name) for name in self._channels_of.get(subscriber, ()))

@@ -10,6 +10,7 @@ import msgspec
 
 from hub import protocol as p
 from hub.abuse import decode_reason
+from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.errors import ErrorCode, HubError
 from hub.session import Session
@@ -51,15 +52,11 @@ class WsSession(Session):
         self.reply(p.Reset(channel=channel, epoch=position.epoch, offset=position.offset))
         return True
 
-    def server_subscribed(self, channel: str, start: Joined) -> None:
+    def hook_subscribed(self, channel: str) -> Callable[[Joined], None]:
         """A subscription the connect hook gave: `subscribed` without an id."""
-        position = start.position
-        self.reply(p.Subscribed(
-            channel=channel, offset=position.offset if position else None,
-            epoch=position.epoch if position else None,
-        ))
+        return self._joined(channel, None)
 
-    def unsubscribed(self, channel: str) -> None:
+    def subscription_expired(self, channel: str) -> None:
         self.reply(p.Unsubscribed(channel=channel))
 
     async def handle(self, text: str) -> None:
@@ -115,6 +112,17 @@ class WsSession(Session):
                 self.reply(p.RpcReply(id=frame_id, data=result))
             case p.Auth(id=frame_id):
                 raise HubError(ErrorCode.BAD_REQUEST, "already authenticated; use refresh")
+
+    # what the server API did (PROTOCOL §15): the replies' frames, without an id
+
+    def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
+        return self._joined(command.channel, None)
+
+    def server_unsubscribed(self, channel: str) -> None:
+        self.reply(p.Unsubscribed(channel=channel))
+
+    def server_refreshed(self, identity: Identity) -> None:
+        self.reply(p.Refreshed(expires=identity.expires))
 
     def _joined(self, channel: str, frame_id: int | None) -> Callable[[Joined], None]:
         """The `subscribed` reply, then the recovered messages."""

@@ -732,3 +732,26 @@ async def test_socketio_subscriber_fails_on_a_connect_error() -> None:
     assert transport.aborted and state.errors[0].startswith("socket.io refused: 44")
     with pytest.raises(ConnectionError):
         subscriber.ready.result()
+
+
+def test_every_benchmark_command_in_the_docs_parses() -> None:
+    """Each `python -m benchmarks ...` that README.md, docs/ and benchmarks/README.md show a
+    reader is a command the benchmark takes (placeholders such as N read as numbers)."""
+    import re
+    import shlex
+
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", repo / "benchmarks" / "README.md",
+             *sorted((repo / "docs").glob("*.md"))]
+    found = 0
+    for page in pages:
+        text = page.read_text().replace("\\\n", " ")  # continued shell lines, joined
+        for command in re.findall(r"python -m benchmarks( [^`\n|>&]*)", text):
+            words = shlex.split(command, comments=True)
+            if "--client" in words:  # the client processes' own entry, not a reader's
+                continue
+            argv = [re.sub(r"^[A-Z]+$", "7", word) for word in words]
+            args = build_parser().parse_args(argv)
+            check_args(args)
+            found += 1
+    assert found >= 5

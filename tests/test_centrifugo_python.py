@@ -352,7 +352,8 @@ async def test_a_command_the_hub_cannot_read_closes_with_bad_request(
 
 
 async def test_the_example_chat_service_answers_in_the_room(node: RunningNode) -> None:
-    """examples/chat_service.py as a user runs it, with a token in HUB_TOKEN."""
+    """examples/chat_service.py as a user runs it, with a token in HUB_TOKEN: it answers
+    every `!time`, before and after the hub drops its connection (the SDK reconnects)."""
     import os
     import sys
 
@@ -368,12 +369,26 @@ async def test_the_example_chat_service_answers_in_the_room(node: RunningNode) -
             async with asyncio.timeout(WAIT):
                 while b"in chat:lobby" not in await service.stdout.readline():
                     pass
-            await asker.request({"type": "publish", "channel": "chat:lobby",
-                                 "data": {"text": "!time"}})
+
+
+            async def ask() -> None:
+                await asker.request({"type": "publish", "channel": "chat:lobby",
+                                     "data": {"text": "!time"}})
+                async with asyncio.timeout(WAIT):
+                    while (got := await asker.recv()).get("from") != "timebot":
+                        pass
+                assert got["data"]["text"].startswith("it is ")
+
+            await ask()
+            await ask()
+            async with node.api() as api:  # 3000: a close after which the SDK reconnects
+                reply = await api.post("/api/disconnect", json={"user": "timebot",
+                                                                "code": 3000})
+                assert reply.status_code == 200
             async with asyncio.timeout(WAIT):
-                while (got := await asker.recv()).get("from") != "timebot":
+                while b"in chat:lobby" not in await service.stdout.readline():
                     pass
-            assert got["data"]["text"].startswith("it is ")
+            await ask()
     finally:
         service.terminate()
         await service.wait()

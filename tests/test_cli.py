@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,7 @@ BASE_ENV = {"HUB_JWT_SECRET": SECRET, "HUB_API_KEY": API_KEY}
 # Variables of the environment running the tests must not leak into the nodes started here.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 LISTENING = re.compile(r"^hub listening on http://127\.0\.0\.1:(\d+) \(ws://127\.0\.0\.1:\1/ws\)$")
 
 
@@ -60,6 +61,27 @@ def hub_process(env: Mapping[str, str], args: list[str] | None = None) -> Iterat
         yield process
     finally:
         process.kill()
+
+
+def serve_briefly(env: Mapping[str, str], while_up: Callable[[str], object] = str) -> str:
+    """`hub serve --port 0` with exactly `env` (and no drain wait) until it listens, then
+    `while_up(its URL)`, then SIGTERM: it must exit 0. Returns what it logged."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "hub", "serve", "--port", "0"],
+        env={**env, "HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            found = LISTENING.match(process.stdout.readline().rstrip("\n"))
+            assert found
+            while_up(f"http://127.0.0.1:{found.group(1)}")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(WAIT + 5) == 0
+            return process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def write_config(tmp_path: Path, text: str) -> str:
@@ -333,24 +355,10 @@ def test_redis_url_is_read(args: list[str], env: dict[str, str]) -> None:
 
 
 def test_dev_mode_and_json_logs() -> None:
-    env = {**CLEAN_ENV, "HUB_DEV": "1", "HUB_LOG_FORMAT": "json", "HUB_NODE_ID": "logger",
-           "HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "0"}
-    with subprocess.Popen(
-        [sys.executable, "-m", "hub", "serve", "--port", "0"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    ) as process:
-        try:
-            assert process.stdout is not None and process.stderr is not None
-            found = LISTENING.match(process.stdout.readline().rstrip("\n"))
-            assert found
-            url = f"http://127.0.0.1:{found.group(1)}"
-            assert httpx.get(url + "/api/stats", timeout=WAIT).status_code == 200  # no key
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(WAIT + 5) == 0
-            lines = [line for line in process.stderr.read().splitlines() if line.strip()]
-        finally:
-            if process.poll() is None:
-                process.kill()
+    env = {**CLEAN_ENV, "HUB_DEV": "1", "HUB_LOG_FORMAT": "json", "HUB_NODE_ID": "logger"}
+    log = serve_briefly(env, lambda url: httpx.get(url + "/api/stats", timeout=WAIT)
+                        .raise_for_status())  # no key
+    lines = [line for line in log.splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]
     assert entries, "no log lines"
     assert all({"time", "level", "node", "logger", "event"} <= set(e) for e in entries)
@@ -438,3 +446,93 @@ async def test_second_sigterm_ends_the_drain_sooner() -> None:
                 await client.closed(timeout=2)
             assert client.connection.close_code is not None
 
+
+
+# check, help, start-up warnings (issue 17)
+
+
+def test_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[namespaces.chat]\nsubscribe = "any"\npresence = true\n')
+    result = run_hub("check", "--port", "9001", env={
+        **BASE_ENV, "HUB_CONFIG": path,
+        "HUB_REDIS_URL": "redis+sentinel://:data-pw@s1:26379/mymaster?sentinel_password=s-pw",
+    })
+    assert result.returncode == 0, result.stderr
+    shown = dict(line.split(None, 1) for line in result.stdout.splitlines()
+                 if line.startswith("HUB_"))
+    assert shown["HUB_PORT"] == "9001"  # a flag, as `serve` takes it
+    assert shown["HUB_JWT_SECRET"] == shown["HUB_API_KEY"] == "********"
+    for secret in (SECRET, API_KEY, "data-pw", "s-pw"):
+        assert secret not in result.stdout
+    assert "[namespaces.chat]" in result.stdout and 'subscribe = "any"' in result.stdout
+    assert "no warnings" in result.stdout
+
+
+def test_check_warns_about_a_node_that_serves_nobody() -> None:
+    result = run_hub("check")
+    assert result.returncode == 0
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "4001" in warnings[0] and "HUB_JWT_SECRET" in warnings[0]
+    assert "HUB_API_KEY" in warnings[1] and "403" in warnings[1]
+
+
+def test_check_exits_2_on_an_error_as_serve_does() -> None:
+    result = run_hub("check", env={**BASE_ENV, "HUB_QUEUE_LIMIT": "0"})
+    assert result.returncode == 2 and "HUB_QUEUE_LIMIT" in result.stderr
+
+
+def test_serve_help_names_every_variable() -> None:
+    from hub.settings import variables
+
+    result = run_hub("serve", "--help")
+    assert result.returncode == 0
+    for variable in variables().values():
+        assert f"  {variable}=" in result.stdout, variable
+
+
+def test_serve_warns_at_start_about_what_it_cannot_do() -> None:
+    log = serve_briefly(CLEAN_ENV)
+    assert "every client connection will be closed 4001" in log
+    assert "HUB_API_KEY" in log
+
+
+def test_a_port_in_use_exits_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_hub("serve", "--port", str(port), env=BASE_ENV)
+    assert result.returncode == 1
+    assert "listening" not in result.stdout
+    assert "address already in use" in result.stderr
+
+
+def test_a_node_on_redis_logs_no_library_warning(redis_url: str) -> None:
+    log = serve_briefly(
+        {**CLEAN_ENV, **BASE_ENV, "HUB_REDIS_URL": redis_url},
+        lambda url: httpx.get(url + "/readyz", timeout=WAIT).raise_for_status(),
+    )
+    assert "Warning" not in log and "warnings.warn" not in log, log
+
+
+async def test_the_readmes_token_posts_in_the_readmes_chat(tmp_path: Path) -> None:
+    """README.md's TOML and its `hub token` line, as a reader copies them: the token reads and
+    posts in a chat room, and reads nothing outside `chat`."""
+    import shlex
+
+    toml = re.search(r"```toml\n(.*?)```", README, re.DOTALL)
+    line = re.search(r"^\s*HUB_JWT_SECRET=\.\.\. (hub token .*)$", README, re.MULTILINE)
+    assert toml and line, "the README no longer shows its namespaces and token line"
+    minted = run_hub(*shlex.split(line.group(1))[1:], env={"HUB_JWT_SECRET": SECRET})
+    assert minted.returncode == 0, minted.stderr
+    with hub_process({"HUB_CONFIG": write_config(tmp_path, toml.group(1))}) as process:
+        async with connect(process.ws_url, minted.stdout.strip()) as client:
+            assert (await client.subscribe("chat:lobby"))["type"] == "subscribed"
+            posted = await client.request({"type": "publish", "channel": "chat:lobby",
+                                           "data": {"text": "hi"}})
+            assert posted["type"] in {"published", "message"}, posted
+            outside = await client.request({"type": "subscribe", "channel": "news"})
+            assert outside["type"] == "error" and outside["code"] == "forbidden"

@@ -133,6 +133,15 @@ async def test_mounted_hub_serves_websocket_and_http_under_the_prefix() -> None:
             assert (await api.get("/admin")).status_code == 200
             assert "hub_node_info" in (await api.get("/metrics")).text
 
+            # server-side subscriptions, in-process and through the Centrifugo API
+            await realtime.subscribe("alice", "feed:moved")
+            subscribed = await alice.expect("subscribed")
+            assert (subscribed["channel"], subscribed["offset"]) == ("feed:moved", 0)
+            await realtime.unsubscribe("alice", "feed:moved")
+            assert (await alice.expect("unsubscribed"))["channel"] == "feed:moved"
+            info = await api.post("/centrifugo/api/info", json={})
+            assert info.json()["result"]["nodes"][0]["uid"] == "embedded"
+
             await realtime.disconnect("alice", 4500, "bye")
             assert await alice.closed() == 4500
         # outside the mount there is no hub

@@ -94,7 +94,49 @@ bodies: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "/api/disconnect": st.builds(lambda u, c: {"user": u, "code": c},
                                  st.text(min_size=1, max_size=20).filter(lambda u: u != "x"),
                                  st.integers(0, 70000) | st.floats(allow_nan=False)),
+    "/api/subscribe": st.builds(lambda u, ch, s: {"user": u, "channel": ch,
+                                                  **({"since": s} if s else {})},
+                                st.text(max_size=130), channels, st.none() | since),
+    "/api/unsubscribe": st.builds(lambda u, ch: {"user": u, "channel": ch},
+                                  st.text(max_size=130), channels),
 }
+
+users = st.text(max_size=130)
+tags = st.dictionaries(st.sampled_from(["event", "x"]), st.text(max_size=5), max_size=2)
+centrifugo_bodies: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+    "publish": st.builds(lambda ch, d, tg, b64, skip: {
+        "channel": ch, "data": d, "tags": tg, "b64data": b64, "skip_history": skip},
+        channels, json_values, tags, st.sampled_from(["", "e30=", "%%", "AP8="]), st.booleans()),
+    "broadcast": st.builds(lambda chs, d: {"channels": chs, "data": d},
+                           st.lists(channels, max_size=4), json_values),
+    "subscribe": st.builds(lambda u, ch, s, d: {"user": u, "channel": ch, "recover_since": s,
+                                                "data": d},
+                           users, channels, st.none() | since, json_values),
+    "unsubscribe": st.builds(lambda u, ch, c: {"user": u, "channel": ch, "client": c},
+                             users, channels, st.text(max_size=8)),
+    "disconnect": st.builds(lambda u, c, r, w: {"user": u, "disconnect": {"code": c,
+                                                                          "reason": r},
+                                                "whitelist": w},
+                            users, st.integers(-5, 70000), st.text(max_size=200),
+                            st.lists(st.text(max_size=8), max_size=3)),
+    "refresh": st.builds(lambda u, exp, at, info: {"user": u, "expired": exp, "expire_at": at,
+                                                   "info": info},
+                         users, st.booleans(), st.integers(-(2**40), 2**70), json_values),
+    "presence": st.builds(lambda ch: {"channel": ch}, channels),
+    "presence_stats": st.builds(lambda ch: {"channel": ch}, channels),
+    "history": st.builds(lambda ch, lim, s, rev: {"channel": ch, "limit": lim, "since": s,
+                                                  "reverse": rev},
+                         channels, st.integers(-5, 2**40), st.none() | since, st.booleans()),
+    "history_remove": st.builds(lambda ch: {"channel": ch}, channels),
+    "channels": st.builds(lambda pattern: {"pattern": pattern}, st.text(max_size=12)),
+    "info": st.just({}),
+}
+centrifugo_bodies["batch"] = st.builds(
+    lambda commands, parallel: {"commands": commands, "parallel": parallel},
+    st.lists(st.sampled_from(sorted(centrifugo_bodies)).flatmap(
+        lambda name: centrifugo_bodies[name].map(lambda body: {name: body})), max_size=4),
+    st.booleans())
+CENTRIFUGO_CODES = {102, 104, 107, 108, 112}  # 100 would be the hub's fault here
 
 # Mutations of a valid value, then of its bytes
 
@@ -316,3 +358,44 @@ def test_body_types_decode_or_raise_decode_error() -> None:
         for raw in (b"", b"[]", b"{}", b"null", b'{"channel": 1}', b"[" * 5000 + b"]" * 5000):
             with pytest.raises((msgspec.DecodeError, RecursionError)):
                 msgspec.json.decode(raw, type=kind)
+
+
+# Centrifugo's server API (PROTOCOL §16)
+
+
+def check_centrifugo_reply(response: httpx.Response) -> None:
+    """A result, or Centrifugo's error: 200 with `{"error"}` for a call's errors, 400 for a
+    body it cannot read, 413 past 1 MiB; a JSON body either way, never a 5xx."""
+    assert response.status_code in (200, 400, 413), (response.status_code, response.text)
+    body = response.json()
+    if "replies" in body:  # a batch: each command's own reply
+        errors = [reply["error"] for reply in body["replies"] if "error" in reply]
+    else:
+        assert ("result" in body) != ("error" in body), body
+        assert response.status_code == 200 or "error" in body, body
+        errors = [body["error"]] if "error" in body else []
+    for error in errors:
+        assert error["code"] in CENTRIFUGO_CODES and error["message"], body
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(centrifugo_bodies)), data=st.binary(max_size=300))
+async def test_centrifugo_api_bodies_from_arbitrary_bytes(
+    api: httpx.AsyncClient, quiet: pytest.LogCaptureFixture, name: str, data: bytes
+) -> None:
+    check_centrifugo_reply(await api.post(f"/centrifugo/api/{name}", content=data))
+    assert_quiet(quiet)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(centrifugo_bodies)).flatmap(
+    lambda name: st.tuples(st.just(name), centrifugo_bodies[name] | mutated(
+        centrifugo_bodies[name]))))
+async def test_mutated_centrifugo_api_bodies(
+    api: httpx.AsyncClient, quiet: pytest.LogCaptureFixture, case: tuple[str, Any]
+) -> None:
+    name, body = case
+    data = body if isinstance(body, bytes) else encode(body)
+    check_centrifugo_reply(await api.post(f"/centrifugo/api/{name}", content=data))
+    assert_quiet(quiet)
+

@@ -27,7 +27,7 @@ import msgspec
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from hub import api_types
+from hub import api_types, centrifugo_api
 from hub.app import create_app
 from tests.support import API_KEY, WAIT, RunningNode, make_settings, running_node
 
@@ -35,8 +35,10 @@ API_CALLS = {
     ("post", "/api/publish"), ("post", "/api/broadcast"), ("post", "/api/send"),
     ("post", "/api/disconnect"), ("get", "/api/presence/{channel}"),
     ("get", "/api/history/{channel}"), ("get", "/api/channels"), ("get", "/api/stats"),
+    ("post", "/api/subscribe"), ("post", "/api/unsubscribe"),
 }
 PROBES = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
+CENTRIFUGO_CALLS = {("post", f"/centrifugo/api/{name}") for name in centrifugo_api.METHOD_NAMES}
 # Every namespace open, with history and presence, so most generated calls can succeed.
 OPEN_NAMESPACES = {"default": {"subscribe": "any", "publish": "any", "history_size": 100,
                                "history_ttl": 300, "presence": True}}
@@ -63,7 +65,7 @@ async def test_document_is_valid_openapi_31_and_served_without_a_key(
     document = await fetch_document(node)
     validate(document)
     assert document["openapi"] == "3.1.0"
-    assert operations(document) == API_CALLS | PROBES
+    assert operations(document) == API_CALLS | PROBES | CENTRIFUGO_CALLS
 
 
 async def test_document_covers_every_http_route_of_the_app() -> None:
@@ -84,6 +86,7 @@ async def test_schemas_are_those_of_the_structs(node: RunningNode) -> None:
     _, expected = msgspec.json.schema_components(
         (*api_types.BODIES, *api_types.REPLIES), ref_template="#/components/schemas/{name}"
     )
+    expected |= centrifugo_api.openapi_schemas()
     assert document["components"]["schemas"] == msgspec.to_builtins(expected)
     publish = document["paths"]["/api/publish"]["post"]
     body_schema = publish["requestBody"]["content"]["application/json"]["schema"]

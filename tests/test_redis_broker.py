@@ -151,6 +151,31 @@ async def test_messages_expire_one_by_one_and_then_the_epoch_ends(any_broker: Br
     assert norm.position(again) == (1, "E1")
 
 
+async def test_remove_history_drops_the_messages_and_keeps_the_position(
+    any_broker: Broker,
+) -> None:
+    """Centrifugo's `history_remove`: the next publication goes on in the same epoch, and a
+    recovery from before the removal is not complete."""
+    broker, norm, history = any_broker, Normalised(), HistoryOptions(size=10, ttl=60)
+    for n in (1, 2):
+        await broker.publish("room", message("room", n), history)
+    await broker.remove_history("room")
+    await broker.remove_history("never-used")
+    epoch = next(iter(norm.names)) if norm.names else (
+        await broker.history("room", history, limit=0)).position.epoch
+    newest = await broker.history("room", history, limit=10)
+    since_one = await broker.history("room", history, StreamPosition(1, epoch))
+    at_top = await broker.history("room", history, StreamPosition(2, epoch))
+    again = await broker.publish("room", message("room", 3), history)
+    after = await broker.history("room", history, StreamPosition(2, epoch))
+
+    assert norm.page(newest) == ((2, "E0"), True, [])
+    assert norm.page(since_one) == ((2, "E0"), False, [])
+    assert norm.page(at_top) == ((2, "E0"), True, [])
+    assert norm.position(again) == (3, "E0")
+    assert norm.page(after) == ((3, "E0"), True, [(3, "E0", b'{"n":3}', 1003)])
+
+
 async def test_publish_tells_offset_and_epoch_to_the_message_and_the_subscribers(
     redis_broker: RedisBroker, recorder: Recorder
 ) -> None:

@@ -252,8 +252,12 @@ async def test_killed_master_is_replaced_within_seconds(
         await eventually("write to the failed-over shard", lambda: client.set(f"w{tag}", "y"))
         # cluster-require-full-coverage no: the other shards never noticed
         assert failures[other_tag] == []
+        # The failed shard's writes may fail meanwhile, only in these ways. Whether any does
+        # depends on redis-py's own retries outlasting the failover (redis-py 8 retries a
+        # cluster command with backoff; on a loaded machine every write was retried through
+        # it and none failed), so none failing is no fault.
         retried = {"ConnectionError", "TimeoutError", "ClusterDownError", "SlotNotCoveredError"}
-        assert failures[tag] and set(failures[tag]) <= retried, failures[tag]
+        assert set(failures[tag]) <= retried, failures[tag]
         assert cluster.master_for(tag).port == replica
         assert {n.port for n in cluster.masters()} == set(tags) - {victim} | {replica}
 

@@ -41,6 +41,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_PRESENCE_TTL", "12", "presence_ttl", 12.0),
     ("HUB_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
+    ("HUB_CENTRIFUGO_API_PREFIX", "/cf/api", "centrifugo_api_prefix", "/cf/api"),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
@@ -157,6 +158,10 @@ def test_bool_garbage_names_the_variable() -> None:
         ("HUB_LOG_FORMAT", "xml"),
         ("HUB_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
         ("HUB_CONFIG", "/nonexistent/hub.toml"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "centrifugo/api"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/centrifugo/api/"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/a b"),
+        ("HUB_CENTRIFUGO_API_PREFIX", "/api"),
     ],
 )
 def test_bad_value_names_the_option(variable: str, raw: str) -> None:
