@@ -435,7 +435,8 @@ class HookRunner:
             for name, value in scope.get("headers", ())
             if name.decode("latin-1") in wanted
         ] if wanted else []
-        return Context(headers, scope if self.needs_scope else None)
+        # A copy: the node lets go of the upgrade's headers once the connection is in.
+        return Context(headers, dict(scope) if self.needs_scope else None)
 
     async def aclose(self) -> None:
         self._failures.close()
@@ -446,12 +447,8 @@ class HookRunner:
     # one method per hook
 
     async def connect(self, context: Context, request: ConnectRequest) -> ConnectResult:
-        result = await self._call("connect", context, request, ConnectResult)
-        user = result.user
-        if not 1 <= len(user) <= 128:
-            raise self._failed("connect", "bad_shape", "`user` must be 1-128 characters")
-        if result.info is not None and len(msgspec.json.encode(result.info)) > MAX_INFO_BYTES:
-            raise self._failed("connect", "bad_shape", "`info` is over 1 KiB")
+        result = await self._call("connect", context, request, ConnectResult, None,
+                                  _connect_problem)
         context.meta = result.meta
         context.hooked = True
         return result
@@ -482,7 +479,9 @@ class HookRunner:
     # the call
 
     async def _call(self, hook: str, context: Context, request: Any, kind: type[R],
-                    url: str | None = None) -> R:
+                    url: str | None = None,
+                    problem: Callable[[R], str | None] | None = None) -> R:
+        """The result; `problem` says what is wrong with one that decoded (bad_shape)."""
         metrics = self._metrics
         started = time.perf_counter()
         outcome = "ok"
@@ -494,8 +493,12 @@ class HookRunner:
             if reply.error is not None:
                 outcome = "error"
                 raise HookRefused(reply.error)
-            assert reply.result is not None
-            return reply.result
+            result = reply.result
+            assert result is not None
+            wrong = problem(result) if problem is not None else None
+            if wrong is not None:
+                raise self._failed(hook, "bad_shape", wrong)
+            return result
         except HookFailed as failed:
             outcome = failed.kind
             raise
@@ -530,20 +533,24 @@ class HookRunner:
         finally:
             if call is not None and not call.done():
                 call.add_done_callback(_forget)
-        if not isinstance(answer, bytes):
+        if isinstance(answer, bytes):
+            reply = self._decoded(hook, answer, kind)
+        else:
             try:
-                return _as_reply(answer, kind)
+                reply = _as_reply(answer, kind)
             except TypeError as exc:
                 raise self._failed(hook, "exception", str(exc)) from None
-        body = answer
+        if reply.result is None and reply.error is None and reply.disconnect is None:
+            raise self._failed(hook, "bad_shape", "none of result, error, disconnect")
+        return reply
+
+    def _decoded(self, hook: str, body: bytes, kind: type[R]) -> Reply[R]:
         try:
             reply: Reply[R] = msgspec.json.decode(body, type=Reply[kind])  # type: ignore[valid-type]
         except msgspec.ValidationError as exc:
             raise self._failed(hook, "bad_shape", str(exc)) from None
         except msgspec.DecodeError as exc:
             raise self._failed(hook, "bad_json", str(exc)) from None
-        if reply.result is None and reply.error is None and reply.disconnect is None:
-            raise self._failed(hook, "bad_shape", "none of result, error, disconnect")
         return reply
 
     async def _exchange(self, hook: str, context: Context, request: Any, url: str | None,
@@ -611,6 +618,14 @@ class HookRunner:
         log.warning("hook calls failed (%s) x%d in the last minute, the latest: %s",
                     kind, count, self._details.get(kind, ""),
                     extra={"reason": kind, "count": count})
+
+
+def _connect_problem(result: ConnectResult) -> str | None:
+    if not isinstance(result.user, str) or not 1 <= len(result.user) <= 128:
+        return "`user` must be 1-128 characters"
+    if result.info is not None and len(msgspec.json.encode(result.info)) > MAX_INFO_BYTES:
+        return "`info` is over 1 KiB"
+    return None
 
 
 def _forget(call: asyncio.Task[Any]) -> None:

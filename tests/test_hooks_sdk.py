@@ -7,6 +7,7 @@ host's `request.session`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -211,3 +212,44 @@ def test_a_connect_callable_needs_allowed_origins() -> None:
 
     with pytest.raises(SettingsError, match="HUB_ALLOWED_ORIGINS"):
         EmbeddedHub(make_settings(), hooks=Hooks(connect=connect_callable))
+
+
+async def test_wrong_answers_of_callables_are_failures_of_their_kind() -> None:
+    """A callable's result is checked as a body is: no user, nothing at all, the wrong
+    type, an exception, too slow; each a HookFailed of its kind, counted."""
+    from prometheus_client import CollectorRegistry
+
+    from hub.hooks import (
+        WEBSOCKET_JSON,
+        Context,
+        HookConfig,
+        HookFailed,
+        HookMetrics,
+        HookRunner,
+    )
+
+    answers: list[Any] = [ConnectResult(user=""), Reply[ConnectResult](), RPCResult(),
+                          RuntimeError("bug"), "slow"]
+
+    async def connect(conn: HTTPConnection, request: ConnectRequest) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer == "slow":
+            await asyncio.sleep(5)
+        return answer
+
+    registry = CollectorRegistry()
+    runner = HookRunner(HookConfig.of(make_settings(allowed_origins="https://a.example",
+                                                    hook_timeout=0.2)),
+                        HookMetrics(registry), Hooks(connect=connect))
+    kinds = []
+    for _ in range(5):
+        with pytest.raises(HookFailed) as failed:
+            await runner.connect(Context([], {"type": "websocket", "headers": []}),
+                                 ConnectRequest(**WEBSOCKET_JSON, client="c"))
+        kinds.append(failed.value.kind)
+    assert kinds == ["bad_shape", "bad_shape", "exception", "exception", "timeout"]
+    assert registry.get_sample_value("hub_hook_calls_total",
+                                     {"hook": "connect", "outcome": "bad_shape"}) == 2
+    await runner.aclose()
