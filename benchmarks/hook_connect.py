@@ -137,6 +137,7 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
         async with gate:
             return await open_one(host, port, token)
 
+    calls_before, call_seconds_before = hook_calls(node)
     node_cpu, backend_cpu = cpu_seconds(node.process.pid), cpu_seconds(backend.process.pid)
     started = time.perf_counter()
     results = await asyncio.gather(*(one(token) for token in tokens))
@@ -144,6 +145,7 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
     node_cpu = cpu_seconds(node.process.pid) - node_cpu
     backend_cpu = cpu_seconds(backend.process.pid) - backend_cpu
     calls, call_seconds = hook_calls(node)
+    calls, call_seconds = calls - calls_before, call_seconds - call_seconds_before
     for _, _, writer in results:
         writer.transport.abort()
     latencies = sorted(latency for latency, _, _ in results)
