@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 from importlib import resources
 
 from starlette.requests import Request
@@ -57,6 +58,14 @@ async def admin_asset(request: Request) -> Response:
     return _asset_response(name)
 
 
+async def admin_config(request: Request) -> Response:
+    """What the page must know before it has a key: whether it needs one (dev mode), so
+    that it does not find out from a refused call (a 401 in the browser's console)."""
+    dev = node_of(request.app).settings.dev  # dev mode takes calls without a key
+    body = json.dumps({"dev": dev, "needs_key": not dev})
+    return Response(body, media_type="application/json", headers=HEADERS)
+
+
 def index_html(root_path: str) -> str:
     base = html.escape(root_path.rstrip("/"))
     return f"""<!doctype html>
@@ -86,5 +95,6 @@ async def index(request: Request) -> Response:
 routes = [
     Route("/", index, methods=["GET"]),
     Route("/admin", admin_page, methods=["GET"]),
+    Route("/admin/config.json", admin_config, methods=["GET"]),
     Route("/admin/{name}", admin_asset, methods=["GET"]),
 ]

@@ -24,11 +24,13 @@ from hub.api_types import (
     BroadcastItem,
     BroadcastReply,
     ChannelsReply,
+    ConnectionsReply,
     DisconnectBody,
     Empty,
     ErrorReply,
     HistoryMessage,
     HistoryReply,
+    NamespacesReply,
     Position,
     PresenceClient,
     PresenceReply,
@@ -42,10 +44,12 @@ from hub.api_types import (
 )
 from hub.errors import CloseCode
 from hub.presence import NodeStats
+from hub.protocol import ConnectionSummary
 
 __all__ = [
-    "BroadcastItem", "BroadcastReply", "ChannelsReply", "HistoryMessage", "HistoryReply",
-    "HubApiError", "HubClient", "NodeStats", "PresenceClient", "PresenceReply",
+    "BroadcastItem", "BroadcastReply", "ChannelsReply", "ConnectionSummary",
+    "ConnectionsReply", "HistoryMessage", "HistoryReply", "HubApiError", "HubClient",
+    "NamespacesReply", "NodeStats", "PresenceClient", "PresenceReply",
     "PublishReply", "StatsReply", "StatsTotal",
 ]
 
@@ -128,10 +132,15 @@ class HubClient:
         await self._post("/api/send", SendBody(user, _raw(data), event), Empty)
 
     async def disconnect(
-        self, user: str, code: int = int(CloseCode.DISCONNECTED_BY_API), reason: str = ""
+        self,
+        user: str,
+        code: int = int(CloseCode.DISCONNECTED_BY_API),
+        reason: str = "",
+        *,
+        client: str | None = None,
     ) -> None:
-        """Close every connection of `user`, on any node."""
-        await self._post("/api/disconnect", DisconnectBody(user, code, reason), Empty)
+        """Close every connection of `user` (or only its connection `client`), on any node."""
+        await self._post("/api/disconnect", DisconnectBody(user, code, reason, client), Empty)
 
     async def subscribe(
         self,
@@ -168,6 +177,18 @@ class HubClient:
             params["limit"] = limit
         return await self._get(f"/api/history/{channel_path(channel)}", params, HistoryReply)
 
+    async def remove_history(self, channel: str) -> None:
+        """Drop the channel's stored messages; its epoch and offset stay (a recovery from
+        before now is not recovered)."""
+        response = await self._http.delete(
+            f"{self.url}/api/history/{channel_path(channel)}", headers=self._headers
+        )
+        _reply(response, Empty)
+
+    async def namespaces(self) -> NamespacesReply:
+        """`.namespaces`: each namespace's options, `default` among them."""
+        return await self._get("/api/namespaces", {}, NamespacesReply)
+
     async def channels(self, prefix: str = "") -> ChannelsReply:
         """`.channels`: channel name → subscriber count, cluster-wide."""
         params: dict[str, str | int] = {"prefix": prefix} if prefix else {}
@@ -175,6 +196,20 @@ class HubClient:
 
     async def stats(self) -> StatsReply:
         return await self._get("/api/stats", {}, StatsReply)
+
+    async def connections(
+        self,
+        *,
+        user: str | None = None,
+        channel: str | None = None,
+        node: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> ConnectionsReply:
+        """One page of the cluster's connections; pass its `.next` as `after` for the next."""
+        given = {"user": user, "channel": channel, "node": node, "limit": limit, "after": after}
+        params = {name: value for name, value in given.items() if value is not None}
+        return await self._get("/api/connections", params, ConnectionsReply)
 
     # plumbing
 

@@ -18,6 +18,8 @@ import msgspec
 
 from hub.errors import CloseCode, ErrorCode
 from hub.presence import NodeStats
+from hub.protocol import ConnectionSummary
+from hub.settings import Namespace
 
 CHANNEL_PATTERN = r"^(?:[A-Za-z0-9_\-:.=/]{1,255}|@[\s\S]{1,128})$"
 """What `hub.channels.is_valid` accepts: a name, or `@` and a user id of 1-128 characters."""
@@ -77,6 +79,10 @@ class DisconnectBody(msgspec.Struct, omit_defaults=True):
     reason: Annotated[str, msgspec.Meta(extra_json_schema={
         "description": "close reason; cut to the 123 bytes a close frame holds",
     })] = ""
+    client: Annotated[str, msgspec.Meta(extra_json_schema={
+        "minLength": 1, "maxLength": 128,
+        "description": "only this connection of the user (a `client` id), not all of them",
+    })] | None = None
 
 
 class Position(msgspec.Struct):
@@ -191,6 +197,23 @@ class StatsReply(msgspec.Struct):
     total: StatsTotal
 
 
+class ConnectionsReply(msgspec.Struct, omit_defaults=True):
+    """A page of `/api/connections`, in (node, client) order. `next`: the cursor to pass as
+    `after` for the following page, absent on the last one. `unanswered`: nodes that did
+    not answer in time (their connections are missing from this page)."""
+
+    connections: list[ConnectionSummary]
+    next: str | None = None
+    unanswered: list[str] = msgspec.field(default_factory=list)
+
+
+class NamespacesReply(msgspec.Struct):
+    """The options of every configured namespace, `default` always among them (what a
+    channel whose prefix names no namespace gets)."""
+
+    namespaces: dict[str, Namespace]
+
+
 class HealthReply(msgspec.Struct):
     status: Literal["ok"]
 
@@ -204,5 +227,5 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
 )
 REPLIES: tuple[type[msgspec.Struct], ...] = (
     ErrorReply, Empty, PublishReply, BroadcastReply, PresenceReply, HistoryReply,
-    ChannelsReply, StatsReply, HealthReply, ReadyReply,
+    ChannelsReply, StatsReply, ConnectionsReply, NamespacesReply, HealthReply, ReadyReply,
 )

@@ -29,6 +29,7 @@ from hub.connection import (
     origin_allowed,
     send_quietly,
 )
+from hub.connections import Origin
 from hub.errors import CloseCode
 from hub.hooks import (
     WEBSOCKET_JSON,
@@ -108,7 +109,8 @@ class CentrifugoEndpoint:
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive, context, hooked, client_id)
+        await self._serve(identity, command, rest, send, receive, Origin.of_scope(scope),
+                          context, hooked, client_id)
 
     async def _connect_hook(
         self, context: Context, command: cf.Command, client_id: str
@@ -209,6 +211,7 @@ class CentrifugoEndpoint:
         rest: list[bytes],
         send: ASGISend,
         receive: ASGIReceive,
+        origin: Origin,
         context: Context | None = None,
         hooked: ConnectResult | None = None,
         client_id: str | None = None,
@@ -217,6 +220,7 @@ class CentrifugoEndpoint:
         session = CentrifugoSession(
             commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity
         )
+        session.origin = origin
         session.hook = context
         channels = hooked.channels if hooked is not None else []
         data = raw_json(hooked.data) if hooked is not None and hooked.data is not None else None

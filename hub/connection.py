@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from hub import protocol as p
 from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
+from hub.connections import Origin
 from hub.errors import CloseCode, close_reason
 from hub.hooks import (
     WEBSOCKET_JSON,
@@ -95,7 +96,9 @@ class WebSocketEndpoint:
         # awaits, so the limit holds.
         if await self._refused(send):
             return
-        await self._serve(identity, auth_id, send, receive, context, hooked, client_id)
+        node.noticed_address(scope)
+        await self._serve(identity, auth_id, send, receive, Origin.of_scope(scope), context,
+                          hooked, client_id)
 
     async def _connect_hook(self, context: Context, client_id: str) -> ConnectResult:
         """PROTOCOL §13 on `/ws`: `error` closes 4001 with its message, `disconnect` with
@@ -123,12 +126,13 @@ class WebSocketEndpoint:
 
     async def _serve(
         self, identity: Identity, auth_id: int | None, send: ASGISend, receive: ASGIReceive,
-        context: Context | None = None, hooked: ConnectResult | None = None,
+        origin: Origin, context: Context | None = None, hooked: ConnectResult | None = None,
         client_id: str | None = None,
     ) -> None:
         node, commands = self.node, self.commands
         outbound = self.write_path.outbound_for(send)
         session = WsSession(commands, outbound, client_id or new_client_id(), identity)
+        session.origin = origin
         session.hook = context
         interval = node.settings.ping_interval
         session.reply(p.Welcome(

@@ -21,9 +21,11 @@ from starlette.routing import Route
 from hub import api_types as t
 from hub import protocol as p
 from hub.broker import StreamPosition
+from hub.connections import DEFAULT_LIMIT, MAX_LIMIT, Query, decode_cursor, encode_cursor
 from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, ErrorCode, HubError, close_reason
 from hub.node import Node, node_of
 from hub.presence import cluster_stats
+from hub.settings import DEFAULT_NAMESPACE
 
 log = logging.getLogger("hub.endpoints")
 
@@ -154,7 +156,10 @@ async def disconnect(request: Request, node: Node) -> t.Empty:
     code = body.code
     if not (code == 1000 or 3000 <= code <= 4999) or code != int(code):
         raise ApiError(400, "bad_request", "`code` must be 1000 or 3000-4999")
-    await node.disconnect_user(body.user, int(code), close_reason(body.reason))
+    if body.client is not None and not 1 <= len(body.client) <= 128:
+        raise ApiError(400, "bad_request", "`client` must be 1-128 characters")
+    await node.disconnect_user(body.user, int(code), close_reason(body.reason),
+                               client=body.client)
     return t.Empty()
 
 
@@ -200,13 +205,53 @@ async def history(request: Request, node: Node) -> t.HistoryReply:
 
 
 @api
+async def remove_history(request: Request, node: Node) -> t.Empty:
+    await node.remove_history(request.path_params["channel"])
+    return t.Empty()
+
+
+async def history_resource(request: Request) -> Response:
+    """One route for both methods, so a 405 names both in `Allow`."""
+    return await (remove_history if request.method == "DELETE" else history)(request)
+
+
+@api
+async def namespaces(request: Request, node: Node) -> t.NamespacesReply:
+    settings = node.settings
+    names = {*settings.namespaces, DEFAULT_NAMESPACE}
+    return t.NamespacesReply({
+        name: settings.namespace_of(f"{name}:x" if name != DEFAULT_NAMESPACE else "x")
+        for name in sorted(names)
+    })
+
+
+@api
 async def channels(request: Request, node: Node) -> t.ChannelsReply:
     prefix = request.query_params.get("prefix", "")
     return t.ChannelsReply(await node.presence.channels(node.snapshot(), prefix))
 
 
 @api
+async def connections(request: Request, node: Node) -> t.ConnectionsReply:
+    params = request.query_params
+    for name in ("user", "channel", "node"):
+        if params.get(name) == "":
+            raise ApiError(400, "bad_request", f"`{name}` must not be empty")
+    limit = _query_int(request, "limit", MAX_LIMIT)
+    after = params.get("after")
+    query = Query(
+        user=params.get("user"), channel=params.get("channel"), node=params.get("node"),
+        limit=DEFAULT_LIMIT if limit is None else max(1, limit),
+        after=decode_cursor(after) if after is not None else None,
+    )
+    page = await node.directory.page(query)
+    cursor = encode_cursor(page.next) if page.next is not None else None
+    return t.ConnectionsReply(page.connections, cursor, page.unanswered)
+
+
+@api
 async def stats(request: Request, node: Node) -> t.StatsReply:
+    node.noticed_address(request.scope)
     cluster = await cluster_stats(node.presence, node.snapshot())
     return t.StatsReply(cluster.nodes, msgspec.convert(cluster.total, t.StatsTotal))
 
@@ -222,6 +267,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     node = node_of(request.app)
+    node.noticed_address(request.scope)
     if node.ready:
         return json_response(t.ReadyReply("ready"))
     return json_response(t.ReadyReply("draining" if node.draining else "broker unavailable"), 503)
@@ -231,8 +277,13 @@ class ChannelRoute(Route):
     """A route whose `{channel:path}` matches any channel name, line breaks included (a
     personal channel `@<user>` may hold any character; Starlette's `.*` stops at `\n`)."""
 
-    def __init__(self, path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
-        super().__init__(path, endpoint, methods=["GET"])
+    def __init__(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        methods: tuple[str, ...] = ("GET",),
+    ) -> None:
+        super().__init__(path, endpoint, methods=list(methods))
         self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
@@ -245,9 +296,11 @@ routes = [
     *(Route(path, handler, methods=[method]) for (method, path), handler in shortcuts.items()),
     Route("/api/disconnect", disconnect, methods=["POST"]),
     ChannelRoute("/api/presence/{channel:path}", presence),
-    ChannelRoute("/api/history/{channel:path}", history),
+    ChannelRoute("/api/history/{channel:path}", history_resource, ("GET", "DELETE")),
+    Route("/api/namespaces", namespaces, methods=["GET"]),
     Route("/api/channels", channels, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
+    Route("/api/connections", connections, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -111,6 +111,19 @@ class Metrics:
         if error is not None:
             self.protocol_errors.count(error)
 
+    # Read from the counters themselves: collecting the registry would also run the gauges'
+    # functions, and hub_connections_by_protocol walks every connection.
+
+    def published_count(self) -> int:
+        """Messages published through this node since it started (every source)."""
+        return _total(self.messages_published)
+
+    def delivered_count(self) -> int:
+        return _total(self.messages_delivered)
+
+    def accepted_count(self) -> int:
+        return _total(self.connections_accepted)
+
     def describe_node(self, **details: str) -> None:
         """`hub_node_info`: node id, version, and what start-up chose (`write_path`)."""
         self.node_info.info({"node": self.node_id, "version": __version__, **details})
@@ -119,3 +132,13 @@ class Metrics:
         """Prometheus text, or OpenMetrics when the scraper asks for it."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+def _total(counter: Counter) -> int:
+    """A counter's value summed over its labels."""
+    return int(sum(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    ))

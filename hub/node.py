@@ -10,21 +10,24 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from typing import Any, cast
 
 import msgspec
 
+from hub import __version__
 from hub import protocol as p
 from hub.auth import Authenticator
 from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, is_personal, personal_channel
-from hub.errors import ErrorCode, HubError
+from hub.connections import Directory
+from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.expiry import Expiring, ExpiryClock
 from hub.hooks import HookConfig, HookMetrics, HookRunner, Hooks
 from hub.hub import Connection, Hub
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
 from hub.presence import NodeSnapshot, NodeStats, Presence
+from hub.process import CpuMeter, rss_bytes
 from hub.settings import Settings
 from hub.subscriptions import Subscriptions, history_options
 from hub.tasks import cancel
@@ -70,6 +73,12 @@ class Node:
         self.hooks.check_namespaces(settings.namespaces)
         self.started = int(time.time())
         self.draining = False
+        self.directory = Directory(self)
+        self.cpu = CpuMeter()
+        # Where clients reach this node: the configured address, or, when it is a wildcard,
+        # the local address of the first request seen (`noticed_address`).
+        wildcard = settings.host in ("0.0.0.0", "::", "")
+        self.address = "" if wildcard or not settings.port else f"{settings.host}:{settings.port}"
         self._tasks: set[asyncio.Task[None]] = set()
         # Server API commands (PROTOCOL §15) waiting for a connection, while it has some.
         self._server_commands: dict[Connection, list[p.ServerCommand]] = {}
@@ -90,12 +99,33 @@ class Node:
     def ready(self) -> bool:
         return self.broker.up and not self.draining
 
+    @property
+    def state(self) -> str:
+        """What `/readyz` says: `ready`, `draining` or `broker unavailable`."""
+        if self.draining:
+            return "draining"
+        return "ready" if self.broker.up else "broker unavailable"
+
     # lifecycle
 
     async def start(self) -> None:
         await self.presence.start()
         await self.broker.start(self)
         self.spawn(self._heartbeat_loop())
+        self.spawn(self._hear_directory())
+
+    async def _hear_directory(self) -> None:
+        """The control channel of `/api/connections`; a broker not reachable now subscribes
+        it with the others when it is (it is among `channels`)."""
+        with contextlib.suppress(BrokerUnavailable):
+            await self.broker.subscribe(self.directory.channel)
+
+    def noticed_address(self, scope: Mapping[str, Any]) -> None:
+        if not self.address:
+            server = scope.get("server")
+            if server and len(server) == 2 and server[1] is not None:
+                host, port = server
+                self.address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     async def stop(self) -> None:
         await self.subscriptions.close()
@@ -147,11 +177,14 @@ class Node:
 
     @property
     def channels(self) -> Iterable[str]:
-        return self.subscriptions.channels
+        return [*self.subscriptions.channels, self.directory.channel]
 
     def on_relayed(self, channel: str, relayed: list[p.Relayed]) -> None:
         """What the broker relayed on one channel, in order; publications that came
         together are delivered together."""
+        if channel == self.directory.channel:
+            self.directory.relayed(relayed)
+            return
         messages: list[p.Message] = []
         for item in relayed:
             if type(item) is p.Message:
@@ -354,6 +387,14 @@ class Node:
             channels=subscriptions.channel_count,
             started=self.started,
             updated=int(time.time()),
+            version=__version__,
+            address=self.address,
+            state=self.state,
+            rss=rss_bytes(),
+            cpu=self.cpu.percent(),
+            published=self.metrics.published_count(),
+            delivered=self.metrics.delivered_count(),
+            accepted=self.metrics.accepted_count(),
         )
         return NodeSnapshot(stats, subscriptions.channel_counts(), frozenset(hub.sessions_by_user))
 

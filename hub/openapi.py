@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from hub import __version__, centrifugo_api
 from hub import api_types as t
+from hub.connections import CURSOR_PATTERN
 from hub.node import node_of
 
 JSON = "application/json"
@@ -132,7 +133,7 @@ def _paths() -> dict[str, Any]:
             "send", "Personal message to every connection of one user, on any node",
             t.SendBody, t.Empty, "sent (also when the user has no connection anywhere)"),
         "/api/disconnect": _post(
-            "disconnect", "Close every connection of one user, on any node",
+            "disconnect", "Close every connection of one user (or one of them), on any node",
             t.DisconnectBody, t.Empty, "done (also when the user has no connection)"),
         "/api/subscribe": _post(
             "subscribe", "Subscribe every connection of one user, on any node, to a channel",
@@ -155,7 +156,16 @@ def _paths() -> dict[str, Any]:
             "a `since` of another epoch answers the current position and no messages",
             [_channel_parameter(), _since_parameter(),
              _query("limit", "at most this many messages (default and cap 1000)", OFFSET)],
-            "400c", "403n"),
+            "400c", "403n") | {"delete": {
+                "operationId": "remove_history", "summary": "Remove a channel's stored messages",
+                "tags": ["api"], "security": SECURITY, "parameters": [_channel_parameter()],
+                "responses": _responses(
+                    t.Empty, "removed: epoch and offset stay, the next publication takes the next "
+                    "offset, a recovery from before now is `recovered: false`", "400c", "403n"),
+            }},
+        "/api/namespaces": _get(
+            "namespaces", "The options of each channel namespace", t.NamespacesReply,
+            "namespace name → options; `default` is what other channels get", [], "403"),
         "/api/channels": _get(
             "channels", "Active channels with subscriber counts, cluster-wide",
             t.ChannelsReply, "channel name → subscriber count",
@@ -164,6 +174,19 @@ def _paths() -> dict[str, Any]:
         "/api/stats": _get(
             "stats", "Connection statistics per node and in total, cluster-wide",
             t.StatsReply, "every live node and the totals", [], "403"),
+        "/api/connections": _get(
+            "connections", "The connections of the cluster, filtered and paged",
+            t.ConnectionsReply, "at most `limit` connections in (node, client) order; `next` "
+            "is the `after` of the following page",
+            [_query("user", "only this user's connections", {"type": "string", "minLength": 1}),
+             _query("channel", "only connections subscribed to this channel",
+                    {"type": "string", "minLength": 1}),
+             _query("node", "only this node's connections", {"type": "string", "minLength": 1}),
+             _query("limit", "at most this many (default 100, cap 1000)",
+                    {"type": "integer", "minimum": 0, "maximum": 1000}),
+             _query("after", "the `next` of the previous page",
+                    {"type": "string", "pattern": CURSOR_PATTERN})],
+            "400", "403"),
         "/healthz": _probe("healthz", "Liveness: 200 while the process serves", {
             "200": {"description": "alive", "content": _json(t.HealthReply)}}),
         "/readyz": _probe("readyz", "Readiness for a load balancer", {

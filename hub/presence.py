@@ -14,6 +14,13 @@ from hub.protocol import ClientInfo
 
 
 class NodeStats(msgspec.Struct, frozen=True):
+    """One node in `/api/stats`. The fields after `updated` are for the operator's page
+    (defaults: what a node of an older version, which sends none, is read as): its
+    `version`, `address` (host:port), `state` (`ready`, `draining`, `broker unavailable`),
+    resident memory `rss` (bytes), `cpu` (percent of one core, lately), and counters since
+    it started: messages `published` through it, `delivered` by it, connections
+    `accepted`; rates are their differences between two readings."""
+
     node: str
     connections: int
     users: int
@@ -21,6 +28,14 @@ class NodeStats(msgspec.Struct, frozen=True):
     channels: int
     started: int
     updated: int
+    version: str = ""
+    address: str = ""
+    state: str = "ready"
+    rss: int = 0
+    cpu: float = 0.0
+    published: int = 0
+    delivered: int = 0
+    accepted: int = 0
 
 
 class NodeSnapshot(msgspec.Struct, frozen=True):

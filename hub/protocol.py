@@ -244,6 +244,40 @@ ServerCommand = ServerSubscribe | ServerUnsubscribe | ServerRefresh
 """What the server API asks of a user's connections, wherever they are."""
 
 
+class ConnectionSummary(msgspec.Struct, frozen=True):
+    """One connection as `/api/connections` lists it (PROTOCOL §9). `since` is unix s."""
+
+    client: str
+    user: str
+    node: str
+    remote: str
+    user_agent: str
+    protocol: str
+    subscriptions: list[str]
+    since: int
+
+
+class ConnectionsQuery(_Frame, tag="connections_query"):
+    """Node-to-node only, on the asked node's control channel: its connections after client
+    id `after` (in client id order) that match, at most `limit`; answered on `reply_to`."""
+
+    request: str
+    reply_to: str
+    limit: int
+    after: str = ""
+    user: str | None = None
+    channel: str | None = None
+
+
+class ConnectionsPage(_Frame, tag="connections_page"):
+    """Node-to-node only: the answer to a `ConnectionsQuery`; `more` when matches are left."""
+
+    request: str
+    node: str
+    connections: list[ConnectionSummary]
+    more: bool = False
+
+
 class Reset(_Frame, tag="reset"):
     channel: str
     epoch: str
@@ -323,6 +357,7 @@ class Error(_Frame, tag="error"):
 
 Relayed = (
     Message | Join | Leave | Disconnect | ServerSubscribe | ServerUnsubscribe | ServerRefresh
+    | ConnectionsQuery | ConnectionsPage
 )
 """What one node hands to the others through the broker."""
 

@@ -51,6 +51,8 @@ class HubServer(uvicorn.Server):
                 shown = f"[{host}]" if ":" in host else host
                 print(f"hub listening on http://{shown}:{port} (ws://{shown}:{port}/ws)",
                       flush=True)
+                if host not in ("0.0.0.0", "::"):  # else the first request's local address
+                    node_of(self.config.app).address = f"{shown}:{port}"
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None or self._loop is None or not self.started:

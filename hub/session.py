@@ -22,6 +22,7 @@ from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
 from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
+from hub.connections import UNKNOWN_ORIGIN, Origin
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.hooks import (
     WEBSOCKET_JSON,
@@ -71,6 +72,7 @@ class Session:
         "commands",
         "hook",
         "identity",
+        "origin",
         "permissions",
         "queue",
         "user",
@@ -85,6 +87,7 @@ class Session:
         self.client_id = client_id
         self.identity = identity
         self.user = identity.user
+        self.origin: Origin = UNKNOWN_ORIGIN  # the endpoint sets it, for /api/connections
         self.permissions = Permissions(commands.settings, identity.channels, identity.publish)
         # Only while the socket pushes back: what waits to be written (each piece with the
         # frames it holds), how many frames that is, and who writes it.

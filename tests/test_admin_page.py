@@ -3,15 +3,22 @@ Playwright's Python package (`executable_path`; no browser is ever downloaded).
 
 An operator signs in with the API key, sees the connections this test opened, picks a
 channel (presence, history), publishes from the console and sends to a user, and this
-test's WebSocket clients receive both. `HUB_UPDATE_SCREENSHOT=1` writes the screenshot to
-docs/admin.png (else to the test's temp dir).
+test's WebSocket clients receive both. Then acts: finds a connection by user and channel,
+disconnects it (confirmed) and the client is closed with the API's code, unsubscribes one
+(where the hub has `/api/unsubscribe`), removes a channel's history, watches the rate
+charts draw, and the page stays within a phone's width and logs no console error on a
+namespace without presence or history. `HUB_UPDATE_SCREENSHOT=1` writes the screenshots
+to docs/admin.png (1280 px wide) and docs/admin-phone.png (420 px) (else to the test's
+temp dir).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,11 +43,12 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "admin.png"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMESPACES = {
     "chat": {"subscribe": "any", "publish": "any", "presence": True, "history_size": 50,
              "history_ttl": 600},
     "orders": {"subscribe": "any", "presence": True},
+    "plain": {"subscribe": "any"},
 }
 UI_WAIT_MS = WAIT * 1000
 
@@ -96,7 +104,7 @@ async def test_operator_signs_in_watches_and_publishes(tmp_path: Path) -> None:
         # the two connections this test opened, on the one node
         await expect(page.locator("#total-connections")).to_have_text("2")
         node_row = page.locator("#nodes tbody tr", has_text="node-a")
-        await expect(node_row.locator("td").nth(1)).to_have_text("2")
+        await expect(node_row.locator("td").nth(4)).to_have_text("2")
         channels = page.locator("#channels tbody tr")
         await expect(channels).to_have_count(2)
         await expect(page.locator("#channels tbody tr", has_text="chat:lobby")).to_contain_text(
@@ -148,11 +156,6 @@ async def test_operator_signs_in_watches_and_publishes(tmp_path: Path) -> None:
         await page.fill("#publish-data", '{"text": "hello from the console"}')
         await expect(page.locator("#status-text")).to_contain_text("live")
 
-        await page.locator("#publish-result").evaluate("node => node.textContent = ''")
-        shot = SCREENSHOT if os.environ.get("HUB_UPDATE_SCREENSHOT") == "1" \
-            else tmp_path / "admin.png"
-        await page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
 
 
 async def test_a_wrong_key_is_refused_and_signing_out_forgets_the_key(tmp_path: Path) -> None:
@@ -209,3 +212,129 @@ async def test_page_and_assets_are_self_contained(node: RunningNode) -> None:
         assert (await bare.get("/admin/admin.html")).status_code == 404
         assert (await bare.get("/admin/secrets.txt")).status_code == 404
         assert (await bare.get("/")).status_code == 404  # the link page is for dev mode
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    return DOCS / name if os.environ.get("HUB_UPDATE_SCREENSHOT") == "1" else tmp_path / name
+
+
+async def test_operator_acts_on_connections_and_watches_rates(tmp_path: Path) -> None:
+    settings = make_settings(namespaces=NAMESPACES, node_id="node-a")
+    async with running_node(settings) as node, \
+            connect(node.ws_url, token("alice", info={"name": "Alice"})) as alice, \
+            connect(node.ws_url, token("bob")) as bob, \
+            connect(node.ws_url, token("carol")) as carol, \
+            browser(tmp_path / "profile") as context:
+        for client, channel in ((alice, "chat:lobby"), (bob, "chat:lobby"), (bob, "orders:eu"),
+                                (carol, "plain:room")):
+            await client.subscribe(channel)
+        page = await context.new_page()
+        await page.set_viewport_size({"width": 1280, "height": 900})
+        problems: list[str] = []
+        page.on("console", lambda message: problems.append(message.text)
+                if message.type in ("error", "warning") else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        await sign_in(page, node.url)
+
+        # the connections, each with where it came from and what it is subscribed to
+        rows = page.locator("#connections tbody tr")
+        await expect(rows).to_have_count(3)
+        bob_row = page.locator(f"#connections tbody tr[data-client='{bob.welcome['client']}']")
+        await expect(bob_row).to_contain_text("127.0.0.1:")
+        await expect(bob_row).to_contain_text("websockets")  # its user agent
+        await expect(bob_row.locator(".chip")).to_have_count(2)
+        await expect(page.locator("#nodes tbody tr", has_text="node-a")).to_contain_text(
+            "ready")
+
+        # search by user, then by channel
+        await page.fill("#conn-user", "alice")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text(alice.welcome["client"])
+        await page.fill("#conn-user", "")
+        await page.fill("#conn-channel", "orders:eu")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text("bob")
+        await page.fill("#conn-channel", "")
+        await expect(rows).to_have_count(3)
+
+        # disconnect, cancelled: nothing happens
+        await bob_row.locator("button.disconnect").click()
+        await expect(page.locator("#confirm")).to_be_visible()
+        await expect(page.locator("#confirm-text")).to_contain_text(bob.welcome["client"])
+        await page.click("#confirm-no")
+        await expect(page.locator("#confirm")).to_be_hidden()
+        assert (await bob.request({"type": "ping"}))["type"] == "pong"
+
+        # disconnect, confirmed: the client is closed with the API's code
+        alice_row = page.locator(f"#connections tbody tr[data-client='{alice.welcome['client']}']")
+        await alice_row.locator("button.disconnect").click()
+        await page.click("#confirm-yes")
+        assert await alice.closed() == 4003
+        await expect(rows).to_have_count(2)
+        await expect(page.locator("#action-result")).to_contain_text("disconnected")
+
+        # unsubscribe one connection from one channel (confirmed): the client is told
+        await bob_row.locator(".chip[data-channel='orders:eu'] button").click()
+        await expect(page.locator("#confirm-text")).to_contain_text("orders:eu")
+        await page.click("#confirm-yes")
+        await expect(bob_row.locator(".chip")).to_have_count(1)
+        async with asyncio.timeout(WAIT):
+            while (frame := await bob.recv())["type"] != "unsubscribed":
+                pass
+        assert frame == {"type": "unsubscribed", "channel": "orders:eu"}
+        await expect(page.locator("#action-result")).to_contain_text("unsubscribed")
+
+        # the rate charts draw what was published and delivered
+        for number in range(30):
+            await publish(node, "chat:lobby", {"n": number})
+        await expect(page.locator("#rate-published")).not_to_have_text("0.00", timeout=10_000)
+        await expect(page.locator("#chart-published")).to_have_attribute(
+            "data-points", re.compile(r"^([3-9]|\d\d+)$"))
+        for chart in ("published", "delivered", "connections"):
+            painted = await page.locator(f"#chart-{chart}").evaluate(
+                """canvas => {
+                    const data = canvas.getContext("2d")
+                        .getImageData(0, 0, canvas.width, canvas.height).data;
+                    let painted = 0;
+                    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) painted++;
+                    return painted;
+                }""")
+            assert painted > 200, chart
+
+        # a namespace without presence or history: no request that fails, so no console noise
+        await page.fill("#inspect-channel", "plain:room")
+        await page.click("#inspect-form button")
+        await expect(page.locator("#presence-note")).to_have_text(
+            "Off for this channel's namespace.")
+        await expect(page.locator("#history-remove")).to_be_hidden()
+        before = await page.locator("#status-text").text_content()
+        await expect(page.locator("#status-text")).not_to_have_text(before or "")
+        await expect(page.locator("#status-text")).not_to_have_text(
+            await page.locator("#status-text").text_content() or "")
+
+        # history removal (confirmed)
+        await page.locator("#channels tbody tr", has_text="chat:lobby").click()
+        await expect(page.locator("#history tbody tr")).to_have_count(20)
+        await page.click("#history-remove")
+        await page.click("#confirm-yes")
+        await expect(page.locator("#history tbody tr")).to_have_count(0)
+        await expect(page.locator("#action-result")).to_contain_text("removed the history")
+        history = (await node.http.get("/api/history/chat:lobby")).json()
+        assert history["messages"] == []
+
+        await page.locator("#action-result").evaluate("node => node.textContent = ''")
+        wide = screenshot_path(tmp_path, "admin.png")
+        await page.screenshot(path=str(wide), full_page=True)
+        assert wide.stat().st_size > 10_000
+
+        # a phone's width: nothing wider than the screen (tables scroll inside their cards)
+        await page.set_viewport_size({"width": 420, "height": 900})
+        await expect(page.locator("#status-text")).to_contain_text("live")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 420, width
+        for card in await page.locator("section.card").all():
+            box = await card.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 420
+        narrow = screenshot_path(tmp_path, "admin-phone.png")
+        await page.screenshot(path=str(narrow), full_page=True)
+        assert problems == [], problems

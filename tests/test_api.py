@@ -461,7 +461,8 @@ async def test_stats_shape(node: RunningNode, api: httpx.AsyncClient) -> None:
     assert set(body) == {"nodes", "total"}
     [entry] = body["nodes"]
     assert set(entry) == {"node", "connections", "users", "subscriptions", "channels",
-                          "started", "updated"}
+                          "started", "updated", "version", "address", "state", "rss", "cpu",
+                          "published", "delivered", "accepted"}
     assert entry["node"] == "test-node"
     assert (entry["connections"], entry["users"], entry["subscriptions"],
             entry["channels"]) == (3, 2, 3, 2)

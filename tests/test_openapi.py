@@ -35,6 +35,8 @@ API_CALLS = {
     ("post", "/api/publish"), ("post", "/api/broadcast"), ("post", "/api/send"),
     ("post", "/api/disconnect"), ("get", "/api/presence/{channel}"),
     ("get", "/api/history/{channel}"), ("get", "/api/channels"), ("get", "/api/stats"),
+    ("get", "/api/connections"), ("delete", "/api/history/{channel}"),
+    ("get", "/api/namespaces"),
     ("post", "/api/subscribe"), ("post", "/api/unsubscribe"),
 }
 PROBES = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
@@ -77,6 +79,7 @@ async def test_document_covers_every_http_route_of_the_app() -> None:
         for method in (route.methods or ()) if method != "HEAD"
     }
     not_api = {("get", "/openapi.json"), ("get", "/admin"), ("get", "/admin/{name}"),
+               ("get", "/admin/config.json"),
                ("get", "/")}
     assert served - not_api == API_CALLS | PROBES
 
