@@ -43,17 +43,32 @@ from hub.auth import mint_token
 from hub.hooks import ConnectRequest, ConnectResult, Reply
 
 DELAY = float(os.environ.get("BENCH_HOOK_DELAY", "0"))
+IN_FLIGHT = {"now": 0, "most": 0}  # the backend's calls at once
 
 
 async def connect_hook(request: Request) -> Response:
-    hook = msgspec.json.decode(await request.body(), type=ConnectRequest)
-    if DELAY:
-        await asyncio.sleep(DELAY)
-    reply = Reply(result=ConnectResult(user="u-" + hook.client[:10]))
-    return Response(msgspec.json.encode(reply), media_type="application/json")
+    IN_FLIGHT["now"] += 1
+    IN_FLIGHT["most"] = max(IN_FLIGHT["most"], IN_FLIGHT["now"])
+    try:
+        hook = msgspec.json.decode(await request.body(), type=ConnectRequest)
+        if DELAY:
+            await asyncio.sleep(DELAY)
+        reply = Reply(result=ConnectResult(user="u-" + hook.client[:10]))
+        return Response(msgspec.json.encode(reply), media_type="application/json")
+    finally:
+        IN_FLIGHT["now"] -= 1
 
 
-backend_app = Starlette(routes=[Route("/connect", connect_hook, methods=["POST"])])
+async def most_in_flight(request: Request) -> Response:
+    """GET: the most calls the backend had at once since the last POST (which resets it)."""
+    most = IN_FLIGHT["most"]
+    if request.method == "POST":
+        IN_FLIGHT["most"] = 0
+    return Response(str(most))
+
+
+backend_app = Starlette(routes=[Route("/connect", connect_hook, methods=["POST"]),
+                                Route("/in-flight", most_in_flight, methods=["GET", "POST"])])
 
 
 @dataclass
@@ -138,6 +153,7 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
             return await open_one(host, port, token)
 
     calls_before, call_seconds_before = hook_calls(node)
+    backend_in_flight(backend, reset=True)
     node_cpu, backend_cpu = cpu_seconds(node.process.pid), cpu_seconds(backend.process.pid)
     started = time.perf_counter()
     results = await asyncio.gather(*(one(token) for token in tokens))
@@ -159,10 +175,17 @@ async def run_mode(node: Process, backend: Process, connections: int, in_flight:
         "failed": connections - welcomed,
         "node_cpu_us_per_connect": 1e6 * node_cpu / max(1, welcomed),
         "backend_cpu_s": backend_cpu,
+        "backend_most_in_flight": backend_in_flight(backend),
         "hook_calls": calls,
         "hook_call_mean_ms": 1000 * call_seconds / max(1, calls),
         "seconds": elapsed,
     }
+
+
+def backend_in_flight(backend: Process, reset: bool = False) -> float:
+    """The most calls the backend had at once since the last reset."""
+    method = "POST" if reset else "GET"
+    return float(httpx.request(method, backend.url + "/in-flight", timeout=10).text)
 
 
 def hook_calls(node: Process) -> tuple[float, float]:
