@@ -51,6 +51,7 @@ FAILURES = ("timeout", "unreachable", "status", "bad_json", "bad_shape", "too_la
             "exception")
 OUTCOMES = ("ok", "error", "disconnect", *FAILURES)
 LOG_EVERY = 60.0  # seconds: one log line per kind of failure
+EXPECTED_WEIGHT = 0.1  # of the latest call in the moving average of a hook's call time
 
 
 # Requests (hub → application). `data` is the client's JSON value, decoded.
@@ -394,6 +395,8 @@ class HookRunner:
         self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._client: aiohttp.ClientSession | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        # How long a call of each hook takes lately (a moving average, slot wait excluded).
+        self._expected: dict[str, float] = {}
         # One line per kind of failure per minute (with the count), the latest detail.
         self._details: dict[str, str] = {}
         self._failures = RateLimitedLines(self._say, LOG_EVERY)
@@ -520,6 +523,14 @@ class HookRunner:
         try:
             async with asyncio.timeout(timeout):
                 await slots.acquire()
+            expected = self._expected.get(hook, 0.0)
+            if deadline - loop.time() < expected < timeout:
+                # Too little time left for a call that takes what calls took lately: fail
+                # now and leave the slot to a caller that can still be answered (in a storm,
+                # the oldest waiters get the slots, and would spend them in vain). A caller
+                # that finds a slot free at once always calls, so the average stays current.
+                slots.release()
+                raise TimeoutError
             call = loop.create_task(self._exchange(hook, context, request, url, slots))
             answer = await asyncio.wait_for(asyncio.shield(call), deadline - loop.time())
         except TimeoutError:
@@ -557,6 +568,7 @@ class HookRunner:
                         slots: asyncio.Semaphore) -> Any:
         """The call itself, in a task of its own that holds a slot: the callable's answer,
         or the body the URL answered."""
+        started = time.monotonic()
         try:
             async with asyncio.timeout(2 * self.config.timeout):
                 function = getattr(self.callables, hook)
@@ -565,6 +577,9 @@ class HookRunner:
                 return await self._post(hook, url or self.config.urls[hook], context, request)
         finally:
             slots.release()
+            took = time.monotonic() - started
+            expected = self._expected.get(hook, took)
+            self._expected[hook] = expected + EXPECTED_WEIGHT * (took - expected)
 
     async def _post(self, hook: str, url: str, context: Context, request: Any) -> bytes:
         headers = [*context.headers, *self.config.static_headers.items(),

@@ -253,3 +253,41 @@ async def test_wrong_answers_of_callables_are_failures_of_their_kind() -> None:
     assert registry.get_sample_value("hub_hook_calls_total",
                                      {"hook": "connect", "outcome": "bad_shape"}) == 2
     await runner.aclose()
+
+
+async def test_a_storm_spends_slots_on_callers_that_can_still_be_answered() -> None:
+    """One slot, calls of 100 ms, a 300 ms timeout, a caller every 20 ms (five times what
+    the slot serves): the waiters left with less time than a call takes fail at once
+    instead of spending the slot on an answer nobody waits for, so nearly every call made
+    answers its caller; after the storm a caller is answered again."""
+    from prometheus_client import CollectorRegistry
+
+    from hub.hooks import WEBSOCKET_JSON, Context, HookConfig, HookFailed, HookMetrics, HookRunner
+
+    calls = 0
+
+    async def connect(conn: HTTPConnection, request: ConnectRequest) -> ConnectResult:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return ConnectResult(user="u")
+
+    runner = HookRunner(HookConfig.of(make_settings(allowed_origins="https://a.example",
+                                                    hook_timeout=0.3, hook_concurrency=1)),
+                        HookMetrics(CollectorRegistry()), Hooks(connect=connect))
+
+    async def one(delay: float = 0) -> str:
+        await asyncio.sleep(delay)
+        try:
+            await runner.connect(Context([], {"type": "websocket", "headers": []}),
+                                 ConnectRequest(**WEBSOCKET_JSON, client="c"))
+        except HookFailed as failed:
+            return failed.kind
+        return "ok"
+
+    outcomes = await asyncio.gather(*(one(0.02 * n) for n in range(30)))
+    answered = outcomes.count("ok")
+    assert answered >= 3 and set(outcomes) == {"ok", "timeout"}
+    assert calls <= answered + 2, (calls, answered)  # FIFO alone wastes nearly every call
+    assert await one() == "ok"
+    await runner.aclose()
