@@ -222,7 +222,7 @@ class SubscribeRequest(msgspec.Struct, kw_only=True):
     recover: bool = False
     offset: Offset = 0
     epoch: str = ""
-    # Tolerated, not acted on: subscription tokens and data, positioning and join/leave
+    # Tolerated, not acted on: subscription tokens, positioning and join/leave
     # asks, channel compaction (`flag` 1, sent on every subscribe) and fossil `delta`.
     token: str = ""
     positioned: bool = False
@@ -230,6 +230,7 @@ class SubscribeRequest(msgspec.Struct, kw_only=True):
     join_leave: bool = False
     delta: str = ""
     flag: int = 0
+    data: msgspec.Raw = NO_RAW  # for the subscribe hook (PROTOCOL §13)
 
     @property
     def since(self) -> p.Since | None:

@@ -184,7 +184,7 @@ class CentrifugoSession(Session):
         if method == "subscribe" and command.subscribe is not None:
             request = command.subscribe
             joined = self._joined(command_id, request)
-            await commands.subscribe(self, request.channel, request.since, joined)
+            await commands.subscribe(self, request.channel, request.since, joined, request.data)
         elif method == "unsubscribe" and command.unsubscribe is not None:
             # Always a success: both SDKs reconnect on an unsubscribe error.
             with contextlib.suppress(HubError):

@@ -102,14 +102,16 @@ class ClientCommands:
         channel: str,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        data: msgspec.Raw | None = None,
     ) -> None:
         """`joined` gets what the subscription starts from (for the reply) before any
-        message of the channel reaches the client."""
+        message of the channel reaches the client. `data`: the client's, for the
+        subscribe hook (Centrifugo's subscribe `data`)."""
         namespace = client.permissions.check_subscribe(channel)
         if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
         hooked = namespace.subscribe == "proxy" and not self.settings.dev
-        await self._join(client, channel, namespace, since, joined, hooked)
+        await self._join(client, channel, namespace, since, joined, hooked, data)
 
     async def server_subscribe(
         self,
@@ -134,6 +136,7 @@ class ClientCommands:
         since: p.Since | None,
         joined: Callable[[Joined], None],
         hooked: bool = False,
+        data: msgspec.Raw | None = None,
     ) -> None:
         """`hooked`: ask the subscribe hook first (a client's subscribe in a `proxy`
         namespace, PROTOCOL §13)."""
@@ -143,7 +146,7 @@ class ClientCommands:
             raise HubError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions")
         if not self.node.broker.up:
             raise BrokerUnavailable()
-        expire_at = await self._subscribe_hook(client, channel) if hooked else 0
+        expire_at = await self._subscribe_hook(client, channel, data) if hooked else 0
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
         if await subscriptions.join(client, channel, position, joined):
             if expire_at:
@@ -241,11 +244,13 @@ class ClientCommands:
             client.close(disconnect.code, disconnect.reason)
             raise HubError(ErrorCode.INTERNAL, "disconnected by the application") from None
 
-    async def _subscribe_hook(self, client: Client, channel: str) -> int:
+    async def _subscribe_hook(
+        self, client: Client, channel: str, data: msgspec.Raw | None
+    ) -> int:
         """Ask the subscribe hook; its `expire_at` (0: none) ends the subscription."""
         assert client.hook is not None
         request = SubscribeRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
-                                   channel=channel, meta=client.hook.meta)
+                                   channel=channel, data=decoded(data), meta=client.hook.meta)
         result = await self._hooked(client, self.node.hooks.subscribe(client.hook, request))
         return result.expire_at
 

@@ -288,6 +288,13 @@ async def test_centrifugo_connect_hook_errors_and_rpc(backend: Backend) -> None:
         await raw.send(json.dumps({"id": 3, "rpc": {"method": "nope"}}))
         assert await frame(raw) == {"id": 3, "error": {"code": 1002,
                                                       "message": "no method nope"}}
+        await raw.send(json.dumps({"id": 4, "subscribe": {"channel": "hooked:room",
+                                                          "data": {"k": 1}}}))
+        assert (await frame(raw))["id"] == 4
+        asked = backend.stats()["last"]["subscribe"]["body"]
+        assert (asked["channel"], asked["data"]) == ("hooked:room", {"k": 1})
+        await raw.send(json.dumps({"id": 5, "subscribe": {"channel": "hooked:secret"}}))
+        assert await frame(raw) == {"id": 5, "error": {"code": 103, "message": "not for you"}}
         await raw.close()
         stranger = await websockets.connect(centrifugo_url(running), open_timeout=WAIT)
         await stranger.send(json.dumps({"id": 1, "connect": {}}))
