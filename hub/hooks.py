@@ -35,6 +35,7 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import aiohttp
 import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import HTTPConnection
 
 from hub.abuse import RateLimitedLines
@@ -369,9 +370,7 @@ class Context:
 class HookMetrics:
     """`hub_hook_calls_total{hook,outcome}` and `hub_hook_duration_seconds{hook}`."""
 
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Histogram
-
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.calls = Counter("hub_hook_calls", "Hook calls, by hook and outcome",
                              ["hook", "outcome"], registry=registry)
         self.duration = Histogram(
