@@ -17,6 +17,7 @@ from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
 from hub.connection import WebSocketEndpoint
+from hub.events import EventsCallable, attach, create_events
 from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
@@ -79,11 +80,15 @@ class HubApp(Starlette):
 WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
 
 
-def create_app(settings: Settings, hooks: Hooks | None = None) -> Starlette:
-    """`hooks`: callables for the hooks of PROTOCOL §13 (an embedded hub's)."""
+def create_app(
+    settings: Settings, *, hooks: Hooks | None = None, on_events: EventsCallable | None = None
+) -> Starlette:
+    """`hooks`: callables for the hooks of PROTOCOL §13; `on_events`: a callable that gets
+    the events of PROTOCOL §14 instead of `HUB_EVENTS_URL` (both an embedded hub's)."""
     broker, presence = create_backends(settings)
     metrics = Metrics(settings.node_id)
     node = Node(settings, broker, presence, metrics, hooks)
+    attach(node, create_events(settings, metrics, broker, on_events))
     write_path = WritePath()
 
     @contextlib.asynccontextmanager

@@ -52,17 +52,43 @@ class Authenticator:
         s = self._settings
         return bool(s.jwt_secret or s.jwt_public_key or s.jwks_url)
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, *, anonymous: bool = False) -> Identity:
+        """`anonymous`: a token without `sub` is an anonymous user (empty user id), as
+        Centrifugo's protocol allows when configured (HUB_ANONYMOUS)."""
         if not token:
             raise AuthFailed("missing", "no token")
+        required = ["exp"] if self._settings.jwt_require_exp else []
+        claims = await self._claims(token, required if anonymous else ["sub", *required])
+        if anonymous and not claims.get("sub"):
+            claims["sub"] = ""
+            return _identity(claims, anonymous=True)
+        return _identity(claims)
+
+    async def verify_subscription(self, token: str, user: str, channel: str) -> Identity:
+        """A subscription token (Centrifugo's protocol): signed like connect tokens, `sub`
+        the connection's user (empty for an anonymous one), `channel` the channel; `exp`
+        optional. The Identity carries its expiry and `info`."""
+        if not token:
+            raise AuthFailed("missing", "no token")
+        claims = await self._claims(token, ["channel"])
+        if claims.get("sub", "") != user:
+            raise AuthFailed("invalid", "subscription token of another user")
+        if claims.get("channel") != channel:
+            raise AuthFailed("invalid", "subscription token of another channel")
+        expires = claims.get("exp")
+        if expires is not None and not isinstance(expires, int | float):
+            raise AuthFailed("invalid", "claim `exp` must be a number")
+        return Identity(user=user, expires=int(expires) if expires is not None else None,
+                        info=_info(claims.get("info")))
+
+    async def _claims(self, token: str, required: list[str]) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise AuthFailed("invalid", f"malformed token: {exc}") from None
         algorithm = header.get("alg")
         key = await self._key_for(algorithm, token)
-        claims = self._decode(token, key, algorithm)
-        return _identity(claims)
+        return self._decode(token, key, algorithm, required)
 
     async def _key_for(self, algorithm: object, token: str) -> Any:
         s = self._settings
@@ -78,9 +104,10 @@ class Authenticator:
             return signing_key.key
         raise AuthFailed("invalid", f"token algorithm {ascii(algorithm)[:24]} is not accepted")
 
-    def _decode(self, token: str, key: Any, algorithm: object) -> dict[str, Any]:
+    def _decode(
+        self, token: str, key: Any, algorithm: object, required: list[str]
+    ) -> dict[str, Any]:
         s = self._settings
-        required = ["sub", "exp"] if s.jwt_require_exp else ["sub"]
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -97,9 +124,9 @@ class Authenticator:
         return claims
 
 
-def _identity(claims: dict[str, Any]) -> Identity:
+def _identity(claims: dict[str, Any], anonymous: bool = False) -> Identity:
     user = claims.get("sub")
-    if not isinstance(user, str) or not 1 <= len(user) <= 128:
+    if not isinstance(user, str) or not (0 if anonymous else 1) <= len(user) <= 128:
         raise AuthFailed("invalid", "claim `sub` must be a string of 1-128 characters")
     expires = claims.get("exp")
     if expires is not None and not isinstance(expires, int | float):

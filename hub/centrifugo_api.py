@@ -74,7 +74,7 @@ from hub.centrifugo_api_types import (
     Unreadable,
     UnsubscribeRequest,
 )
-from hub.centrifugo_session import publication
+from hub.centrifugo_codecs import publication
 from hub.channels import is_personal, is_valid
 from hub.endpoints import MAX_BODY_BYTES
 from hub.errors import BrokerUnavailable, CloseCode, HubError, close_reason

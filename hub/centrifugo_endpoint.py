@@ -1,4 +1,5 @@
-"""`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted, the
+"""`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted in the
+encoding the client asks for (`hub.centrifugo_codecs.codec_for`: JSON unless Protobuf), the
 first command must be `connect` (within HUB_AUTH_TIMEOUT), its token is the hub's own;
 then a `CentrifugoSession` serves, and one task pings every such connection with `{}`.
 
@@ -19,7 +20,8 @@ from typing import Any
 from hub import __version__
 from hub import centrifugo_frames as cf
 from hub.auth import AuthFailed, Identity
-from hub.centrifugo_session import PING_FRAME, CentrifugoSession
+from hub.centrifugo_codecs import PROTOBUF_SUBPROTOCOL, CentrifugoCodec, codec_for
+from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import (
     Gone,
@@ -32,22 +34,21 @@ from hub.connection import (
 from hub.connections import Origin
 from hub.errors import CloseCode
 from hub.hooks import (
-    WEBSOCKET_JSON,
     ConnectRequest,
     ConnectResult,
     Context,
     HookDisconnected,
     HookFailed,
     HookRefused,
-    decoded,
     identity_of,
-    raw_json,
+    payload,
+    result_payload,
 )
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.subscriptions import Joined
-from hub.wire import ASGISend, WritePath
+from hub.wire import ASGISend, WritePath, payload_of
 
 log = logging.getLogger("hub.centrifugo")
 
@@ -76,14 +77,18 @@ class CentrifugoEndpoint:
             return
         if not await origin_allowed(self.node, scope, send):
             return
-        await send({"type": "websocket.accept"})
+        codec = codec_for(scope)
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
+            accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
+        await send(accept)
         hooks = self.node.hooks
-        context = hooks.context(scope) if hooks.active else None
+        context = hooks.context(scope, binary=codec.binary) if hooks.active else None
         hooked: ConnectResult | None = None
         client_id = new_client_id()
         try:
             self._check_room()
-            command, rest = await self._first_command(receive)
+            command, rest = await self._first_command(receive, codec)
             assert command.connect is not None
             if context is not None and hooks.wants_connect(bool(command.connect.token)):
                 hooked = await self._connect_hook(context, command, client_id)
@@ -96,20 +101,17 @@ class CentrifugoEndpoint:
             await close_socket(send, refused.code, refused.reason)
             return
         except _Expired as expired:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            reply = cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)
-            await self._refuse_connect(send, receive, reply)
+            await self._expired(send, receive, expired.command_id, codec)
             return
         except _ConnectError as refused:
             self.node.metrics.disconnections.labels(
                 close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            await self._refuse_connect(send, receive, refused.reply)
+            await self._refuse_connect(send, receive, refused.reply, codec)
             return
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive, Origin.of_scope(scope),
+        await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope),
                           context, hooked, client_id)
 
     async def _connect_hook(
@@ -120,8 +122,8 @@ class CentrifugoEndpoint:
         (temporary: the SDKs reconnect with backoff)."""
         connect = command.connect
         assert connect is not None
-        request = ConnectRequest(**WEBSOCKET_JSON, client=client_id, name=connect.name,
-                                 version=connect.version, data=decoded(connect.data))
+        request = ConnectRequest(**context.wire, client=client_id, name=connect.name,
+                                 version=connect.version, **payload(connect.data, context))
         try:
             return await self.node.hooks.connect(context, request)
         except HookRefused as refused:
@@ -141,8 +143,11 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
                            CloseCode.TRY_AGAIN_LATER)
 
-    async def _first_command(self, receive: ASGIReceive) -> tuple[cf.Command, list[bytes]]:
-        """The `connect` command, and the commands that came in its frame after it."""
+    async def _first_command(
+        self, receive: ASGIReceive, codec: CentrifugoCodec
+    ) -> tuple[cf.Command, list[bytes]]:
+        """The `connect` command, and the commands that came in its frame after it, in
+        the connection's encoding (text frames for JSON, binary for Protobuf)."""
         node = self.node
         try:
             async with asyncio.timeout(node.settings.auth_timeout):
@@ -152,10 +157,10 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
         if message["type"] == "websocket.disconnect":
             raise Gone(message.get("code"))
-        text = message.get("text")
-        messages = cf.split_frame(text) if text is not None else []
+        data = message.get("bytes") if codec.binary else message.get("text")
+        messages = codec.split(data.encode() if isinstance(data, str) else data)[0] if data else []
         try:
-            command = cf.decode_command(messages[0]) if messages else None
+            command = codec.decode(messages[0]) if messages else None
         except cf.BadCommand:
             command = None
         if command is None or command.connect is None or not command.id:
@@ -167,12 +172,15 @@ class CentrifugoEndpoint:
         node = self.node
         assert command.connect is not None
         token = command.connect.token
+        anonymous = node.settings.anonymous
         if not token and node.settings.dev:
             return dev_identity(scope)
+        if not token and anonymous:
+            return Identity(user="")
         try:
             if not node.authenticator.configured and token:
                 raise AuthFailed("invalid", "no token verification key is configured")
-            identity = await node.authenticator.verify(token)
+            identity = await node.authenticator.verify(token, anonymous=anonymous)
         except AuthFailed as exc:
             node.metrics.auth_failed(exc.reason)
             if exc.code == CloseCode.TOKEN_EXPIRED:
@@ -184,12 +192,24 @@ class CentrifugoEndpoint:
             raise _Expired(command.id)
         return identity
 
-    async def _refuse_connect(self, send: ASGISend, receive: ASGIReceive, reply: cf.Reply) -> None:
-        """An error reply to `connect` (109: the SDK closes, fetches a new token and connects
-        again; a hook's error: it reconnects or stops as the code says). Closing first
-        could reach it before the reply, and stop it; so the client closes, or the auth
-        timeout does."""
-        await send_quietly(send, {"type": "websocket.send", "text": cf.encode(reply).decode()})
+    async def _expired(
+        self, send: ASGISend, receive: ASGIReceive, command_id: int, codec: CentrifugoCodec
+    ) -> None:
+        """Error 109: the SDK closes, fetches a new token and connects again."""
+        self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
+        reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
+        await self._refuse_connect(send, receive, reply, codec)
+
+    async def _refuse_connect(
+        self, send: ASGISend, receive: ASGIReceive, reply: cf.Reply, codec: CentrifugoCodec
+    ) -> None:
+        """An error reply to `connect` (109: the SDK fetches a new token; a hook's error: it
+        reconnects or stops as the code says). Closing first could reach it before the
+        reply, and stop it; so the client closes, or the auth timeout does."""
+        frame = payload_of(codec.reply(reply))
+        event = {"type": "websocket.send", "bytes": frame} if codec.binary else {
+            "type": "websocket.send", "text": frame.decode()}
+        await send_quietly(send, event)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.node.settings.auth_timeout):
                 while (await receive())["type"] != "websocket.disconnect":
@@ -211,6 +231,7 @@ class CentrifugoEndpoint:
         rest: list[bytes],
         send: ASGISend,
         receive: ASGIReceive,
+        codec: CentrifugoCodec,
         origin: Origin,
         context: Context | None = None,
         hooked: ConnectResult | None = None,
@@ -218,12 +239,15 @@ class CentrifugoEndpoint:
     ) -> None:
         node, commands = self.node, self.commands
         session = CentrifugoSession(
-            commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity
+            commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity,
+            codec,
         )
         session.origin = origin
         session.hook = context
         channels = hooked.channels if hooked is not None else []
-        data = raw_json(hooked.data) if hooked is not None and hooked.data is not None else None
+        data = None
+        if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
+            data = result_payload(hooked.data, hooked.b64data)
         session.connected(command.id, __version__, node.settings.ping_interval, data, channels)
         code: int = CloseCode.INTERNAL_ERROR
         self.sessions.add(session)
@@ -257,7 +281,7 @@ class CentrifugoEndpoint:
                         session.close(cf.DisconnectCode.NO_PONG, "no pong")
                     else:
                         session.pong_due = True
-                        session.push(PING_FRAME)
+                        session.push(session.codec.ping_frame)
         finally:
             self._pinging = False
 

@@ -302,6 +302,13 @@ class RpcRequest(msgspec.Struct, kw_only=True):
     data: msgspec.Raw = NO_RAW
 
 
+class SubRefreshRequest(msgspec.Struct, kw_only=True):
+    """A new subscription token for a channel subscribed with one."""
+
+    channel: str
+    token: str = ""
+
+
 class Command(msgspec.Struct, kw_only=True):
     """One client message. Only the first method set counts (client.proto); a command with
     an id and no method served here is answered 104."""
@@ -319,8 +326,8 @@ class Command(msgspec.Struct, kw_only=True):
     # no answer; the others get 104.
     ping: msgspec.Raw = NO_RAW
     send: msgspec.Raw = NO_RAW
-    sub_refresh: msgspec.Raw = NO_RAW
     rpc: RpcRequest | None = None
+    sub_refresh: SubRefreshRequest | None = None
 
     @property
     def method(self) -> str | None:
@@ -342,7 +349,7 @@ _METHODS = (
 )
 SERVED_METHODS = frozenset(
     {"connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats",
-     "history", "refresh", "rpc"}
+     "history", "refresh", "rpc", "sub_refresh"}
 )
 
 
@@ -418,6 +425,7 @@ class Publication(msgspec.Struct, omit_defaults=True):
     info: ClientInfo | None = None
     offset: int = 0
     tags: dict[str, str] | None = None
+    delta: bool = False
     time: int = 0
 
 
@@ -491,6 +499,7 @@ class SubscribeResult(msgspec.Struct, omit_defaults=True):
     positioned: bool = False
     data: msgspec.Raw | None = None
     was_recovering: bool = False
+    delta: bool = False
 
 
 class ConnectResult(msgspec.Struct, omit_defaults=True):
@@ -512,6 +521,15 @@ class RefreshResult(msgspec.Struct, omit_defaults=True):
     version: str = ""
     expires: bool = False
     ttl: int = 0
+
+
+class SubRefreshResult(msgspec.Struct, omit_defaults=True):
+    expires: bool = False
+    ttl: int = 0
+
+
+class RPCResult(msgspec.Struct, omit_defaults=True):
+    data: msgspec.Raw | None = None
 
 
 class UnsubscribeResult(msgspec.Struct):
@@ -538,10 +556,6 @@ class HistoryResult(msgspec.Struct):
     offset: int
 
 
-class RpcResult(msgspec.Struct, omit_defaults=True):
-    data: msgspec.Raw | None = None
-
-
 class Error(msgspec.Struct, omit_defaults=True):
     code: int
     message: str
@@ -559,8 +573,9 @@ class Reply(msgspec.Struct, omit_defaults=True):
     presence: PresenceResult | None = None
     presence_stats: PresenceStatsResult | None = None
     history: HistoryResult | None = None
+    rpc: RPCResult | None = None
     refresh: RefreshResult | None = None
-    rpc: RpcResult | None = None
+    sub_refresh: SubRefreshResult | None = None
 
 
 PING = b"{}"

@@ -65,10 +65,12 @@ class Permissions:
     def namespace(self, channel: str) -> Namespace:
         return self._settings.namespace_of(channel)
 
-    def check_subscribe(self, channel: str) -> Namespace:
+    def check_subscribe(self, channel: str, granted: bool = False) -> Namespace:
+        """`granted`: a subscription token names this channel (Centrifugo's protocol)."""
         check_client_channel(channel)
         namespace = self.namespace(channel)
-        if self._dev or namespace.subscribe in ("any", "proxy"):  # proxy: the hook decides
+        # proxy: the subscribe hook decides (PROTOCOL §13)
+        if self._dev or namespace.subscribe in ("any", "proxy") or granted:
             return namespace
         if not matches_any(channel, self._subscribe_patterns):
             raise HubError(ErrorCode.FORBIDDEN, f"token does not allow subscribing to {channel}")

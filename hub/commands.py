@@ -29,7 +29,6 @@ from hub.channels import (
 )
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.hooks import (
-    WEBSOCKET_JSON,
     Context,
     HookDisconnected,
     HookFailed,
@@ -38,8 +37,8 @@ from hub.hooks import (
     RPCRequest,
     SubRefreshRequest,
     SubscribeRequest,
-    decoded,
-    raw_json,
+    payload,
+    result_payload,
 )
 from hub.hub import Connection
 from hub.metrics import close_code_label
@@ -79,7 +78,8 @@ class ClientCommands:
         node.hub.add(client)
         node.idle.clear()
         self.metrics.connections_accepted.inc()
-        await self._subscriptions.join_personal(client, personal_channel(client.user))
+        if client.user:  # an anonymous connection (Centrifugo's protocol) has none
+            await self._subscriptions.join_personal(client, personal_channel(client.user))
 
     async def disconnect(self, client: Client, code: int) -> None:
         node = self.node
@@ -87,6 +87,8 @@ class ClientCommands:
         if not node.hub.sessions:
             node.idle.set()
         self.metrics.disconnections.labels(close_code_label(code)).inc()
+        for channel in self._subscriptions.channels_of(client):  # removed before vacated
+            self._member(client, channel, self.settings.namespace_of(channel), False)
         channels = await self._subscriptions.leave_all(client)
         if node.broker.up:  # else presence expires by TTL, and leave events cannot go out
             await asyncio.gather(*(
@@ -102,16 +104,22 @@ class ClientCommands:
         channel: str,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        *,
+        granted: bool = False,
+        delta: bool = False,
         data: msgspec.Raw | None = None,
     ) -> None:
         """`joined` gets what the subscription starts from (for the reply) before any
-        message of the channel reaches the client. `data`: the client's, for the
-        subscribe hook (Centrifugo's subscribe `data`)."""
-        namespace = client.permissions.check_subscribe(channel)
+        message of the channel reaches the client. `granted`: a subscription token allows
+        it; `delta`: publications go as fossil deltas (the client's codec writes them);
+        `data`: the client's, for the subscribe hook (Centrifugo's subscribe `data`)."""
+        namespace = client.permissions.check_subscribe(channel, granted)
         if self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
-        hooked = namespace.subscribe == "proxy" and not self.settings.dev
-        await self._join(client, channel, namespace, since, joined, hooked, data)
+        # A proxy namespace asks the hook, unless a subscription token grants it.
+        hooked = namespace.subscribe == "proxy" and not self.settings.dev and not granted
+        await self._join(client, channel, namespace, since, joined, delta=delta,
+                         hooked=hooked, data=data)
 
     async def server_subscribe(
         self,
@@ -135,6 +143,8 @@ class ClientCommands:
         namespace: Namespace,
         since: p.Since | None,
         joined: Callable[[Joined], None],
+        *,
+        delta: bool = False,
         hooked: bool = False,
         data: msgspec.Raw | None = None,
     ) -> None:
@@ -148,9 +158,10 @@ class ClientCommands:
             raise BrokerUnavailable()
         expire_at = await self._subscribe_hook(client, channel, data) if hooked else 0
         position = StreamPosition(since.offset, since.epoch) if since is not None else None
-        if await subscriptions.join(client, channel, position, joined):
+        if await subscriptions.join(client, channel, position, joined, delta=delta):
             if expire_at:
                 self._expire_subscription_at(client, channel, expire_at)
+            self._member(client, channel, namespace, True)
             await self._announce(client, channel, namespace, joined=True)
 
     async def subscribe_server_side(
@@ -169,10 +180,10 @@ class ClientCommands:
             except HubError as exc:
                 log.warning("connect hook: channel %r skipped: %s", channel, exc.message)
 
-    def check_read(self, client: Client, channel: str) -> None:
-        """Presence and history: what subscribe allows; on a `proxy` namespace, being
-        subscribed (the hook let it in)."""
-        namespace = client.permissions.check_subscribe(channel)
+    def check_read(self, client: Client, channel: str, granted: bool = False) -> None:
+        """Presence and history: what subscribe allows (`granted`: whatever the token
+        says); on a `proxy` namespace, being subscribed (the hook let it in)."""
+        namespace = client.permissions.check_subscribe(channel, granted)
         if namespace.subscribe == "proxy" and not self.settings.dev \
                 and not self._subscriptions.has(client, channel):
             raise HubError(ErrorCode.FORBIDDEN, f"not subscribed to {channel}")
@@ -182,16 +193,19 @@ class ClientCommands:
         hooks = self.node.hooks
         if client.hook is None or not hooks.has("rpc"):
             raise HubError(ErrorCode.UNAVAILABLE, "rpc is not available: no rpc hook")
-        request = RPCRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
-                             method=method, data=decoded(data), meta=client.hook.meta)
-        result = await self._hooked(client, hooks.rpc(client.hook, request))
-        return raw_json(result.data)
+        hook = client.hook
+        request = RPCRequest(**hook.wire, client=client.client_id, user=client.user,
+                             method=method, **payload(data, hook), meta=hook.meta)
+        result = await self._hooked(client, hooks.rpc(hook, request))
+        return result_payload(result.data, result.b64data)
 
     async def unsubscribe(self, client: Client, channel: str) -> None:
         check_client_channel(channel)
+        namespace = self.settings.namespace_of(channel)
+        self._member(client, channel, namespace, False)  # before vacated; a no-op if not in
         if not await self._subscriptions.leave(client, channel):
             raise HubError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
-        await self._announce(client, channel, self.settings.namespace_of(channel), joined=False)
+        await self._announce(client, channel, namespace, joined=False)
 
     async def server_unsubscribe(self, client: Client, channel: str) -> bool:
         """An unsubscribe the server API asks for; False: it was not subscribed."""
@@ -206,14 +220,21 @@ class ClientCommands:
         namespace = client.permissions.check_publish(channel)
         if namespace.publish == "proxy" and not self.settings.dev:
             data = await self._publish_hook(client, channel, data)
-        return await self.node.publish(
+        position = await self.node.publish(
             channel, data, event, from_user=client.user, from_client=client.client_id,
             from_info=client.identity.info, source="client",
         )
+        events = self.node.events
+        if events is not None and namespace.events_client_publish:
+            events.client_publish(channel, client.user, client.client_id, data)
+        return position
 
-    async def presence(self, client: Client, channel: str) -> list[p.ClientInfo]:
-        """Members without their node: that is the operators' business."""
-        self.check_read(client, channel)
+    async def presence(
+        self, client: Client, channel: str, *, granted: bool = False
+    ) -> list[p.ClientInfo]:
+        """Members without their node: that is the operators' business. `granted`: the
+        protocol allows it whatever the token says (Centrifugo's, to a subscriber)."""
+        self.check_read(client, channel, granted)
         members = await self.node.presence_of(channel)
         return [p.ClientInfo(m.client, m.user, None, m.info) for m in members]
 
@@ -249,18 +270,22 @@ class ClientCommands:
     ) -> int:
         """Ask the subscribe hook; its `expire_at` (0: none) ends the subscription."""
         assert client.hook is not None
-        request = SubscribeRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
-                                   channel=channel, data=decoded(data), meta=client.hook.meta)
+        hook = client.hook
+        request = SubscribeRequest(**hook.wire, client=client.client_id, user=client.user,
+                                   channel=channel, **payload(data, hook), meta=hook.meta)
         result = await self._hooked(client, self.node.hooks.subscribe(client.hook, request))
         return result.expire_at
 
     async def _publish_hook(self, client: Client, channel: str, data: msgspec.Raw) -> msgspec.Raw:
         """Ask the publish hook; a result with `data` replaces the client's."""
         assert client.hook is not None
-        request = PublishRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
-                                 channel=channel, data=decoded(data), meta=client.hook.meta)
-        result = await self._hooked(client, self.node.hooks.publish(client.hook, request))
-        return data if result.data is msgspec.UNSET else raw_json(result.data)
+        hook = client.hook
+        request = PublishRequest(**hook.wire, client=client.client_id, user=client.user,
+                                 channel=channel, **payload(data, hook), meta=hook.meta)
+        result = await self._hooked(client, self.node.hooks.publish(hook, request))
+        if result.data is msgspec.UNSET and result.b64data is None:
+            return data
+        return result_payload(result.data, result.b64data)
 
     def _expire_subscription_at(self, client: Client, channel: str, expire_at: float) -> None:
         """At `expire_at` the sub_refresh hook extends the subscription or ends it (without
@@ -275,7 +300,8 @@ class ClientCommands:
         hooks = self.node.hooks
         expire_at = 0
         if hooks.has("sub_refresh"):
-            request = SubRefreshRequest(**WEBSOCKET_JSON, client=client.client_id, user=client.user,
+            request = SubRefreshRequest(**client.hook.wire, client=client.client_id,
+                                        user=client.user,
                                         channel=channel, meta=client.hook.meta)
             try:
                 result = await hooks.sub_refresh(client.hook, request)
@@ -293,6 +319,12 @@ class ClientCommands:
         with contextlib.suppress(HubError):
             await self.unsubscribe(client, channel)
             client.subscription_expired(channel)
+
+    def _member(self, client: Client, channel: str, namespace: Namespace, joined: bool) -> None:
+        """member_added / member_removed (PROTOCOL §14), beside presence."""
+        events = self.node.events
+        if events is not None and namespace.presence:
+            events.member(channel, client.user, client.client_id, joined)
 
     async def _announce(
         self, client: Client, channel: str, namespace: Namespace, joined: bool

@@ -20,7 +20,6 @@ from hub.commands import ClientCommands
 from hub.connections import Origin
 from hub.errors import CloseCode, close_reason
 from hub.hooks import (
-    WEBSOCKET_JSON,
     ConnectRequest,
     ConnectResult,
     Context,
@@ -103,7 +102,7 @@ class WebSocketEndpoint:
     async def _connect_hook(self, context: Context, client_id: str) -> ConnectResult:
         """PROTOCOL §13 on `/ws`: `error` closes 4001 with its message, `disconnect` with
         its code and reason, a failed call 1011."""
-        request = ConnectRequest(**WEBSOCKET_JSON, client=client_id)
+        request = ConnectRequest(**context.wire, client=client_id)
         try:
             return await self.node.hooks.connect(context, request)
         except HookRefused as refused:

@@ -20,11 +20,15 @@ starts waiting for its turn; or to a callable given to `EmbeddedHub(settings, ho
 under the same bound and timeout. Every failure (timeout, refused connection, non-2xx,
 malformed JSON, another shape, a body over 1 MiB, a callable that raised) is one
 `HookFailed`, which the sessions answer as `internal`.
+
+For the events the hub sends (PROTOCOL §14), a backend checks a batch's `X-Hub-Signature`
+with `verify_signature` (re-exported here from `hub.events`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import json
 import logging
@@ -41,6 +45,7 @@ from starlette.requests import HTTPConnection
 from hub.abuse import RateLimitedLines
 from hub.auth import Identity
 from hub.errors import ErrorCode, HubError
+from hub.events import SIGNATURE_HEADER, sign, verify_signature
 
 log = logging.getLogger("hub.hooks")
 
@@ -75,6 +80,9 @@ class Wire(TypedDict):
 
 WEBSOCKET_JSON: Wire = {"transport": "websocket", "protocol": "json", "encoding": "json"}
 """What a JSON WebSocket connection's requests say of it (`/ws` and Centrifugo's JSON)."""
+WEBSOCKET_PROTOBUF: Wire = {"transport": "websocket", "protocol": "protobuf",
+                            "encoding": "binary"}
+"""What a Protobuf client's requests say of it: its payloads go as `b64data`."""
 
 
 class ConnectRequest(_Request):
@@ -127,13 +135,14 @@ class RPCRequest(_Request):
 class ConnectResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """`user` (1-128 characters), `expire_at` (unix s; 0: never), `info` (a JSON object
     shown in presence, at most 1 KiB), `data` (to the client, in `welcome` / the connect
-    reply), `channels` (server-side subscriptions), `meta` (kept with the connection and
-    sent with its later hook calls)."""
+    reply; `b64data` for bytes, to a Protobuf client), `channels` (server-side
+    subscriptions), `meta` (kept with the connection and sent with its later hook calls)."""
 
     user: str
     expire_at: int = 0
     info: dict[str, Any] | None = None
     data: Any = None
+    b64data: str | None = None
     channels: list[str] = msgspec.field(default_factory=list)
     meta: Any = None
 
@@ -156,9 +165,11 @@ class SubscribeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class PublishResult(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """`data`, when present, replaces the client's data (what is stored and fanned out)."""
+    """`data` (or `b64data`, bytes in base64), when present, replaces the client's data
+    (what is stored and fanned out)."""
 
     data: Any = msgspec.UNSET
+    b64data: str | None = None
     skip_history: bool = False
 
 
@@ -170,6 +181,7 @@ class SubRefreshResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class RPCResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     data: Any = None
+    b64data: str | None = None
 
 
 class HookError(msgspec.Struct, omit_defaults=True):
@@ -357,11 +369,13 @@ class Context:
     """What a connection keeps for its later hook calls: the forwarded headers of its
     upgrade (or, for callables, the upgrade's scope) and the connect result's `meta`."""
 
-    __slots__ = ("headers", "hooked", "meta", "refreshing", "scope")
+    __slots__ = ("headers", "hooked", "meta", "refreshing", "scope", "wire")
 
-    def __init__(self, headers: list[tuple[str, str]], scope: dict[str, Any] | None) -> None:
+    def __init__(self, headers: list[tuple[str, str]], scope: dict[str, Any] | None,
+                 wire: Wire = WEBSOCKET_JSON) -> None:
         self.headers = headers
         self.scope = scope
+        self.wire = wire  # transport, protocol and encoding, for its requests
         self.meta: Any = None
         self.hooked = False  # let in by the connect hook (so refreshed by the refresh hook)
         self.refreshing = False
@@ -429,8 +443,9 @@ class HookRunner:
                         f"(HUB_HOOK_{hook.upper()}_URL)"
                     )
 
-    def context(self, scope: dict[str, Any]) -> Context:
-        """From the upgrade: the allow-listed headers (and the scope, for callables)."""
+    def context(self, scope: dict[str, Any], binary: bool = False) -> Context:
+        """From the upgrade: the allow-listed headers (and the scope, for callables);
+        `binary`: a Protobuf client."""
         wanted = self.config.headers
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
@@ -438,7 +453,8 @@ class HookRunner:
             if name.decode("latin-1") in wanted
         ] if wanted else []
         # A copy: the node lets go of the upgrade's headers once the connection is in.
-        return Context(headers, dict(scope) if self.needs_scope else None)
+        return Context(headers, dict(scope) if self.needs_scope else None,
+                       WEBSOCKET_PROTOBUF if binary else WEBSOCKET_JSON)
 
     async def aclose(self) -> None:
         self._failures.close()
@@ -670,6 +686,27 @@ def header_of(scope: Mapping[str, Any], name: bytes) -> str | None:
     return None
 
 
+def payload(data: msgspec.Raw | None, context: Context) -> dict[str, Any]:
+    """A client's payload as a request carries it: `data`, its JSON value, or for a
+    Protobuf client `b64data`, its bytes in base64 (as Centrifugo's proxy sends them)."""
+    if data is None or not len(data):
+        return {}
+    if context.wire is WEBSOCKET_PROTOBUF:
+        return {"b64data": base64.b64encode(bytes(data)).decode()}
+    return {"data": msgspec.json.decode(data)}
+
+
+def result_payload(data: Any, b64data: str | None) -> msgspec.Raw:
+    """What a result gives the client: `b64data`'s bytes when given (a Protobuf client's
+    payload; Centrifugo's proxy format), else `data` as JSON."""
+    if b64data is not None:
+        try:
+            return msgspec.Raw(base64.b64decode(b64data, validate=True))
+        except ValueError:
+            raise HubError(ErrorCode.INTERNAL, "hook result: `b64data` is not base64") from None
+    return raw_json(data)
+
+
 def raw_json(value: Any) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(value))
 
@@ -682,10 +719,30 @@ def decoded(data: msgspec.Raw | None) -> Any:
 
 
 __all__ = [
-    "ConnectRequest", "ConnectResult", "Context", "HookConfig", "HookDisconnect",
-    "HookDisconnected", "HookError", "HookFailed", "HookRefused", "HookRunner", "Hooks",
-    "PublishRequest", "PublishResult", "RPCRequest", "RPCResult", "RefreshRequest",
-    "RefreshResult", "Reply", "SubRefreshRequest", "SubRefreshResult", "SubscribeRequest",
+    "SIGNATURE_HEADER",
+    "ConnectRequest",
+    "ConnectResult",
+    "Context",
+    "HookConfig",
+    "HookDisconnect",
+    "HookDisconnected",
+    "HookError",
+    "HookFailed",
+    "HookRefused",
+    "HookRunner",
+    "Hooks",
+    "PublishRequest",
+    "PublishResult",
+    "RPCRequest",
+    "RPCResult",
+    "RefreshRequest",
+    "RefreshResult",
+    "Reply",
+    "SubRefreshRequest",
+    "SubRefreshResult",
+    "SubscribeRequest",
     "SubscribeResult",
+    "sign",
+    "verify_signature",
 ]
 

@@ -4,6 +4,7 @@ and by user."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from hub.broker import StreamPosition
@@ -19,6 +20,14 @@ class Codec(Protocol):
     def message(self, message: Message) -> bytes: ...
 
     def event(self, event: Join | Leave) -> bytes: ...
+
+
+class DeltaCodec(Codec, Protocol):
+    """A protocol that writes publications as fossil deltas (Centrifugo's)."""
+
+    def delta(self, message: Message, patch: bytes | None) -> bytes:
+        """`message` for a delta subscription: `patch` against the previous publication
+        it was sent, or (None) its full payload."""
 
 
 class Subscriber(Protocol):
@@ -66,12 +75,16 @@ class Hub:
         # A user's one connection, or the set of them: most users have one, and a set costs
         # a connection 216 bytes at least.
         self.sessions_by_user: dict[str, Connection | set[Connection]] = {}
+        # Told of a user's first connection here (True) and of its last gone (events).
+        self.on_user: Callable[[str, bool], None] | None = None
 
     def add(self, session: Connection) -> None:
         self.sessions[session.client_id] = session
         found = self.sessions_by_user.get(session.user)
         if found is None:
             self.sessions_by_user[session.user] = session
+            if self.on_user is not None:
+                self.on_user(session.user, True)
         elif isinstance(found, set):
             found.add(session)
         elif found is not session:
@@ -82,6 +95,8 @@ class Hub:
         found = self.sessions_by_user.get(session.user)
         if found is session:
             del self.sessions_by_user[session.user]
+            if self.on_user is not None:
+                self.on_user(session.user, False)
         elif isinstance(found, set):
             found.discard(session)
             if len(found) == 1:

@@ -89,6 +89,15 @@ class Metrics:
             "hub_delivery_lag_seconds", "From publish to enqueue on the delivering node",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )
+        self.events = Counter(
+            "hub_events", "Events of PROTOCOL §14, by name and outcome (produced: recorded "
+            "by this node; sent: delivered by it; retried: in a failed attempt; dropped: "
+            "past HUB_EVENTS_MAX_PENDING)", ["name", "outcome"], registry=registry,
+        )
+        self.event_delay = Histogram(
+            "hub_event_delay_seconds", "From an event to its delivery (2xx)",
+            buckets=(*_LATENCY_BUCKETS, 10, 30, 60, 300), registry=registry,
+        )
         # Label values known up front start at 0, so rate() sees the first increment.
         for source in ("api", "client"):
             self.messages_published.labels(source)

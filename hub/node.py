@@ -22,6 +22,7 @@ from hub.broker import Broker, HistoryPage, StreamPosition
 from hub.channels import check_name, is_personal, personal_channel
 from hub.connections import Directory
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
+from hub.events import Events
 from hub.expiry import Expiring, ExpiryClock
 from hub.hooks import HookConfig, HookMetrics, HookRunner, Hooks
 from hub.hub import Connection, Hub
@@ -83,6 +84,7 @@ class Node:
         # Server API commands (PROTOCOL §15) waiting for a connection, while it has some.
         self._server_commands: dict[Connection, list[p.ServerCommand]] = {}
         self.idle = asyncio.Event()  # set while no connection is open
+        self.events: Events | None = None  # PROTOCOL §14, when somebody listens (`attach`)
         self.idle.set()
         hub, subscriptions = self.hub, self.subscriptions
         metrics.connections.set_function(lambda: len(hub.sessions))
@@ -111,6 +113,8 @@ class Node:
     async def start(self) -> None:
         await self.presence.start()
         await self.broker.start(self)
+        if self.events is not None:
+            await self.events.start()
         self.spawn(self._heartbeat_loop())
         self.spawn(self._hear_directory())
 
@@ -129,6 +133,8 @@ class Node:
 
     async def stop(self) -> None:
         await self.subscriptions.close()
+        if self.events is not None:
+            await self.events.stop()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
         for step in (self.presence.leave, self.broker.close, self.presence.close,

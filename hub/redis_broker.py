@@ -108,6 +108,11 @@ class RedisBroker:
         self._commands = Incident(log, "Redis commands")
         self._topology_incident = Incident(log, "Redis Cluster slot map")
 
+    @property
+    def topology(self) -> Topology:
+        """Where the broker's Redis is (the events of PROTOCOL §14 use it too)."""
+        return self._topology
+
     # Broker protocol
 
     @property

@@ -25,7 +25,6 @@ from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
 from hub.connections import UNKNOWN_ORIGIN, Origin
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.hooks import (
-    WEBSOCKET_JSON,
     Context,
     HookDisconnected,
     HookFailed,
@@ -207,10 +206,11 @@ class Session:
                 kind = message["type"]
                 if kind == "websocket.receive":
                     text = message.get("text")
-                    if text is None:
-                        self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
+                    if self.close_code is not None:
                         continue
-                    if self.close_code is None:
+                    if text is None:
+                        await self.handle_binary(message.get("bytes") or b"")
+                    else:
                         await self.handle(text)
                 elif kind == "websocket.disconnect":
                     code = int(message.get("code", CloseCode.NORMAL))
@@ -257,6 +257,11 @@ class Session:
     async def handle(self, text: str) -> None:
         """One text frame of the client."""
         raise NotImplementedError
+
+    async def handle_binary(self, data: bytes) -> None:
+        """One binary frame of the client: refused, unless the protocol has an encoding
+        that uses them."""
+        self.close(CloseCode.BINARY_FRAME, "binary frames are not accepted")
 
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """`Subscriber.reset`."""
@@ -357,7 +362,7 @@ class Session:
         hooks = self.commands.node.hooks
         identity = self.identity
         try:
-            request = RefreshRequest(**WEBSOCKET_JSON, client=self.client_id, user=self.user,
+            request = RefreshRequest(**hook.wire, client=self.client_id, user=self.user,
                                      meta=hook.meta)
             result = await hooks.refresh(hook, request)
         except HookDisconnected as disconnect:

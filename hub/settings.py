@@ -39,6 +39,9 @@ class Namespace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     history_ttl: float = 0
     presence: bool = False
     join_leave: bool = False
+    events_client_publish: bool = False  # PROTOCOL §14: client publications as events
+    # Delta compression a subscription on /connection/websocket may ask for ("fossil").
+    allowed_delta_types: tuple[Literal["fossil"], ...] = ()
 
     @property
     def has_history(self) -> bool:
@@ -76,6 +79,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_min_replicas: int = 0
     centrifugo: bool = True
     centrifugo_api_prefix: str = "/centrifugo/api"
+    # /connection/websocket: a connect without a token, or with one without `sub`, is an
+    # anonymous user (Centrifugo's allow_anonymous_connect_without_token).
+    anonymous: bool = False
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
@@ -94,6 +100,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hook_concurrency: int = 64
     hook_connect_always: bool = False
     allowed_origins: str = ""
+    events_url: str | None = None  # PROTOCOL §14; also `url` of the TOML's [events]
+    events_secret: str | None = None
+    events_max_pending: int = 100_000
 
     def namespace_of(self, channel: str) -> Namespace:
         """Options for a channel: its namespace's, else the default namespace's."""
@@ -189,7 +198,7 @@ def load_hooks(path: str) -> dict[str, object]:
 def load_namespaces(path: str) -> dict[str, Namespace]:
     """Read `[namespaces.NAME]` tables; options a namespace leaves out come from `default`."""
     document = _read_config(path)
-    unknown = set(document) - {"namespaces", "hooks"}
+    unknown = set(document) - {"namespaces", "hooks", "events"}
     if unknown:
         raise SettingsError(f"HUB_CONFIG: unknown top-level keys {sorted(unknown)}")
     tables = document.get("namespaces", {})
@@ -206,6 +215,24 @@ def load_namespaces(path: str) -> dict[str, Namespace]:
         except msgspec.ValidationError as exc:
             raise SettingsError(f"HUB_CONFIG: [namespaces.{name}]: {exc}") from None
     return namespaces
+
+
+_EVENTS_TABLE = {"url": "events_url", "secret": "events_secret",
+                 "max_pending": "events_max_pending"}
+
+
+def load_events_table(path: str) -> dict[str, object]:
+    """The `[events]` table of the TOML file (`url`, `secret`, `max_pending`), as options."""
+    try:
+        table = tomllib.loads(Path(path).read_text()).get("events", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}  # load_namespaces has said what is wrong with the file
+    if not isinstance(table, dict):
+        raise SettingsError("HUB_CONFIG: [events] must be a table")
+    unknown = set(table) - set(_EVENTS_TABLE)
+    if unknown:
+        raise SettingsError(f"HUB_CONFIG: [events]: unknown keys {sorted(unknown)}")
+    return {_EVENTS_TABLE[key]: value for key, value in table.items() if value != ""}
 
 
 def _read_public_key(value: str) -> str:
@@ -247,13 +274,16 @@ def load_settings(
             values.setdefault(name, value)
     for optional_text in (
         "redis_url", "jwt_secret", "jwt_public_key", "jwks_url", "jwt_audience", "jwt_issuer",
-        "api_key", "config", "hook_connect_url", "hook_refresh_url", "hook_subscribe_url",
-        "hook_publish_url", "hook_sub_refresh_url", "hook_rpc_url",
+        "api_key", "config", "events_url", "events_secret", "hook_connect_url",
+        "hook_refresh_url", "hook_subscribe_url", "hook_publish_url", "hook_sub_refresh_url",
+        "hook_rpc_url",
     ):
         if values.get(optional_text) == "":
             values[optional_text] = None
     if values.get("config"):
         values["namespaces"] = load_namespaces(str(values["config"]))
+        for name, value in load_events_table(str(values["config"])).items():
+            values.setdefault(name, value)  # flags and variables win over the file
     if values.get("jwt_public_key"):
         values["jwt_public_key"] = _read_public_key(str(values["jwt_public_key"]))
     if not values.get("node_id"):
@@ -314,6 +344,13 @@ def validate(settings: Settings) -> None:
             parse_redis_url(settings.redis_url)
         except RedisUrlError as exc:
             raise SettingsError(str(exc)) from None
+    if settings.events_max_pending < 1:
+        raise SettingsError("HUB_EVENTS_MAX_PENDING must be >= 1")
+    if settings.events_url:
+        if not settings.events_url.startswith(("http://", "https://")):
+            raise SettingsError("HUB_EVENTS_URL must be an http:// or https:// URL")
+        if not settings.events_secret:
+            raise SettingsError("HUB_EVENTS_URL needs HUB_EVENTS_SECRET (batches are signed)")
     for name, namespace in settings.namespaces.items():
         if namespace.history_size < 0 or namespace.history_ttl < 0:
             raise SettingsError(f"[namespaces.{name}]: history_size and history_ttl must be >= 0")

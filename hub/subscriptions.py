@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from hub.broker import Broker, HistoryOptions, HistoryPage, StreamPosition
 from hub.channels import is_personal
 from hub.errors import BrokerUnavailable
-from hub.hub import Codec, Subscriber
+from hub.fossil import create as fossil_delta
+from hub.hub import Codec, DeltaCodec, Subscriber
 from hub.metrics import Metrics
 from hub.protocol import Join, Leave, Message
 from hub.refill import Read, Refiller
@@ -43,25 +44,67 @@ RELAY_RETRY_CAP = 5.0
 
 class Frames:
     """What a channel carries, as a frame in each wire protocol, each built once (on first
-    need) however many subscribers speak it."""
+    need) however many subscribers speak it. For delta subscriptions, a run of
+    publications also has its fossil patches (each against the one before, the first
+    against `base`), computed once whatever the encodings, and a frame per encoding for
+    those that hold the base and for those that do not yet."""
 
-    __slots__ = ("_build", "_built", "count")
+    __slots__ = ("_base", "_build", "_built", "_built_deltas", "_messages", "_patches", "count")
 
-    def __init__(self, build: Callable[[Codec], bytes], count: int = 1) -> None:
+    def __init__(
+        self,
+        build: Callable[[Codec], bytes],
+        count: int = 1,
+        messages: list[Message] | None = None,
+        base: Message | None = None,
+    ) -> None:
         self._build = build
         self._built: dict[Codec, bytes] = {}
         self.count = count  # frames in the run, for the queue limit
+        self._messages = messages or []
+        self._base = base
+        self._patches: dict[int, bytes | None] = {}
+        self._built_deltas: dict[tuple[Codec, bool], bytes] = {}
 
     @classmethod
-    def of_messages(cls, messages: list[Message]) -> Frames:
-        """Several publications as one run of frames: one write per recipient."""
+    def of_messages(cls, messages: list[Message], base: Message | None = None) -> Frames:
+        """Several publications as one run of frames: one write per recipient. `base`: the
+        publication before the first, which delta subscriptions were sent."""
         if len(messages) == 1:
             (message,) = messages
-            return cls(lambda codec: codec.message(message))
+            return cls(lambda codec: codec.message(message), 1, messages, base)
         return cls(
             lambda codec: b"".join([codec.message(message) for message in messages]),
-            len(messages),
+            len(messages), messages, base,
         )
+
+    def delta_frame(self, codec: Codec, has_base: bool) -> bytes:
+        """The run for a delta subscription: patches, except a first full payload for one
+        that holds no base yet."""
+        key = (codec, has_base)
+        built = self._built_deltas.get(key)
+        if built is None:
+            writer = cast(DeltaCodec, codec)
+            built = self._built_deltas[key] = b"".join([
+                writer.delta(message, self._patch(index) if index or has_base else None)
+                for index, message in enumerate(self._messages)
+            ])
+        return built
+
+    def _patch(self, index: int) -> bytes | None:
+        """The patch of message `index` against the one before it; None where there is
+        none to make (no base) or it would not be smaller than the payload."""
+        if index in self._patches:
+            return self._patches[index]
+        message = self._messages[index]
+        before = self._messages[index - 1] if index else self._base
+        patch: bytes | None = None
+        if before is not None and _follows(before, message):
+            patch = fossil_delta(bytes(before.data), bytes(message.data))
+            if len(patch) >= len(message.data):
+                patch = None
+        self._patches[index] = patch
+        return patch
 
     @classmethod
     def of_event(cls, event: Join | Leave) -> Frames:
@@ -91,6 +134,40 @@ def fan_out(subscribers: Iterable[Subscriber], frames: Frames) -> int:
         except Exception:
             log.exception("delivery to one connection failed; the others go on")
     return delivered
+
+
+def fan_out_deltas(
+    subscribers: Iterable[Subscriber], frames: Frames, deltas: dict[Subscriber, bool]
+) -> int:
+    """`fan_out` on a channel with delta subscriptions (`deltas`: whether each holds a
+    base): they get the delta form of the run, and hold a base from then on."""
+    delivered = 0
+    count = frames.count
+    codec: Codec | None = None
+    base: bool | None = None
+    frame = b""
+    holds = deltas.get
+    for subscriber in subscribers:
+        try:
+            has_base = holds(subscriber)
+            if subscriber.codec is not codec or has_base is not base or not frame:
+                codec, base = subscriber.codec, has_base
+                frame = (frames.frame(codec) if has_base is None
+                         else frames.delta_frame(codec, has_base))
+            if subscriber.push(frame, count):
+                delivered += 1
+                if has_base is False:
+                    deltas[subscriber] = True
+        except Exception:
+            log.exception("delivery to one connection failed; the others go on")
+    return delivered
+
+
+def _follows(before: Message, message: Message) -> bool:
+    """Whether `message` comes right after `before` (always so without offsets)."""
+    if before.offset is None or message.offset is None:
+        return True
+    return before.offset + 1 == message.offset and before.epoch == message.epoch
 
 
 def history_options(settings: Settings, channel: str) -> HistoryOptions | None:
@@ -144,7 +221,9 @@ class Cohort:
 
 
 class Channel:
-    __slots__ = ("cohorts", "generation", "history", "joiners", "name", "relayed", "size")
+    __slots__ = (
+        "cohorts", "deltas", "generation", "history", "joiners", "name", "relayed", "size",
+    )
 
     def __init__(self, name: str, history: HistoryOptions | None) -> None:
         self.name = name
@@ -157,6 +236,9 @@ class Channel:
         # Broker reconnects this channel went through: a history read that began before
         # the latest one may predate the newest gap, and is redone.
         self.generation = 0
+        # Members whose publications go as fossil deltas, and whether each holds a base
+        # (was sent a publication of this subscription): None while there are none.
+        self.deltas: dict[Subscriber, bool] | None = None
 
     def members(self) -> Iterator[Subscriber]:
         for cohort in self.cohorts:
@@ -179,6 +261,8 @@ class Subscriptions:
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
+        # Told of a channel's first member here (True) and of its last gone (events).
+        self.on_occupancy: Callable[[str, bool], None] | None = None
 
     # reading
 
@@ -227,10 +311,13 @@ class Subscriptions:
         name: str,
         since: StreamPosition | None,
         joined: Callable[[Joined], None],
+        *,
+        delta: bool = False,
     ) -> bool:
         """Subscribe. `joined` is called without awaiting, before anything of the channel
         reaches `subscriber`, with what its subscription starts from. Raises what the broker
-        raised (nothing joined then); False when the subscriber left meanwhile."""
+        raised (nothing joined then); False when the subscriber left meanwhile. `delta`:
+        its publications go as fossil deltas, the recovered ones (in the reply) its base."""
         channel = self._enter(subscriber, name)
         held = channel.joiners[subscriber] = []
         generation = channel.generation
@@ -248,6 +335,10 @@ class Subscriptions:
         del channel.joiners[subscriber]
         start = self._start_of(page, since)
         joined(start)
+        if delta:
+            if channel.deltas is None:
+                channel.deltas = {}
+            channel.deltas[subscriber] = bool(start.messages)
         cohort = Cohort({subscriber}, start.position)
         cohort.last = start.messages[-1] if start.messages else None
         self._admit(channel, cohort, held, generation)
@@ -336,6 +427,7 @@ class Subscriptions:
 
     def _drop(self, subscriber: Subscriber, channel: Channel) -> bool | None:
         """True: it was a member; None: a joiner; False: neither."""
+        self._forget_delta(channel, subscriber)
         if channel.joiners.pop(subscriber, None) is not None:
             return None
         for cohort in channel.cohorts:
@@ -347,12 +439,20 @@ class Subscriptions:
                 return True
         return False
 
+    @staticmethod
+    def _forget_delta(channel: Channel, subscriber: Subscriber) -> None:
+        deltas = channel.deltas
+        if deltas is not None and deltas.pop(subscriber, None) is not None and not deltas:
+            channel.deltas = None
+
     def _count(self, channel: Channel, change: int) -> None:
         channel.size += change
         if not is_personal(channel.name):
             self.subscription_count += change
             if channel.size == (1 if change > 0 else 0):
                 self.channel_count += change
+                if self.on_occupancy is not None:
+                    self.on_occupancy(channel.name, change > 0)
 
     async def _relay(self, channel: Channel) -> None:
         if not channel.relayed:
@@ -419,7 +519,7 @@ class Subscriptions:
             held.extend(messages)
         cohorts = channel.cohorts
         if len(cohorts) == 1 and cohorts[0].epoch is None:  # no history: no positions
-            self._send(cohorts[0].members, messages)
+            self._send(channel, cohorts[0], messages)
             return
         for cohort in cohorts:
             if cohort.held is not None:
@@ -439,6 +539,7 @@ class Subscriptions:
         """`messages` through the rule, in order, to the cohort in one write; at a gap it
         holds the rest and catches up."""
         passed: list[Message] = []
+        base = cohort.last
         for index, message in enumerate(messages):
             step = cohort.advance(message)
             if step == _DELIVER:
@@ -447,11 +548,23 @@ class Subscriptions:
                 self._hold(channel, cohort, messages[index:])
                 break
         if passed:
-            self._send(cohort.members, passed)
+            self._send(channel, cohort, passed, base)
 
-    def _send(self, members: Iterable[Subscriber], messages: list[Message]) -> None:
-        """`messages` as one run of frames to each of `members`, counted per frame."""
-        self._delivered.inc(fan_out(members, Frames.of_messages(messages)) * len(messages))
+    def _send(
+        self, channel: Channel, cohort: Cohort, messages: list[Message],
+        base: Message | None = None,
+    ) -> None:
+        """`messages` as one run of frames to each member of `cohort`, counted per frame.
+        `base`: what the cohort was sent before them (for delta subscriptions)."""
+        deltas = channel.deltas
+        if deltas is None:
+            delivered = fan_out(cohort.members, Frames.of_messages(messages))
+        else:
+            if cohort.epoch is None:  # no positions: the base is the last one sent
+                base, cohort.last = cohort.last, messages[-1]
+            frames = Frames.of_messages(messages, base)
+            delivered = fan_out_deltas(cohort.members, frames, deltas)
+        self._delivered.inc(delivered * len(messages))
 
     def _replay(self, channel: Channel, cohort: Cohort, messages: list[Message]) -> None:
         self._deliver_in_turn(channel, cohort, messages)
@@ -583,6 +696,7 @@ class Subscriptions:
                 kept = True
             if not kept:
                 cohort.members.discard(member)
+                self._forget_delta(channel, member)
                 self._count(channel, -1)
                 self._unlist(member, channel.name)
         if not cohort.members:

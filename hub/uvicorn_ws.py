@@ -5,7 +5,8 @@ with a fourth) for what it hands the app, and an `asyncio.Event` (a fifth deque)
 control: about 3.7 KiB before a single frame. Here both are replaced by objects with the
 same methods that hold a list or a future only while one is in use. Its attributes live in
 slots, and its protocol pings run on one timer per node (`Keepalive`) instead of a timer per
-connection. Nothing else of uvicorn changes. `server.uvicorn_config` uses `lean_protocol`.
+connection. An empty `Sec-WebSocket-Protocol` header counts as none. Nothing else of uvicorn
+changes. `server.uvicorn_config` uses `lean_protocol`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,18 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         writable = LeanEvent()
         writable.set()
         self.writable = writable  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        """A `Sec-WebSocket-Protocol` header that is present but empty (centrifuge-python
+        0.5 sends one) is taken as absent, as Centrifugo does; websockets would answer 400."""
+        headers = event.headers
+        offered = headers.get_all("Sec-WebSocket-Protocol")
+        if offered and not all(value.strip() for value in offered):
+            del headers["Sec-WebSocket-Protocol"]
+            for value in offered:
+                if value.strip():
+                    headers["Sec-WebSocket-Protocol"] = value
+        super().handle_connect(event)
 
     def start_keepalive(self) -> None:
         if self.keepalive is not None:  # (uvicorn's own has no interval: it pings not)

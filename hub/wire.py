@@ -25,6 +25,7 @@ from hub.protocol import encode
 log = logging.getLogger("hub.wire")
 
 _TEXT = 0x81  # FIN + text opcode
+_BINARY = 0x82  # FIN + binary opcode
 # A close handshake gets this long once our close frame is out (PROTOCOL §5: 5 s), then the
 # TCP connection is dropped.
 CLOSE_HANDSHAKE_SECONDS = 5.0
@@ -34,12 +35,37 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 def text_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented text frame carrying `payload` (UTF-8 JSON)."""
+    return _frame(_TEXT, payload)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented binary frame (Centrifugo's Protobuf encoding)."""
+    return _frame(_BINARY, payload)
+
+
+def binary_frame_of(parts: list[bytes]) -> bytes:
+    """`binary_frame` of the pieces joined, in one copy of each."""
+    size = sum(len(part) for part in parts)
+    if size < 126:
+        header = bytes((_BINARY, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", _BINARY, 126, size)
+    else:
+        header = struct.pack("!BBQ", _BINARY, 127, size)
+    return b"".join([header, *parts])
+
+
+def is_binary(frame: bytes) -> bool:
+    return frame[0] == _BINARY
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
     size = len(payload)
     if size < 126:
-        return bytes((_TEXT, size)) + payload
+        return bytes((opcode, size)) + payload
     if size < 65536:
-        return struct.pack("!BBH", _TEXT, 126, size) + payload
-    return struct.pack("!BBQ", _TEXT, 127, size) + payload
+        return struct.pack("!BBH", opcode, 126, size) + payload
+    return struct.pack("!BBQ", opcode, 127, size) + payload
 
 
 def payload_of(frame: bytes) -> bytes:
@@ -102,7 +128,10 @@ class AsgiOutbound:
     async def write(self, frames: list[bytes]) -> None:
         send = self._send
         for frame in frames:
-            await send({"type": "websocket.send", "text": payload_of(frame).decode()})
+            if is_binary(frame):
+                await send({"type": "websocket.send", "bytes": payload_of(frame)})
+            else:
+                await send({"type": "websocket.send", "text": payload_of(frame).decode()})
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed:

@@ -144,7 +144,7 @@ def test_send_has_no_id_and_is_not_a_pong() -> None:
 
 @pytest.mark.parametrize(
     ("frame", "method"),
-    [('{"sub_refresh":{"channel":"c"},"id":9}', "sub_refresh"), ('{"id":7,"foo":{}}', None)],
+    [('{"ping":{},"id":9}', "ping"), ('{"id":7,"foo":{}}', None)],
 )
 def test_methods_not_served_are_recognised(frame: str, method: str | None) -> None:
     command = one(frame)

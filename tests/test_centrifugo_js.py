@@ -1,6 +1,7 @@
-"""The real centrifuge-js SDK (npm, tests/js) against `/connection/websocket`: in Node 20
-with `ws` (driven over stdin/stdout by tests/js/driver.mjs), and once in headless Chromium
-(Debian's chromium driven by Playwright, no browser download) on the example chat page.
+"""The real centrifuge-js SDK (npm, tests/js) against `/connection/websocket`: its JSON and
+its Protobuf builds in Node 20 with `ws` (driven over stdin/stdout by tests/js/driver.mjs),
+fossil deltas in both, and in headless Chromium (Debian's chromium driven by Playwright, no
+browser download) the example chat page and the Protobuf build with deltas.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio
 import uvicorn
 from starlette.applications import Starlette
@@ -33,13 +35,17 @@ from tests.support import (
     running_node,
     token,
 )
+from tests.test_centrifugo_protobuf import delta_node, document
 
 JS = Path(__file__).parent / "js"
 SDK_BUILD = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.js"
+PROTOBUF_BUILD = JS / "node_modules" / "centrifuge" / "dist" / "centrifuge.protobuf.js"
 EXAMPLE_PAGE = Path(__file__).parent.parent / "examples" / "chat" / "index.html"
 CHROMIUM = "/usr/bin/chromium"
 HAVE_SDK = SDK_BUILD.exists()
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 Factory = Callable[..., RedisServer]
 
 
@@ -80,12 +86,13 @@ class Driver:
 
 
 @contextlib.asynccontextmanager
-async def sdk(ws_url: str, jwt: str) -> AsyncIterator[Driver]:
+async def sdk(ws_url: str, jwt: str, encoding: str = "json") -> AsyncIterator[Driver]:
+    """centrifuge-js in Node; `encoding` "protobuf" takes its Protobuf build."""
     node = shutil.which("node")
     need(node is not None and HAVE_SDK, "node and tests/js/node_modules")
     assert node is not None
     process = await asyncio.create_subprocess_exec(
-        node, str(JS / "driver.mjs"), address(ws_url), jwt, cwd=JS,
+        node, str(JS / "driver.mjs"), address(ws_url), jwt, encoding, cwd=JS,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -96,11 +103,13 @@ async def sdk(ws_url: str, jwt: str) -> AsyncIterator[Driver]:
         await process.wait()
 
 
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
 async def test_centrifuge_js_in_node_connects_subscribes_and_publishes(
-    node: RunningNode,
+    node: RunningNode, encoding: str
 ) -> None:
-    async with sdk(node.ws_url, token("jo")) as js, \
-            connect(node.ws_url, token("wsu")) as ws, sdk(node.ws_url, token("kim")) as other:
+    async with sdk(node.ws_url, token("jo"), encoding) as js, \
+            connect(node.ws_url, token("wsu")) as ws, \
+            sdk(node.ws_url, token("kim"), encoding) as other:
         await js.next("connected")
         await js.send(op="subscribe", channel="feed:js")
         subscribed = await js.next("subscribed", channel="feed:js")
@@ -132,12 +141,14 @@ async def test_centrifuge_js_in_node_connects_subscribes_and_publishes(
         assert (personal["channel"], personal["data"]) == ("@jo", "to jo")
 
 
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
 async def test_centrifuge_js_recovers_after_a_drop_and_reloads_after_a_reset(
-    redis_factory: Factory,
+    redis_factory: Factory, encoding: str
 ) -> None:
     server = redis_factory()
     settings = make_settings(redis_url=server.url, namespaces=NAMESPACES)
-    async with running_node(settings) as running, sdk(running.ws_url, token("rec")) as js:
+    async with running_node(settings) as running, \
+            sdk(running.ws_url, token("rec"), encoding) as js:
         await js.send(op="subscribe", channel="feed:jsrec")
         await js.next("subscribed", channel="feed:jsrec")
         await publish(running, "feed:jsrec", 1)
@@ -163,16 +174,55 @@ async def test_centrifuge_js_recovers_after_a_drop_and_reloads_after_a_reset(
         assert (reloaded["wasRecovering"], reloaded["recovered"]) == (True, False)
 
 
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
 async def test_centrifuge_js_stops_on_a_bad_token_and_on_api_disconnect(
-    node: RunningNode,
+    node: RunningNode, encoding: str
 ) -> None:
-    async with sdk(node.ws_url, "not-a-jwt") as bad:
+    async with sdk(node.ws_url, "not-a-jwt", encoding) as bad:
         stopped = await bad.next("disconnected")
         assert (stopped["code"], stopped["reason"]) == (3500, "invalid token")
-    async with sdk(node.ws_url, token("gone")) as js:
+    async with sdk(node.ws_url, token("gone"), encoding) as js:
         await js.next("connected")
         await node.http.post("/api/disconnect", json={"user": "gone"})
         assert (await js.next("disconnected"))["code"] == 3503
+
+
+async def test_centrifuge_js_json_and_protobuf_clients_with_fossil_deltas() -> None:
+    """Both builds in one channel, two with `delta: 'fossil'`: a changing 10 KB document
+    arrives equal to what was published, live, through a recovery, and live again; the
+    delta subscriptions counted deltas, the plain one none."""
+    async with delta_node() as running, \
+            sdk(running.ws_url, token("dj"), "json") as json_js, \
+            sdk(running.ws_url, token("dp"), "protobuf") as pb_js, \
+            sdk(running.ws_url, token("pp"), "protobuf") as plain:
+        clients = [(json_js, "fossil"), (pb_js, "fossil"), (plain, None)]
+        for js, delta in clients:
+            await js.next("connected")
+            await js.send(op="subscribe", channel="doc:js", delta=delta)
+            await js.next("subscribed", channel="doc:js")
+        for version in (1, 2, 3):
+            await publish(running, "doc:js", document(version))
+        for js, _ in clients:
+            got = await js.publications("doc:js", 3)
+            assert [data for _, data in got] == [document(v) for v in (1, 2, 3)]
+        for session in list(running.node.hub.sessions.values()):
+            if isinstance(session, CentrifugoSession):
+                session._outbound.abort()
+        for js, _ in clients:
+            await js.next("connecting")
+        for version in (4, 5, 6):
+            await publish(running, "doc:js", document(version))
+        for js, _ in clients:
+            again = await js.next("subscribed", channel="doc:js")
+            assert again["recovered"]
+            got = await js.publications("doc:js", 3)
+            assert [data for _, data in got] == [document(v) for v in (4, 5, 6)]
+        await publish(running, "doc:js", document(7))
+        for js, delta in clients:
+            assert (await js.publications("doc:js", 1))[0][1] == document(7)
+            await js.send(op="stats", channel="doc:js")
+            stats = await js.next("stats")
+            assert (stats["numDeltaPayloads"] > 0) == bool(delta), stats
 
 
 @contextlib.asynccontextmanager
@@ -202,12 +252,7 @@ async def test_the_example_chat_page_works_in_headless_chromium(
     async with page_server(tmp_path) as site, async_playwright() as playwright, \
             connect(node.ws_url, token("listener")) as listener:
         await listener.subscribe("chat:lobby")
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = await browser.new_page()
             query = f"?url={address(node.ws_url)}&room=chat:lobby&who={token('browser')}"
@@ -222,5 +267,54 @@ async def test_the_example_chat_page_works_in_headless_chromium(
                 while (got := await listener.recv()).get("from") != "browser":
                     pass
             assert got["data"] == {"text": "hello from chromium"}
+        finally:
+            await browser.close()
+
+
+PROTOBUF_PAGE = """<!doctype html><meta charset="utf-8"><title>protobuf</title>
+<script src="centrifuge.protobuf.js"></script>
+<script>
+  const query = new URLSearchParams(location.search);
+  window.received = [];
+  const client = new Centrifuge(query.get("url"), {token: query.get("token")});
+  const sub = client.newSubscription("doc:page", {delta: "fossil"});
+  sub.on("publication", (ctx) => {
+    window.received.push(JSON.parse(new TextDecoder().decode(ctx.data)));
+  });
+  sub.on("subscribed", () => { window.subscribed = true; });
+  window.say = (value) => sub.publish(new TextEncoder().encode(JSON.stringify(value)));
+  sub.subscribe();
+  client.connect();
+</script>"""
+
+
+async def test_the_protobuf_build_with_fossil_deltas_in_headless_chromium(
+    tmp_path: Path,
+) -> None:
+    """dist/centrifuge.protobuf.js in a page: deltas of a 10 KB document applied by the
+    browser equal what was published, and what it publishes reaches a JSON client."""
+    need(HAVE_CHROMIUM and PROTOBUF_BUILD.exists(), "chromium and tests/js/node_modules")
+    from playwright.async_api import async_playwright
+
+    (tmp_path / "index.html").write_text(PROTOBUF_PAGE)
+    shutil.copy(PROTOBUF_BUILD, tmp_path / "centrifuge.protobuf.js")
+    async with delta_node() as running, page_server(tmp_path) as site, \
+            async_playwright() as playwright, \
+            sdk(running.ws_url, token("jl"), "json") as listener:
+        await listener.send(op="subscribe", channel="doc:page")
+        await listener.next("subscribed", channel="doc:page")
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = await browser.new_page()
+            query = f"?url={address(running.ws_url)}&token={token('chrome')}"
+            await page.goto(site + "/index.html" + query)
+            await page.wait_for_function("window.subscribed === true", timeout=WAIT * 1000)
+            for version in (1, 2, 3):
+                await publish(running, "doc:page", document(version))
+            await page.wait_for_function("window.received.length === 3", timeout=WAIT * 1000)
+            assert await page.evaluate("window.received") == [document(v) for v in (1, 2, 3)]
+            await page.evaluate("window.say({from: 'chromium'})")
+            got = await listener.publications("doc:page", 4)
+            assert got[-1][1] == {"from": "chromium"}
         finally:
             await browser.close()

@@ -5,6 +5,8 @@ error, never another exception. The live-node layer is tests/test_abuse.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -15,11 +17,13 @@ from urllib.parse import quote
 import httpx
 import msgspec
 import pytest
+from centrifuge.protocol import client_pb2 as pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub import api_types as t
 from hub import centrifugo_frames as cf
+from hub import centrifugo_protobuf as hpb
 from hub import protocol as p
 from hub.abuse import REASONS, decode_reason
 from hub.app import create_app
@@ -282,6 +286,171 @@ def test_valid_centrifugo_frames_are_accepted(commands: list[dict[str, Any]]) ->
 @given(st.lists(mutated(centrifugo_commands), min_size=1, max_size=3))
 def test_mutated_centrifugo_frames(lines: list[bytes]) -> None:
     check_centrifugo(b"\n".join(lines))
+
+
+# /connection/websocket in Protobuf: the same answers as JSON (a command with a readable id
+# answered 107, anything else closes 3501), never another exception.
+
+protobuf_commands = st.one_of(
+    st.builds(lambda tok: pb2.Command(connect=pb2.ConnectRequest(token=tok, name="js")),
+              st.text(max_size=40)),
+    st.builds(lambda ch, rec, off, ep, fl: pb2.Command(subscribe=pb2.SubscribeRequest(
+        channel=ch, recover=rec, offset=off, epoch=ep, flag=fl, delta="fossil")),
+        channels, st.booleans(), st.integers(0, 2**40), st.text(max_size=8),
+        st.integers(-(2**63), 2**63 - 1)),
+    st.builds(lambda ch, d: pb2.Command(publish=pb2.PublishRequest(channel=ch, data=d)),
+              channels, st.binary(max_size=20) | json_values.map(lambda v: json.dumps(v).encode())),
+    st.builds(lambda ch, lim, rev: pb2.Command(history=pb2.HistoryRequest(
+        channel=ch, limit=lim, reverse=rev, since=pb2.StreamPosition(offset=3, epoch="e"))),
+        channels, st.integers(-(2**31), 2**31 - 1), st.booleans()),
+    st.builds(lambda ch, tok: pb2.Command(sub_refresh=pb2.SubRefreshRequest(channel=ch,
+                                                                           token=tok)),
+              channels, st.text(max_size=10)),
+    st.builds(lambda d: pb2.Command(rpc=pb2.RPCRequest(method="m", data=d)), st.binary(max_size=8)),
+    st.just(pb2.Command()),
+).flatmap(lambda command: st.integers(0, 2**32 - 1).map(
+    lambda n: (command.MergeFrom(pb2.Command(id=n)), command)[1].SerializeToString()))
+
+
+@st.composite
+def mutated_protobuf(draw: st.DrawFn) -> bytes:
+    """A valid command's bytes, then truncated, cut into, grown, or given a huge varint or a
+    length past the end."""
+    data = bytearray(draw(protobuf_commands))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        how = draw(st.sampled_from(["truncate", "insert", "flip", "varint", "length"]))
+        if how == "truncate":
+            del data[at:]
+        elif how == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=6))
+        elif how == "flip" and data:
+            data[min(at, len(data) - 1)] ^= draw(st.integers(1, 255))
+        elif how == "varint":
+            data[at:at] = b"\x08" + b"\xff" * draw(st.integers(9, 14)) + b"\x01"
+        else:
+            data[at:at] = bytes([draw(st.sampled_from([0x22, 0x2A, 0x3A, 0x52]))]) + b"\xff\x7f"
+    return bytes(data)
+
+
+def check_protobuf(frame: bytes) -> None:
+    messages, _problem = hpb.split_frame(frame)
+    for message in messages:
+        try:
+            command = hpb.decode_command(message)
+        except cf.BadCommand as exc:
+            assert exc.code == ErrorCode.BAD_REQUEST
+            assert exc.command_id is None or 0 < exc.command_id < 2**32
+            continue
+        assert isinstance(command, cf.Command) and 0 <= command.id < 2**32
+        assert command.method is None or command.method in cf._METHODS
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_protobuf_frames_from_arbitrary_bytes(data: bytes) -> None:
+    check_protobuf(data)
+
+
+@FUZZ
+@given(st.lists(protobuf_commands, min_size=1, max_size=4))
+def test_valid_protobuf_frames_are_accepted(commands: list[bytes]) -> None:
+    frame = b"".join(hpb.delimit(command) for command in commands)
+    messages, problem = hpb.split_frame(frame)
+    assert problem is None and messages == commands
+    for message in messages:
+        reference = pb2.Command()
+        reference.ParseFromString(message)
+        try:
+            decoded = hpb.decode_command(message)
+        except cf.BadCommand:  # only a publish whose data is not JSON
+            assert reference.HasField("publish")
+            continue
+        assert decoded.id == reference.id
+
+
+@FUZZ
+@given(st.lists(mutated_protobuf(), min_size=1, max_size=3))
+def test_mutated_protobuf_frames(messages: list[bytes]) -> None:
+    check_protobuf(b"".join(hpb.delimit(message) for message in messages))
+    check_protobuf(b"".join(messages))
+
+
+@st.composite
+def edited(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A source and a target made of it by insertions, deletions, replacements and moved
+    stretches, as a changing document is."""
+    alphabet = st.sampled_from([*b'ab{}":,0123456789', 0xC3, 0xA9])
+    source = bytes(draw(st.lists(alphabet, max_size=3000)))
+    target = bytearray(source)
+    for _ in range(draw(st.integers(0, 6))):
+        at = draw(st.integers(0, len(target)))
+        size = draw(st.integers(1, 200))
+        how = draw(st.sampled_from(["insert", "delete", "replace", "move"]))
+        if how == "insert":
+            target[at:at] = bytes(draw(st.lists(alphabet, min_size=1, max_size=size)))
+        elif how == "delete":
+            del target[at:at + size]
+        elif how == "replace":
+            target[at:at + 3] = b"QQQ"
+        else:
+            stretch = target[at:at + size]
+            target[draw(st.integers(0, len(target))):0] = stretch
+    return source, bytes(target)
+
+
+@FUZZ
+@given(edited())
+def test_fossil_patches_apply_with_the_sdk(pair: tuple[bytes, bytes]) -> None:
+    from centrifuge.fossil import apply_delta
+
+    from hub import fossil
+
+    source, target = pair
+    assert apply_delta(source, fossil.create(source, target)) == target
+
+
+async def test_malformed_protobuf_frames_on_a_live_node(caplog: pytest.LogCaptureFixture) -> None:
+    """Each kind of bad frame on a Protobuf connection: a command whose id reads gets error
+    107 and the connection stays; one without, or a frame that is not delimited messages,
+    closes 3501; no traceback in the log."""
+    import websockets
+
+    from tests.support import running_node, token
+
+    caplog.set_level(logging.WARNING)
+    bad_with_id = b"\x08\x05" + b"\x22\x05ab"  # id 5, then a connect field cut short
+    cases: list[tuple[bytes, int | None]] = [
+        (hpb.delimit(bad_with_id), 107),
+        (hpb.delimit(b"\x08\x06\x3a\x04\x12\x02\xff\xfe"), 107),  # publish data not JSON
+        (hpb.delimit(b"\x08\x07\xf8\x7f\x01"), 104),  # id 7, only an unknown field
+        (b"\x05ab", None),  # a length past the end of the frame
+        (b"\xff" * 12, None),  # a varint longer than ten bytes
+        (hpb.delimit(b"\x08" + b"\xff" * 11), None),  # a huge varint where the id is
+        (hpb.delimit(b"\x0f"), None),  # wire type 7
+    ]
+    async with running_node(make_settings(namespaces=NAMESPACES)) as node:
+        url = node.ws_url.removesuffix("/ws") + "/connection/websocket?format=protobuf"
+        for frame, code in cases:
+            async with websockets.connect(url) as socket:
+                connect = pb2.Command(id=1, connect=pb2.ConnectRequest(token=token("fz")))
+                await socket.send(hpb.delimit(connect.SerializeToString()))
+                await socket.recv()
+                await socket.send(frame)
+                if code is None:
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        await asyncio.wait_for(socket.recv(), 5)
+                    assert socket.close_code == 3501, frame
+                    continue
+                reply = pb2.Reply()
+                data = await asyncio.wait_for(socket.recv(), 5)
+                assert isinstance(data, bytes)
+                reply.ParseFromString(data[1:])
+                assert reply.error.code == code, (frame, reply)
+                ping = pb2.Command(id=9, presence_stats=pb2.PresenceStatsRequest(channel="chat:z"))
+                await socket.send(hpb.delimit(ping.SerializeToString()))
+                assert await asyncio.wait_for(socket.recv(), 5)
+    assert_quiet(caplog)
 
 
 # HTTP API bodies, through the app in-process

@@ -42,6 +42,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
     ("HUB_CENTRIFUGO_API_PREFIX", "/cf/api", "centrifugo_api_prefix", "/cf/api"),
+    ("HUB_ANONYMOUS", "1", "anonymous", True),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
     ("HUB_LOG_FORMAT", "json", "log_format", "json"),
     ("HUB_ACCESS_LOG", "1", "access_log", True),
@@ -58,6 +59,9 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_HOOK_CONCURRENCY", "8", "hook_concurrency", 8),
     ("HUB_HOOK_CONNECT_ALWAYS", "1", "hook_connect_always", True),
     ("HUB_ALLOWED_ORIGINS", "https://a.example", "allowed_origins", "https://a.example"),
+    ("HUB_EVENTS_URL", "https://app.example/events", "events_url", "https://app.example/events"),
+    ("HUB_EVENTS_SECRET", "ev3nts", "events_secret", "ev3nts"),
+    ("HUB_EVENTS_MAX_PENDING", "50", "events_max_pending", 50),
 ]
 
 
@@ -81,6 +85,10 @@ def test_default_node_id_is_hostname_and_a_random_suffix() -> None:
     assert first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
 
 
+# What a variable cannot go without.
+NEEDS = {"HUB_EVENTS_URL": {"HUB_EVENTS_SECRET": "s"}}
+
+
 def test_every_field_has_a_variable_in_this_test() -> None:
     covered = {field for _, _, field, _ in EVERY_VARIABLE}
     assert covered == set(Settings.__struct_fields__) - {"namespaces", "config"}
@@ -89,7 +97,7 @@ def test_every_field_has_a_variable_in_this_test() -> None:
 @pytest.mark.parametrize(("variable", "raw", "field", "expected"), EVERY_VARIABLE,
                          ids=[row[0] for row in EVERY_VARIABLE])
 def test_every_variable_is_read(variable: str, raw: str, field: str, expected: object) -> None:
-    settings = load_settings({}, {variable: raw})
+    settings = load_settings({}, {variable: raw, **NEEDS.get(variable, {})})
     assert getattr(settings, field) == expected
 
 

@@ -1,13 +1,19 @@
 // The real centrifuge-js SDK, driven by a test over stdin/stdout (one JSON object a line).
-// `node driver.mjs URL TOKEN`: it connects, then runs commands it reads
-// ({"op": "subscribe", "channel": ...}, "publish", "history", "presence", "unsubscribe",
-// "disconnect", "exit") and prints every event the SDK gives the app.
+// `node driver.mjs URL TOKEN [json|protobuf]`: it connects (with the SDK's JSON build, or
+// its Protobuf build, `centrifuge/build/protobuf`), then runs commands it reads
+// ({"op": "subscribe", "channel": ..., "delta"?: "fossil"}, "publish", "history",
+// "presence", "unsubscribe", "stats", "disconnect", "exit") and prints every event the SDK
+// gives the app. Payloads are JSON to the test either way: the Protobuf build carries bytes,
+// which the driver encodes and decodes as UTF-8 JSON.
 import readline from "node:readline";
-import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
 
-const [url, token] = process.argv.slice(2);
+const [url, token, encoding = "json"] = process.argv.slice(2);
+const binary = encoding === "protobuf";
+const { Centrifuge } = await import(binary ? "centrifuge/build/protobuf" : "centrifuge");
 const say = (event) => process.stdout.write(JSON.stringify(event) + "\n");
+const decode = (data) => (binary ? JSON.parse(new TextDecoder().decode(data)) : data);
+const encode = (data) => (binary ? new TextEncoder().encode(JSON.stringify(data)) : data);
 
 const client = new Centrifuge(url, {
   websocket: WebSocket,
@@ -22,11 +28,11 @@ const client = new Centrifuge(url, {
 client.on("connecting", (ctx) => say({ event: "connecting", code: ctx.code, reason: ctx.reason }));
 client.on("connected", (ctx) => say({ event: "connected", client: ctx.client }));
 client.on("disconnected", (ctx) => say({ event: "disconnected", code: ctx.code, reason: ctx.reason }));
-client.on("publication", (ctx) => say({ event: "personal", channel: ctx.channel, data: ctx.data, tags: ctx.tags }));
+client.on("publication", (ctx) => say({ event: "personal", channel: ctx.channel, data: decode(ctx.data), tags: ctx.tags }));
 client.on("error", (ctx) => say({ event: "error", type: ctx.type, code: ctx.error?.code }));
 
-function subscribe(channel) {
-  const sub = client.newSubscription(channel);
+function subscribe(channel, delta) {
+  const sub = client.newSubscription(channel, delta ? { delta } : {});
   sub.on("subscribed", (ctx) => say({
     event: "subscribed", channel, recovered: ctx.recovered, wasRecovering: ctx.wasRecovering,
     recoverable: ctx.recoverable, offset: ctx.streamPosition?.offset, epoch: ctx.streamPosition?.epoch,
@@ -34,7 +40,7 @@ function subscribe(channel) {
   sub.on("subscribing", (ctx) => say({ event: "subscribing", channel, code: ctx.code }));
   sub.on("unsubscribed", (ctx) => say({ event: "unsubscribed", channel, code: ctx.code }));
   sub.on("publication", (ctx) => say({
-    event: "publication", channel, data: ctx.data, offset: ctx.offset, user: ctx.info?.user ?? null,
+    event: "publication", channel, data: decode(ctx.data), offset: ctx.offset, user: ctx.info?.user ?? null,
     tags: ctx.tags ?? null,
   }));
   sub.on("join", (ctx) => say({ event: "join", channel, user: ctx.info.user }));
@@ -46,12 +52,13 @@ async function run(command) {
   const { op, channel } = command;
   const sub = () => client.getSubscription(channel);
   try {
-    if (op === "subscribe") subscribe(channel);
+    if (op === "subscribe") subscribe(channel, command.delta);
     else if (op === "unsubscribe") sub().unsubscribe();
-    else if (op === "publish") await sub().publish(command.data);
+    else if (op === "publish") await sub().publish(encode(command.data));
+    else if (op === "stats") say({ event: "stats", channel, ...sub().deltaStats() });
     else if (op === "history") {
       const result = await client.history(channel, { limit: command.limit ?? 0 });
-      say({ event: "history", offset: result.offset, data: result.publications.map((p) => p.data) });
+      say({ event: "history", offset: result.offset, data: result.publications.map((p) => decode(p.data)) });
     } else if (op === "presence") {
       const result = await client.presence(channel);
       say({ event: "presence", users: Object.values(result.clients).map((c) => c.user).sort() });
