@@ -149,8 +149,8 @@ async def rpc(request: Request) -> Response:
     hook = await body_of(request, RPCRequest)
     if hook.method == "whoami":
         return answer(Reply(result=RPCResult(data={"user": hook.user, "meta": hook.meta})))
-    if hook.method == "echo":
-        return answer(Reply(result=RPCResult(data=hook.data)))
+    if hook.method == "echo":  # b64data: a Protobuf client's bytes
+        return answer(Reply(result=RPCResult(data=hook.data, b64data=hook.b64data)))
     if hook.method == "slow":
         await asyncio.sleep(3)
     return answer(Reply(error=HookError(1002, f"no method {hook.method}")))

@@ -100,6 +100,28 @@ async def test_centrifuge_python_connects_by_cookie_calls_rpc_and_publishes(
             await stranger.disconnect()
 
 
+async def test_centrifuge_python_over_protobuf_sends_bytes_through_the_hooks(
+    backend: Backend,
+) -> None:
+    """A Protobuf client's payloads (JSON documents, as the hub carries them) go to the
+    hooks as `b64data`, and a result's `b64data` comes back as those bytes."""
+    async with hooked_node(backend) as running:
+        client = Client(centrifugo_url(running), headers={"Cookie": backend.login("ivo")},
+                        use_protobuf=True, timeout=WAIT, min_reconnect_delay=0.05)
+        try:
+            await client.connect()
+            await client.ready(timeout=WAIT)
+            connect = backend.stats()["last"]["connect"]["body"]
+            assert (connect["protocol"], connect["encoding"]) == ("protobuf", "binary")
+            reply = await client.rpc("echo", b'{"x": 1}')  # JSON bytes, as the hub carries
+            assert reply.data == b'{"x": 1}'
+            assert backend.stats()["last"]["rpc"]["body"]["b64data"] == "eyJ4IjogMX0="
+            reply = await client.rpc("whoami", b"")
+            assert json.loads(reply.data) == {"user": "ivo", "meta": {"login": "ivo"}}
+        finally:
+            await client.disconnect()
+
+
 async def test_centrifuge_python_retries_while_the_connect_hook_fails(backend: Backend) -> None:
     """Error 100 is temporary: the SDK keeps trying, with its backoff."""
     async with hooked_node(backend, hook_connect_url=backend.url + "/status500") as running:
