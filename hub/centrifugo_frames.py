@@ -296,7 +296,9 @@ class RefreshRequest(msgspec.Struct):
 
 
 class RpcRequest(msgspec.Struct, kw_only=True):
-    """`{"method"?, "data"?}`: a call of the application's rpc hook (PROTOCOL §13)."""
+    """`{"method"?, "data"?}`: a call of the application's rpc hook (PROTOCOL §13). From a
+    Protobuf client `data` holds its bytes as they came (any bytes: they go to the hook as
+    `b64data`, never into a channel)."""
 
     method: str = ""
     data: msgspec.Raw = NO_RAW

@@ -511,7 +511,8 @@ _COMMAND: _Schema = {
     10: ("history", _struct(_HISTORY, cf.HistoryRequest)),
     11: ("ping", _present),
     12: ("send", _present),
-    13: ("rpc", _struct({1: ("data", "json"), 2: ("method", "str")}, cf.RpcRequest)),
+    # rpc data are any bytes (they go to the rpc hook as b64data, never into a channel)
+    13: ("rpc", _struct({1: ("data", "bytes"), 2: ("method", "str")}, cf.RpcRequest)),
     14: ("refresh", _struct({1: ("token", "str")}, cf.RefreshRequest)),
     15: ("sub_refresh", _struct({1: ("channel", "str"), 2: ("token", "str")},
                                 cf.SubRefreshRequest)),
