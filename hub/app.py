@@ -6,23 +6,44 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import admin, centrifugo_api, check, endpoints, openapi, user_api
 from hub.broker import Broker, MemoryBroker
 from hub.centrifugo_endpoint import CENTRIFUGO_PATH, CentrifugoEndpoint
 from hub.commands import ClientCommands
 from hub.connection import WebSocketEndpoint
+from hub.emulation import (
+    EMULATION_PATH,
+    HTTP_STREAM_PATH,
+    SSE_PATH,
+    EmulationEndpoint,
+    EmulationPost,
+    EmulationRouter,
+    HttpStreamSession,
+    SseSession,
+)
 from hub.events import EventsCallable, attach, create_events
 from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
 from hub.settings import Settings
+from hub.uni import (
+    UNI_HTTP_STREAM_PATH,
+    UNI_SSE_PATH,
+    UNI_WEBSOCKET_PATH,
+    UniHttpStreamSession,
+    UniSseSession,
+    UniStreamEndpoint,
+    UniWebSocketEndpoint,
+)
 from hub.wire import WritePath
 
 log = logging.getLogger("hub.app")
@@ -55,6 +76,9 @@ class HubApp(Starlette):
     call stack, which lives as long as it does, stays short (memory per connection)."""
 
     sockets: dict[str, WebSocketApp]
+    # The HTTP-stream transports and `/emulation` (PROTOCOL §15), handed the server's own
+    # `send` for the same reasons, behind CORS.
+    streams: dict[str, ASGIApp]
     # The calls backends make most, by (method, path): taken before Starlette's router and
     # middleware too, which cost a publish a fifth of its CPU. Their handlers answer
     # every error themselves (`endpoints.api`).
@@ -69,6 +93,10 @@ class HubApp(Starlette):
                 response = await handler(Request(scope, receive))
                 await response(scope, receive, send)
                 return
+            stream = self.streams.get(route_path(scope))
+            if stream is not None:
+                await stream(scope, receive, send)
+                return
         elif kind == "websocket":
             endpoint = self.sockets.get(route_path(scope))
             if endpoint is not None:
@@ -77,7 +105,43 @@ class HubApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint
+WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint | UniWebSocketEndpoint
+
+
+def allowed_origins(settings: Settings) -> tuple[str, ...] | None:
+    """HUB_ALLOWED_ORIGINS, where this build has it (PROTOCOL §11)."""
+    origins = getattr(settings, "allowed_origins", None)
+    if isinstance(origins, str):  # the variable's comma-separated form
+        origins = [origin.strip() for origin in origins.split(",") if origin.strip()]
+    return tuple(origins) if origins else None
+
+
+def stream_routes(node: Node, write_path: WritePath) -> dict[str, ASGIApp]:
+    """Centrifugo's HTTP-stream transports (PROTOCOL §15), each behind CORS: the origins
+    of HUB_ALLOWED_ORIGINS with credentials, or any origin without."""
+    origins = allowed_origins(node.settings)
+    commands = ClientCommands(node)
+    apps: dict[str, Any] = {
+        UNI_SSE_PATH: UniStreamEndpoint(node, commands, write_path, origins, UniSseSession),
+        UNI_HTTP_STREAM_PATH: UniStreamEndpoint(node, commands, write_path, origins,
+                                                UniHttpStreamSession),
+    }
+    if node.settings.emulation:
+        router = EmulationRouter(node)
+        for path, session_class in ((SSE_PATH, SseSession),
+                                    (HTTP_STREAM_PATH, HttpStreamSession)):
+            apps[path] = EmulationEndpoint(node, commands, write_path, router, session_class,
+                                           origins)
+        apps[EMULATION_PATH] = EmulationPost(router, origins)
+    return {path: _cors(app, origins) for path, app in apps.items()}
+
+
+def _cors(app: Any, origins: tuple[str, ...] | None) -> ASGIApp:
+    return CORSMiddleware(
+        cast(ASGIApp, app), allow_origins=list(origins or ("*",)),
+        allow_credentials=origins is not None,
+        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=300,
+    )
 
 
 def create_app(
@@ -107,10 +171,16 @@ def create_app(
     sockets: dict[str, WebSocketApp] = {WEBSOCKET_PATH: WebSocketEndpoint(node, write_path)}
     if settings.centrifugo:
         sockets[CENTRIFUGO_PATH] = CentrifugoEndpoint(node, ClientCommands(node), write_path)
+    streams: dict[str, ASGIApp] = {}
+    if settings.centrifugo:
+        streams = stream_routes(node, write_path)
+        sockets[UNI_WEBSOCKET_PATH] = UniWebSocketEndpoint(
+            node, ClientCommands(node), write_path, allowed_origins(settings))
     routes = [*endpoints.routes, *user_api.routes, *openapi.routes, *admin.routes,
               *centrifugo_api.routes(settings)]
     app = HubApp(routes=routes, lifespan=lifespan)
     app.sockets = sockets
+    app.streams = streams
     app.shortcuts = {**endpoints.shortcuts, **centrifugo_api.shortcuts(settings)}
     app.state.node = node
     app.state.settings = settings

@@ -516,6 +516,10 @@ class ConnectResult(msgspec.Struct, omit_defaults=True):
     subs: dict[str, SubscribeResult] | None = None
     ping: int = 0
     pong: bool = False
+    # Emulated and one-way connections: the session an `/emulation` POST names, and the
+    # node that holds it (PROTOCOL §15).
+    session: str = ""
+    node: str = ""
 
 
 class RefreshResult(msgspec.Struct, omit_defaults=True):

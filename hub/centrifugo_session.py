@@ -102,6 +102,7 @@ class CentrifugoSession(Session):
     def connected(
         self, command_id: int, node_version: str, ping_interval: float,
         data: msgspec.Raw | None = None, channels: Iterable[str] = (),
+        session: str = "", node: str = "",
     ) -> None:
         """The connect reply: it comes first, and lists the personal channel under both
         its names (the SDKs drop pushes of channels they were not told of) and the connect
@@ -109,7 +110,8 @@ class CentrifugoSession(Session):
         default namespace announces joins, the connection hears its own join to `#user`,
         as Centrifugo's server-side subscription gives. A connection the connect hook let
         in is refreshed by the server (the refresh hook), so its SDK is told of no
-        expiry."""
+        expiry. An emulated session's `session` and `node` are what its `/emulation` POSTs
+        name (PROTOCOL §15)."""
         by_hook = self.hook is not None and self.hook.hooked
         expires, ttl = (False, 0) if by_hook else self._lifetime(self.identity)
         ping = math.ceil(ping_interval) if ping_interval else 0
@@ -122,7 +124,7 @@ class CentrifugoSession(Session):
             subs.update((channel, cf.SubscribeResult()) for channel in channels)
         result = cf.ConnectResult(
             client=self.client_id, version=node_version, expires=expires, ttl=ttl,
-            subs=subs, ping=ping, pong=bool(ping), data=data,
+            subs=subs, ping=ping, pong=bool(ping), data=data, session=session, node=node,
         )
         self.answer(cf.Reply(id=command_id, connect=result))
         if self.user and self.permissions.namespace(centrifugo_personal(self.user)).join_leave:

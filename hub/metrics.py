@@ -26,14 +26,19 @@ def close_code_label(code: int) -> str:
     return str(code) if code in _KNOWN_CLOSE_CODES else "other"
 
 
+EMULATION_OUTCOMES = ("local", "routed", "bad_request", "unknown_session", "unknown_node",
+                      "inbox_full", "unavailable", "timeout")
+
+
 class Metrics:
     def __init__(self, node_id: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.connections = Gauge("hub_connections", "Open WebSocket connections", registry=registry)
+        self.connections = Gauge("hub_connections", "Open connections (WebSockets and streams)",
+                                 registry=registry)
         self.connections_by_protocol = Gauge(
             "hub_connections_by_protocol",
-            "Open WebSocket connections, by client protocol (ws: /ws; centrifugo: "
-            "/connection/websocket)", ["protocol"], registry=registry,
+            "Open connections, by client protocol (ws: /ws; centrifugo: /connection/websocket "
+            "and Centrifugo's other transports)", ["protocol"], registry=registry,
         )
         self.subscriptions = Gauge(
             "hub_subscriptions", "Channel subscriptions (personal ones excluded)", registry=registry
@@ -89,6 +94,12 @@ class Metrics:
             "hub_delivery_lag_seconds", "From publish to enqueue on the delivering node",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )
+        self.emulation_requests = Counter(
+            "hub_emulation_requests",
+            "POST /emulation batches, by outcome (local: to a session of this node; routed: "
+            "through the broker to the node holding it; PROTOCOL §15)", ["outcome"],
+            registry=registry,
+        )
         self.events = Counter(
             "hub_events", "Events of PROTOCOL §14, by name and outcome (produced: recorded "
             "by this node; sent: delivered by it; retried: in a failed attempt; dropped: "
@@ -102,6 +113,8 @@ class Metrics:
         for source in ("api", "client"):
             self.messages_published.labels(source)
         self.messages_dropped.labels("slow_consumer")
+        for outcome in EMULATION_OUTCOMES:
+            self.emulation_requests.labels(outcome)
         for reason in ("missing", "invalid", "expired", "timeout"):
             self.auth_failures.labels(reason)
         for close_code in CloseCode:

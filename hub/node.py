@@ -86,6 +86,9 @@ class Node:
         self.idle = asyncio.Event()  # set while no connection is open
         self.events: Events | None = None  # PROTOCOL §14, when somebody listens (`attach`)
         self.idle.set()
+        # Channels addressed to this node rather than to subscribers (an emulated
+        # session's commands, `hub.emulation`), and who takes what they carry.
+        self.inboxes: dict[str, Callable[[p.Relayed], None]] = {}
         hub, subscriptions = self.hub, self.subscriptions
         metrics.connections.set_function(lambda: len(hub.sessions))
         for protocol in CLIENT_PROTOCOLS:
@@ -183,11 +186,16 @@ class Node:
 
     @property
     def channels(self) -> Iterable[str]:
-        return [*self.subscriptions.channels, self.directory.channel]
+        return [*self.subscriptions.channels, self.directory.channel, *self.inboxes]
 
     def on_relayed(self, channel: str, relayed: list[p.Relayed]) -> None:
         """What the broker relayed on one channel, in order; publications that came
         together are delivered together."""
+        inbox = self.inboxes.get(channel)
+        if inbox is not None:
+            for item in relayed:
+                inbox(item)
+            return
         if channel == self.directory.channel:
             self.directory.relayed(relayed)
             return

@@ -355,9 +355,27 @@ class Error(_Frame, tag="error"):
     id: int | None = None
 
 
+class Emulation(_Frame, tag="emulation"):
+    """Node-to-node only: a batch of commands for an emulated session (PROTOCOL §15), sent
+    to the node that holds it on that node's inbox channel; that node answers `id` on the
+    inbox channel of `reply_to`."""
+
+    session: str
+    data: str
+    reply_to: str = ""
+    id: int = 0
+
+
+class EmulationAnswer(_Frame, tag="emulation_answer"):
+    """Node-to-node only: what became of a routed `Emulation` batch (an HTTP status)."""
+
+    id: int
+    status: int
+
+
 Relayed = (
     Message | Join | Leave | Disconnect | ServerSubscribe | ServerUnsubscribe | ServerRefresh
-    | ConnectionsQuery | ConnectionsPage
+    | ConnectionsQuery | ConnectionsPage | Emulation | EmulationAnswer
 )
 """What one node hands to the others through the broker."""
 

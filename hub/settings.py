@@ -78,6 +78,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_ttl: float = 30.0
     redis_min_replicas: int = 0
     centrifugo: bool = True
+    emulation: bool = True
     centrifugo_api_prefix: str = "/centrifugo/api"
     # /connection/websocket: a connect without a token, or with one without `sub`, is an
     # anonymous user (Centrifugo's allow_anonymous_connect_without_token).

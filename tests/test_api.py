@@ -13,6 +13,7 @@ import pytest
 
 from hub.abuse import REASONS
 from hub.hooks import HOOK_NAMES, OUTCOMES
+from hub.metrics import EMULATION_OUTCOMES
 from tests.support import (
     API_KEY,
     WAIT,
@@ -592,4 +593,6 @@ _ALLOWED_LABEL_VALUES = {
     # hub_events_total (PROTOCOL §14)
     "channel_occupied", "channel_vacated", "user_online", "user_offline", "member_added",
     "member_removed", "client_publish", "produced", "sent", "retried", "dropped",
+    # hub_emulation_requests_total (PROTOCOL §15)
+    *EMULATION_OUTCOMES,
 }

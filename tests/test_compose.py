@@ -100,12 +100,15 @@ def test_docker_compose_config() -> None:
 
 
 def test_the_charts_default_ingress_routes_both_websocket_endpoints_and_no_probe() -> None:
-    """helm/hub/values.yaml: an Ingress switched on with the default paths reaches `/ws` and
-    `/connection/websocket` (what the README tells SDK users to use), and no path of it
+    """helm/hub/values.yaml: an Ingress switched on with the default paths reaches `/ws`,
+    `/connection/websocket` (what the README tells SDK users to use) and Centrifugo's other
+    transports with `/emulation` (PROTOCOL §15), and no path of it
     covers `/metrics`, `/healthz` or `/readyz`, which need no key."""
     values = yaml.safe_load((DEPLOY.parent / "helm" / "hub" / "values.yaml").read_text())
     paths = [path["path"] for host in values["ingress"]["hosts"] for path in host["paths"]]
-    for endpoint in ("/ws", "/connection/websocket"):
+    for endpoint in ("/ws", "/connection/websocket", "/connection/http_stream",
+                     "/connection/sse", "/connection/uni_sse", "/connection/uni_http_stream",
+                     "/connection/uni_websocket", "/emulation"):
         assert any(endpoint.startswith(path) for path in paths), endpoint
     for private in ("/metrics", "/healthz", "/readyz"):
         assert not any(private.startswith(path) for path in paths), private

@@ -41,6 +41,7 @@ EVERY_VARIABLE: list[tuple[str, str, str, object]] = [
     ("HUB_PRESENCE_TTL", "12", "presence_ttl", 12.0),
     ("HUB_REDIS_MIN_REPLICAS", "1", "redis_min_replicas", 1),
     ("HUB_CENTRIFUGO", "0", "centrifugo", False),
+    ("HUB_EMULATION", "0", "emulation", False),
     ("HUB_CENTRIFUGO_API_PREFIX", "/cf/api", "centrifugo_api_prefix", "/cf/api"),
     ("HUB_ANONYMOUS", "1", "anonymous", True),
     ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),

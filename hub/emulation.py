@@ -1,0 +1,379 @@
+"""Centrifugo's bidirectional emulation (PROTOCOL §15), for SDKs that cannot open a
+WebSocket: `/connection/http_stream` (newline-delimited replies) and `/connection/sse`
+(one SSE event per reply) carry a session's server→client frames; its client→server
+commands come as `POST /emulation` `{"session", "node", "data"}`, on any node.
+
+The session is a `CentrifugoSession` like any on `/connection/websocket` (same commands,
+limits, metrics); only its transport differs (`hub.streams`). A POST that lands on another
+node is published on the holding node's inbox channel (`$emulation:<node id>`), which that
+node's broker connection hears while it holds emulated sessions; the holding node puts the
+batch into the session's inbox, and the session's reader runs it as if a WebSocket frame
+had brought it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Collection
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
+
+from hub import __version__
+from hub import centrifugo_frames as cf
+from hub import protocol as p
+from hub.auth import Identity
+from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
+from hub.centrifugo_session import CentrifugoSession
+from hub.commands import ClientCommands
+from hub.connection import Gone, new_client_id
+from hub.connections import Origin
+from hub.errors import BrokerUnavailable, CloseCode
+from hub.metrics import close_code_label
+from hub.node import Node
+from hub.session import ASGIReceive
+from hub.stream_codec import EMULATION_HTTP_STREAM, EMULATION_SSE, StreamCodec
+from hub.streams import (
+    STREAM_HEADERS,
+    StreamInbox,
+    StreamOutbound,
+    origin_refused,
+    plain_response,
+    read_body,
+)
+from hub.wire import ASGISend, WritePath
+
+log = logging.getLogger("hub.emulation")
+
+EMULATION_PATH = "/emulation"
+HTTP_STREAM_PATH = "/connection/http_stream"
+SSE_PATH = "/connection/sse"
+INBOX_PREFIX = "$emulation:"
+# Command batches that may wait for one session's reader; more is a client sending faster
+# than its commands run, refused with 429.
+INBOX_LIMIT = 64
+CONNECT_PARAM = "cf_connect"
+# How long a POST waits for the answer of the node it routed its batch to.
+ROUTE_TIMEOUT = 2.0
+# How long the cluster's node list read from presence is used.
+NODES_MAX_AGE, NODES_MIN_AGE = 1.0, 0.1
+_LOCAL_OUTCOMES = {204: "local", 404: "unknown_session", 429: "inbox_full"}
+_ROUTED_OUTCOMES = {204: "routed", 404: "unknown_session", 429: "inbox_full"}
+
+
+def inbox_channel(node_id: str) -> str:
+    return INBOX_PREFIX + node_id
+
+
+class EmulatedSession(CentrifugoSession):
+    """A Centrifugo session whose frames go down an HTTP stream (its codec's framing)."""
+
+    __slots__ = ("inbox", "session_id")
+    stream_codec: StreamCodec
+
+    def __init__(self, commands: ClientCommands, outbound: StreamOutbound, client_id: str,
+                 identity: Identity, inbox: StreamInbox) -> None:
+        super().__init__(commands, outbound, client_id, identity, self.stream_codec)
+        self.inbox = inbox
+        self.session_id = secrets.token_urlsafe(18)  # whoever knows it speaks for the client
+
+
+class SseSession(EmulatedSession):
+    __slots__ = ()
+    stream_codec = EMULATION_SSE
+
+
+class HttpStreamSession(EmulatedSession):
+    __slots__ = ()
+    stream_codec = EMULATION_HTTP_STREAM
+
+
+class EmulationRouter:
+    """The emulated sessions of this node by session id, and the road of a POSTed batch to
+    the node that holds its session and of that node's answer back."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.sessions: dict[str, EmulatedSession] = {}
+        self.channel = inbox_channel(node.node_id)
+        self._listening: asyncio.Future[None] | None = None
+        self._waiting: dict[int, asyncio.Future[int]] = {}  # routed batches, by request id
+        self._next_id = 0
+        self._nodes: frozenset[str] = frozenset()  # the cluster's, read at most once a second
+        self._nodes_read_at = -NODES_MAX_AGE
+
+    async def listen(self) -> None:
+        """Hear this node's inbox channel: from the first emulated session on (its
+        batches), or the first batch routed from here (the answers); kept."""
+        if self._listening is None or (self._listening.done()
+                                       and self._listening.exception() is not None):
+            self._listening = asyncio.ensure_future(self._subscribe())
+        await asyncio.shield(self._listening)
+
+    async def _subscribe(self) -> None:
+        self.node.inboxes[self.channel] = self._on_relayed
+        await self.node.broker.subscribe(self.channel)
+
+    def add(self, session: EmulatedSession) -> None:
+        self.sessions[session.session_id] = session
+
+    def remove(self, session: EmulatedSession) -> None:
+        self.sessions.pop(session.session_id, None)
+
+    def _on_relayed(self, item: p.Relayed) -> None:
+        if isinstance(item, p.Emulation):
+            status = self.deliver(item.session, item.data)
+            if item.reply_to:
+                answer = p.EmulationAnswer(id=item.id, status=status)
+                self.node.spawn(self._answer(item.reply_to, answer))
+        elif isinstance(item, p.EmulationAnswer):
+            waiting = self._waiting.pop(item.id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(item.status)
+
+    async def _answer(self, node_id: str, answer: p.EmulationAnswer) -> None:
+        try:
+            await self.node.broker.publish(inbox_channel(node_id), answer)
+        except Exception as exc:  # the POST then times out on its node
+            log.warning("emulation: answer to %s not sent: %s", node_id, exc)
+
+    def deliver(self, session_id: str, data: str) -> int:
+        """Hand a batch to a session of this node: the HTTP status of the POST."""
+        session = self.sessions.get(session_id)
+        if session is None or session.close_code is not None:
+            return 404
+        if not session.inbox.put(data):
+            return 429
+        return 204
+
+    async def route(self, node_id: str, session_id: str, data: str) -> tuple[int, str]:
+        """The status of a POST and its outcome (`hub_emulation_requests_total`). A batch
+        for another node goes to that node's inbox channel, and this one waits (at most
+        ROUTE_TIMEOUT) for that node's answer on its own."""
+        node = self.node
+        if node_id == node.node_id:
+            status = self.deliver(session_id, data)
+            return status, _LOCAL_OUTCOMES[status]
+        try:
+            if node_id not in await self._cluster_nodes(node_id):
+                return 404, "unknown_node"
+            await self.listen()
+            self._next_id += 1
+            request_id = self._next_id
+            waiting = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+            try:
+                await node.broker.publish(inbox_channel(node_id), p.Emulation(
+                    session=session_id, data=data, reply_to=node.node_id, id=request_id))
+                async with asyncio.timeout(ROUTE_TIMEOUT):
+                    status = await waiting
+            finally:
+                self._waiting.pop(request_id, None)
+        except TimeoutError:
+            return 504, "timeout"
+        except BrokerUnavailable:
+            return 503, "unavailable"
+        return status, _ROUTED_OUTCOMES.get(status, "routed")
+
+    async def _cluster_nodes(self, wanted: str) -> frozenset[str]:
+        """The nodes presence knows (heartbeats): a node that left or stopped beating is
+        not among them. Read at most once per NODES_MAX_AGE, or NODES_MIN_AGE when `wanted`
+        is not in the last read (it may have just started)."""
+        now = asyncio.get_running_loop().time()
+        age = now - self._nodes_read_at
+        if age >= NODES_MAX_AGE or (wanted not in self._nodes and age >= NODES_MIN_AGE):
+            node = self.node
+            try:
+                stats = await node.presence.nodes(node.snapshot())
+            except Exception as exc:
+                raise BrokerUnavailable(f"the cluster's nodes could not be read: {exc}") from None
+            self._nodes = frozenset(entry.node for entry in stats)
+            self._nodes_read_at = now
+        return self._nodes
+
+
+class EmulationRequest(msgspec.Struct):
+    session: str
+    node: str
+    data: str
+
+
+class EmulationPost:
+    """`POST /emulation`: a batch of one emulated session's commands, to the node that
+    holds it. 204 taken; 400 malformed; 404 unknown session or node; 413 too big; 415
+    Protobuf (not served yet); 429 the session has too many batches waiting; 503 the
+    broker is down; 504 the session's node did not answer in time."""
+
+    def __init__(self, router: EmulationRouter, allowed_origins: Collection[str] | None) -> None:
+        self.router = router
+        self.allowed_origins = allowed_origins
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["method"] != "POST":
+            await _error(send, 405, "method not allowed: POST the commands")
+            return
+        if origin_refused(scope, self.allowed_origins):
+            await _error(send, 403, "origin not allowed")
+            return
+        settings = self.router.node.settings
+        if _content_type(scope) == "application/octet-stream":
+            await _error(send, 415, "the Protobuf encoding is not served on /emulation yet")
+            return
+        body = await read_body(receive, 2 * settings.max_frame_bytes + 1024)
+        if body is None:
+            await _error(send, 413, "body too large")
+            return
+        try:
+            request = msgspec.json.decode(body, type=EmulationRequest)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            self.router.node.metrics.emulation_requests.labels("bad_request").inc()
+            await _error(send, 400, f"expected {{session, node, data}}: {exc}")
+            return
+        if len(request.data) > settings.max_frame_bytes:
+            await _error(send, 413, "data over HUB_MAX_FRAME_BYTES")
+            return
+        status, outcome = await self.router.route(request.node, request.session, request.data)
+        self.router.node.metrics.emulation_requests.labels(outcome).inc()
+        if status == 204:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        messages = {404: "unknown session or node (the stream has ended: connect again)",
+                    429: "too many command batches waiting for this session",
+                    503: "the broker is unavailable, try again",
+                    504: "the session's node did not answer"}
+        await _error(send, status, messages.get(status, "emulation failed"))
+
+
+def _content_type(scope: dict[str, Any]) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            return bytes(value).decode("latin-1").partition(";")[0].strip().lower()
+    return ""
+
+
+async def _error(send: ASGISend, status: int, message: str) -> None:
+    body = msgspec.json.encode({"error": {"code": status, "message": message}})
+    await plain_response(send, status, body)
+
+
+async def connect_data(
+    scope: dict[str, Any], receive: ASGIReceive, limit: int
+) -> tuple[bytes | None, str]:
+    """The connect request of a stream: `?cf_connect=` on a GET, the body of a POST.
+    (None, why) when there is none, or it is too big."""
+    method = scope["method"]
+    if method == "GET":
+        query = parse_qs(scope.get("query_string", b"").decode("utf-8", errors="replace"))
+        values = query.get(CONNECT_PARAM)
+        if not values or not values[0].strip():
+            return None, f"no {CONNECT_PARAM} query parameter"
+        data = values[0].encode()
+        return (data, "") if len(data) <= limit else (None, "connect request too large")
+    if method == "POST":
+        body = await read_body(receive, limit)
+        if body is None:
+            return None, "connect request too large"
+        if not body.strip():
+            return None, "empty body: POST the connect request"
+        return body, ""
+    return None, "method not allowed"
+
+
+class EmulationEndpoint(CentrifugoEndpoint):
+    """`/connection/sse` and `/connection/http_stream`: the connect command (and any
+    commands after it) in `cf_connect` or the body; then the stream."""
+
+    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath,
+                 router: EmulationRouter, session_class: type[EmulatedSession],
+                 allowed_origins: Collection[str] | None) -> None:
+        super().__init__(node, commands, write_path)
+        self.router = router
+        self.session_class = session_class
+        self.allowed_origins = allowed_origins
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        if origin_refused(scope, self.allowed_origins):
+            await _error(send, 403, "origin not allowed")
+            return
+        if _content_type(scope) == "application/octet-stream":
+            await _error(send, 415, "the Protobuf encoding is not served on emulation yet")
+            return
+        data, why = await connect_data(scope, receive, 2 * self.node.settings.max_frame_bytes)
+        if data is None:
+            status = 405 if why == "method not allowed" else 413 if "large" in why else 400
+            await _error(send, status, why)
+            return
+        messages = cf.split_frame(data)
+        try:
+            command = cf.decode_command(messages[0]) if messages else None
+        except cf.BadCommand as exc:
+            await _error(send, 400, f"bad connect command: {exc.message}")
+            return
+        if command is None or command.connect is None or not command.id:
+            await _error(send, 400, "the first command must be connect, with an id")
+            return
+        codec = self.session_class.stream_codec
+        outbound = StreamOutbound(send, codec.disconnect)
+        headers = [(b"content-type", codec.framing.content_type), *STREAM_HEADERS]
+        await outbound.start(200, headers, codec.framing.prelude)
+        inbox = StreamInbox(INBOX_LIMIT)
+        outbound.on_end = inbox.end
+        inbox.watch(receive, outbound)
+        try:
+            await self._connect(scope, command, messages[1:], outbound, inbox)
+        finally:
+            inbox.stop_watching()
+            await outbound.finish()
+
+    async def _connect(self, scope: dict[str, Any], command: cf.Command, rest: list[bytes],
+                       outbound: StreamOutbound, inbox: StreamInbox) -> None:
+        node = self.node
+        try:
+            self._check_room()
+            identity = await self._authenticate(scope, command)
+            self._check_room()
+            await self.router.listen()
+        except _Refused as refused:
+            node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
+            await outbound.close(refused.code, refused.reason)
+            return
+        except _Expired as expired:
+            # Error 109: the SDK fetches a new token and connects again.
+            node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
+            outbound.write_now(self.session_class.stream_codec.reply(
+                cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)))
+            outbound.end()
+            return
+        except BrokerUnavailable:
+            await outbound.close(cf.DisconnectCode.SHUTDOWN, "try again later")
+            return
+        except Gone:
+            return
+        await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope))
+
+    async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
+                            outbound: StreamOutbound, inbox: StreamInbox, origin: Origin
+                            ) -> None:
+        node, commands = self.node, self.commands
+        session = self.session_class(commands, outbound, new_client_id(), identity, inbox)
+        session.origin = origin
+        session.connected(command.id, __version__, node.settings.ping_interval,
+                          session=session.session_id, node=node.node_id)
+        code: int = CloseCode.INTERNAL_ERROR
+        self.router.add(session)
+        self.sessions.add(session)
+        self._start_pinging()
+        try:
+            await commands.connect(session)
+            await session.handle_messages(rest)
+            code = await session.run(inbox)
+        finally:
+            self.router.remove(session)
+            self.sessions.discard(session)
+            node.metrics.protocol_errors.count_close(code)
+            await commands.disconnect(session, code)
