@@ -50,6 +50,9 @@ log = logging.getLogger("hub.commands")
 T = TypeVar("T")
 # A refresh or sub_refresh hook call that failed is made again this much later.
 HOOK_RETRY_SECONDS = 5
+# The hook context of a connection that has none (a transport that keeps no upgrade
+# headers): its calls forward no header and carry no `meta`.
+NO_CONTEXT = Context([], None)
 
 
 class Client(Connection, Protocol):
@@ -191,9 +194,9 @@ class ClientCommands:
     async def rpc(self, client: Client, method: str, data: msgspec.Raw) -> msgspec.Raw:
         """The rpc hook's `data` for the call (PROTOCOL §13)."""
         hooks = self.node.hooks
-        if client.hook is None or not hooks.has("rpc"):
+        if not hooks.has("rpc"):
             raise HubError(ErrorCode.UNAVAILABLE, "rpc is not available: no rpc hook")
-        hook = client.hook
+        hook = client.hook or NO_CONTEXT
         request = RPCRequest(**hook.wire, client=client.client_id, user=client.user,
                              method=method, **payload(data, hook), meta=hook.meta)
         result = await self._hooked(client, hooks.rpc(hook, request))
@@ -269,17 +272,15 @@ class ClientCommands:
         self, client: Client, channel: str, data: msgspec.Raw | None
     ) -> int:
         """Ask the subscribe hook; its `expire_at` (0: none) ends the subscription."""
-        assert client.hook is not None
-        hook = client.hook
+        hook = client.hook or NO_CONTEXT
         request = SubscribeRequest(**hook.wire, client=client.client_id, user=client.user,
                                    channel=channel, **payload(data, hook), meta=hook.meta)
-        result = await self._hooked(client, self.node.hooks.subscribe(client.hook, request))
+        result = await self._hooked(client, self.node.hooks.subscribe(hook, request))
         return result.expire_at
 
     async def _publish_hook(self, client: Client, channel: str, data: msgspec.Raw) -> msgspec.Raw:
         """Ask the publish hook; a result with `data` replaces the client's."""
-        assert client.hook is not None
-        hook = client.hook
+        hook = client.hook or NO_CONTEXT
         request = PublishRequest(**hook.wire, client=client.client_id, user=client.user,
                                  channel=channel, **payload(data, hook), meta=hook.meta)
         result = await self._hooked(client, self.node.hooks.publish(hook, request))
@@ -295,16 +296,17 @@ class ClientCommands:
         loop.call_later(delay, lambda: self.node.spawn(self._sub_refresh(client, channel)))
 
     async def _sub_refresh(self, client: Client, channel: str) -> None:
-        if client.hook is None or not self._subscriptions.has(client, channel):
+        if not self._subscriptions.has(client, channel):
             return
         hooks = self.node.hooks
         expire_at = 0
         if hooks.has("sub_refresh"):
-            request = SubRefreshRequest(**client.hook.wire, client=client.client_id,
+            hook = client.hook or NO_CONTEXT
+            request = SubRefreshRequest(**hook.wire, client=client.client_id,
                                         user=client.user,
-                                        channel=channel, meta=client.hook.meta)
+                                        channel=channel, meta=hook.meta)
             try:
-                result = await hooks.sub_refresh(client.hook, request)
+                result = await hooks.sub_refresh(hook, request)
             except HookDisconnected as disconnect:
                 client.close(disconnect.code, disconnect.reason)
                 return
