@@ -30,6 +30,7 @@ from hub.emulation import (
     SseSession,
 )
 from hub.events import EventsCallable, attach, create_events
+from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.presence import MemoryPresence, Presence
@@ -143,12 +144,14 @@ def _cors(app: Any, origins: tuple[str, ...] | None) -> ASGIApp:
     )
 
 
-def create_app(settings: Settings, *, on_events: EventsCallable | None = None) -> Starlette:
-    """`on_events`: a callable that gets the events of PROTOCOL §14 instead of
-    `HUB_EVENTS_URL` (an embedded hub)."""
+def create_app(
+    settings: Settings, *, hooks: Hooks | None = None, on_events: EventsCallable | None = None
+) -> Starlette:
+    """`hooks`: callables for the hooks of PROTOCOL §13; `on_events`: a callable that gets
+    the events of PROTOCOL §14 instead of `HUB_EVENTS_URL` (both an embedded hub's)."""
     broker, presence = create_backends(settings)
     metrics = Metrics(settings.node_id)
-    node = Node(settings, broker, presence, metrics)
+    node = Node(settings, broker, presence, metrics, hooks)
     attach(node, create_events(settings, metrics, broker, on_events))
     write_path = WritePath()
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hub import __version__
@@ -22,12 +23,31 @@ from hub.auth import AuthFailed, Identity
 from hub.centrifugo_codecs import PROTOBUF_SUBPROTOCOL, CentrifugoCodec, codec_for
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import Gone, close_socket, dev_identity, new_client_id, send_quietly
+from hub.connection import (
+    Gone,
+    close_socket,
+    dev_identity,
+    new_client_id,
+    origin_allowed,
+    send_quietly,
+)
 from hub.connections import Origin
 from hub.errors import CloseCode
+from hub.hooks import (
+    ConnectRequest,
+    ConnectResult,
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    identity_of,
+    payload,
+    result_payload,
+)
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
+from hub.subscriptions import Joined
 from hub.wire import ASGISend, WritePath, payload_of
 
 log = logging.getLogger("hub.centrifugo")
@@ -55,15 +75,26 @@ class CentrifugoEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        if not await origin_allowed(self.node, scope, send):
+            return
         codec = codec_for(scope)
         accept: dict[str, Any] = {"type": "websocket.accept"}
         if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
             accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
         await send(accept)
+        hooks = self.node.hooks
+        context = hooks.context(scope, binary=codec.binary) if hooks.active else None
+        hooked: ConnectResult | None = None
+        client_id = new_client_id()
         try:
             self._check_room()
             command, rest = await self._first_command(receive, codec)
-            identity = await self._authenticate(scope, command)
+            assert command.connect is not None
+            if context is not None and hooks.wants_connect(bool(command.connect.token)):
+                hooked = await self._connect_hook(context, command, client_id)
+                identity = identity_of(hooked)
+            else:
+                identity = await self._authenticate(scope, command)
             self._check_room()  # it may have filled up or begun draining meanwhile
         except _Refused as refused:
             self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
@@ -72,10 +103,38 @@ class CentrifugoEndpoint:
         except _Expired as expired:
             await self._expired(send, receive, expired.command_id, codec)
             return
+        except _ConnectError as refused:
+            self.node.metrics.disconnections.labels(
+                close_code_label(CloseCode.UNAUTHORIZED)).inc()
+            await self._refuse_connect(send, receive, refused.reply, codec)
+            return
         except Gone as gone:
             self.node.metrics.protocol_errors.count_close(gone.code)
             return
-        await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope))
+        await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope),
+                          context, hooked, client_id)
+
+    async def _connect_hook(
+        self, context: Context, command: cf.Command, client_id: str
+    ) -> ConnectResult:
+        """PROTOCOL §13: an `error` is the connect reply's error (its code and message), a
+        `disconnect` closes with its code and reason, a failed call is error 100
+        (temporary: the SDKs reconnect with backoff)."""
+        connect = command.connect
+        assert connect is not None
+        request = ConnectRequest(**context.wire, client=client_id, name=connect.name,
+                                 version=connect.version, **payload(connect.data, context))
+        try:
+            return await self.node.hooks.connect(context, request)
+        except HookRefused as refused:
+            error = refused.error
+            raise _ConnectError(cf.Reply(id=command.id, error=cf.Error(
+                code=error.code, message=refused.message, temporary=error.temporary))) from None
+        except HookDisconnected as disconnect:
+            raise _Refused(disconnect.code, disconnect.reason, disconnect.code) from None
+        except HookFailed as failed:
+            reply = cf.error_reply(command.id, cf.ErrorCode.INTERNAL, failed.message)
+            raise _ConnectError(reply) from None
 
     def _check_room(self) -> None:
         node = self.node
@@ -136,11 +195,17 @@ class CentrifugoEndpoint:
     async def _expired(
         self, send: ASGISend, receive: ASGIReceive, command_id: int, codec: CentrifugoCodec
     ) -> None:
-        """Error 109: the SDK closes, fetches a new token and connects again. Closing first
-        could reach it before the reply, and stop it; so the client closes, or the auth
-        timeout does."""
+        """Error 109: the SDK closes, fetches a new token and connects again."""
         self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
         reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
+        await self._refuse_connect(send, receive, reply, codec)
+
+    async def _refuse_connect(
+        self, send: ASGISend, receive: ASGIReceive, reply: cf.Reply, codec: CentrifugoCodec
+    ) -> None:
+        """An error reply to `connect` (109: the SDK fetches a new token; a hook's error: it
+        reconnects or stops as the code says). Closing first could reach it before the
+        reply, and stop it; so the client closes, or the auth timeout does."""
         frame = payload_of(codec.reply(reply))
         event = {"type": "websocket.send", "bytes": frame} if codec.binary else {
             "type": "websocket.send", "text": frame.decode()}
@@ -150,6 +215,13 @@ class CentrifugoEndpoint:
                 while (await receive())["type"] != "websocket.disconnect":
                     pass
                 return
+        error = reply.error
+        if error is not None and error.code != cf.ErrorCode.TOKEN_EXPIRED:
+            # a hook's error the client did not act on: reconnect if it was temporary
+            code = cf.DisconnectCode.SERVER_ERROR if error.temporary else \
+                cf.DisconnectCode.FORCE_NO_RECONNECT
+            await close_socket(send, code, cf.reason_for(code))
+            return
         await close_socket(send, cf.DisconnectCode.EXPIRED, "connection expired")
 
     async def _serve(
@@ -161,18 +233,29 @@ class CentrifugoEndpoint:
         receive: ASGIReceive,
         codec: CentrifugoCodec,
         origin: Origin,
+        context: Context | None = None,
+        hooked: ConnectResult | None = None,
+        client_id: str | None = None,
     ) -> None:
         node, commands = self.node, self.commands
         session = CentrifugoSession(
-            commands, self.write_path.outbound_for(send), new_client_id(), identity, codec
+            commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity,
+            codec,
         )
         session.origin = origin
-        session.connected(command.id, __version__, node.settings.ping_interval)
+        session.hook = context
+        channels = hooked.channels if hooked is not None else []
+        data = None
+        if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
+            data = result_payload(hooked.data, hooked.b64data)
+        session.connected(command.id, __version__, node.settings.ping_interval, data, channels)
         code: int = CloseCode.INTERNAL_ERROR
         self.sessions.add(session)
         self._start_pinging()
         try:
             await commands.connect(session)
+            if channels:  # listed in the connect reply: nothing more to tell
+                await commands.subscribe_server_side(session, channels, _told)
             await session.handle_messages(rest)
             code = await session.run(receive)
         finally:
@@ -201,6 +284,23 @@ class CentrifugoEndpoint:
                         session.push(session.codec.ping_frame)
         finally:
             self._pinging = False
+
+
+def _told(channel: str) -> Callable[[Joined], None]:
+    """A server-side subscription the connect reply announced: nothing more to tell."""
+    return _nothing
+
+
+def _nothing(start: Joined) -> None:
+    pass
+
+
+class _ConnectError(Exception):
+    """Answer `connect` with this error reply."""
+
+    def __init__(self, reply: cf.Reply) -> None:
+        super().__init__("connect refused")
+        self.reply = reply
 
 
 class _Expired(Exception):

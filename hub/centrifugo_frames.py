@@ -222,7 +222,7 @@ class SubscribeRequest(msgspec.Struct, kw_only=True):
     recover: bool = False
     offset: Offset = 0
     epoch: str = ""
-    # Tolerated, not acted on: subscription tokens and data, positioning and join/leave
+    # Tolerated, not acted on: subscription tokens, positioning and join/leave
     # asks, channel compaction (`flag` 1, sent on every subscribe) and fossil `delta`.
     token: str = ""
     positioned: bool = False
@@ -230,6 +230,7 @@ class SubscribeRequest(msgspec.Struct, kw_only=True):
     join_leave: bool = False
     delta: str = ""
     flag: int = 0
+    data: msgspec.Raw = NO_RAW  # for the subscribe hook (PROTOCOL §13)
 
     @property
     def since(self) -> p.Since | None:
@@ -294,6 +295,15 @@ class RefreshRequest(msgspec.Struct):
     token: str
 
 
+class RpcRequest(msgspec.Struct, kw_only=True):
+    """`{"method"?, "data"?}`: a call of the application's rpc hook (PROTOCOL §13). From a
+    Protobuf client `data` holds its bytes as they came (any bytes: they go to the hook as
+    `b64data`, never into a channel)."""
+
+    method: str = ""
+    data: msgspec.Raw = NO_RAW
+
+
 class SubRefreshRequest(msgspec.Struct, kw_only=True):
     """A new subscription token for a channel subscribed with one."""
 
@@ -318,7 +328,7 @@ class Command(msgspec.Struct, kw_only=True):
     # no answer; the others get 104.
     ping: msgspec.Raw = NO_RAW
     send: msgspec.Raw = NO_RAW
-    rpc: msgspec.Raw = NO_RAW
+    rpc: RpcRequest | None = None
     sub_refresh: SubRefreshRequest | None = None
 
     @property
@@ -341,7 +351,7 @@ _METHODS = (
 )
 SERVED_METHODS = frozenset(
     {"connect", "subscribe", "unsubscribe", "publish", "presence", "presence_stats",
-     "history", "refresh", "sub_refresh"}
+     "history", "refresh", "rpc", "sub_refresh"}
 )
 
 

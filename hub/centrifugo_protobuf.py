@@ -468,7 +468,7 @@ def _map(value_reader: Callable[[bytes], Any]) -> Callable[[dict[str, Any], str,
 
 
 def _present(values: dict[str, Any], name: str, data: bytes) -> None:
-    """A method the hub reads nothing of (ping, send, rpc): only that it was sent."""
+    """A method the hub reads nothing of (ping, send): only that it was sent."""
     values[name] = _MARK
 
 
@@ -511,7 +511,8 @@ _COMMAND: _Schema = {
     10: ("history", _struct(_HISTORY, cf.HistoryRequest)),
     11: ("ping", _present),
     12: ("send", _present),
-    13: ("rpc", _present),
+    # rpc data are any bytes (they go to the rpc hook as b64data, never into a channel)
+    13: ("rpc", _struct({1: ("data", "bytes"), 2: ("method", "str")}, cf.RpcRequest)),
     14: ("refresh", _struct({1: ("token", "str")}, cf.RefreshRequest)),
     15: ("sub_refresh", _struct({1: ("channel", "str"), 2: ("token", "str")},
                                 cf.SubRefreshRequest)),

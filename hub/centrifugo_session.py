@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -33,6 +33,7 @@ from hub.channels import personal_channel
 from hub.commands import ClientCommands
 from hub.errors import CloseCode, ErrorCode, HubError
 from hub.fossil import create as fossil_delta
+from hub.hooks import HookRefused
 from hub.node import HISTORY_LIMIT
 from hub.session import Session
 from hub.subscriptions import Joined
@@ -71,7 +72,16 @@ class CentrifugoSession(Session):
 
     def fail(self, command_id: int, error: HubError) -> None:
         self.count_error(error.code)
+        if isinstance(error, HookRefused):  # the application's own code and message
+            refused = error.error
+            self.answer(cf.Reply(id=command_id, error=cf.Error(
+                code=refused.code, message=error.message, temporary=refused.temporary)))
+            return
         self.answer(cf.hub_error_reply(command_id, error))
+
+    def subscription_expired(self, channel: str) -> None:
+        push = cf.unsubscribe_push(channel, cf.UnsubscribeCode.EXPIRED)
+        self.push(self.codec.push(push))
 
     def reset(self, channel: str, position: StreamPosition) -> bool:
         """The subscription ends here (it is dropped first), and the SDK subscribes again
@@ -91,23 +101,30 @@ class CentrifugoSession(Session):
 
     def connected(
         self, command_id: int, node_version: str, ping_interval: float,
+        data: msgspec.Raw | None = None, channels: Iterable[str] = (),
         session: str = "", node: str = "",
     ) -> None:
         """The connect reply: it comes first, and lists the personal channel under both
-        its names (the SDKs drop pushes of channels they were not told of); an anonymous
-        connection has none. Where the default namespace announces joins, the connection
-        hears its own join to `#user`, as Centrifugo's server-side subscription gives. An
-        emulated session's `session` and `node` are what its `/emulation` POSTs name
-        (PROTOCOL §15)."""
-        expires, ttl = self._lifetime(self.identity)
+        its names (the SDKs drop pushes of channels they were not told of) and the connect
+        hook's channels; an anonymous connection has no personal channel. Where the
+        default namespace announces joins, the connection hears its own join to `#user`,
+        as Centrifugo's server-side subscription gives. A connection the connect hook let
+        in is refreshed by the server (the refresh hook), so its SDK is told of no
+        expiry. An emulated session's `session` and `node` are what its `/emulation` POSTs
+        name (PROTOCOL §15)."""
+        by_hook = self.hook is not None and self.hook.hooked
+        expires, ttl = (False, 0) if by_hook else self._lifetime(self.identity)
         ping = math.ceil(ping_interval) if ping_interval else 0
-        subs = None
+        subs: dict[str, cf.SubscribeResult] | None = None
         if self.user:
             subs = {centrifugo_personal(self.user): cf.SubscribeResult(),
                     personal_channel(self.user): cf.SubscribeResult()}
+        if channels:
+            subs = subs or {}
+            subs.update((channel, cf.SubscribeResult()) for channel in channels)
         result = cf.ConnectResult(
             client=self.client_id, version=node_version, expires=expires, ttl=ttl,
-            subs=subs, ping=ping, pong=bool(ping), session=session, node=node,
+            subs=subs, ping=ping, pong=bool(ping), data=data, session=session, node=node,
         )
         self.answer(cf.Reply(id=command_id, connect=result))
         if self.user and self.permissions.namespace(centrifugo_personal(self.user)).join_leave:
@@ -186,9 +203,6 @@ class CentrifugoSession(Session):
             await self._subscribe(command_id, command.subscribe)
         elif method == "sub_refresh" and command.sub_refresh is not None:
             await self._sub_refresh(command_id, command.sub_refresh)
-        elif method == "rpc":
-            # No RPC handler here: Centrifugo's answer when none is configured.
-            self.answer(cf.error_reply(command_id, cf.ErrorCode.NOT_AVAILABLE))
         elif method == "unsubscribe" and command.unsubscribe is not None:
             # Always a success: both SDKs reconnect on an unsubscribe error.
             if self.sub_expiries is not None:
@@ -223,6 +237,12 @@ class CentrifugoSession(Session):
                 self.answer(cf.Reply(id=command_id, history=history))
         elif method == "refresh" and command.refresh is not None:
             await self._refresh(command_id, command.refresh.token)
+        elif method == "rpc" and command.rpc is not None:
+            if not commands.node.hooks.has("rpc"):
+                self.answer(cf.error_reply(command_id, cf.ErrorCode.NOT_AVAILABLE))
+                return
+            data = await commands.rpc(self, command.rpc.method, command.rpc.data)
+            self.answer(cf.Reply(id=command_id, rpc=cf.RPCResult(data=data)))
         elif method == "connect":
             self._protocol_error("bad_command")
             self.close(cf.DisconnectCode.BAD_REQUEST, "client already authenticated")
@@ -269,7 +289,7 @@ class CentrifugoSession(Session):
         rejected: list[bool] = []
         joined = self._joined(command_id, request, since, delta, expires, rejected)
         await self.commands.subscribe(self, channel, since, joined, granted=granted,
-                                      delta=delta)
+                                      delta=delta, data=request.data)
         if rejected:  # answered 112: the subscription does not stand
             with contextlib.suppress(HubError):
                 await self.commands.unsubscribe(self, channel)
@@ -389,7 +409,7 @@ class CentrifugoSession(Session):
         up to the cap; without `since` the oldest first (it reads the stream from its
         start), with `reverse` the newest first (with `since`: those before it); a `since`
         of another epoch is error 112 (None here)."""
-        self.permissions.check_subscribe(request.channel, self._subscribed(request.channel))
+        self.commands.check_read(self, request.channel, self._subscribed(request.channel))
         node = self.commands.node
         limit = HISTORY_LIMIT if request.limit < 0 else min(request.limit, HISTORY_LIMIT)
         since = request.since

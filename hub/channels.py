@@ -69,7 +69,8 @@ class Permissions:
         """`granted`: a subscription token names this channel (Centrifugo's protocol)."""
         check_client_channel(channel)
         namespace = self.namespace(channel)
-        if self._dev or namespace.subscribe == "any" or granted:
+        # proxy: the subscribe hook decides (PROTOCOL §13)
+        if self._dev or namespace.subscribe in ("any", "proxy") or granted:
             return namespace
         if not matches_any(channel, self._subscribe_patterns):
             raise HubError(ErrorCode.FORBIDDEN, f"token does not allow subscribing to {channel}")
@@ -78,7 +79,7 @@ class Permissions:
     def check_publish(self, channel: str) -> Namespace:
         check_client_channel(channel)
         namespace = self.namespace(channel)
-        if self._dev or namespace.publish == "any":
+        if self._dev or namespace.publish in ("any", "proxy"):  # proxy: the hook decides
             return namespace
         if namespace.publish == "token" and matches_any(channel, self._publish_patterns):
             return namespace

@@ -15,7 +15,7 @@ import msgspec
 from hub.settings import Settings, variables
 
 # Settings whose value is a secret: shown as set or unset, never as text.
-SECRETS = frozenset({"jwt_secret", "api_key"})
+SECRETS = frozenset({"jwt_secret", "api_key", "hook_static_headers"})
 _MASK = "********"
 
 
@@ -35,7 +35,7 @@ def _mask_url(url: str) -> str:
 
 
 def _shown(name: str, value: object) -> str:
-    if value is None:
+    if value is None or value == "":
         return "(unset)"
     if name in SECRETS:
         return _MASK
@@ -73,7 +73,8 @@ def warnings(settings: Settings) -> list[str]:
     found: list[str] = []
     if settings.dev:
         return found  # dev mode is open by design, and says so itself
-    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url):
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_url
+            or settings.hook_connect_url):
         found.append(
             "no HUB_JWT_SECRET, HUB_JWT_PUBLIC_KEY or HUB_JWKS_URL: no token can be verified, "
             "so every client connection will be closed 4001"

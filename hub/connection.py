@@ -19,6 +19,18 @@ from hub.auth import AuthFailed, Identity
 from hub.commands import ClientCommands
 from hub.connections import Origin
 from hub.errors import CloseCode, close_reason
+from hub.hooks import (
+    ConnectRequest,
+    ConnectResult,
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    header_of,
+    identity_of,
+    raw_json,
+)
+from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.wire import ASGISend, WritePath
@@ -43,12 +55,27 @@ class WebSocketEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
         node = self.node
+        if not await origin_allowed(node, scope, send):
+            return
+        await send({"type": "websocket.accept"})
         if await self._refused(send):
             return
+        hooked: ConnectResult | None = None
+        context = node.hooks.context(scope) if node.hooks.active else None
+        client_id = new_client_id()
         try:
-            identity, auth_id = await self._authenticate(scope, receive)
+            if context is not None and node.hooks.wants_connect(
+                _token_from_handshake(scope) is not None
+            ):
+                hooked = await self._connect_hook(context, client_id)
+                identity, auth_id = identity_of(hooked), None
+            else:
+                identity, auth_id = await self._authenticate(scope, receive)
+        except HookRefusal as refusal:
+            node.metrics.disconnections.labels(close_code_label(refusal.code)).inc()
+            await close_socket(send, refusal.code, refusal.reason)
+            return
         except AuthFailed as exc:
             node.metrics.auth_failed(exc.reason)
             node.metrics.disconnections.labels(str(int(exc.code))).inc()
@@ -69,7 +96,21 @@ class WebSocketEndpoint:
         if await self._refused(send):
             return
         node.noticed_address(scope)
-        await self._serve(identity, auth_id, send, receive, Origin.of_scope(scope))
+        await self._serve(identity, auth_id, send, receive, Origin.of_scope(scope), context,
+                          hooked, client_id)
+
+    async def _connect_hook(self, context: Context, client_id: str) -> ConnectResult:
+        """PROTOCOL §13 on `/ws`: `error` closes 4001 with its message, `disconnect` with
+        its code and reason, a failed call 1011."""
+        request = ConnectRequest(**context.wire, client=client_id)
+        try:
+            return await self.node.hooks.connect(context, request)
+        except HookRefused as refused:
+            raise HookRefusal(CloseCode.UNAUTHORIZED, refused.message) from None
+        except HookDisconnected as disconnect:
+            raise HookRefusal(disconnect.code, disconnect.reason) from None
+        except HookFailed as failed:
+            raise HookRefusal(CloseCode.INTERNAL_ERROR, failed.message) from None
 
     async def _refused(self, send: ASGISend) -> bool:
         """Close with 1013 when the node is full or draining."""
@@ -83,17 +124,15 @@ class WebSocketEndpoint:
         return True
 
     async def _serve(
-        self,
-        identity: Identity,
-        auth_id: int | None,
-        send: ASGISend,
-        receive: ASGIReceive,
-        origin: Origin,
+        self, identity: Identity, auth_id: int | None, send: ASGISend, receive: ASGIReceive,
+        origin: Origin, context: Context | None = None, hooked: ConnectResult | None = None,
+        client_id: str | None = None,
     ) -> None:
         node, commands = self.node, self.commands
         outbound = self.write_path.outbound_for(send)
-        session = WsSession(commands, outbound, new_client_id(), identity)
+        session = WsSession(commands, outbound, client_id or new_client_id(), identity)
         session.origin = origin
+        session.hook = context
         interval = node.settings.ping_interval
         session.reply(p.Welcome(
             client=session.client_id,
@@ -102,10 +141,14 @@ class WebSocketEndpoint:
             expires=identity.expires,
             ping_interval=int(interval) if interval == int(interval) else interval,
             id=auth_id,
+            data=p.NO_RAW if hooked is None or hooked.data is None else raw_json(hooked.data),
         ))
         code: int = CloseCode.INTERNAL_ERROR
         try:
             await commands.connect(session)
+            if hooked is not None and hooked.channels:
+                await commands.subscribe_server_side(session, hooked.channels,
+                                                     session.hook_subscribed)
             code = await session.run(receive)
         finally:
             node.metrics.protocol_errors.count_close(code)
@@ -145,6 +188,24 @@ class WebSocketEndpoint:
         if not isinstance(command, p.Auth):
             raise AuthFailed("missing", "the first frame must be auth")
         return command.token, command.id
+
+
+class HookRefusal(Exception):
+    """The connect hook refused the connection: close with this code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+async def origin_allowed(node: Node, scope: dict[str, Any], send: ASGISend) -> bool:
+    """HUB_ALLOWED_ORIGINS (PROTOCOL §11, §13): an upgrade from another origin is refused
+    with 403, before it is accepted and before any hook call."""
+    if node.hooks.config.origin_allowed(header_of(scope, b"origin")):
+        return True
+    node.metrics.auth_failed("origin")
+    await send_quietly(send, {"type": "websocket.close", "code": 1008})
+    return False
 
 
 class _BinaryFrame(Exception):

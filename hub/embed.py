@@ -41,6 +41,7 @@ from hub.app import create_app
 from hub.channels import check_name
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.events import EventsCallable
+from hub.hooks import Hooks
 from hub.node import Node, node_of
 from hub.protocol import Since
 from hub.settings import Settings
@@ -55,11 +56,17 @@ class EmbeddedHub:
     Errors are `hub.errors.HubError` with the contract's code (`invalid_channel`,
     `forbidden`, `unavailable`, ...)."""
 
-    def __init__(self, settings: Settings, *, on_events: EventsCallable | None = None) -> None:
-        """`on_events`: an async callable that gets each batch of events (PROTOCOL §14,
-        a list of dicts) instead of `HUB_EVENTS_URL`; raising means "send it again"."""
+    def __init__(
+        self, settings: Settings, *, hooks: Hooks | None = None,
+        on_events: EventsCallable | None = None,
+    ) -> None:
+        """`hooks`: async callables for the hooks of PROTOCOL §13 (`hub.hooks.Hooks`); they
+        get the upgrade request as Starlette's `HTTPConnection`, so the host's session
+        and auth work in them. `on_events`: an async callable that gets each batch of
+        events (PROTOCOL §14, a list of dicts) instead of `HUB_EVENTS_URL`; raising means
+        "send it again"."""
         self.settings = settings
-        self.app: Starlette = create_app(settings, on_events=on_events)
+        self.app: Starlette = create_app(settings, hooks=hooks, on_events=on_events)
         self.node: Node = node_of(self.app)
 
     def mount(self, path: str = "/realtime", name: str | None = "hub") -> Mount:

@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from hub.errors import CloseCode
-
 log = logging.getLogger("hub.expiry")
 
 
@@ -31,7 +29,8 @@ class Expiring(Protocol):
     def expires(self) -> int | None:
         """Its token's `exp` (unix seconds), None if it has none."""
 
-    def close(self, code: int, reason: str = "") -> None: ...
+    def expired(self) -> None:
+        """Its expiry has come: close it with 4002 (or ask the refresh hook)."""
 
 
 class ExpiryClock:
@@ -90,7 +89,7 @@ class ExpiryClock:
             if connection is not None and connection.expires is not None \
                     and connection.expires <= now:
                 try:
-                    connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+                    connection.expired()
                 except Exception:  # one connection's fault must not stop the clock
                     log.exception("closing a connection whose token expired failed")
         if due:

@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -23,7 +23,8 @@ from hub.channels import check_name, is_personal, personal_channel
 from hub.connections import Directory
 from hub.errors import BrokerUnavailable, ErrorCode, HubError
 from hub.events import Events
-from hub.expiry import ExpiryClock
+from hub.expiry import Expiring, ExpiryClock
+from hub.hooks import HookConfig, HookMetrics, HookRunner, Hooks
 from hub.hub import Connection, Hub
 from hub.membership import Membership
 from hub.metrics import CLIENT_PROTOCOLS, Metrics
@@ -56,7 +57,8 @@ def node_of(app: Any) -> Node:
 
 class Node:
     def __init__(
-        self, settings: Settings, broker: Broker, presence: Presence, metrics: Metrics
+        self, settings: Settings, broker: Broker, presence: Presence, metrics: Metrics,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -64,11 +66,15 @@ class Node:
         self.presence = presence
         self.metrics = metrics
         self.hub = Hub()
-        self.expiries = ExpiryClock(self.hub.sessions.get, lambda: len(self.hub.sessions))
+        # The hub's connections are sessions, which the clock may tell that they expired.
+        sessions = cast(Callable[[str], Expiring | None], self.hub.sessions.get)
+        self.expiries = ExpiryClock(sessions, lambda: len(self.hub.sessions))
         self.subscriptions = Subscriptions(broker, settings, metrics)
         # Presence, join/leave and heartbeats, derived from the subscriptions.
         self.membership = Membership(settings, self.subscriptions, presence, broker, self.snapshot)
         self.authenticator = Authenticator(settings)
+        self.hooks = HookRunner(HookConfig.of(settings), HookMetrics(metrics.registry), hooks)
+        self.hooks.check_namespaces(settings.namespaces)
         self.started = int(time.time())
         # Monotonic time of the node's sessions (rate limits): a test moves it instead of
         # sleeping.
@@ -140,7 +146,8 @@ class Node:
             await self.events.stop()
         await asyncio.gather(*(cancel(task) for task in list(self._tasks)),
                              return_exceptions=True)
-        for step in (self.membership.leave, self.broker.close, self.presence.close):
+        for step in (self.membership.leave, self.broker.close, self.presence.close,
+                     self.hooks.aclose):
             try:
                 await step()
             except Exception:

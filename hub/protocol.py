@@ -21,6 +21,10 @@ class Since(msgspec.Struct, frozen=True):
 
 # Client → server
 
+NO_RAW = msgspec.Raw()
+"""An absent raw field. msgspec decodes no `Raw | None`, and it leaves a default out of an
+encoding only when it is this very object (an empty Raw of one's own encodes as nothing)."""
+
 
 class _Command(msgspec.Struct, tag_field="type", kw_only=True):
     id: int | None = None
@@ -67,11 +71,20 @@ class Ping(_Command, tag="ping"):
     pass
 
 
+class Rpc(_Command, tag="rpc"):
+    """A call of the application's rpc hook (PROTOCOL §13); `data` is any JSON value."""
+
+    method: str
+    data: msgspec.Raw = NO_RAW
+
+
 Command = (
     Auth | Subscribe | Unsubscribe | Publish | PresenceRequest | HistoryRequest | Refresh | Ping
+    | Rpc
 )
 COMMAND_TYPES = frozenset(
-    {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping"}
+    {"auth", "subscribe", "unsubscribe", "publish", "presence", "history", "refresh", "ping",
+     "rpc"}
 )
 
 
@@ -142,11 +155,7 @@ class Welcome(_Frame, tag="welcome"):
     expires: int | None
     ping_interval: float
     id: int | None = None
-
-
-NO_RAW = msgspec.Raw()
-"""An absent raw field. msgspec decodes no `Raw | None`, and it leaves a default out of an
-encoding only when it is this very object (an empty Raw of one's own encodes as nothing)."""
+    data: msgspec.Raw = NO_RAW  # the connect hook's `data` (PROTOCOL §13)
 
 
 class Message(_Frame, tag="message"):
@@ -329,6 +338,11 @@ class HistoryReply(_Frame, tag="history"):
 class Refreshed(_Frame, tag="refreshed"):
     expires: int | None
     id: int | None = None
+
+
+class RpcReply(_Frame, tag="rpc"):
+    id: int | None = None
+    data: msgspec.Raw = NO_RAW
 
 
 class Pong(_Frame, tag="pong"):

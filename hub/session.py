@@ -21,9 +21,16 @@ from hub import protocol as p
 from hub.auth import Identity
 from hub.broker import StreamPosition
 from hub.channels import Permissions
-from hub.commands import ClientCommands
+from hub.commands import HOOK_RETRY_SECONDS, ClientCommands
 from hub.connections import UNKNOWN_ORIGIN, Origin
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
+from hub.hooks import (
+    Context,
+    HookDisconnected,
+    HookFailed,
+    HookRefused,
+    RefreshRequest,
+)
 from hub.hub import Codec
 from hub.subscriptions import Joined
 from hub.wire import CLOSE_HANDSHAKE_SECONDS, Outbound
@@ -62,6 +69,7 @@ class Session:
         "client_id",
         "close_code",
         "commands",
+        "hook",
         "identity",
         "origin",
         "permissions",
@@ -92,6 +100,7 @@ class Session:
         self._limited_at = 0.0
         self._reader: asyncio.Task[Any] | None = None
         self._abandoned = False
+        self.hook: Context | None = None  # when the node has hooks (PROTOCOL §13)
 
     # outbound
 
@@ -258,6 +267,11 @@ class Session:
         """`Subscriber.reset`."""
         raise NotImplementedError
 
+    def subscription_expired(self, channel: str) -> None:
+        """Tell the client that a hooked subscription ended at its `expire_at` (PROTOCOL
+        §13)."""
+        raise NotImplementedError
+
     def server_subscribed(self, command: p.ServerSubscribe) -> Callable[[Joined], None]:
         """How the client hears of a subscription the server API made (PROTOCOL §15):
         called with its start, before any message of the channel."""
@@ -329,6 +343,44 @@ class Session:
     @property
     def expires(self) -> int | None:
         return self.identity.expires
+
+    def expired(self) -> None:
+        """The expiry clock's call at `expires`: a connection the connect hook let in asks
+        the refresh hook (when there is one); any other is closed with 4002."""
+        hook = self.hook
+        hooks = self.commands.node.hooks
+        if hook is None or not hook.hooked or not hooks.has("refresh"):
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
+        if not hook.refreshing:
+            hook.refreshing = True
+            self.commands.node.spawn(self._refresh_by_hook(hook))
+
+    async def _refresh_by_hook(self, hook: Context) -> None:
+        """`expired`: close 4002; a later `expire_at` moves the end (0: never); a failed
+        call is tried again HOOK_RETRY_SECONDS later, the connection kept meanwhile."""
+        hooks = self.commands.node.hooks
+        identity = self.identity
+        try:
+            request = RefreshRequest(**hook.wire, client=self.client_id, user=self.user,
+                                     meta=hook.meta)
+            result = await hooks.refresh(hook, request)
+        except HookDisconnected as disconnect:
+            self.close(disconnect.code, disconnect.reason)
+            return
+        except (HookFailed, HookRefused):
+            retry = int(time.time() + HOOK_RETRY_SECONDS)
+            self.refreshed(msgspec.structs.replace(identity, expires=retry))
+            return
+        finally:
+            hook.refreshing = False
+        if result.expired or (result.expire_at and result.expire_at <= time.time()):
+            self.close(CloseCode.TOKEN_EXPIRED, "connection expired")
+            return
+        info = identity.info if result.info is None else msgspec.Raw(
+            msgspec.json.encode(result.info))
+        self.refreshed(msgspec.structs.replace(
+            identity, expires=result.expire_at or None, info=info))
 
     def _arm_expiry(self) -> None:
         """The node's expiry clock closes it with 4002 when its token expires (a refresh

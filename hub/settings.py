@@ -20,8 +20,8 @@ import msgspec
 
 from hub.redis_url import RedisUrlError, parse_redis_url
 
-SubscribePolicy = Literal["token", "any"]
-PublishPolicy = Literal["none", "token", "any"]
+SubscribePolicy = Literal["token", "any", "proxy"]
+PublishPolicy = Literal["none", "token", "any", "proxy"]
 LogFormat = Literal["text", "json"]
 
 DEFAULT_NAMESPACE = "default"
@@ -87,6 +87,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
+    # Hooks (PROTOCOL §13): kept here as the text the variables hold; `hub.hooks.HookConfig`
+    # reads them (lists comma-separated, tables as JSON objects).
+    hook_connect_url: str | None = None
+    hook_refresh_url: str | None = None
+    hook_subscribe_url: str | None = None
+    hook_publish_url: str | None = None
+    hook_sub_refresh_url: str | None = None
+    hook_rpc_url: str | None = None
+    hook_rpc_routes: str = ""
+    hook_timeout: float = 1.0
+    hook_headers: str = ""
+    hook_static_headers: str = ""
+    hook_concurrency: int = 64
+    hook_connect_always: bool = False
+    allowed_origins: str = ""
     events_url: str | None = None  # PROTOCOL §14; also `url` of the TOML's [events]
     events_secret: str | None = None
     events_max_pending: int = 100_000
@@ -146,15 +161,47 @@ def _coerce(name: str, raw: object, kind: Any) -> object:
     return raw
 
 
-def load_namespaces(path: str) -> dict[str, Namespace]:
-    """Read `[namespaces.NAME]` tables; options a namespace leaves out come from `default`."""
+def _read_config(path: str) -> dict[str, Any]:
     try:
-        document = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise SettingsError(f"HUB_CONFIG: cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"HUB_CONFIG: {path} is not valid TOML: {exc}") from None
-    unknown = set(document) - {"namespaces", "events"}
+
+
+# `[hooks]` keys of the TOML file and the option each sets (when no flag or variable does).
+_HOOK_KEYS = {
+    "connect_url", "refresh_url", "subscribe_url", "publish_url", "sub_refresh_url",
+    "rpc_url", "rpc_routes", "timeout", "headers", "static_headers", "concurrency",
+    "connect_always",
+}
+
+
+def load_hooks(path: str) -> dict[str, object]:
+    """The `[hooks]` table as options (`hook_*`): lists become comma-separated text and
+    tables JSON text, as the variables spell them."""
+    table = _read_config(path).get("hooks", {})
+    if not isinstance(table, dict):
+        raise SettingsError("HUB_CONFIG: [hooks] must be a table")
+    unknown = set(table) - _HOOK_KEYS
+    if unknown:
+        raise SettingsError(f"HUB_CONFIG: unknown keys in [hooks]: {sorted(unknown)}")
+    options: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, list):
+            options["hook_" + key] = ",".join(str(item) for item in value)
+        elif isinstance(value, dict):
+            options["hook_" + key] = msgspec.json.encode(value).decode()
+        else:
+            options["hook_" + key] = value
+    return options
+
+
+def load_namespaces(path: str) -> dict[str, Namespace]:
+    """Read `[namespaces.NAME]` tables; options a namespace leaves out come from `default`."""
+    document = _read_config(path)
+    unknown = set(document) - {"namespaces", "hooks", "events"}
     if unknown:
         raise SettingsError(f"HUB_CONFIG: unknown top-level keys {sorted(unknown)}")
     tables = document.get("namespaces", {})
@@ -226,9 +273,14 @@ def load_settings(
             continue
         kind = {"bool": bool, "int": int, "float": float}.get(str(field_type), str)
         values[name] = _coerce(_ENV_NAMES[name], raw, kind)
+    if values.get("config"):
+        for name, value in load_hooks(str(values["config"])).items():
+            values.setdefault(name, value)
     for optional_text in (
         "redis_url", "jwt_secret", "jwt_public_key", "jwks_url", "jwt_audience", "jwt_issuer",
-        "api_key", "config", "events_url", "events_secret",
+        "api_key", "config", "events_url", "events_secret", "hook_connect_url",
+        "hook_refresh_url", "hook_subscribe_url", "hook_publish_url", "hook_sub_refresh_url",
+        "hook_rpc_url",
     ):
         if values.get(optional_text) == "":
             values[optional_text] = None
@@ -308,3 +360,6 @@ def validate(settings: Settings) -> None:
     for name, namespace in settings.namespaces.items():
         if namespace.history_size < 0 or namespace.history_ttl < 0:
             raise SettingsError(f"[namespaces.{name}]: history_size and history_ttl must be >= 0")
+    from hub.hooks import HookConfig  # hooks read settings; settings only check them
+
+    HookConfig.of(settings)

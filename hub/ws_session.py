@@ -52,6 +52,13 @@ class WsSession(Session):
         self.reply(p.Reset(channel=channel, epoch=position.epoch, offset=position.offset))
         return True
 
+    def hook_subscribed(self, channel: str) -> Callable[[Joined], None]:
+        """A subscription the connect hook gave: `subscribed` without an id."""
+        return self._joined(channel, None)
+
+    def subscription_expired(self, channel: str) -> None:
+        self.reply(p.Unsubscribed(channel=channel))
+
     async def handle(self, text: str) -> None:
         if not self.allow():
             if self.close_code is None:
@@ -100,6 +107,9 @@ class WsSession(Session):
                 self.reply(p.Refreshed(expires=identity.expires, id=frame_id))
             case p.Ping(id=frame_id):
                 self.reply(p.Pong(id=frame_id))
+            case p.Rpc(id=frame_id, method=method, data=data):
+                result = await commands.rpc(self, method, data)
+                self.reply(p.RpcReply(id=frame_id, data=result))
             case p.Auth(id=frame_id):
                 raise HubError(ErrorCode.BAD_REQUEST, "already authenticated; use refresh")
 

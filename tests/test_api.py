@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from hub.abuse import REASONS
+from hub.hooks import HOOK_NAMES, OUTCOMES
 from hub.metrics import EMULATION_OUTCOMES
 from tests.support import (
     API_KEY,
@@ -587,6 +588,7 @@ _ALLOWED_LABEL_VALUES = {
     "missing", "invalid", "expired", "timeout", *REASONS,
     "+Inf", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5",
     "1.0", "2.5", "5.0",
+    *HOOK_NAMES, *OUTCOMES,  # hub_hook_calls_total (hook names are no channel or user)
     "10.0", "30.0", "60.0", "300.0",  # hub_event_delay_seconds: retries may take long
     # hub_events_total (PROTOCOL §14)
     "channel_occupied", "channel_vacated", "user_online", "user_offline", "member_added",

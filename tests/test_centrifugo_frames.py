@@ -144,13 +144,20 @@ def test_send_has_no_id_and_is_not_a_pong() -> None:
 
 @pytest.mark.parametrize(
     ("frame", "method"),
-    [('{"rpc":{"method":"m","data":{}},"id":9}', "rpc"), ('{"id":7,"foo":{}}', None)],
+    [('{"ping":{},"id":9}', "ping"), ('{"id":7,"foo":{}}', None)],
 )
 def test_methods_not_served_are_recognised(frame: str, method: str | None) -> None:
     command = one(frame)
     assert command.method == method
     assert command.method not in cf.SERVED_METHODS
     assert not command.is_pong
+
+
+def test_rpc_is_served_and_decoded() -> None:
+    command = one('{"rpc":{"method":"m","data":{"x":1}},"id":9}')
+    assert command.method == "rpc" and "rpc" in cf.SERVED_METHODS
+    assert command.rpc is not None and command.rpc.method == "m"
+    assert bytes(command.rpc.data) == b'{"x":1}'
 
 
 def test_blank_lines_are_skipped() -> None:

@@ -22,6 +22,9 @@ class Connection:
         self.closes.append(code)
         self.closed.set()
 
+    def expired(self) -> None:
+        self.close(4002, "token expired")
+
 
 async def test_due_connections_close_and_the_rest_wait() -> None:
     now = int(time.time())

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hub import __version__
 from hub.abuse import REASONS
 from hub.auth import mint_token
+from hub.hooks import HOOK_NAMES, OUTCOMES
 from hub.metrics import EMULATION_OUTCOMES
 from tests.redis_server import RedisServer
 from tests.support import (
@@ -355,14 +356,16 @@ async def test_label_values_are_bounded(node: RunningNode) -> None:
     bounded: dict[str, Callable[[str], bool]] = {
         "code": lambda v: v.isdigit() or v.replace("_", "").isalpha(),
         "reason": lambda v: v in {"invalid", "expired", "missing", "timeout", "slow_consumer",
-                                  *REASONS},
+                                  "origin", *REASONS},
         "source": lambda v: v in {"api", "client"},
         "le": lambda v: v == "+Inf" or math.isfinite(float(v)),
         "node": lambda v: v == NODE_ID,
         "version": lambda v: v == __version__,
         "write_path": lambda v: v in {"direct", "asgi"},
-        "outcome": lambda v: v in EMULATION_OUTCOMES,
         "protocol": lambda v: v in {"ws", "centrifugo"},
+        "hook": lambda v: v in HOOK_NAMES,
+        # hub_emulation_requests_total and hub_hook_calls_total
+        "outcome": lambda v: v in {*EMULATION_OUTCOMES, *OUTCOMES},
     }
     for (name, labels), _ in current.samples.items():
         for label, value in labels:

@@ -90,7 +90,8 @@ async def test_schemas_are_those_of_the_structs(node: RunningNode) -> None:
         (*api_types.BODIES, *api_types.REPLIES), ref_template="#/components/schemas/{name}"
     )
     expected |= centrifugo_api.openapi_schemas()
-    assert document["components"]["schemas"] == msgspec.to_builtins(expected)
+    # as JSON carries them (a tuple default is a list there)
+    assert document["components"]["schemas"] == msgspec.json.decode(msgspec.json.encode(expected))
     publish = document["paths"]["/api/publish"]["post"]
     body_schema = publish["requestBody"]["content"]["application/json"]["schema"]
     assert body_schema == {"$ref": "#/components/schemas/PublishBody"}
