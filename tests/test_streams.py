@@ -674,6 +674,14 @@ async def test_protobuf_emulation_bad_input(history_node: RunningNode) -> None:
             id=1, connect=pb.ConnectRequest(token="t"))))
         answer = await http.get("/connection/sse", params={"cf_connect": stringified})
         assert answer.status_code == 400 and "decimal" in answer.json()["error"]["message"]
+        # an invalid token: a Protobuf disconnect push (3500, no reconnect), then the end
+        refused = await http.post("/connection/http_stream", headers=OCTETS, content=delimited(
+            pb.Command(id=1, connect=pb.ConnectRequest(token="bad.token.here"))))
+        assert refused.status_code == 200
+        size, start = _varint_decode(refused.content, 0)
+        assert start + size == len(refused.content)
+        reply = pb.Reply.FromString(refused.content[start:])
+        assert (reply.push.disconnect.code, reply.push.disconnect.reconnect) == (3500, False)
         for body in (b"\x0a\x09test-node\x12", b"\xff\xff", b"\x1a\x01"):
             answer = await http.post("/emulation", content=body, headers=OCTETS)
             assert answer.status_code == 400, answer.text
