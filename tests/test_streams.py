@@ -436,13 +436,17 @@ async def test_a_server_side_subscription_reaches_a_stream(history_node: Running
 
 
 def test_the_stream_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m benchmarks.streams`, tiny and on one transport: it reports its numbers."""
+    """`python -m benchmarks.streams`, tiny, on a one-way transport and on the Protobuf
+    emulation: it reports its numbers."""
     from benchmarks.streams import main
 
-    assert main(["--subscribers", "20", "--messages", "3", "--transports", "uni_sse"]) == 0
-    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert line["transport"] == "uni_sse" and line["subscribers"] == 20
-    assert {"rss_per_connection_kib", "node_cpu_us_per_delivery"} <= set(line)
+    assert main(["--subscribers", "20", "--messages", "3", "--transports", "uni_sse",
+                 "http_stream_protobuf"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["transport"] for line in lines] == ["uni_sse", "http_stream_protobuf"]
+    for line in lines:
+        assert line["subscribers"] == 20
+        assert {"rss_per_connection_kib", "node_cpu_us_per_delivery"} <= set(line)
 
 
 async def test_uni_subs_recover_several_history_channels(history_node: RunningNode) -> None:
