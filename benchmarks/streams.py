@@ -1,8 +1,9 @@
 """One-way streams against a WebSocket (`python -m benchmarks.streams`): node memory per
 connection and node CPU per delivery for N subscribers of one channel on
 `/connection/uni_sse`, `/connection/uni_http_stream` and `/connection/uni_websocket`
-(PROTOCOL §15), each on a fresh node; with `--transports sse http_stream` also the
-bidirectional emulation's streams (connect and subscribe sent in the connect request).
+(PROTOCOL §15), each on a fresh node; with `--transports sse http_stream
+http_stream_protobuf` also the bidirectional emulation's streams (connect and subscribe sent
+in the connect request; the last in Centrifugo's Protobuf encoding).
 
 Every connection is a server-side subscription of the token's `channels` claim, so the
 three differ only in transport (SSE events through an ASGI streaming response, lines
@@ -36,13 +37,17 @@ import httpx
 from benchmarks.fdlimit import raise_fd_limit
 from benchmarks.processes import NodeProcess, start_node, stop_process
 from benchmarks.procfs import cpu_seconds, rss_kib
+from hub import __version__
+from hub.centrifugo_protobuf import delimit
 
 SECRET = "stream-benchmark-secret-of-32-bytes-at-least"
 API_KEY = "stream-benchmark"
 CHANNEL = "bench:fanout"
-TRANSPORTS = ("uni_sse", "uni_http_stream", "uni_websocket", "sse", "http_stream")
+TRANSPORTS = ("uni_sse", "uni_http_stream", "uni_websocket", "sse", "http_stream",
+              "http_stream_protobuf")
 DEFAULT_TRANSPORTS = TRANSPORTS[:3]
 MARK = b'"pub"'
+PROTOBUF_MARK = b'{"n":'  # the payload itself: Protobuf has no field names to count
 
 
 class Tally:
@@ -62,9 +67,10 @@ class Tally:
 class Counter(asyncio.Protocol):
     """One connection: counts publications (the marker, split-safe across reads)."""
 
-    def __init__(self, request: bytes, first: bytes, opened: asyncio.Event, tally: Tally
-                 ) -> None:
+    def __init__(self, request: bytes, first: bytes, opened: asyncio.Event, tally: Tally,
+                 mark: bytes = MARK, opened_mark: bytes = b'"connect"') -> None:
         self.request, self.first, self.opened, self.tally = request, first, opened, tally
+        self.mark, self.opened_mark = mark, opened_mark
         self.tail = b""
         self.transport: asyncio.Transport | None = None
         self.connected = False
@@ -81,11 +87,11 @@ class Counter(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.write(self.first)
         buffer = self.tail + data
-        found = buffer.count(MARK)
+        found = buffer.count(self.mark)
         if found:
             self.tally.add(found)
-        self.tail = buffer[-(len(MARK) - 1):]
-        if b'"connect"' in buffer:
+        self.tail = buffer[-(max(len(self.mark), len(self.opened_mark)) - 1):]
+        if self.opened_mark in buffer:
             self.opened.set()
 
 
@@ -98,8 +104,25 @@ def masked_text_frame(payload: bytes) -> bytes:
     return head + key + masked
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited Protobuf field (numbers and lengths here are small)."""
+    return bytes((number << 3 | 2,)) + delimit(payload)
+
+
+def protobuf_commands(token: str) -> bytes:
+    """connect (id 1) and subscribe (id 2), delimited, as centrifuge-js's Protobuf build."""
+    connect = b"\x08\x01" + _field(4, _field(1, token.encode()))
+    subscribe = b"\x08\x02" + _field(5, _field(1, CHANNEL.encode()))
+    return delimit(connect) + delimit(subscribe)
+
+
 def requests_for(transport: str, token: str) -> tuple[bytes, bytes]:
     connect = json.dumps({"token": token}).encode()
+    if transport == "http_stream_protobuf":
+        commands = protobuf_commands(token)
+        return (b"POST /connection/http_stream HTTP/1.1\r\nHost: bench\r\n"
+                b"Content-Type: application/octet-stream\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(commands) + commands, b"")
     if transport in ("sse", "http_stream"):  # the emulation: connect and subscribe at once
         commands = (json.dumps({"id": 1, "connect": {"token": token}}) + "\n"
                     + json.dumps({"id": 2, "subscribe": {"channel": CHANNEL}})).encode()
@@ -145,13 +168,16 @@ async def measure(transport: str, subscribers: int, messages: int, workdir: Path
             await asyncio.sleep(0.5)
             rss_before = rss_kib(node.pid)["VmRSS"]
             token = mint("bench")
+            # The Protobuf connect reply has no field names: it is known by the version.
+            marks = ((PROTOBUF_MARK, __version__.encode()) if transport.endswith("protobuf")
+                     else (MARK, b'"connect"'))
             for batch in range(0, subscribers, 250):
                 opened = []
                 for _ in range(min(250, subscribers - batch)):
                     event = asyncio.Event()
                     request, first = requests_for(transport, token)
                     _, counter = await loop.create_connection(
-                        functools.partial(Counter, request, first, event, tally),
+                        functools.partial(Counter, request, first, event, tally, *marks),
                         node.host, node.port)
                     counters.append(counter)
                     opened.append(event.wait())
@@ -201,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS,
                         default=list(DEFAULT_TRANSPORTS),
-                        help="uni_* are one-way; sse and http_stream the bidirectional "
-                             "emulation (connect and subscribe in the connect request)")
+                        help="uni_* are one-way; sse, http_stream and http_stream_protobuf "
+                             "the bidirectional emulation (connect and subscribe in the "
+                             "connect request)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run(args))

@@ -232,6 +232,8 @@ def _connect_result(result: cf.ConnectResult) -> bytes:
         w.message(6, _entry(channel, subscribe_result(sub)))
     w.uint(7, result.ping)
     w.flag(8, result.pong)
+    w.text(9, result.session)
+    w.text(10, result.node)
     return w.done()
 
 
@@ -559,3 +561,17 @@ def split_frame(frame: bytes) -> tuple[list[bytes], str | None]:
         messages.append(frame[start:start + size])
         position = start + size
     return messages, None
+
+
+_EMULATION: _Schema = {1: ("node", "str"), 2: ("session", "str"), 3: ("data", "bytes")}
+
+
+def decode_emulation_request(body: bytes) -> tuple[str, str, bytes]:
+    """A `POST /emulation` body in the Protobuf encoding (Centrifugo's `EmulationRequest`:
+    node 1, session 2, data 3, the commands as they would fill a binary frame): node,
+    session and data. Raises ValueError, saying what is wrong."""
+    try:
+        values = _read(_EMULATION, body)
+    except _Malformed as exc:
+        raise ValueError(str(exc)) from None
+    return values.get("node", ""), values.get("session", ""), values.get("data", b"")

@@ -1,7 +1,9 @@
 """Centrifugo's bidirectional emulation (PROTOCOL §15), for SDKs that cannot open a
-WebSocket: `/connection/http_stream` (newline-delimited replies) and `/connection/sse`
-(one SSE event per reply) carry a session's server→client frames; its client→server
-commands come as `POST /emulation` `{"session", "node", "data"}`, on any node.
+WebSocket: `/connection/http_stream` (newline-delimited replies, or in the Protobuf
+encoding varint-length-delimited ones) and `/connection/sse` (one SSE event per reply,
+JSON only, as Centrifugo's) carry a session's server→client frames; its client→server
+commands come as `POST /emulation` `{"session", "node", "data"}` (JSON, or Centrifugo's
+Protobuf `EmulationRequest`), on any node.
 
 The session is a `CentrifugoSession` like any on `/connection/websocket` (same commands,
 limits, metrics); only its transport differs (`hub.streams`). A POST that lands on another
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Collection
 from typing import Any
@@ -24,6 +27,7 @@ import msgspec
 
 from hub import __version__
 from hub import centrifugo_frames as cf
+from hub import centrifugo_protobuf as pb
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
@@ -35,7 +39,14 @@ from hub.errors import BrokerUnavailable, CloseCode
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
-from hub.stream_codec import EMULATION_HTTP_STREAM, EMULATION_SSE, StreamCodec
+from hub.stream_codec import (
+    EMULATION_HTTP_STREAM,
+    EMULATION_PROTOBUF_HTTP_STREAM,
+    EMULATION_SSE,
+    EmulationCodec,
+    ProtobufStreamCodec,
+    StreamCodec,
+)
 from hub.streams import (
     STREAM_HEADERS,
     StreamInbox,
@@ -60,8 +71,10 @@ CONNECT_PARAM = "cf_connect"
 ROUTE_TIMEOUT = 2.0
 # How long the cluster's node list read from presence is used.
 NODES_MAX_AGE, NODES_MIN_AGE = 1.0, 0.1
-_LOCAL_OUTCOMES = {204: "local", 404: "unknown_session", 429: "inbox_full"}
-_ROUTED_OUTCOMES = {204: "routed", 404: "unknown_session", 429: "inbox_full"}
+_LOCAL_OUTCOMES = {204: "local", 400: "bad_request", 404: "unknown_session", 429: "inbox_full"}
+_ROUTED_OUTCOMES = {204: "routed", 400: "bad_request", 404: "unknown_session",
+                    429: "inbox_full"}
+OCTET_STREAM = "application/octet-stream"  # Centrifugo's mark of the Protobuf encoding
 
 
 def inbox_channel(node_id: str) -> str:
@@ -69,14 +82,18 @@ def inbox_channel(node_id: str) -> str:
 
 
 class EmulatedSession(CentrifugoSession):
-    """A Centrifugo session whose frames go down an HTTP stream (its codec's framing)."""
+    """A Centrifugo session whose frames go down an HTTP stream (its codec's framing):
+    `stream_codec` (JSON), or `protobuf_codec` where the transport has the Protobuf
+    encoding and the client asked for it."""
 
     __slots__ = ("inbox", "session_id")
     stream_codec: StreamCodec
+    protobuf_codec: ProtobufStreamCodec | None = None
 
     def __init__(self, commands: ClientCommands, outbound: StreamOutbound, client_id: str,
-                 identity: Identity, inbox: StreamInbox) -> None:
-        super().__init__(commands, outbound, client_id, identity, self.stream_codec)
+                 identity: Identity, inbox: StreamInbox, codec: EmulationCodec | None = None
+                 ) -> None:
+        super().__init__(commands, outbound, client_id, identity, codec or self.stream_codec)
         self.inbox = inbox
         self.session_id = secrets.token_urlsafe(18)  # whoever knows it speaks for the client
 
@@ -89,6 +106,7 @@ class SseSession(EmulatedSession):
 class HttpStreamSession(EmulatedSession):
     __slots__ = ()
     stream_codec = EMULATION_HTTP_STREAM
+    protobuf_codec = EMULATION_PROTOBUF_HTTP_STREAM
 
 
 class EmulationRouter:
@@ -125,7 +143,7 @@ class EmulationRouter:
 
     def _on_relayed(self, item: p.Relayed) -> None:
         if isinstance(item, p.Emulation):
-            status = self.deliver(item.session, item.data)
+            status = self.deliver(item.session, item.batch)
             if item.reply_to:
                 answer = p.EmulationAnswer(id=item.id, status=status)
                 self.node.spawn(self._answer(item.reply_to, answer))
@@ -140,16 +158,20 @@ class EmulationRouter:
         except Exception as exc:  # the POST then times out on its node
             log.warning("emulation: answer to %s not sent: %s", node_id, exc)
 
-    def deliver(self, session_id: str, data: str) -> int:
-        """Hand a batch to a session of this node: the HTTP status of the POST."""
+    def deliver(self, session_id: str, data: str | bytes) -> int:
+        """Hand a batch to a session of this node: the HTTP status of the POST (400: a
+        Protobuf batch for a JSON session, or the other way round)."""
         session = self.sessions.get(session_id)
         if session is None or session.close_code is not None:
             return 404
+        if isinstance(data, bytes) is not session.codec.binary:
+            return 400
         if not session.inbox.put(data):
             return 429
         return 204
 
-    async def route(self, node_id: str, session_id: str, data: str) -> tuple[int, str]:
+    async def route(self, node_id: str, session_id: str, data: str | bytes
+                    ) -> tuple[int, str]:
         """The status of a POST and its outcome (`hub_emulation_requests_total`). A batch
         for another node goes to that node's inbox channel, and this one waits (at most
         ROUTE_TIMEOUT) for that node's answer on its own."""
@@ -165,8 +187,10 @@ class EmulationRouter:
             request_id = self._next_id
             waiting = self._waiting[request_id] = asyncio.get_running_loop().create_future()
             try:
+                binary = data if isinstance(data, bytes) else None
                 await node.broker.publish(inbox_channel(node_id), p.Emulation(
-                    session=session_id, data=data, reply_to=node.node_id, id=request_id))
+                    session=session_id, data="" if binary is not None else str(data),
+                    binary=binary, reply_to=node.node_id, id=request_id))
                 async with asyncio.timeout(ROUTE_TIMEOUT):
                     status = await waiting
             finally:
@@ -202,9 +226,11 @@ class EmulationRequest(msgspec.Struct):
 
 class EmulationPost:
     """`POST /emulation`: a batch of one emulated session's commands, to the node that
-    holds it. 204 taken; 400 malformed; 404 unknown session or node; 413 too big; 415
-    Protobuf (not served yet); 429 the session has too many batches waiting; 503 the
-    broker is down; 504 the session's node did not answer in time."""
+    holds it; JSON `{session, node, data}`, or with `Content-Type:
+    application/octet-stream` a Protobuf `EmulationRequest` (`data` the commands' bytes).
+    204 taken; 400 malformed, or not the session's encoding; 404 unknown session or node;
+    413 too big; 429 the session has too many batches waiting; 503 the broker is down; 504
+    the session's node did not answer in time."""
 
     def __init__(self, router: EmulationRouter, allowed_origins: Collection[str] | None) -> None:
         self.router = router
@@ -218,33 +244,50 @@ class EmulationPost:
             await _error(send, 403, "origin not allowed")
             return
         settings = self.router.node.settings
-        if _content_type(scope) == "application/octet-stream":
-            await _error(send, 415, "the Protobuf encoding is not served on /emulation yet")
-            return
         body = await read_body(receive, 2 * settings.max_frame_bytes + 1024)
         if body is None:
             await _error(send, 413, "body too large")
             return
         try:
-            request = msgspec.json.decode(body, type=EmulationRequest)
-        except (msgspec.DecodeError, RecursionError) as exc:
+            node_id, session_id, data = _emulation_request(body, _content_type(scope))
+        except ValueError as exc:
             self.router.node.metrics.emulation_requests.labels("bad_request").inc()
-            await _error(send, 400, f"expected {{session, node, data}}: {exc}")
+            await _error(send, 400, str(exc))
             return
-        if len(request.data) > settings.max_frame_bytes:
+        if len(data) > settings.max_frame_bytes:
             await _error(send, 413, "data over HUB_MAX_FRAME_BYTES")
             return
-        status, outcome = await self.router.route(request.node, request.session, request.data)
+        status, outcome = await self.router.route(node_id, session_id, data)
         self.router.node.metrics.emulation_requests.labels(outcome).inc()
         if status == 204:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
-        messages = {404: "unknown session or node (the stream has ended: connect again)",
+        messages = {400: "the batch is not in the session's encoding (JSON or Protobuf, "
+                         "as its stream)",
+                    404: "unknown session or node (the stream has ended: connect again)",
                     429: "too many command batches waiting for this session",
                     503: "the broker is unavailable, try again",
                     504: "the session's node did not answer"}
         await _error(send, status, messages.get(status, "emulation failed"))
+
+
+def _emulation_request(body: bytes, content_type: str) -> tuple[str, str, str | bytes]:
+    """node, session and the batch of a POST: Protobuf by its content type, else JSON.
+    Raises ValueError."""
+    if content_type == OCTET_STREAM:
+        try:
+            node_id, session_id, data = pb.decode_emulation_request(body)
+        except ValueError as exc:
+            raise ValueError(f"expected a Protobuf EmulationRequest: {exc}") from None
+        if not session_id or not node_id:
+            raise ValueError("expected a Protobuf EmulationRequest with node and session")
+        return node_id, session_id, data
+    try:
+        request = msgspec.json.decode(body, type=EmulationRequest)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ValueError(f"expected {{session, node, data}}: {exc}") from None
+    return request.node, request.session, request.data
 
 
 def _content_type(scope: dict[str, Any]) -> str:
@@ -260,10 +303,11 @@ async def _error(send: ASGISend, status: int, message: str) -> None:
 
 
 async def connect_data(
-    scope: dict[str, Any], receive: ASGIReceive, limit: int
+    scope: dict[str, Any], receive: ASGIReceive, limit: int, *, text: bool = True
 ) -> tuple[bytes | None, str]:
-    """The connect request of a stream: `?cf_connect=` on a GET, the body of a POST.
-    (None, why) when there is none, or it is too big."""
+    """The connect request of a stream: `?cf_connect=` on a GET, the body of a POST
+    (`text`: JSON, whose blank body is an empty one). (None, why) when there is none, or
+    it is too big."""
     method = scope["method"]
     if method == "GET":
         query = parse_qs(scope.get("query_string", b"").decode("utf-8", errors="replace"))
@@ -276,10 +320,23 @@ async def connect_data(
         body = await read_body(receive, limit)
         if body is None:
             return None, "connect request too large"
-        if not body.strip():
+        if not body.strip(b" \t\r\n" if text else b""):
             return None, "empty body: POST the connect request"
         return body, ""
     return None, "method not allowed"
+
+
+def _bad_connect(problem: str, data: bytes, codec: EmulationCodec) -> str:
+    """Why a connect request did not decode. centrifuge-js's Protobuf build on SSE (whose
+    transport is JSON only) sends its Protobuf bytes as decimal numbers separated by commas:
+    say so, rather than what JSON made of it."""
+    if not codec.binary and _DECIMAL_BYTES.fullmatch(data):
+        return ("bad connect command: Protobuf bytes written as decimal numbers (centrifuge-js's"
+                " Protobuf build over SSE, which carries JSON only: use http_stream)")
+    return f"bad connect command: {problem}"
+
+
+_DECIMAL_BYTES = re.compile(rb"\d{1,3}(,\d{1,3})+")
 
 
 class EmulationEndpoint(CentrifugoEndpoint):
@@ -300,24 +357,32 @@ class EmulationEndpoint(CentrifugoEndpoint):
         if origin_refused(scope, self.allowed_origins):
             await _error(send, 403, "origin not allowed")
             return
-        if _content_type(scope) == "application/octet-stream":
-            await _error(send, 415, "the Protobuf encoding is not served on emulation yet")
+        codec = self._codec_for(scope)
+        if codec is None:
+            await _error(send, 415, "the Protobuf encoding is served on /connection/http_stream"
+                                    " only (SSE carries JSON, as Centrifugo's does)")
             return
-        data, why = await connect_data(scope, receive, 2 * self.node.settings.max_frame_bytes)
+        data, why = await connect_data(scope, receive, 2 * self.node.settings.max_frame_bytes,
+                                       text=not codec.binary)
         if data is None:
             status = 405 if why == "method not allowed" else 413 if "large" in why else 400
             await _error(send, status, why)
             return
-        messages = cf.split_frame(data)
+        messages, problem = codec.split(data)
         try:
-            command = cf.decode_command(messages[0]) if messages else None
+            command = codec.decode(messages[0]) if messages else None
         except cf.BadCommand as exc:
-            await _error(send, 400, f"bad connect command: {exc.message}")
+            await _error(send, 400, _bad_connect(exc.message, data, codec))
+            return
+        if problem is not None and command is None:
+            await _error(send, 400, f"bad connect command: {problem}")
             return
         if command is None or command.connect is None or not command.id:
             await _error(send, 400, "the first command must be connect, with an id")
             return
-        codec = self.session_class.stream_codec
+        if problem is not None:
+            await _error(send, 400, f"bad command after connect: {problem}")
+            return
         outbound = StreamOutbound(send, codec.disconnect)
         headers = [(b"content-type", codec.framing.content_type), *STREAM_HEADERS]
         await outbound.start(200, headers, codec.framing.prelude)
@@ -325,13 +390,22 @@ class EmulationEndpoint(CentrifugoEndpoint):
         outbound.on_end = inbox.end
         inbox.watch(receive, outbound)
         try:
-            await self._connect(scope, command, messages[1:], outbound, inbox)
+            await self._connect(scope, command, messages[1:], outbound, inbox, codec)
         finally:
             inbox.stop_watching()
             await outbound.finish()
 
+    def _codec_for(self, scope: dict[str, Any]) -> EmulationCodec | None:
+        """JSON, or Protobuf where the request says `Content-Type: application/octet-stream`
+        (centrifuge-js's Protobuf build on http_stream, as Centrifugo reads it); None where
+        the transport has no Protobuf (SSE)."""
+        if _content_type(scope) != OCTET_STREAM:
+            return self.session_class.stream_codec
+        return self.session_class.protobuf_codec
+
     async def _connect(self, scope: dict[str, Any], command: cf.Command, rest: list[bytes],
-                       outbound: StreamOutbound, inbox: StreamInbox) -> None:
+                       outbound: StreamOutbound, inbox: StreamInbox, codec: EmulationCodec
+                       ) -> None:
         node = self.node
         try:
             self._check_room()
@@ -345,7 +419,7 @@ class EmulationEndpoint(CentrifugoEndpoint):
         except _Expired as expired:
             # Error 109: the SDK fetches a new token and connects again.
             node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            outbound.write_now(self.session_class.stream_codec.reply(
+            outbound.write_now(codec.reply(
                 cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)))
             outbound.end()
             return
@@ -354,13 +428,14 @@ class EmulationEndpoint(CentrifugoEndpoint):
             return
         except Gone:
             return
-        await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope))
+        await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope),
+                                 codec)
 
     async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
-                            outbound: StreamOutbound, inbox: StreamInbox, origin: Origin
-                            ) -> None:
+                            outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,
+                            codec: EmulationCodec) -> None:
         node, commands = self.node, self.commands
-        session = self.session_class(commands, outbound, new_client_id(), identity, inbox)
+        session = self.session_class(commands, outbound, new_client_id(), identity, inbox, codec)
         session.origin = origin
         session.connected(command.id, __version__, node.settings.ping_interval,
                           session=session.session_id, node=node.node_id)

@@ -358,12 +358,18 @@ class Error(_Frame, tag="error"):
 class Emulation(_Frame, tag="emulation"):
     """Node-to-node only: a batch of commands for an emulated session (PROTOCOL §15), sent
     to the node that holds it on that node's inbox channel; that node answers `id` on the
-    inbox channel of `reply_to`."""
+    inbox channel of `reply_to`. `data` is a JSON batch's text; `binary`, when present, a
+    Protobuf batch's bytes (base64 in the JSON of the relay) instead."""
 
     session: str
     data: str
     reply_to: str = ""
     id: int = 0
+    binary: bytes | None = None
+
+    @property
+    def batch(self) -> str | bytes:
+        return self.binary if self.binary is not None else self.data
 
 
 class EmulationAnswer(_Frame, tag="emulation_answer"):

@@ -6,8 +6,9 @@ Bidirectional emulation carries exactly what the WebSocket carries (each push in
 reply, `{"push": {...}}`); the one-way transports carry bare pushes (`{"channel", "pub"}`,
 `{"connect": {...}}`), as Centrifugo's unidirectional protocol does. Each codec is one
 object per (encoding, framing), so the fan-out builds a frame once per message per codec,
-whatever the number of recipients. The Protobuf codec would plug in the same way (its
-units are varint-delimited already: a framing that adds nothing), the session unchanged.
+whatever the number of recipients. The Protobuf encoding plugs in the same way
+(`ProtobufStreamCodec`, http_stream only, as Centrifugo serves it): its units are
+varint-length-delimited already, so its framing adds nothing, and the session is unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import msgspec
 
 from hub import centrifugo_frames as cf
-from hub.centrifugo_codecs import CentrifugoCodec
-from hub.streams import LINES, SSE, WEBSOCKET, Framing
+from hub import centrifugo_protobuf as pb
+from hub import protocol as p
+from hub.centrifugo_codecs import CentrifugoCodec, CentrifugoProtobufCodec, centrifugo_personal
+from hub.channels import is_personal
+from hub.streams import DELIMITED, LINES, SSE, WEBSOCKET, Framing
 
 
 class UniSubscribe(cf.SubscribePush, omit_defaults=True):
@@ -98,8 +102,44 @@ class StreamCodec(CentrifugoCodec):
             code=code, reason=reason, reconnect=not cf.is_terminal(code))))
 
 
+class ProtobufStreamCodec(CentrifugoProtobufCodec):
+    """§11's Protobuf codec on an HTTP stream (centrifuge-js's `http_stream` with its
+    Protobuf build): each reply varint-length-delimited, laid end to end in the response
+    body, exactly what a binary WebSocket frame would carry, without the frame."""
+
+    framing = DELIMITED
+    uni = False
+
+    @property
+    def ping_frame(self) -> bytes:
+        return pb.PING
+
+    def reply(self, reply: cf.Reply) -> bytes:
+        return pb.delimit(pb.encode(reply))
+
+    def frame(self, units: list[bytes]) -> bytes:
+        return units[0] if len(units) == 1 else b"".join(units)
+
+    def _publication(self, message: p.Message, pub: cf.Publication) -> bytes:
+        channel = message.channel
+        parts = pb.publication_parts(channel, pub)
+        if is_personal(channel):
+            parts += pb.publication_parts(centrifugo_personal(channel[1:]), pub)
+        return b"".join(parts)
+
+    def disconnect(self, code: int, reason: str) -> bytes:
+        """The last frame of a stream, as `StreamCodec.disconnect`."""
+        reason = reason or cf.reason_for(code)
+        return self.push(cf.Push(disconnect=cf.Disconnect(
+            code=code, reason=reason, reconnect=not cf.is_terminal(code))))
+
+
+EmulationCodec = StreamCodec | ProtobufStreamCodec
+"""What an emulated session writes with: JSON on either stream, Protobuf on http_stream."""
+
 EMULATION_SSE = StreamCodec(SSE, uni=False)
 EMULATION_HTTP_STREAM = StreamCodec(LINES, uni=False)
 UNI_SSE = StreamCodec(SSE, uni=True, ids=True)
 UNI_HTTP_STREAM = StreamCodec(LINES, uni=True)
 UNI_WEBSOCKET = StreamCodec(WEBSOCKET, uni=True)
+EMULATION_PROTOBUF_HTTP_STREAM = ProtobufStreamCodec()

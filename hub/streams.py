@@ -69,6 +69,16 @@ class LineFraming(Framing):
         return payload + b"\n"
 
 
+class BareFraming(Framing):
+    """Each message as it is: messages that carry their own length (Centrifugo's Protobuf
+    encoding, varint-length-delimited), laid end to end."""
+
+    __slots__ = ()
+
+    def wrap(self, payload: bytes, event_id: int | None = None) -> bytes:
+        return payload
+
+
 class WebSocketFraming(Framing):
     """A text frame each, for the one-way WebSocket (the node's write path sends it)."""
 
@@ -84,6 +94,8 @@ SSE = SseFraming("sse", b"text/event-stream; charset=utf-8", b": ping\n\n",
                  b"retry: %d\n\n" % SSE_RETRY_MS)
 LINES = LineFraming("http_stream", b"application/x-ndjson", b"{}\n", b"")
 WEBSOCKET = WebSocketFraming("websocket", b"", text_frame(b"{}"), b"")
+# No keepalive of its own: only the bidirectional emulation uses it, and that pings.
+DELIMITED = BareFraming("http_stream", b"application/octet-stream", b"", b"")
 
 
 class StreamOutbound:
@@ -303,19 +315,20 @@ async def until_disconnect(receive: ASGIReceive) -> dict[str, Any]:
 
 class StreamInbox:
     """What a stream session's reader awaits instead of a WebSocket's `receive`: the
-    client's command batches (from `/emulation`), at most `limit` waiting, and the end of
-    the stream (the client left, or the response ended)."""
+    client's command batches (from `/emulation`: text in JSON, bytes in Protobuf, as a
+    WebSocket's text and binary frames), at most `limit` waiting, and the end of the stream
+    (the client left, or the response ended)."""
 
     __slots__ = ("_ended", "_event", "_limit", "_texts", "_watch")
 
     def __init__(self, limit: int) -> None:
-        self._texts: deque[str] = deque()
+        self._texts: deque[str | bytes] = deque()
         self._event = asyncio.Event()
         self._ended = False
         self._limit = limit
         self._watch: asyncio.Task[None] | None = None
 
-    def put(self, text: str) -> bool:
+    def put(self, text: str | bytes) -> bool:
         """False: the session has `limit` batches waiting already (or ended)."""
         if self._ended or len(self._texts) >= self._limit:
             return False
@@ -345,7 +358,10 @@ class StreamInbox:
     async def __call__(self) -> dict[str, Any]:
         while True:
             if self._texts:
-                return {"type": "websocket.receive", "text": self._texts.popleft()}
+                batch = self._texts.popleft()
+                if isinstance(batch, bytes):
+                    return {"type": "websocket.receive", "bytes": batch}
+                return {"type": "websocket.receive", "text": batch}
             if self._ended:
                 return {"type": "websocket.disconnect", "code": 1000}
             self._event.clear()

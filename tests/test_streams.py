@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from centrifuge.codecs import _varint_decode, _varint_encode
+from centrifuge.protocol import client_pb2 as pb
 
 from tests.conftest import NAMESPACES
 from tests.needs import need
@@ -337,7 +339,7 @@ async def test_emulation_bad_input(history_node: RunningNode) -> None:
         assert sse_no_param.status_code == 400
         protobuf = await http.post("/connection/http_stream", content=b"\x0a\x02",
                                    headers={"Content-Type": "application/octet-stream"})
-        assert protobuf.status_code == 415
+        assert protobuf.status_code == 400  # Protobuf, but not a whole command
     async with emulated(url, url, token("mal")) as client:
         # a command without an id: closed as Centrifugo does (bad request, no reconnect)
         await client.send({"subscribe": {"channel": "feed:q"}})
@@ -436,13 +438,17 @@ async def test_a_server_side_subscription_reaches_a_stream(history_node: Running
 
 
 def test_the_stream_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m benchmarks.streams`, tiny and on one transport: it reports its numbers."""
+    """`python -m benchmarks.streams`, tiny, on a one-way transport and on the Protobuf
+    emulation: it reports its numbers."""
     from benchmarks.streams import main
 
-    assert main(["--subscribers", "20", "--messages", "3", "--transports", "uni_sse"]) == 0
-    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert line["transport"] == "uni_sse" and line["subscribers"] == 20
-    assert {"rss_per_connection_kib", "node_cpu_us_per_delivery"} <= set(line)
+    assert main(["--subscribers", "20", "--messages", "3", "--transports", "uni_sse",
+                 "http_stream_protobuf"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["transport"] for line in lines] == ["uni_sse", "http_stream_protobuf"]
+    for line in lines:
+        assert line["subscribers"] == 20
+        assert {"rss_per_connection_kib", "node_cpu_us_per_delivery"} <= set(line)
 
 
 async def test_uni_subs_recover_several_history_channels(history_node: RunningNode) -> None:
@@ -528,3 +534,189 @@ async def test_api_connections_lists_streams(history_node: RunningNode) -> None:
         assert {row["protocol"] for row in rows} == {"centrifugo"}
         assert "dashboard/1" in {row["user_agent"] for row in rows}
         assert all(row["remote"].startswith("127.0.0.1:") for row in rows)
+
+
+# The Protobuf encoding over the emulation (centrifuge-js's Protobuf build on http_stream)
+
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
+def delimited(*commands: Any) -> bytes:
+    return b"".join(_varint_encode(len(data)) + data
+                    for data in (c.SerializeToString() for c in commands))
+
+
+class ProtobufEmulated:
+    """What centrifuge-js's Protobuf build does over http_stream: POST the delimited connect
+    command as application/octet-stream, read delimited `Reply`s from the stream, POST the
+    other commands as Protobuf `EmulationRequest`s."""
+
+    def __init__(self, response: httpx.Response, post_url: str, http: httpx.AsyncClient) -> None:
+        self.chunks = response.aiter_bytes()
+        self.buffer = b""
+        self.post_url, self.http = post_url, http
+        self.session = self.node = ""
+        self.next_id = 2
+
+    async def reply(self, timeout: float = WAIT) -> Any:
+        """The next `Reply` (pings included: an empty one)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if self.buffer:
+                    with contextlib.suppress(IndexError):
+                        size, start = _varint_decode(self.buffer, 0)
+                        if start + size <= len(self.buffer):
+                            reply = pb.Reply()
+                            reply.ParseFromString(self.buffer[start:start + size])
+                            self.buffer = self.buffer[start + size:]
+                            return reply
+                self.buffer += await anext(self.chunks)
+
+    async def next(self) -> Any:
+        """The next reply that is not a ping."""
+        while True:
+            reply = await self.reply()
+            if reply.ByteSize():
+                return reply
+
+    async def command(self, **fields: Any) -> Any:
+        command_id = self.next_id
+        self.next_id += 1
+        await self.send(pb.Command(id=command_id, **fields))
+        while True:
+            reply = await self.next()
+            if reply.id == command_id:
+                return reply
+
+    async def send(self, *commands: Any) -> httpx.Response:
+        request = pb.EmulationRequest(node=self.node, session=self.session,
+                                      data=delimited(*commands))
+        response = await self.http.post(self.post_url + "/emulation", headers=OCTETS,
+                                        content=request.SerializeToString())
+        assert response.status_code == 204, response.text
+        return response
+
+
+@contextlib.asynccontextmanager
+async def protobuf_emulated(stream_url: str, post_url: str, tok: str
+                            ) -> AsyncIterator[ProtobufEmulated]:
+    connect = pb.Command(id=1, connect=pb.ConnectRequest(token=tok, name="test"))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(WAIT, read=None)) as http:
+        request = http.build_request("POST", stream_url + "/connection/http_stream",
+                                     content=delimited(connect), headers=OCTETS)
+        response = await http.send(request, stream=True)
+        try:
+            assert response.status_code == 200, (await response.aread()).decode()
+            assert response.headers["content-type"] == "application/octet-stream"
+            client = ProtobufEmulated(response, post_url, http)
+            reply = await client.next()
+            assert reply.id == 1 and not reply.HasField("error"), reply
+            client.session, client.node = reply.connect.session, reply.connect.node
+            yield client
+        finally:
+            await response.aclose()
+
+
+async def test_protobuf_emulation_on_one_node(history_node: RunningNode) -> None:
+    """Connect, subscribe with recovery, publish, ping/pong, a JSON emulated client in the
+    same channel: each sees the other's publications, payload bytes unchanged."""
+    url = history_node.url
+    async with protobuf_emulated(url, url, token("pro")) as client, \
+            emulated(url, url, token("jso")) as json_client:
+        assert client.node == "test-node" and len(client.session) > 20
+        assert client.session != json_client.session
+        reply = await client.command(subscribe=pb.SubscribeRequest(channel="chat:mix"))
+        assert not reply.HasField("error"), reply
+        await json_client.command(subscribe={"channel": "chat:mix"})
+        reply = await client.command(publish=pb.PublishRequest(
+            channel="chat:mix", data=b'{"from":"protobuf"}'))
+        assert not reply.HasField("error"), reply
+        while not (push := (await client.next()).push).HasField("pub"):
+            pass
+        assert push.channel == "chat:mix" and json.loads(push.pub.data) == {"from": "protobuf"}
+        while "pub" not in (got := (await json_client.events.next())["push"]):
+            pass  # joins and leaves of chat:
+        assert got["pub"]["data"] == {"from": "protobuf"}
+        await json_client.command(publish={"channel": "chat:mix", "data": {"from": "json"}})
+        while not (push := (await client.next()).push).HasField("pub"):
+            pass
+        assert json.loads(push.pub.data) == {"from": "json"}
+        assert push.pub.info.user == "jso"
+
+        reply = await client.command(subscribe=pb.SubscribeRequest(channel="feed:p",
+                                                                   recover=True))
+        assert reply.subscribe.recoverable
+        await publish(history_node, "feed:p", {"n": 1})
+        while (push := (await client.next()).push).channel != "feed:p":
+            pass
+        assert push.pub.offset == 1
+        # the server's ping (an empty Reply) is answered with an empty Command
+        while (await client.reply(timeout=3 * WAIT)).ByteSize():
+            pass
+        await client.send(pb.Command())
+        reply = await client.command(presence_stats=pb.PresenceStatsRequest(channel="chat:mix"))
+        assert reply.presence_stats.num_users == 2
+    await eventually(lambda: not history_node.node.hub.sessions)
+
+
+async def test_protobuf_emulation_bad_input(history_node: RunningNode) -> None:
+    """Malformed Protobuf bodies, and one encoding's batch for the other's session: clear
+    400s, nothing else touched."""
+    url = history_node.url
+    async with httpx.AsyncClient(base_url=url, timeout=WAIT) as http:
+        for body, why in ((b"\x0a\x05ab", "bad connect command"),  # length past the end
+                          (b"\x02\x08", "bad connect command"),  # a command cut short
+                          (delimited(pb.Command(id=1, subscribe=pb.SubscribeRequest(
+                              channel="x"))), "must be connect"),
+                          (b"", "empty body")):
+            answer = await http.post("/connection/http_stream", content=body, headers=OCTETS)
+            assert answer.status_code == 400, (body, answer.text)
+            assert why in answer.json()["error"]["message"], answer.text
+        sse = await http.post("/connection/sse", headers=OCTETS,
+                              content=delimited(pb.Command(id=1, connect=pb.ConnectRequest())))
+        assert sse.status_code == 415 and "http_stream" in sse.json()["error"]["message"]
+        # centrifuge-js's Protobuf build over SSE: its bytes as decimal numbers in cf_connect
+        stringified = ",".join(str(b) for b in delimited(pb.Command(
+            id=1, connect=pb.ConnectRequest(token="t"))))
+        answer = await http.get("/connection/sse", params={"cf_connect": stringified})
+        assert answer.status_code == 400 and "decimal" in answer.json()["error"]["message"]
+        # an invalid token: a Protobuf disconnect push (3500, no reconnect), then the end
+        refused = await http.post("/connection/http_stream", headers=OCTETS, content=delimited(
+            pb.Command(id=1, connect=pb.ConnectRequest(token="bad.token.here"))))
+        assert refused.status_code == 200
+        size, start = _varint_decode(refused.content, 0)
+        assert start + size == len(refused.content)
+        reply = pb.Reply.FromString(refused.content[start:])
+        assert (reply.push.disconnect.code, reply.push.disconnect.reconnect) == (3500, False)
+        for body in (b"\x0a\x09test-node\x12", b"\xff\xff", b"\x1a\x01"):
+            answer = await http.post("/emulation", content=body, headers=OCTETS)
+            assert answer.status_code == 400, answer.text
+            assert "EmulationRequest" in answer.json()["error"]["message"]
+    async with protobuf_emulated(url, url, token("pbm")) as client, \
+            emulated(url, url, token("jsm")) as json_client:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT) as http:
+            wrong = await http.post("/emulation", json={
+                "session": client.session, "node": client.node, "data": "{}"})
+            assert wrong.status_code == 400 and "encoding" in wrong.json()["error"]["message"]
+            request = pb.EmulationRequest(node=json_client.node, session=json_client.session,
+                                          data=delimited(pb.Command()))
+            wrong = await http.post("/emulation", headers=OCTETS,
+                                    content=request.SerializeToString())
+            assert wrong.status_code == 400
+        # both sessions go on
+        reply = await client.command(presence_stats=pb.PresenceStatsRequest(channel="chat:a"))
+        assert not reply.HasField("error")
+        reply = await json_client.command(presence_stats={"channel": "chat:a"})
+        assert "error" not in reply
+        # a malformed batch in a well-formed request closes its session as a bad binary
+        # frame does on the WebSocket (3501, no reconnect)
+        request = pb.EmulationRequest(node=client.node, session=client.session,
+                                      data=b"\x0a\x05ab")
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT) as http:
+            answer = await http.post("/emulation", headers=OCTETS,
+                                     content=request.SerializeToString())
+            assert answer.status_code == 204
+        while not (push := (await client.next()).push).HasField("disconnect"):
+            pass
+        assert push.disconnect.code == 3501 and not push.disconnect.reconnect
+    assert await metric(history_node, "hub_emulation_requests_total", outcome="bad_request") >= 5
