@@ -9,11 +9,15 @@ of the channels this node has local subscribers on (SSUBSCRIBE on a Cluster). A 
 fails over, or a slot that moves, is an outage of that shard's channels only: the node
 refills those, and the others notice nothing.
 
-Publishing with history is one Lua script (epoch check, offset, XADD, EXPIRE, PUBLISH) in
-one round trip; without history a small script around PUBLISH. Both refuse to run past a
-deadline on the Redis clock, so a publish answered `unavailable` (timed out) is never
-carried out later. With `HUB_REDIS_MIN_REPLICAS` a publish also waits for that many
-replicas (`WAIT`, on the connection that ran it) before it is answered.
+Publishing is one Lua script per round trip: on one server (or a Sentinel's master) the
+publications a node queued while its previous batch was on its way go together, in queue
+order (`Batcher`: no added wait when there is no crowd); on a Cluster each goes on its own.
+With history a publication is HINCRBY (offset, on the epoch the node expects), XADD and
+PUBLISH, and the keys' TTL every few seconds per channel (`ExpiryClock`); without history
+the PUBLISH alone. Each refuses to run past a deadline on the Redis clock, so a publish
+answered `unavailable` (timed out) is never carried out later. With
+`HUB_REDIS_MIN_REPLICAS` a publish also waits for that many replicas (`WAIT`, on the
+connection that ran it) before it is answered.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import contextlib
 import functools
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
@@ -37,8 +42,7 @@ from hub.redis_link import Link
 from hub.redis_presence import RedisPresence, ttl_ms
 from hub.redis_support import (
     HISTORY_LUA,
-    PUBLISH_LUA,
-    RELAY_LUA,
+    PUBLISH_BATCH_LUA,
     RESTART_EPOCH_LUA,
     Incident,
     Script,
@@ -53,6 +57,116 @@ log = logging.getLogger("hub.redis")
 
 DEFAULT_PREFIX = "hub:"
 TOPOLOGY_CHECK_SECONDS = 10.0  # a Cluster's slot map is read again at least this often
+BATCH_LIMIT = 256  # publications in one script at most
+
+
+class _Queued(NamedTuple):
+    keys: list[bytes]
+    item: list[Any]
+    answer: asyncio.Future[Any]
+
+
+class Batcher:
+    """Publications go out one batch at a time: the first one at once, and those queued
+    while a batch is on its way together as the next one (as Centrifugo's Redis broker
+    pipelines). A crowd of publishes then costs one round trip and one script between them,
+    and a lone publish waits for nothing. One batch in flight keeps the node's publications
+    in the order they were made."""
+
+    def __init__(
+        self, send: Callable[[list[bytes], list[Any]], Awaitable[list[Any]]],
+        limit: int = BATCH_LIMIT,
+    ) -> None:
+        self._send = send
+        self._limit = limit
+        self._queue: list[_Queued] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, keys: list[bytes], item: list[Any]) -> Any:
+        """The script's answer for this publication; raises what the round trip raised."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(keys, item, answer))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="hub-redis-publish")
+        self._wake.set()
+        return await answer
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        await cancel(task)
+        queued, self._queue = self._queue, []
+        for entry in queued:
+            if not entry.answer.done():
+                entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._queue[: self._limit]
+            del self._queue[: self._limit]
+            keys = [key for entry in batch for key in entry.keys]
+            items = [arg for entry in batch for arg in entry.item]
+            try:
+                answers = await self._send(keys, items)
+            except asyncio.CancelledError:
+                for entry in batch:
+                    if not entry.answer.done():
+                        entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
+                raise
+            except Exception as exc:
+                for entry in batch:
+                    if not entry.answer.done():
+                        entry.answer.set_exception(exc)
+                continue
+            for entry, answer in zip(batch, answers, strict=True):
+                if not entry.answer.done():
+                    entry.answer.set_result(answer)
+
+
+class ExpiryClock:
+    """When this node last set the TTL of a channel's history keys, and the epoch it last
+    saw: a publish sets the TTL only every `every` seconds per channel, to the history's
+    TTL plus `every` plus the longest a publish may wait for Redis (`grace`), so the keys
+    outlive every publication by at least the TTL whichever node published it, and the
+    script runs no PEXPIRE on most publishes. Short TTLs (under `min_ttl`) are set on every
+    publish, exactly. Bounded: past `limit` channels it starts over (each channel's next
+    publish then sets the TTL and reads the epoch)."""
+
+    def __init__(
+        self, every: float = 5.0, grace: float = 4.0, min_ttl: float = 60.0,
+        limit: int = 65_536,
+    ) -> None:
+        self._every = every
+        self._grace = grace
+        self._min_ttl = min_ttl
+        self._limit = limit
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def plan(self, channel: str, ttl: float, now: float) -> tuple[str, int, bool, float]:
+        """(expected epoch or '', TTL to set in ms, set it now, the time to remember if the
+        publish succeeds); `now` is `time.monotonic()` before it is sent."""
+        seen = self._seen.get(channel)
+        if ttl < self._min_ttl:
+            return (seen[0] if seen else "", ttl_ms(ttl), True, now)
+        expire = ttl_ms(ttl) + int((self._every + self._grace) * 1000)
+        if seen is None:
+            return "", expire, True, now
+        epoch, refreshed = seen
+        if now - refreshed >= self._every:
+            return epoch, expire, True, now
+        return epoch, expire, False, refreshed
+
+    def saw(self, channel: str, epoch: str, refreshed: float) -> None:
+        if len(self._seen) >= self._limit and channel not in self._seen:
+            self._seen.clear()
+        self._seen[channel] = (epoch, refreshed)
+
+    def forget(self, channel: str) -> None:
+        self._seen.pop(channel, None)
 
 
 def create_redis_backends(
@@ -92,8 +206,9 @@ class RedisBroker:
         self._timeout = timeout
         self._backoff_cap = backoff_cap
         self._min_replicas = min_replicas
-        self._publish_script = Script.of(PUBLISH_LUA)
-        self._relay_script = Script.of(RELAY_LUA)
+        self._publish_script = Script.of(PUBLISH_BATCH_LUA)
+        self._batcher = Batcher(self._send_batch)
+        self._expiry = ExpiryClock(grace=2 * timeout)
         self._history_script = Script.of(HISTORY_LUA)
         self._restart_script = Script.of(RESTART_EPOCH_LUA)
         self._node_pools: dict[str, ConnectionPool] = {}  # Cluster masters, for WAIT
@@ -140,6 +255,7 @@ class RedisBroker:
         await asyncio.gather(*(link.close() for link in self._links.values()))
         self._links.clear()
         self._events = None
+        await self._batcher.close()
         for pool in self._node_pools.values():
             await pool.disconnect()
         await self._topology.close()
@@ -175,12 +291,11 @@ class RedisBroker:
                     channel, keys, relayed, history
                 )
             else:
-                args: list[bytes | str | int] = [
-                    self._deadline_ms(), self._topic(channel), encode(relayed),
-                    self._publish_command,
+                item: list[bytes | str | int] = [
+                    b"r", self._deadline_ms(), self._topic(channel), encode(relayed),
+                    0, 0, 0, b"", b"", b"0",
                 ]
-                if await self._run(self._relay_script, keys, args) is None:
-                    raise TimeoutError("publish reached Redis after its deadline")
+                await self._publish_item(keys, item)
                 position = None
         except REDIS_ERRORS as exc:
             self._commands.failed(exc)
@@ -262,28 +377,54 @@ class RedisBroker:
         async with self._topology.slots_for(keys[0]):
             return await script.run(self._topology.client, keys, args)
 
+    async def _publish_item(self, keys: list[bytes], item: list[Any]) -> Any:
+        """One publication through the script: batched with others on one server, alone
+        on a Cluster (a script's keys must share a slot there) or with `min_replicas`."""
+        if self._min_replicas:
+            async with self._topology.slots_for(keys[0]):
+                answer = await self._publish_replicated(keys, item)
+        elif self._topology.sharded:
+            [answer] = await self._send_batch(keys, item)
+        else:
+            answer = await self._batcher.submit(keys, item)
+        if answer is None:
+            raise TimeoutError("publish reached Redis after its deadline")
+        if isinstance(answer, list) and answer and answer[0] == b"err":
+            raise ResponseError(answer[1].decode(errors="replace"))
+        return answer
+
+    async def _send_batch(self, keys: list[bytes], items: list[Any]) -> list[Any]:
+        args = [self._publish_command, *items]
+        async with self._topology.slots_for(keys[0]):
+            answers: list[Any] = await self._publish_script.run(
+                self._topology.client, keys, args
+            )
+        return answers
+
     async def _publish_message(
         self, channel: str, keys: list[bytes], message: Message, history: HistoryOptions
     ) -> StreamPosition:
         # The script adds offset and epoch to the encoded object; a stale pair must not be
         # encoded as well.
         message.offset = message.epoch = None
-        args: list[bytes | str | int] = [
-            ttl_ms(history.ttl), epoch_candidate(), encode(message), max(history.size, 1),
-            self._topic(channel), self._deadline_ms(), self._publish_command,
+        sent = time.monotonic()
+        expected, expire_ms, refresh, refreshed = self._expiry.plan(channel, history.ttl, sent)
+        item: list[bytes | str | int] = [
+            b"h", self._deadline_ms(), self._topic(channel), encode(message),
+            ttl_ms(history.ttl), expire_ms, max(history.size, 1), expected,
+            epoch_candidate(), b"1" if refresh else b"0",
         ]
-        if self._min_replicas:
-            async with self._topology.slots_for(keys[0]):
-                reply = await self._publish_replicated(keys, args)
-        else:
-            reply = await self._run(self._publish_script, keys, args)
-        if reply is None:
-            raise TimeoutError("publish reached Redis after its deadline")
-        offset, epoch = reply
+        try:
+            offset, epoch = await self._publish_item(keys, item)
+        except BaseException:
+            self._expiry.forget(channel)
+            raise
         message.offset, message.epoch = int(offset), epoch.decode()
+        # The script sets the TTL at an epoch's first message whatever was asked.
+        self._expiry.saw(channel, message.epoch, sent if message.offset == 1 else refreshed)
         return StreamPosition(message.offset, message.epoch)
 
-    async def _publish_replicated(self, keys: list[bytes], args: list[Any]) -> Any:
+    async def _publish_replicated(self, keys: list[bytes], item: list[Any]) -> Any:
         """The publish script, then WAIT for the replicas, on one connection of the
         channel's master. Too few replicas in time: `unavailable` (it may still be
         delivered: PROTOCOL §6)."""
@@ -292,7 +433,9 @@ class RedisBroker:
         script = self._publish_script
         for attempt in (1, 2):
             pipe = client.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command(
+                "EVALSHA", script.sha, len(keys), *keys, self._publish_command, *item
+            )
             pipe.execute_command("WAIT", self._min_replicas, wait_ms)
             reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and attempt == 1:
@@ -301,12 +444,13 @@ class RedisBroker:
             for result in (reply, replicas):
                 if isinstance(result, Exception):
                     raise result
-            if reply is not None and int(replicas) < self._min_replicas:
+            [answer] = reply
+            if answer is not None and int(replicas) < self._min_replicas:
                 raise BrokerUnavailable(
                     f"published, but only {int(replicas)} of {self._min_replicas} replicas "
                     "confirmed in time; it may or may not survive a failover"
                 )
-            return reply
+            return answer
         raise AssertionError("unreachable")
 
     def _node_client(self, key: bytes) -> Any:
