@@ -13,7 +13,7 @@ Publishing is one Lua script per round trip: on one server (or a Sentinel's mast
 publications a node queued while its previous batch was on its way go together, in queue
 order (`Batcher`: no added wait when there is no crowd); on a Cluster each goes on its own.
 With history a publication is HINCRBY (offset, on the epoch the node expects), XADD and
-PUBLISH, and the keys' TTL every few seconds per channel (`ExpiryClock`); without history
+PUBLISH, and the keys' TTL once a minute per channel at most (`ExpiryClock`); without history
 the PUBLISH alone. Each refuses to run past a deadline on the Redis clock, so a publish
 answered `unavailable` (timed out) is never carried out later. With
 `HUB_REDIS_MIN_REPLICAS` a publish also waits for that many replicas (`WAIT`, on the
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -129,18 +130,19 @@ class Batcher:
 
 class ExpiryClock:
     """When this node last set the TTL of a channel's history keys, and the epoch it last
-    saw: a publish sets the TTL only every `every` seconds per channel, to the history's
-    TTL plus `every` plus the longest a publish may wait for Redis (`grace`), so the keys
+    saw: a publish sets the TTL only every `every` seconds per channel (a tenth of the TTL,
+    5 s to a minute), to the history's TTL plus that plus the longest a publish may wait for
+    Redis (`grace`), so the keys
     outlive every publication by at least the TTL whichever node published it, and the
     script runs no PEXPIRE on most publishes. Short TTLs (under `min_ttl`) are set on every
     publish, exactly. Bounded: past `limit` channels it starts over (each channel's next
     publish then sets the TTL and reads the epoch)."""
 
     def __init__(
-        self, every: float = 5.0, grace: float = 4.0, min_ttl: float = 60.0,
+        self, every: float = 60.0, grace: float = 4.0, min_ttl: float = 60.0,
         limit: int = 65_536,
     ) -> None:
-        self._every = every
+        self._every = every  # at most; a tenth of the TTL when that is less (5 s at least)
         self._grace = grace
         self._min_ttl = min_ttl
         self._limit = limit
@@ -152,11 +154,12 @@ class ExpiryClock:
         seen = self._seen.get(channel)
         if ttl < self._min_ttl:
             return (seen[0] if seen else "", ttl_ms(ttl), True, now)
-        expire = ttl_ms(ttl) + int((self._every + self._grace) * 1000)
+        every = min(self._every, max(5.0, ttl / 10))
+        expire = ttl_ms(ttl) + int((every + self._grace) * 1000)
         if seen is None:
             return "", expire, True, now
         epoch, refreshed = seen
-        if now - refreshed >= self._every:
+        if now - refreshed >= every:
             return epoch, expire, True, now
         return epoch, expire, False, refreshed
 
@@ -164,6 +167,12 @@ class ExpiryClock:
         if len(self._seen) >= self._limit and channel not in self._seen:
             self._seen.clear()
         self._seen[channel] = (epoch, refreshed)
+
+    def learn(self, channel: str, epoch: str) -> None:
+        """An epoch read elsewhere (a history read): the next publish expects it, and sets
+        the TTL (when it was last set is not known)."""
+        if channel not in self._seen:
+            self.saw(channel, epoch, -math.inf)
 
     def forget(self, channel: str) -> None:
         self._seen.pop(channel, None)
@@ -321,6 +330,7 @@ class RedisBroker:
         self._commands.recovered()
         epoch, offset, complete, *payloads = reply
         position = StreamPosition(int(offset), epoch.decode())
+        self._expiry.learn(channel, position.epoch)
         messages = [m for m in map(decode_relayed, payloads) if isinstance(m, Message)]
         return HistoryPage(position, messages, complete=bool(complete))
 

@@ -85,7 +85,7 @@ end
 # MemoryBroker. PUBLISH happens here, in offset order, so every node sees offsets ascend.
 # On the common path that is HINCRBY, XADD (NOMKSTREAM: a stream that is gone is noticed
 # by it, not by an EXISTS) and PUBLISH. The keys' TTL is set to `expire_ms` when the node
-# asks (it does so every few seconds per channel: `hub.redis_broker.ExpiryClock`) and at
+# asks (once a minute per channel at most: `hub.redis_broker.ExpiryClock`) and at
 # every epoch's first message.
 # Returns one entry per publication: {offset, epoch}, 1 for a relay, false past its
 # deadline, or {'err', message} when Redis refused one of its commands (the others ran).
