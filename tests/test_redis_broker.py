@@ -318,7 +318,8 @@ def test_expiry_clock_sets_a_long_ttl_now_and_then_and_a_short_one_always() -> N
     clock.saw("a", "e1", 100.0)
     assert clock.plan("a", 600, 159.0) == ("e1", 664_000, False, 100.0)
     assert clock.plan("a", 600, 160.0) == ("e1", 664_000, True, 160.0)
-    assert clock.plan("a", 100, 106.0) == ("e1", 119_000, True, 106.0)  # every 10 s
+    assert clock.plan("a", 100, 106.0) == ("e1", 114_000, False, 100.0)  # every 10 s
+    assert clock.plan("a", 100, 110.0) == ("e1", 114_000, True, 110.0)
     clock.saw("b", "e2", 100.0)
     assert clock.plan("b", 30, 100.5) == ("e2", 30_000, True, 100.5)  # short: exact, always
     clock.learn("c", "e3")  # an epoch from a history read: expected, TTL still set
