@@ -68,11 +68,12 @@ class _Queued(NamedTuple):
 
 
 class Batcher:
-    """Publications go out one batch at a time: the first one at once, and those queued
-    while a batch is on its way together as the next one (as Centrifugo's Redis broker
-    pipelines). A crowd of publishes then costs one round trip and one script between them,
-    and a lone publish waits for nothing. One batch in flight keeps the node's publications
-    in the order they were made."""
+    """Publications go out one batch at a time: a lone one at once, on its own task, and
+    those queued while a batch is on its way together as the next one (as Centrifugo's
+    Redis broker pipelines), sent by a task of the batcher's. A crowd of publishes then
+    costs one round trip and one script between them, and a lone publish waits for
+    nothing. One batch in flight keeps the node's publications in the order they were
+    made."""
 
     def __init__(
         self, send: Callable[[list[bytes], list[Any]], Awaitable[list[Any]]],
@@ -81,51 +82,69 @@ class Batcher:
         self._send = send
         self._limit = limit
         self._queue: list[_Queued] = []
+        self._busy = False  # a batch is on its way, or the queue is handed to the task
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, keys: list[bytes], item: list[Any]) -> Any:
         """The script's answer for this publication; raises what the round trip raised."""
+        if not self._busy:  # nothing on its way and nothing queued: go now, from here
+            self._busy = True
+            try:
+                [alone] = await self._send(keys, item)
+            finally:
+                self._hand_over()
+            return alone
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Queued(keys, item, answer))
+        return await answer
+
+    def _hand_over(self) -> None:
+        """A round trip is back: what queued meanwhile goes next, sent by the task."""
+        if not self._queue:
+            self._busy = False
+            return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="hub-redis-publish")
         self._wake.set()
-        return await answer
 
     async def close(self) -> None:
         task, self._task = self._task, None
         await cancel(task)
         queued, self._queue = self._queue, []
+        self._busy = False
         for entry in queued:
             if not entry.answer.done():
                 entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
 
     async def _run(self) -> None:
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._queue[: self._limit]
-            del self._queue[: self._limit]
-            keys = [key for entry in batch for key in entry.keys]
-            items = [arg for entry in batch for arg in entry.item]
-            try:
-                answers = await self._send(keys, items)
-            except asyncio.CancelledError:
-                for entry in batch:
-                    if not entry.answer.done():
-                        entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
-                raise
-            except Exception as exc:
-                for entry in batch:
-                    if not entry.answer.done():
-                        entry.answer.set_exception(exc)
-                continue
-            for entry, answer in zip(batch, answers, strict=True):
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = self._queue[: self._limit]
+                del self._queue[: self._limit]
+                await self._send_batch(batch)
+            self._busy = False
+
+    async def _send_batch(self, batch: list[_Queued]) -> None:
+        keys = [key for entry in batch for key in entry.keys]
+        items = [arg for entry in batch for arg in entry.item]
+        try:
+            answers = await self._send(keys, items)
+        except asyncio.CancelledError:
+            for entry in batch:
                 if not entry.answer.done():
-                    entry.answer.set_result(answer)
+                    entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
+            raise
+        except Exception as exc:
+            for entry in batch:
+                if not entry.answer.done():
+                    entry.answer.set_exception(exc)
+            return
+        for entry, answer in zip(batch, answers, strict=True):
+            if not entry.answer.done():
+                entry.answer.set_result(answer)
 
 
 class ExpiryClock:
