@@ -321,7 +321,6 @@ class RedisBroker:
             else:
                 item: list[bytes | str | int] = [
                     b"r", self._deadline_ms(), self._topic(channel), encode(relayed),
-                    0, 0, 0, b"", b"", b"0",
                 ]
                 await self._publish_item(keys, item)
                 position = None
@@ -439,9 +438,8 @@ class RedisBroker:
         sent = time.monotonic()
         expected, expire_ms, refresh, refreshed = self._expiry.plan(channel, history.ttl, sent)
         item: list[bytes | str | int] = [
-            b"h", self._deadline_ms(), self._topic(channel), encode(message),
-            ttl_ms(history.ttl), expire_ms, max(history.size, 1), expected,
-            epoch_candidate(), b"1" if refresh else b"0",
+            b"H" if refresh else b"h", self._deadline_ms(), self._topic(channel),
+            encode(message), expire_ms, max(history.size, 1), expected, epoch_candidate(),
         ]
         try:
             offset, epoch = await self._publish_item(keys, item)

@@ -75,10 +75,10 @@ end
 #
 # KEYS: the stream and meta of each publication's channel (for a relay, unused but for
 # routing: on a Cluster they say which shard runs the script; a batch there is one
-# channel's). ARGV[1]: PUBLISH or SPUBLISH; then ITEM_ARGS (10) per publication:
-#   kind ('h' = with history, 'r' = relay only), deadline_ms, pub/sub topic, payload,
-#   ttl_ms, expire_ms, stream size, expected epoch ('' = none), candidate epoch,
-#   refresh ('1' = set the keys' TTL now).
+# channel's). ARGV[1]: PUBLISH or SPUBLISH; then per publication its kind and arguments:
+#   'r' (relay only), deadline_ms, pub/sub topic, payload; or
+#   'h' (with history; 'H': and set the keys' TTL now), deadline_ms, pub/sub topic, payload,
+#   expire_ms, stream size, expected epoch ('' = none), candidate epoch.
 # A relay is the PUBLISH alone. With history, the payload is a JSON object without offset
 # and epoch, to which the script adds them; the stream entry ID is the offset, so ranges by
 # offset are plain XRANGEs; `t` is when it was added, so entries expire one by one like in
@@ -89,7 +89,6 @@ end
 # every epoch's first message.
 # Returns one entry per publication: {offset, epoch}, 1 for a relay, false past its
 # deadline, or {'err', message} when Redis refused one of its commands (the others ran).
-ITEM_ARGS = 10
 PUBLISH_BATCH_LUA = (
     _NOW
     + _META
@@ -98,9 +97,8 @@ local command = ARGV[1]
 local stamp = string.format('%d', now)
 
 local function publish(stream_key, meta_key, a)
-  local topic, payload, ttl_ms, size = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 6]
-  local expire_ms, guess = ARGV[a + 5], ARGV[a + 7]
-  local refresh = ARGV[a + 9] == '1'
+  local topic, payload, expire_ms, size = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local guess, refresh = ARGV[a + 6], ARGV[a] == 'H'
   local epoch, offset = nil, 0
   if guess ~= '' then
     offset = redis.call('HINCRBY', meta_key, guess, 1) - 1
@@ -124,7 +122,7 @@ local function publish(stream_key, meta_key, a)
     end
   end
   if not entry then
-    epoch, offset, refresh = ARGV[a + 8], 1, true
+    epoch, offset, refresh = ARGV[a + 7], 1, true
     redis.call('DEL', stream_key, meta_key)
     redis.call('HSET', meta_key, epoch, 2)
     entry = string.sub(payload, 1, -2) .. ',"offset":1,"epoch":"' .. epoch .. '"}'
@@ -138,8 +136,7 @@ local function publish(stream_key, meta_key, a)
   return {offset, epoch}
 end
 
-local function item(i)
-  local a = 2 + (i - 1) * """ + str(ITEM_ARGS) + """
+local function item(i, a)
   if now > tonumber(ARGV[a + 1]) then return false end
   if ARGV[a] == 'r' then
     redis.call(command, ARGV[a + 2], ARGV[a + 3])
@@ -149,8 +146,10 @@ local function item(i)
 end
 
 local results = {}
+local a = 2
 for i = 1, #KEYS / 2 do
-  local ok, result = pcall(item, i)
+  local ok, result = pcall(item, i, a)
+  a = a + (ARGV[a] == 'r' and 4 or 8)
   if ok then
     results[i] = result
   else
