@@ -68,80 +68,74 @@ class _Queued(NamedTuple):
 
 
 class Batcher:
-    """Publications go out one batch at a time: a lone one at once, on its own task, and
-    those queued while a batch is on its way together as the next one (as Centrifugo's
-    Redis broker pipelines), sent by a task of the batcher's. A crowd of publishes then
-    costs one round trip and one script between them, and a lone publish waits for
-    nothing. One batch in flight keeps the node's publications in the order they were
-    made."""
+    """Publications go to Redis at most `slots` round trips at a time: one that finds a
+    slot free goes at once, from its own task; those that come while every slot is taken
+    wait, and go together, as one script, in the next slot that frees (as Centrifugo's
+    Redis broker pipelines what comes in a crowd). A crowd of publishes then costs few
+    round trips and scripts, and a lone publish waits for nothing. Publications in one
+    batch run in the order they came; batches in flight at once have no order between
+    them, like publishes from different requests (a caller that needs order, such as
+    `hub.batch.in_order` for one channel, waits for the answer before the next)."""
 
     def __init__(
         self, send: Callable[[list[bytes], list[Any]], Awaitable[list[Any]]],
-        limit: int = BATCH_LIMIT,
+        limit: int = BATCH_LIMIT, slots: int = 2,
     ) -> None:
         self._send = send
         self._limit = limit
+        self._slots = slots
+        self._in_flight = 0
         self._queue: list[_Queued] = []
-        self._busy = False  # a batch is on its way, or the queue is handed to the task
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, keys: list[bytes], item: list[Any]) -> Any:
         """The script's answer for this publication; raises what the round trip raised."""
-        if not self._busy:  # nothing on its way and nothing queued: go now, from here
-            self._busy = True
+        if self._in_flight < self._slots:  # a slot is free (so nothing waits): go now
+            self._in_flight += 1
             try:
                 [alone] = await self._send(keys, item)
             finally:
-                self._hand_over()
+                self._release()
             return alone
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Queued(keys, item, answer))
         return await answer
 
-    def _hand_over(self) -> None:
-        """A round trip is back: what queued meanwhile goes next, sent by the task."""
+    def _release(self) -> None:
+        """A round trip is back: what queued meanwhile goes next, in this slot."""
         if not self._queue:
-            self._busy = False
+            self._in_flight -= 1
             return
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="hub-redis-publish")
-        self._wake.set()
+        batch = self._queue[: self._limit]
+        del self._queue[: self._limit]
+        task = asyncio.create_task(self._send_queued(batch), name="hub-redis-publish")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        await cancel(task)
+        for task in list(self._tasks):
+            await cancel(task)
         queued, self._queue = self._queue, []
-        self._busy = False
         for entry in queued:
             if not entry.answer.done():
                 entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = self._queue[: self._limit]
-                del self._queue[: self._limit]
-                await self._send_batch(batch)
-            self._busy = False
-
-    async def _send_batch(self, batch: list[_Queued]) -> None:
+    async def _send_queued(self, batch: list[_Queued]) -> None:
         keys = [key for entry in batch for key in entry.keys]
         items = [arg for entry in batch for arg in entry.item]
         try:
             answers = await self._send(keys, items)
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            failure = (BrokerUnavailable("the broker is closing")
+                       if isinstance(exc, asyncio.CancelledError) else exc)
             for entry in batch:
                 if not entry.answer.done():
-                    entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
-            raise
-        except Exception as exc:
-            for entry in batch:
-                if not entry.answer.done():
-                    entry.answer.set_exception(exc)
+                    entry.answer.set_exception(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
+        finally:
+            self._release()
         for entry, answer in zip(batch, answers, strict=True):
             if not entry.answer.done():
                 entry.answer.set_result(answer)

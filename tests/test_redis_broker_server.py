@@ -90,9 +90,10 @@ async def test_a_publish_costs_one_round_trip(redis_url: str) -> None:
 
 
 async def test_concurrent_publishes_share_round_trips_and_keep_offsets(redis_url: str) -> None:
-    """What a node publishes while a batch is on its way goes as one script: a crowd of
-    publishes costs one EVALSHA and one TIME between them, and each channel's offsets still
-    go 1, 2, 3 in the order the node published."""
+    """What a node publishes while its round trips are on their way goes as one script: a
+    crowd of publishes costs one EVALSHA and one TIME between them. Publishes made at once
+    have no order between them; each channel's offsets are still 1, 2, 3, ... in the order
+    every node hears them."""
     stats = redis.Redis.from_url(redis_url)
     channels = [f"c{n}" for n in range(50)]
     async with node(redis_url) as (broker, seen):
@@ -108,9 +109,8 @@ async def test_concurrent_publishes_share_round_trips_and_keep_offsets(redis_url
         await seen.wait_for(lambda: all(len(seen.data_on(c)) == 5 for c in channels))
     stats.close()
 
-    assert [p.offset for p in positions[:-1] if p is not None] == [
-        n + 1 for n in range(1, 5) for _ in channels
-    ]
+    for k in range(len(channels)):
+        assert sorted(p.offset for p in positions[k:-1:len(channels)] if p) == [2, 3, 4, 5]
     for channel in channels:
         offsets = [m.offset for c, m in seen.relayed if c == channel and isinstance(m, Message)]
         assert offsets == [1, 2, 3, 4, 5]
