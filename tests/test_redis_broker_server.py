@@ -319,3 +319,29 @@ async def test_hubs_on_different_dbs_of_one_server_do_not_hear_each_other(
         await a.publish("room", message("room", 3))
         await seen_a.wait_for(lambda: seen_a.data_on("room") == [b"1", b"3"])
     assert seen_b.data_on("room") == [b"2"]
+
+
+async def test_a_caller_that_gives_up_in_a_crowd_fails_nobody_else(redis_url: str) -> None:
+    """Publications queued behind a round trip go as one batch sent by the first of them:
+    callers cancelled while they wait are not sent, and one cancelled while its batch is on
+    its way leaves the others' answers (and the next batches) alone."""
+    async with node(redis_url) as (broker, seen):
+        await subscribe(broker, seen, "crowd")
+        await broker.publish("crowd", message("crowd", 0), HISTORY)
+        tasks = [asyncio.create_task(broker.publish("crowd", message("crowd", n), HISTORY))
+                 for n in range(1, 31)]
+        await asyncio.sleep(0)  # all submitted: the first on its way, the rest queued
+        for n in (2, 3):  # queued: not sent
+            tasks[n - 1].cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        sent = [n for n, r in zip(range(1, 31), results, strict=True)
+                if isinstance(r, StreamPosition)]
+        cancelled = [n for n, r in zip(range(1, 31), results, strict=True)
+                     if isinstance(r, asyncio.CancelledError)]
+        assert cancelled == [2, 3] and len(sent) == 28
+        after = await broker.publish("crowd", message("crowd", 99), HISTORY)
+        assert after is not None and after.offset == 30
+        await seen.wait_for(lambda: len(seen.data_on("crowd")) == 30)
+    assert sorted(int(d) for d in seen.data_on("crowd")) == [0, *sent, 99]
