@@ -9,10 +9,10 @@ of the channels this node has local subscribers on (SSUBSCRIBE on a Cluster). A 
 fails over, or a slot that moves, is an outage of that shard's channels only: the node
 refills those, and the others notice nothing.
 
-Publishing is one Lua script per round trip: on one server (or a Sentinel's master) at most
-two round trips are in flight per node, and the publications that came while both were taken
-go together, in the order they came (`Batcher`: no added wait when there is no crowd); on a
-Cluster each goes on its own.
+Publishing is one Lua script per round trip: on one server (or a Sentinel's master) one round
+trip is in flight per node, and the publications that came meanwhile go together in the next,
+in the order they came (`Batcher`: no added wait when there is no crowd); on a Cluster each
+goes on its own.
 With history a publication is HINCRBY (offset, on the epoch the node expects), XADD and
 PUBLISH, and the keys' TTL once a minute per channel at most (`ExpiryClock`); without history
 the PUBLISH alone. Each refuses to run past a deadline on the Redis clock, so a publish

@@ -65,8 +65,8 @@ end
 """
 )
 
-# Publications go to Redis in batches: whatever a node queued while its round trips were on
-# their way goes as one script, run in queue order (`hub.redis_broker.Batcher`), so a crowd
+# Publications go to Redis in batches: whatever a node queued while its previous round trip
+# was on its way goes as one script, run in queue order (`hub.redis_broker.Batcher`), so a crowd
 # of publishes costs one round trip, one EVALSHA and one TIME between them.
 #
 # Each carries a deadline on the Redis clock: when Redis runs it later than that (it was
