@@ -129,6 +129,12 @@ class Batcher:
             entry = self._queue.pop(0)
             if not entry.answer.done():  # else its caller gave up: not sent
                 batch.append(entry)
+        if len(batch) == 1:  # alone after all: as if it had found the slot free
+            try:
+                [alone] = await self._send(head.keys, head.item)
+            finally:
+                self._release()
+            return alone
         keys = [key for entry in batch for key in entry.keys]
         items = [arg for entry in batch for arg in entry.item]
         # Shielded: the others' publications do not share this caller's fate (one that gives
