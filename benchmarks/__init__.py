@@ -39,7 +39,9 @@ Modules:
 - `redis_stats`: `INFO cpu` and `INFO commandstats` of every shard, and the Redis report;
 - `resp`: Redis commands over a bare RESP connection (no client library);
 - `report`: the result dict, what makes a run fail, percentiles and the human summary;
-- `common`: `BenchError`.
+- `common`: `BenchError`;
+- `publish_cost` (`python -m benchmarks.publish_cost`): node CPU and Redis commands per
+  publish in the Redis broker alone, at a few publishes at once.
 """
 
 from benchmarks.cli import main

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1,
                         help="messages per request, on as many consecutive channels; > 1 uses "
                         "/api/broadcast and needs --channels >= B (1)")
+    parser.add_argument("--personal", action="store_true",
+                        help="each subscriber on its own personal channel (@bench-i), messages "
+                        "sent round-robin over the users with /api/send; --channels is then "
+                        "--subscribers")
     parser.add_argument("--sample", type=int, default=20,
                         help="measure latency on 1 frame in N per connection (20)")
     parser.add_argument("--settle", type=float, default=1.0,
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> str | None:
+    if args.personal:
+        if args.batch > 1 or args.protocol != "ws":
+            return "--personal sends one message per request over /ws: no --batch, --protocol"
+        args.channels = args.subscribers
     if min(args.nodes, args.subscribers, args.messages, args.client_procs, args.channels) < 1:
         return "--nodes, --subscribers, --channels, --messages and --client-procs must be >= 1"
     if args.publishers < 1 or args.batch < 1 or args.sample < 0 or args.duration <= 0:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from benchmarks.fdlimit import raise_fd_limit
-from benchmarks.layout import channel_name, channel_of, messages_on
+from benchmarks.layout import channel_name, channel_of, messages_on, user_name
 from benchmarks.sequence import CHECK_KINDS
 from benchmarks.subscriber import ClientState, Subscriber, subscriber_class
 
@@ -66,14 +66,15 @@ async def run_client(config: dict[str, Any]) -> int:
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     subscribers: list[Subscriber] = []
     ttl = float(config.get("ttl", 3600))
-    kind = subscriber_class(str(config.get("protocol", "ws")))
+    personal = bool(config.get("personal"))
+    kind = subscriber_class(str(config.get("protocol", "ws")), personal)
 
     async def connect(index: int) -> None:
         host, port = targets[index % len(targets)]
-        channel = channel_of(index, len(targets), channels)
-        token = mint_token(secret, f"bench-{index}", ttl=ttl) if secret else ""
+        channel = channel_of(index, len(targets), channels, personal)
+        token = mint_token(secret, user_name(index), ttl=ttl) if secret else ""
         async with gate:
-            protocol = kind(state, host, port, token, channel_name(channel, channels),
+            protocol = kind(state, host, port, token, channel_name(channel, channels, personal),
                             messages_on(channel, messages, channels))
             subscribers.append(protocol)
             try:

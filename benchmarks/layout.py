@@ -8,6 +8,10 @@ node only, which is not the load a cluster sees.)
 
 Message *g* goes to channel *g mod C* (round-robin) and carries `seq` = *g div C*, its
 position in its channel's stream: a subscriber must see 0, 1, 2, ... on its channel.
+
+With `personal` (`--personal`) every connection is a channel of its own, its user's
+personal channel: connection *i* is user `bench-i`, on channel *i* (`@bench-i`), and
+message *g* goes to user `bench-(g mod S)` through `/api/send`.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ from __future__ import annotations
 PREFIX = "bench:fanout"
 
 
-def channel_name(channel: int, channels: int) -> str:
+def channel_name(channel: int, channels: int, personal: bool = False) -> str:
     """`bench:fanout` for a single channel (as before there were many), else
-    `bench:fanout.K`."""
+    `bench:fanout.K`; `@bench-K` for personal channels."""
+    if personal:
+        return f"@{user_name(channel)}"
     return PREFIX if channels == 1 else f"{PREFIX}.{channel}"
+
+
+def user_name(connection: int) -> str:
+    return f"bench-{connection}"
 
 
 def node_of(connection: int, nodes: int) -> int:
     return connection % nodes
 
 
-def channel_of(connection: int, nodes: int, channels: int) -> int:
-    return (connection // nodes) % channels
+def channel_of(connection: int, nodes: int, channels: int, personal: bool = False) -> int:
+    return connection if personal else (connection // nodes) % channels
 
 
 def messages_on(channel: int, messages: int, channels: int) -> int:
@@ -34,8 +44,10 @@ def messages_on(channel: int, messages: int, channels: int) -> int:
     return max(0, (messages - channel + channels - 1) // channels)
 
 
-def subscribers_per_channel(subscribers: int, nodes: int, channels: int) -> list[int]:
+def subscribers_per_channel(
+    subscribers: int, nodes: int, channels: int, personal: bool = False
+) -> list[int]:
     counts = [0] * channels
     for connection in range(subscribers):
-        counts[channel_of(connection, nodes, channels)] += 1
+        counts[channel_of(connection, nodes, channels, personal)] += 1
     return counts

@@ -14,6 +14,9 @@ order is defined (checked too): on one channel that is one request at a time, ha
 from connection to connection (and so from node to node); work on different channels
 still runs side by side.
 
+With `personal` (`--personal`) message *g* goes to user `bench-(g mod S)` through
+`/api/send` (S = the channels = the subscribers, each on its own personal channel).
+
 With `--batch B` one `/api/broadcast` carries one message to B consecutive channels of the
 same round (a claim never wraps from the last channel to the first), so the one `data` it
 carries has the right `seq` for each of them.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.httpclient import exchange
-from benchmarks.layout import channel_name
+from benchmarks.layout import channel_name, user_name
 from benchmarks.processes import NodeProcess
 
 
@@ -55,6 +58,7 @@ class Publishing:
     api_key: str
     channels: int = 1
     ordered: bool = False  # wait for the previous message of the channel (`--ordered`)
+    personal: bool = False  # `/api/send` to user K instead of a publish on channel K
     next_index: int = 0
     published_on: list[int] = field(default_factory=list)  # per channel
     errors: int = 0
@@ -95,6 +99,9 @@ class Publishing:
 
     def request(self, claim: Claim) -> tuple[str, bytes]:
         data = self.data(claim.seq)
+        if self.personal:
+            user = user_name(claim.channel).encode()
+            return "/api/send", b'{"user":"' + user + b'","data":' + data + b"}"
         if claim.size == 1:
             channel = channel_name(claim.channel, self.channels).encode()
             return "/api/publish", b'{"channel":"' + channel + b'","data":' + data + b"}"

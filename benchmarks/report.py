@@ -93,7 +93,8 @@ def summarise(
 ) -> dict[str, Any]:
     reports = [c.done for c in clients]
     received = sum(int(r["received"]) for r in reports)
-    per_channel = subscribers_per_channel(args.subscribers, args.nodes, args.channels)
+    per_channel = subscribers_per_channel(args.subscribers, args.nodes, args.channels,
+                                          args.personal)
     expected = sum(n * subs for n, subs in zip(job.published_on, per_channel, strict=True))
     node_cpu = sum(n.cpu_after - n.cpu_before for n in nodes)
     first = job.first or time.time()
@@ -122,6 +123,7 @@ def summarise(
             "messages": args.messages, "rate": args.rate,
             "payload": args.payload, "client_procs": len(clients),
             "publishers": args.publishers, "batch": args.batch, "sample": args.sample,
+            "personal": args.personal,
         },
         "published": job.published,
         "publish_errors": job.errors,
@@ -189,7 +191,8 @@ def human(result: dict[str, Any]) -> str:
     lines = [
         f"benchmarks: {config['nodes']} {PEER_NAMES.get(peer, peer)} node(s){history}, "
         f"{broker} broker, "
-        f"{config['subscribers']} subscribers on {config['channels']} channel(s), "
+        f"{config['subscribers']} subscribers on {config['channels']}"
+        f"{' personal' if config.get('personal') else ''} channel(s), "
         f"{config['messages']} messages of "
         f"{config['payload']} B at {rate} ({config['publishers']} publishers"
         f"{', ordered' if config.get('ordered') else ''}, batch "

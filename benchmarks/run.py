@@ -198,7 +198,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             client.process.stdin.write(go.encode() + b"\n")
             await client.process.stdin.drain()
         job = Publishing(args.messages, args.batch, args.rate, args.payload, deadline, api_key,
-                         args.channels, ordered=args.ordered)
+                         args.channels, ordered=args.ordered, personal=args.personal)
         publishers = [
             publisher(nodes[i % len(nodes)], job, start) for i in range(args.publishers)
         ]
@@ -286,7 +286,7 @@ def client_protocol(args: argparse.Namespace) -> str:
 
 def checks_offsets(args: argparse.Namespace) -> bool:
     """The hub's frames carry offsets when its namespace keeps history; a peer's do not."""
-    return bool(args.peer == "hub" and args.history_size > 0)
+    return bool(args.peer == "hub" and args.history_size > 0 and not args.personal)
 
 
 async def _start_clients(
@@ -304,6 +304,7 @@ async def _start_clients(
             "targets": targets, "first": first, "count": count, "channels": args.channels,
             "messages": args.messages, "sample": args.sample, "protocol": client_protocol(args),
             "offsets": checks_offsets(args), "ordered": args.ordered,
+            "personal": args.personal,
             "ttl": 3600 + args.duration + 600,
         }
         clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))

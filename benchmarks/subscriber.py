@@ -543,11 +543,27 @@ def classify_reply(message: bytes) -> tuple[str, str]:
     return "bad", message[:80].decode(errors="replace")
 
 
-def subscriber_class(protocol: str) -> type[Subscriber]:
+class PersonalSubscriber(Subscriber):
+    """`/ws` with nothing to subscribe (`--personal`): the connection's own channel is its
+    user's, joined before the welcome; a `ping` after it makes it live on the `pong`."""
+
+    def opening(self) -> bytes:
+        return b'{"type":"ping","id":1}'
+
+    def _before_live(self, payload: bytes) -> bool:
+        if b'"type":"pong"' in payload:
+            self._subscribed()
+            return True
+        if b'"type":"error"' in payload:
+            self._fail(payload.decode(errors="replace")[:200])
+        return False
+
+
+def subscriber_class(protocol: str, personal: bool = False) -> type[Subscriber]:
     if protocol == "centrifugo":
         return CentrifugoSubscriber
     if protocol == "ws":
-        return Subscriber
+        return PersonalSubscriber if personal else Subscriber
     if protocol == "socketio":
         return SocketIOSubscriber
     raise ValueError(f"unknown protocol {protocol!r}")

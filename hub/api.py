@@ -20,6 +20,12 @@ import httpx
 import msgspec
 
 from hub.api_types import (
+    BatchBody,
+    BatchCommand,
+    BatchItemReply,
+    BatchPublish,
+    BatchReply,
+    BatchSend,
     BroadcastBody,
     BroadcastItem,
     BroadcastReply,
@@ -47,10 +53,11 @@ from hub.presence import NodeStats
 from hub.protocol import ConnectionSummary
 
 __all__ = [
-    "BroadcastItem", "BroadcastReply", "ChannelsReply", "ConnectionSummary",
-    "ConnectionsReply", "HistoryMessage", "HistoryReply", "HubApiError", "HubClient",
-    "NamespacesReply", "NodeStats", "PresenceClient", "PresenceReply",
-    "PublishReply", "StatsReply", "StatsTotal",
+    "BatchCommand", "BatchItemReply", "BatchReply", "BroadcastItem", "BroadcastReply",
+    "ChannelsReply", "ConnectionSummary", "ConnectionsReply", "HistoryMessage", "HistoryReply",
+    "HubApiError", "HubClient", "NamespacesReply", "NodeStats", "PresenceClient",
+    "PresenceReply", "PublishReply", "StatsReply", "StatsTotal",
+    "broadcast_command", "publish_command", "send_command",
 ]
 
 ReplyT = TypeVar("ReplyT", bound=msgspec.Struct)
@@ -73,6 +80,18 @@ def channel_path(channel: str) -> str:
     """A channel as one path segment. `/` is escaped too, and `.`, so that `.` and `..` are
     not dot segments an HTTP client would remove."""
     return quote(channel, safe="").replace(".", "%2E")
+
+
+def publish_command(channel: str, data: Any, event: str | None = None) -> BatchCommand:
+    return BatchCommand(publish=BatchPublish(channel, _raw(data), event))
+
+
+def broadcast_command(channels: list[str], data: Any, event: str | None = None) -> BatchCommand:
+    return BatchCommand(broadcast=BroadcastBody(channels, _raw(data), event))
+
+
+def send_command(user: str, data: Any, event: str | None = None) -> BatchCommand:
+    return BatchCommand(send=BatchSend(user, _raw(data), event))
 
 
 def _raw(data: Any) -> msgspec.Raw:
@@ -130,6 +149,13 @@ class HubClient:
     async def send(self, user: str, data: Any, event: str | None = None) -> None:
         """A personal message to every connection of `user`, on any node."""
         await self._post("/api/send", SendBody(user, _raw(data), event), Empty)
+
+    async def batch(self, commands: list[BatchCommand]) -> BatchReply:
+        """Many publish, broadcast and send commands (`publish_command(...)`, ...) in one
+        request: one reply per command, in order, a failed one with its own `error`.
+        Publications to one channel keep their order; the node sends those to different
+        channels to the broker together."""
+        return await self._post("/api/batch", BatchBody(commands), BatchReply)
 
     async def disconnect(
         self,

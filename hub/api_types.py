@@ -73,6 +73,39 @@ class SendBody(msgspec.Struct, omit_defaults=True):
     event: str | None = None
 
 
+MAX_BATCH_COMMANDS = 10_000
+
+
+# In a batch a bad channel or user fails its own command (`invalid_channel`, `bad_request`),
+# not the request: so no pattern or length on them here.
+class BatchPublish(msgspec.Struct, omit_defaults=True):
+    channel: str
+    data: Data
+    event: str | None = None
+
+
+class BatchSend(msgspec.Struct, omit_defaults=True):
+    user: str
+    data: Data
+    event: str | None = None
+
+
+class BatchCommand(msgspec.Struct, omit_defaults=True):
+    """Exactly one of the three, with the body of its own call (another number of them
+    fails that command with `bad_request`)."""
+
+    publish: BatchPublish | None = None
+    broadcast: BroadcastBody | None = None
+    send: BatchSend | None = None
+
+
+class BatchBody(msgspec.Struct):
+    """Up to 10,000 commands (and 1 MiB), answered in order; publications to one channel
+    keep their order, those to different channels go to the broker together."""
+
+    commands: list[BatchCommand]
+
+
 class DisconnectBody(msgspec.Struct, omit_defaults=True):
     user: User
     code: CloseCodeNumber = int(CloseCode.DISCONNECTED_BY_API)
@@ -153,6 +186,20 @@ class BroadcastReply(msgspec.Struct):
     results: list[BroadcastItem]
 
 
+class BatchItemReply(msgspec.Struct, omit_defaults=True):
+    """The reply of the command's own call under its name, or `error` (that command's
+    alone: the others were carried out)."""
+
+    publish: PublishReply | None = None
+    broadcast: BroadcastReply | None = None
+    send: Empty | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchReply(msgspec.Struct):
+    replies: list[BatchItemReply]
+
+
 class PresenceClient(msgspec.Struct, omit_defaults=True):
     client: str
     user: str
@@ -224,8 +271,9 @@ class ReadyReply(msgspec.Struct):
 
 BODIES: tuple[type[msgspec.Struct], ...] = (
     PublishBody, BroadcastBody, SendBody, DisconnectBody, SubscribeBody, UnsubscribeBody,
+    BatchBody,
 )
 REPLIES: tuple[type[msgspec.Struct], ...] = (
-    ErrorReply, Empty, PublishReply, BroadcastReply, PresenceReply, HistoryReply,
+    ErrorReply, Empty, PublishReply, BroadcastReply, BatchReply, PresenceReply, HistoryReply,
     ChannelsReply, StatsReply, ConnectionsReply, NamespacesReply, HealthReply, ReadyReply,
 )

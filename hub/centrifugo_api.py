@@ -35,6 +35,7 @@ from starlette.routing import Mount, Route
 from hub import __version__
 from hub import centrifugo_frames as cf
 from hub import protocol as p
+from hub.batch import in_order
 from hub.centrifugo_api_types import (
     BAD_REQUEST,
     HUB_CODES,
@@ -192,15 +193,16 @@ async def broadcast(node: Node, request: BroadcastRequest) -> BroadcastResult:
         raise CallFailed(BAD_REQUEST, "data required")
     if not node.broker.up:
         raise BrokerUnavailable()
-    responses: list[PublishResponse] = []
-    for channel in request.channels:
+
+    async def one(channel: str) -> PublishResponse:
         try:
             result = await _publish(node, _channel(channel), data, event, request.skip_history)
         except (CallFailed, HubError) as exc:
-            responses.append(PublishResponse(error=_error_body(exc)))
-        else:
-            responses.append(PublishResponse(result=result))
-    return BroadcastResult(responses)
+            return PublishResponse(error=_error_body(exc))
+        return PublishResponse(result=result)
+
+    # side by side: one round trip to Redis for all (a channel named twice keeps its order)
+    return BroadcastResult(await in_order(request.channels, one, lambda channel: (channel,)))
 
 
 @method("subscribe", SubscribeRequest, Empty)
@@ -344,11 +346,35 @@ async def info(node: Node, request: InfoRequest) -> InfoResult:
     ])
 
 
+class _Target(msgspec.Struct):
+    channel: str = ""
+    channels: list[str] = msgspec.field(default_factory=list)
+
+
+def _published_to(command: dict[str, msgspec.Raw]) -> list[str] | None:
+    """The channels a publish or broadcast command names (for `hub.batch.in_order`); None
+    for any other command, or one that cannot be read (it runs alone, and fails alone)."""
+    name = next((key for key in command if key in METHODS), None)
+    if name not in ("publish", "broadcast"):
+        return None
+    try:
+        target = msgspec.json.decode(bytes(command[name]) or b"{}", type=_Target)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return [target.channel] if name == "publish" else target.channels
+
+
 async def _batch(node: Node, request: BatchRequest) -> BatchResult:
     """Each command on its own: one that fails (or names no method: 104) fails its own
-    reply only. `parallel` runs them side by side, at most MAX_BATCH_PARALLEL at once."""
+    reply only. In order, as Centrifugo runs them, but publications go to the broker
+    together (`hub.batch.in_order`: one channel's keep their order, and any other command
+    waits for those before it). `parallel` runs them side by side, at most
+    MAX_BATCH_PARALLEL at once."""
     if not request.parallel:
-        return BatchResult([await _batch_item(node, command) for command in request.commands])
+        replies = await in_order(
+            request.commands, lambda command: _batch_item(node, command), _published_to
+        )
+        return BatchResult(replies)
     gate = asyncio.Semaphore(MAX_BATCH_PARALLEL)
 
     async def gated(command: dict[str, msgspec.Raw]) -> dict[str, Any]:

@@ -10,6 +10,10 @@ after MAX_HEAD_BYTES is refused with 431 (counted per read: a head that complete
 read that crosses the mark passes, so the bound is MAX_HEAD_BYTES and one read). Once a
 connection is a WebSocket, the auth timeout takes over.
 
+Each response of a known length leaves in one write: uvicorn writes a response's head and
+its body apart (two syscalls, two sends on loopback, for every API call), so the request
+cycle gets a transport (`OneWrite`) that holds the head until the body's first part.
+
 It reads what uvicorn's protocol keeps of the request under way (`cycle`, and the cycle's
 `more_body`, `response_started`, `response_complete`), which is not public API:
 `http_protocol` probes for it once and serves with uvicorn's own protocol, with a warning,
@@ -64,6 +68,7 @@ class HandshakeDeadline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._waited_on: object = None  # the request waited on at the last check
         self._head_bytes = 0
+        self._joined: object = None  # the request cycle last given a OneWrite
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is none by class
@@ -79,7 +84,12 @@ class HandshakeDeadline(asyncio.Protocol):
         if not self._http():
             self._let_go()
             return
-        if _between_requests(self.inner.cycle):
+        cycle = self.inner.cycle
+        if cycle is not None and cycle is not self._joined:
+            self._joined = cycle
+            if not cycle.response_started and cycle.scope.get("method") != "HEAD":
+                cycle.transport = OneWrite(cycle.transport)
+        if _between_requests(cycle):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse("http_head_too_big", _HEAD_TOO_BIG)
@@ -146,6 +156,40 @@ class HandshakeDeadline(asyncio.Protocol):
         if response:
             transport.write(response)
         transport.close()
+
+
+class OneWrite:
+    """A request cycle's view of the transport: the head of a response with a
+    content-length is held and written with the first part of its body, which uvicorn
+    always writes (an empty one too) unless the request is a HEAD, which gets none of this.
+    Anything else passes straight through."""
+
+    __slots__ = ("_head", "_transport")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif data.startswith(b"HTTP/1.1 ") and b"\r\ncontent-length: " in data and (
+            not data.startswith(b"HTTP/1.1 100 ")
+        ):
+            self._head = data
+        else:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            self._transport.write(head)
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def http_protocol(timeout: float, errors: ProtocolErrors) -> type[asyncio.Protocol] | str:

@@ -31,6 +31,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from hub.api_types import (
+    BatchCommand,
+    BatchReply,
     HistoryMessage,
     HistoryReply,
     PresenceClient,
@@ -39,6 +41,7 @@ from hub.api_types import (
 )
 from hub.app import create_app
 from hub.channels import check_name
+from hub.endpoints import run_batch
 from hub.errors import CloseCode, ErrorCode, HubError, close_reason
 from hub.events import EventsCallable
 from hub.hooks import Hooks
@@ -103,6 +106,12 @@ class EmbeddedHub:
     async def send(self, user: str, data: Any, event: str | None = None) -> None:
         """A personal message to every connection of `user`, on any node."""
         await self.node.send_to_user(user, _raw(data), event)
+
+    async def batch(self, commands: list[BatchCommand]) -> BatchReply:
+        """Many publish, broadcast and send commands (`hub.api.publish_command(...)`, ...),
+        as `/api/batch` runs them: one reply per command, in order, a failed one with its
+        own `error`; publications to different channels go to the broker together."""
+        return BatchReply(await run_batch(self.node, commands))
 
     async def disconnect(
         self, user: str, code: int = int(CloseCode.DISCONNECTED_BY_API), reason: str = ""

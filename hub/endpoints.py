@@ -1,4 +1,4 @@
-"""The HTTP API of PROTOCOL §1 and §9: publish, broadcast, send, disconnect, presence,
+"""The HTTP API of PROTOCOL §1 and §9: publish, broadcast, send, batch, disconnect, presence,
 history, channels, stats, and the probes and metrics.
 
 Bodies are decoded into, and replies encoded from, the Structs of `hub.api_types`, which
@@ -20,7 +20,9 @@ from starlette.routing import Route
 
 from hub import api_types as t
 from hub import protocol as p
+from hub.batch import in_order
 from hub.broker import StreamPosition
+from hub.channels import personal_channel
 from hub.connections import DEFAULT_LIMIT, MAX_LIMIT, Query, decode_cursor, encode_cursor
 from hub.errors import HTTP_STATUS_BY_CODE, BrokerUnavailable, ErrorCode, HubError, close_reason
 from hub.node import Node, node_of
@@ -129,16 +131,76 @@ async def broadcast(request: Request, node: Node) -> t.BroadcastReply:
     body = await _body(request, t.BroadcastBody)
     if not node.broker.up:
         raise BrokerUnavailable()
-    results: list[t.BroadcastItem] = []
-    for channel in body.channels:
+    return t.BroadcastReply(await _broadcast(node, body))
+
+
+async def _broadcast(node: Node, body: t.BroadcastBody) -> list[t.BroadcastItem]:
+    """Every channel side by side (one round trip to Redis for all), each answering for
+    itself; a channel named twice gets its two publications in order."""
+
+    async def one(channel: str) -> t.BroadcastItem:
         try:
             position = await node.publish(channel, body.data, body.event)
         except HubError as exc:
-            results.append(t.BroadcastItem(channel, error=t.ErrorDetail(exc.code, exc.message)))
-            continue
+            return t.BroadcastItem(channel, error=t.ErrorDetail(exc.code, exc.message))
         reply = _publish_reply(position)
-        results.append(t.BroadcastItem(channel, offset=reply.offset, epoch=reply.epoch))
-    return t.BroadcastReply(results)
+        return t.BroadcastItem(channel, offset=reply.offset, epoch=reply.epoch)
+
+    return await in_order(body.channels, one, lambda channel: (channel,))
+
+
+def _batch_channels(command: t.BatchCommand) -> tuple[str, ...] | None:
+    if command.publish is not None:
+        return (command.publish.channel,)
+    if command.broadcast is not None:
+        return tuple(command.broadcast.channels)
+    if command.send is not None:
+        return (personal_channel(command.send.user),)
+    return ()
+
+
+async def _batch_command(node: Node, command: t.BatchCommand) -> t.BatchItemReply:
+    given = [name for name in ("publish", "broadcast", "send") if getattr(command, name)]
+    try:
+        if len(given) != 1:
+            raise ApiError(400, "bad_request",
+                           "a command must have exactly one of publish, broadcast, send")
+        if command.publish is not None:
+            body = command.publish
+            position = await node.publish(body.channel, body.data, body.event)
+            return t.BatchItemReply(publish=_publish_reply(position))
+        if command.broadcast is not None:
+            if not node.broker.up:
+                raise BrokerUnavailable()
+            return t.BatchItemReply(
+                broadcast=t.BroadcastReply(await _broadcast(node, command.broadcast)))
+        assert command.send is not None
+        _check_user(command.send.user)
+        await node.send_to_user(command.send.user, command.send.data, command.send.event)
+        return t.BatchItemReply(send=t.Empty())
+    except ApiError as exc:
+        return t.BatchItemReply(error=t.ErrorDetail(exc.code, exc.message))
+    except HubError as exc:
+        return t.BatchItemReply(error=t.ErrorDetail(exc.code, exc.message))
+    except Exception:  # one command's failure is its own reply, not the batch's
+        log.exception("batch command failed")
+        return t.BatchItemReply(error=t.ErrorDetail(ErrorCode.INTERNAL, "internal error"))
+
+
+@api
+async def batch(request: Request, node: Node) -> t.BatchReply:
+    """Many publish, broadcast and send commands in one request, answered in order, each on
+    its own: publications to different channels go to the broker together."""
+    body = await _body(request, t.BatchBody)
+    if len(body.commands) > t.MAX_BATCH_COMMANDS:
+        raise ApiError(400, "bad_request", f"at most {t.MAX_BATCH_COMMANDS} commands")
+    return t.BatchReply(await run_batch(node, body.commands))
+
+
+async def run_batch(node: Node, commands: list[t.BatchCommand]) -> list[t.BatchItemReply]:
+    """`/api/batch` and `EmbeddedHub.batch`: a reply per command, in order."""
+    return await in_order(commands, lambda command: _batch_command(node, command),
+                          _batch_channels)
 
 
 @api
@@ -290,7 +352,7 @@ class ChannelRoute(Route):
 # What HubApp serves before Starlette's router, by (method, path): the calls a backend
 # makes per message. They are in `routes` too, which /openapi.json and mounts read.
 shortcuts = {("POST", "/api/publish"): publish, ("POST", "/api/broadcast"): broadcast,
-             ("POST", "/api/send"): send}
+             ("POST", "/api/send"): send, ("POST", "/api/batch"): batch}
 
 routes = [
     *(Route(path, handler, methods=[method]) for (method, path), handler in shortcuts.items()),

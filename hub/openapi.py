@@ -129,6 +129,11 @@ def _paths() -> dict[str, Any]:
             "broadcast", "Publish the same data to many channels", t.BroadcastBody,
             t.BroadcastReply, "one item per channel, in order; a bad channel fails its own "
             "item (with `error`), not the call"),
+        "/api/batch": _post(
+            "batch", "Many publish, broadcast and send commands in one request",
+            t.BatchBody, t.BatchReply, "one reply per command, in order; a command that "
+            "fails answers its own `error` and the others are carried out",
+            channel_errors=True),
         "/api/send": _post(
             "send", "Personal message to every connection of one user, on any node",
             t.SendBody, t.Empty, "sent (also when the user has no connection anywhere)"),

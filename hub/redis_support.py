@@ -22,58 +22,141 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# The epoch of a channel lives in its meta hash (`e`) with the last offset (`s`). A channel
-# whose meta is gone, or whose stream is gone while the meta says messages were published,
-# lost its history: it starts a new epoch at offset 0. That is how "Redis restarted empty"
-# (or evicted a key) turns into a new epoch, and only that.
-_EPOCH = """
-local stream_key, meta_key, ttl_ms = KEYS[1], KEYS[2], ARGV[1]
-local meta = redis.call('HMGET', meta_key, 'e', 's')
-local epoch, top = meta[1], tonumber(meta[2] or '0')
-if not epoch or (top > 0 and redis.call('EXISTS', stream_key) == 0) then
-  epoch, top = ARGV[2], 0
-  redis.call('DEL', stream_key)
-  redis.call('HSET', meta_key, 'e', epoch, 's', 0)
-  redis.call('PEXPIRE', meta_key, ttl_ms)
+# The epoch of a channel and its last offset live in its meta hash as one field: the name is
+# the epoch, the value offset + 1 (an epoch at offset 0 is worth 1). A publish names the
+# epoch its node expects and increments that field blind, so one command reads and advances
+# the offset; HINCRBY answering 1 means the field was not there (the node's guess is stale or
+# the meta is gone), and the field it made is taken back. A channel whose meta is gone, or
+# whose stream is gone while the meta says messages were published, lost its history: it
+# starts a new epoch at offset 0. That is how "Redis restarted empty" (or evicted a key)
+# turns into a new epoch, and only that. `meta_of` also reads the format before this one
+# (fields `e` and `s`) and rewrites it in place, keeping the key's TTL.
+_META = """
+local function meta_of(meta_key)
+  local fields = redis.call('HGETALL', meta_key)
+  if #fields == 2 then return fields[1], tonumber(fields[2]) - 1 end
+  local epoch, top = nil, 0
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then epoch = fields[i + 1]
+    elseif fields[i] == 's' then top = tonumber(fields[i + 1]) end
+  end
+  if epoch then
+    redis.call('HSET', meta_key, epoch, top + 1)
+    redis.call('HDEL', meta_key, 'e', 's')
+    return epoch, top
+  end
+  if #fields > 0 then redis.call('DEL', meta_key) end
+  return nil, 0
 end
 """
 
-# A publish carries a deadline on the Redis clock (ARGV[1]): when Redis runs it later than
-# that (it was frozen, or the command sat in a buffer), the node has already answered
-# `unavailable`, and PROTOCOL §5 says such a publish reaches nobody. So it is refused here.
-# KEYS: the channel's stream and meta (unused but for routing: on a Cluster they say which
-# shard runs the script). ARGV: deadline_ms, pub/sub topic, payload, PUBLISH or SPUBLISH.
-# Returns 1, or nil past the deadline.
-RELAY_LUA = (
-    _NOW
+_EPOCH = (
+    _META
     + """
-if now > tonumber(ARGV[1]) then return false end
-redis.call(ARGV[4], ARGV[2], ARGV[3])
-return 1
+local stream_key, meta_key, ttl_ms = KEYS[1], KEYS[2], ARGV[1]
+local epoch, top = meta_of(meta_key)
+if not epoch or (top > 0 and redis.call('EXISTS', stream_key) == 0) then
+  epoch, top = ARGV[2], 0
+  redis.call('DEL', stream_key, meta_key)
+  redis.call('HSET', meta_key, epoch, 1)
+  redis.call('PEXPIRE', meta_key, ttl_ms)
+end
 """
 )
 
-# KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, payload (a JSON object without offset
-# and epoch), stream size, pub/sub topic, deadline_ms, PUBLISH or SPUBLISH. The stream entry
-# ID is the offset, so ranges by offset are plain XRANGEs; `t` is when it was added, so
-# entries expire one by one like in MemoryBroker. PUBLISH happens here, in offset order, so
-# every node sees offsets ascend.
-PUBLISH_LUA = (
+# Publications go to Redis in batches: whatever a node queued while its previous round trip
+# was on its way goes as one script, run in queue order (`hub.redis_broker.Batcher`), so a crowd
+# of publishes costs one round trip, one EVALSHA and one TIME between them.
+#
+# Each carries a deadline on the Redis clock: when Redis runs it later than that (it was
+# frozen, or the command sat in a buffer), the node has already answered `unavailable`, and
+# PROTOCOL §5 says such a publish reaches nobody. So it is refused here.
+#
+# KEYS: the stream and meta of each publication's channel (for a relay, unused but for
+# routing: on a Cluster they say which shard runs the script; a batch there is one
+# channel's). ARGV[1]: PUBLISH or SPUBLISH; then per publication its kind and arguments:
+#   'r' (relay only), deadline_ms, pub/sub topic, payload; or
+#   'h' (with history; 'H': and set the keys' TTL now), deadline_ms, pub/sub topic, payload,
+#   expire_ms, stream size, expected epoch ('' = none), candidate epoch.
+# A relay is the PUBLISH alone. With history, the payload is a JSON object without offset
+# and epoch, to which the script adds them; the stream entry ID is the offset, so ranges by
+# offset are plain XRANGEs; `t` is when it was added, so entries expire one by one like in
+# MemoryBroker. PUBLISH happens here, in offset order, so every node sees offsets ascend.
+# On the common path that is HINCRBY, XADD (NOMKSTREAM: a stream that is gone is noticed
+# by it, not by an EXISTS) and PUBLISH. The keys' TTL is set to `expire_ms` when the node
+# asks (once a minute per channel at most: `hub.redis_broker.ExpiryClock`) and at
+# every epoch's first message.
+# Returns one entry per publication: {offset, epoch}, 1 for a relay, false past its
+# deadline, or {'err', message} when Redis refused one of its commands (the others ran).
+PUBLISH_BATCH_LUA = (
     _NOW
+    + _META
     + """
-if now > tonumber(ARGV[6]) then return false end
-"""
-    + _EPOCH
-    + """
-local offset = redis.call('HINCRBY', meta_key, 's', 1)
-local payload = string.sub(ARGV[3], 1, -2) .. ',"offset":' .. string.format('%d', offset)
-  .. ',"epoch":"' .. epoch .. '"}'
-redis.call('XADD', stream_key, 'MAXLEN', ARGV[4], string.format('%d', offset),
-  'd', payload, 't', string.format('%d', now))
-redis.call('PEXPIRE', stream_key, ttl_ms)
-redis.call('PEXPIRE', meta_key, ttl_ms)
-redis.call(ARGV[7], ARGV[5], payload)
-return {offset, epoch}
+local command = ARGV[1]
+local stamp = string.format('%d', now)
+
+local function publish(stream_key, meta_key, a)
+  local topic, payload, expire_ms, size = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local guess, refresh = ARGV[a + 6], ARGV[a] == 'H'
+  local epoch, offset = nil, 0
+  if guess ~= '' then
+    offset = redis.call('HINCRBY', meta_key, guess, 1) - 1
+    if offset > 0 then epoch = guess else redis.call('HDEL', meta_key, guess) end
+  end
+  if not epoch then
+    epoch = meta_of(meta_key)
+    if epoch then offset = redis.call('HINCRBY', meta_key, epoch, 1) - 1 end
+  end
+  local entry = nil
+  if epoch then
+    entry = string.sub(payload, 1, -2) .. ',"offset":' .. string.format('%d', offset)
+      .. ',"epoch":"' .. epoch .. '"}'
+    local id = string.format('%d', offset)
+    if offset == 1 then
+      refresh = true
+      redis.call('XADD', stream_key, 'MAXLEN', size, id, 'd', entry, 't', stamp)
+    elseif not redis.call('XADD', stream_key, 'NOMKSTREAM', 'MAXLEN', size, id,
+        'd', entry, 't', stamp) then
+      entry = nil  -- the stream is gone while the meta says messages were published
+    end
+  end
+  if not entry then
+    epoch, offset, refresh = ARGV[a + 7], 1, true
+    redis.call('DEL', stream_key, meta_key)
+    redis.call('HSET', meta_key, epoch, 2)
+    entry = string.sub(payload, 1, -2) .. ',"offset":1,"epoch":"' .. epoch .. '"}'
+    redis.call('XADD', stream_key, 'MAXLEN', size, '1', 'd', entry, 't', stamp)
+  end
+  if refresh then
+    redis.call('PEXPIRE', stream_key, expire_ms)
+    redis.call('PEXPIRE', meta_key, expire_ms)
+  end
+  redis.call(command, topic, entry)
+  return {offset, epoch}
+end
+
+local function item(i, a)
+  if now > tonumber(ARGV[a + 1]) then return false end
+  if ARGV[a] == 'r' then
+    redis.call(command, ARGV[a + 2], ARGV[a + 3])
+    return 1
+  end
+  return publish(KEYS[2 * i - 1], KEYS[2 * i], a)
+end
+
+local results = {}
+local a = 2
+for i = 1, #KEYS / 2 do
+  local ok, result = pcall(item, i, a)
+  a = a + (ARGV[a] == 'r' and 4 or 8)
+  if ok then
+    results[i] = result
+  else
+    local text = type(result) == 'table' and result.err or tostring(result)
+    results[i] = {'err', text}
+  end
+end
+return results
 """
 )
 
@@ -191,15 +274,18 @@ return #ARGV
 # KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, stale epoch. The node found the channel's
 # offset below one it had delivered in `stale` (a failover lost writes): unless another node
 # did it already, the channel starts a new epoch at offset 0. Returns {epoch, offset}.
-RESTART_EPOCH_LUA = """
+RESTART_EPOCH_LUA = (
+    _META
+    + """
 local stream_key, meta_key = KEYS[1], KEYS[2]
-local meta = redis.call('HMGET', meta_key, 'e', 's')
-if meta[1] and meta[1] ~= ARGV[3] then return {meta[1], tonumber(meta[2] or '0')} end
-redis.call('DEL', stream_key)
-redis.call('HSET', meta_key, 'e', ARGV[2], 's', 0)
+local epoch, top = meta_of(meta_key)
+if epoch and epoch ~= ARGV[3] then return {epoch, top} end
+redis.call('DEL', stream_key, meta_key)
+redis.call('HSET', meta_key, ARGV[2], 1)
 redis.call('PEXPIRE', meta_key, ARGV[1])
 return {ARGV[2], 0}
 """
+)
 
 
 def epoch_candidate() -> str:

@@ -263,6 +263,54 @@ async def test_broadcast_to_no_channels(api: httpx.AsyncClient) -> None:
     assert response.status_code == 200 and response.json() == {"results": []}
 
 
+async def test_batch_runs_publish_broadcast_and_send_each_on_its_own_in_order(
+    node: RunningNode, api: httpx.AsyncClient
+) -> None:
+    async with connect(node.ws_url, token("alice")) as alice:
+        await alice.subscribe("room")
+        await alice.subscribe("feed:a")
+        commands: list[dict[str, Any]] = [
+            {"publish": {"channel": "feed:a", "data": 1}},
+            {"publish": {"channel": "room", "data": 1, "event": "e"}},
+            {"publish": {"channel": "feed:a", "data": 2}},
+            {"broadcast": {"channels": ["room", "bad name", "feed:a"], "data": 3}},
+            {"send": {"user": "alice", "data": 4}},
+            {},
+            {"publish": {"channel": "room", "data": 9}, "send": {"user": "x", "data": 9}},
+            {"publish": {"channel": "no good", "data": 9}},
+            {"send": {"user": "", "data": 9}},
+            {"publish": {"channel": "feed:a", "data": 5}},
+        ]
+        response = await api.post("/api/batch", json={"commands": commands})
+        assert response.status_code == 200, response.text
+        replies = response.json()["replies"]
+        epoch = replies[0]["publish"]["epoch"]
+        assert replies[:3] == [{"publish": {"offset": 1, "epoch": epoch}}, {"publish": {}},
+                               {"publish": {"offset": 2, "epoch": epoch}}]
+        room, bad, feed = replies[3]["broadcast"]["results"]
+        assert room == {"channel": "room"} and bad["error"]["code"] == "invalid_channel"
+        assert feed == {"channel": "feed:a", "offset": 3, "epoch": epoch}
+        assert replies[4] == {"send": {}}
+        assert [reply["error"]["code"] for reply in replies[5:9]] == [
+            "bad_request", "bad_request", "invalid_channel", "bad_request"]
+        assert replies[9] == {"publish": {"offset": 4, "epoch": epoch}}
+        frames = [await alice.expect("message") for _ in range(7)]
+    feed_frames = [(f["offset"], f["data"]) for f in frames if f["channel"] == "feed:a"]
+    assert feed_frames == [(1, 1), (2, 2), (3, 3), (4, 5)]
+    assert [f["data"] for f in frames if f["channel"] == "room"] == [1, 3]
+    assert [f["data"] for f in frames if f["channel"] == "@alice"] == [4]
+
+
+async def test_batch_bad_bodies_are_400(api: httpx.AsyncClient) -> None:
+    for body in (b"[]", b'{"commands": 1}', b'{"commands": [{"publish": {"data": 1}}]}',
+                 b'{"commands": [1]}'):
+        assert_error(await api.post("/api/batch", content=body), 400, "bad_request")
+    many = {"commands": [{"send": {"user": "u", "data": 1}}] * 10_001}
+    assert_error(await api.post("/api/batch", json=many), 400, "bad_request")
+    response = await api.post("/api/batch", json={"commands": []})
+    assert response.status_code == 200 and response.json() == {"replies": []}
+
+
 async def test_send_reaches_every_connection_of_the_user(
     node: RunningNode, api: httpx.AsyncClient
 ) -> None:
@@ -596,3 +644,74 @@ _ALLOWED_LABEL_VALUES = {
     # hub_emulation_requests_total (PROTOCOL §15)
     *EMULATION_OUTCOMES,
 }
+
+
+# one write per response
+
+
+class Recording:
+    """What a transport is asked to write, write by write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_one_write_joins_a_head_with_its_body_and_passes_the_rest() -> None:
+    from hub.deadline import OneWrite
+
+    raw = Recording()
+    transport = OneWrite(raw)
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+    transport.write(head)
+    assert raw.writes == []
+    transport.write(b"{}")
+    assert raw.writes == [head + b"{}"]
+    continue_ = b"HTTP/1.1 100 Continue\r\n\r\n"
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    transport.write(continue_)
+    transport.write(chunked)
+    assert raw.writes[1:] == [continue_, chunked]
+    transport.write(head)  # a response cut short: its head still goes before the close
+    transport.close()
+    assert raw.writes[3:] == [head] and raw.closed and transport.is_closing()
+
+
+async def test_responses_keep_working_over_one_connection(node: RunningNode) -> None:
+    """Keep-alive, HEAD (no body at all), `Expect: 100-continue`, an error: each answered
+    whole, in order, on one connection."""
+    host, port = node.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"channel":"room","data":1}'
+    key = f"x-api-key: {API_KEY}\r\n".encode()
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+                 b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+                 b"POST /api/publish HTTP/1.1\r\nhost: x\r\n" + key +
+                 b"expect: 100-continue\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n" % len(body))
+    await writer.drain()
+    async with asyncio.timeout(WAIT):
+        for _ in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(re.search(rb"content-length: (\d+)", head)[1])  # type: ignore[index]
+            if _ == 0:
+                assert await reader.readexactly(length) == b'{"status":"ok"}'
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body + b"POST /api/publish HTTP/1.1\r\nhost: x\r\n" + key +
+                     b"content-length: 1\r\n\r\n{")
+        for status, expected in ((b"200", b"{}"), (b"400", b'{"error"')):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 " + status)
+            length = int(re.search(rb"content-length: (\d+)", head)[1])  # type: ignore[index]
+            assert (await reader.readexactly(length)).startswith(expected)
+    writer.close()

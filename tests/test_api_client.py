@@ -8,13 +8,18 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hub.api import (
+    BatchItemReply,
     BroadcastItem,
     HubApiError,
     HubClient,
     PresenceClient,
     PublishReply,
     StatsReply,
+    broadcast_command,
+    publish_command,
+    send_command,
 )
+from hub.api_types import Empty
 from tests.support import API_KEY, RunningNode, connect, make_settings, running_node, token
 
 
@@ -44,6 +49,28 @@ async def test_broadcast_items(hub: HubClient) -> None:
     assert bad.channel == "bad name" and bad.error is not None
     assert bad.error.code == "invalid_channel" and bad.error.message
     assert history.offset == 1 and history.epoch and history.error is None
+
+
+async def test_batch_of_publish_broadcast_and_send(node: RunningNode, hub: HubClient) -> None:
+    async with connect(node.ws_url, token("bob")) as bob:
+        await bob.subscribe("feed:x")
+        reply = await hub.batch([
+            publish_command("feed:x", {"n": 1}, event="e"),
+            broadcast_command(["feed:x", "bad name"], {"n": 2}),
+            send_command("bob", "hi"),
+            publish_command("no good", 1),
+        ])
+        first, both, sent, refused = reply.replies
+        assert first.publish is not None and first.publish.offset == 1
+        assert both.broadcast is not None
+        assert [item.offset for item in both.broadcast.results] == [2, None]
+        assert sent == BatchItemReply(send=Empty())
+        assert refused.error is not None and refused.error.code == "invalid_channel"
+        frames = [await bob.expect("message") for _ in range(3)]
+    # each channel in order; different channels have no order between them (PROTOCOL §5)
+    assert sorted((f["channel"], f.get("offset", 0)) for f in frames) == [
+        ("@bob", 0), ("feed:x", 1), ("feed:x", 2)]
+    assert [f["data"] for f in frames if f["channel"] == "feed:x"] == [{"n": 1}, {"n": 2}]
 
 
 async def test_send_and_disconnect(node: RunningNode, hub: HubClient) -> None:

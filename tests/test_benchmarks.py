@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import struct
+import time
 from pathlib import Path
 from typing import cast
 
@@ -30,7 +31,7 @@ from benchmarks.layout import (
     node_of,
     subscribers_per_channel,
 )
-from benchmarks.publisher import Publishing
+from benchmarks.publisher import Claim, Publishing
 from benchmarks.redis_cluster import SLOTS, cluster_ready, cluster_url, slot_ranges
 from benchmarks.redis_shards import Shard, cluster_masters
 from benchmarks.redis_stats import (
@@ -202,6 +203,17 @@ def test_each_channel_has_subscribers_on_every_node() -> None:
     assert subscribers_per_channel(10_000, nodes, channels) == [10] * channels
 
 
+async def test_personal_channels_one_subscriber_each_and_sends_to_users() -> None:
+    assert [channel_of(i, 2, 10, personal=True) for i in range(4)] == [0, 1, 2, 3]
+    assert subscribers_per_channel(10, 2, 10, personal=True) == [1] * 10
+    assert channel_name(7, 10, personal=True) == "@bench-7"
+    job = Publishing(messages=4, batch=1, rate=0, payload=60, deadline=time.time() + 60,
+                     api_key="k", channels=10, personal=True)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    path, body = job.request(Claim(3, 3, 1, 0, [], done))
+    assert path == "/api/send" and body.startswith(b'{"user":"bench-3","data":{"seq":0,')
+
+
 def test_messages_round_robin_over_channels() -> None:
     assert [messages_on(c, 10, 4) for c in range(4)] == [3, 3, 2, 2]
     assert messages_on(5, 3, 10) == 0
@@ -271,6 +283,9 @@ async def test_ordered_claims_wait_for_the_previous_message_of_their_channels() 
     (["--peer", "socketio", "--nodes", "2", "--redis-cluster", "3"], "one Redis server"),
     (["--peer", "socketio", "--redis-url", "redis+cluster://h:1"], "one Redis server"),
     (["--peer", "socketio", "--channels", "2", "--batch", "2"], "no broadcast"),
+    (["--personal"], None),
+    (["--personal", "--protocol", "centrifugo"], "no --batch, --protocol"),
+    (["--personal", "--channels", "10", "--batch", "2"], "no --batch, --protocol"),
 ])
 def test_options(argv: list[str], problem: str | None) -> None:
     found = check_args(build_parser().parse_args(argv))

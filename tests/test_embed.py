@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from hub.api import publish_command
 from hub.embed import EmbeddedHub
 from hub.errors import HubError
 from hub.presence import NodeStats
@@ -118,6 +119,13 @@ async def test_mounted_hub_serves_websocket_and_http_under_the_prefix() -> None:
             assert (await next_message(alice, "@alice"))["data"] == [1, 2]
             history = await realtime.history("feed:news", since=(1, reply.epoch or ""))
             assert [m.data for m in history.messages] == [2]
+            # many at once, in-process, as /api/batch runs them
+            batch = await realtime.batch([publish_command("feed:news", 3),
+                                          publish_command("no good", 1)])
+            done, bad = batch.replies
+            assert done.publish is not None and done.publish.offset == 3
+            assert bad.error is not None and bad.error.code == "invalid_channel"
+            assert (await next_message(alice, "feed:news"))["data"] == 3
             presence = await realtime.presence("chat:room")
             assert [(c.user, c.node) for c in presence.clients] == [("alice", "embedded")]
 

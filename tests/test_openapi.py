@@ -33,7 +33,7 @@ from tests.support import API_KEY, WAIT, RunningNode, make_settings, running_nod
 
 API_CALLS = {
     ("post", "/api/publish"), ("post", "/api/broadcast"), ("post", "/api/send"),
-    ("post", "/api/disconnect"), ("get", "/api/presence/{channel}"),
+    ("post", "/api/batch"), ("post", "/api/disconnect"), ("get", "/api/presence/{channel}"),
     ("get", "/api/history/{channel}"), ("get", "/api/channels"), ("get", "/api/stats"),
     ("get", "/api/connections"), ("delete", "/api/history/{channel}"),
     ("get", "/api/namespaces"),

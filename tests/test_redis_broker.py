@@ -276,12 +276,12 @@ async def test_a_failing_node_callback_or_a_foreign_payload_does_not_stop_the_re
 async def test_a_lost_stream_starts_a_new_epoch(
     redis_broker: RedisBroker, fake_server: fakeredis.FakeServer
 ) -> None:
-    history = HistoryOptions(size=10, ttl=60)
+    history = HistoryOptions(size=10, ttl=30)
     old = await redis_broker.publish("room", message("room", 1), history)
     await redis_broker.publish("room", message("room", 2), history)
     raw = fakeredis.FakeAsyncRedis(server=fake_server)
-    assert 59_000 < await raw.pttl("hub:s:{room}") <= 60_000
-    assert 59_000 < await raw.pttl("hub:m:{room}") <= 60_000
+    assert 29_000 < await raw.pttl("hub:s:{room}") <= 30_000  # short TTLs: set exactly
+    assert 29_000 < await raw.pttl("hub:m:{room}") <= 30_000
     await raw.delete("hub:s:{room}")  # evicted, say: the meta alone must not keep the epoch
 
     new = await redis_broker.publish("room", message("room", 3), history)
@@ -307,3 +307,22 @@ async def test_down_or_not_started_fails_fast(fake_server: fakeredis.FakeServer)
     await broker.unsubscribe("room")
     assert time.monotonic() - started < 0.5
     await broker.close()
+
+
+def test_expiry_clock_sets_a_long_ttl_now_and_then_and_a_short_one_always() -> None:
+    from hub.redis_broker import ExpiryClock
+
+    clock = ExpiryClock(every=60, grace=4, min_ttl=60)
+    # never seen: no epoch to expect, the TTL is set, to the TTL + a tenth of it + grace
+    assert clock.plan("a", 600, 100.0) == ("", (600 + 60 + 4) * 1000, True, 100.0)
+    clock.saw("a", "e1", 100.0)
+    assert clock.plan("a", 600, 159.0) == ("e1", 664_000, False, 100.0)
+    assert clock.plan("a", 600, 160.0) == ("e1", 664_000, True, 160.0)
+    assert clock.plan("a", 100, 106.0) == ("e1", 114_000, False, 100.0)  # every 10 s
+    assert clock.plan("a", 100, 110.0) == ("e1", 114_000, True, 110.0)
+    clock.saw("b", "e2", 100.0)
+    assert clock.plan("b", 30, 100.5) == ("e2", 30_000, True, 100.5)  # short: exact, always
+    clock.learn("c", "e3")  # an epoch from a history read: expected, TTL still set
+    assert clock.plan("c", 600, 100.0) == ("e3", 664_000, True, 100.0)
+    clock.forget("a")
+    assert clock.plan("a", 600, 101.0)[:3] == ("", 664_000, True)

@@ -3,6 +3,7 @@ frozen, restarted with or without its data), authentication, and the cost of a p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -66,8 +67,8 @@ async def test_one_publish_reaches_each_subscribed_node_once(redis_url: str) -> 
 async def test_a_publish_costs_one_round_trip(redis_url: str) -> None:
     stats = redis.Redis.from_url(redis_url)
     async with node(redis_url) as (broker, _):
-        await broker.publish("warm", message("warm", 0), HISTORY)  # loads the script
-        await broker.publish("warm", message("warm", 0))  # and the other one
+        # loads the script; the channel's first message reads its epoch and sets the TTL
+        await broker.publish("room", message("room", 0), HISTORY)
         stats.config_resetstat()
         for n in range(100):
             await broker.publish("room", message("room", n), HISTORY)
@@ -78,11 +79,81 @@ async def test_a_publish_costs_one_round_trip(redis_url: str) -> None:
         plain = stats.info("commandstats")
     stats.close()
 
-    assert with_history["cmdstat_evalsha"]["calls"] == 100
-    assert with_history["cmdstat_publish"]["calls"] == 100
-    assert "cmdstat_eval" not in with_history
+    # The offset from the epoch the node expects (HINCRBY), the stream (XADD) and the
+    # PUBLISH; the keys' TTL was set by the first publish, and is again now and then.
+    assert _calls(with_history) == {
+        "cmdstat_evalsha": 100, "cmdstat_time": 100, "cmdstat_hincrby": 100,
+        "cmdstat_xadd": 100, "cmdstat_publish": 100,
+    }
     # Without history: one EVALSHA around PUBLISH (its deadline check needs the Redis clock).
     assert _calls(plain) == {"cmdstat_evalsha": 100, "cmdstat_publish": 100, "cmdstat_time": 100}
+
+
+async def test_concurrent_publishes_share_round_trips_and_keep_offsets(redis_url: str) -> None:
+    """What a node publishes while its round trips are on their way goes as one script: a
+    crowd of publishes costs one EVALSHA and one TIME between them. Publishes made at once
+    have no order between them; each channel's offsets are still 1, 2, 3, ... in the order
+    every node hears them."""
+    stats = redis.Redis.from_url(redis_url)
+    channels = [f"c{n}" for n in range(50)]
+    async with node(redis_url) as (broker, seen):
+        await subscribe(broker, seen, *channels)
+        for channel in channels:  # each channel's first message sets its keys' TTL
+            await broker.publish(channel, message(channel, 0), HISTORY)
+        stats.config_resetstat()
+        positions = await asyncio.gather(*(
+            broker.publish(channel, message(channel, n), HISTORY)
+            for n in range(1, 5) for channel in channels
+        ), broker.publish("plain", message("plain", 9)))
+        calls = _calls(stats.info("commandstats"))
+        await seen.wait_for(lambda: all(len(seen.data_on(c)) == 5 for c in channels))
+    stats.close()
+
+    for k in range(len(channels)):
+        assert sorted(p.offset for p in positions[k:-1:len(channels)] if p) == [2, 3, 4, 5]
+    for channel in channels:
+        offsets = [m.offset for c, m in seen.relayed if c == channel and isinstance(m, Message)]
+        assert offsets == [1, 2, 3, 4, 5]
+    assert calls["cmdstat_evalsha"] < 20 and calls["cmdstat_time"] == calls["cmdstat_evalsha"]
+    assert calls["cmdstat_publish"] == 201 and "cmdstat_hgetall" not in calls
+    assert sum(calls.values()) / 201 < 3.2
+
+
+async def test_a_stale_expected_epoch_is_taken_back(redis_url: str) -> None:
+    """A node that expects an epoch the channel no longer has (another node started a new
+    one) reads the real one; a node that expected the old one after the keys expired
+    starts a new one: the old epoch is never used again."""
+    raw = redis.Redis.from_url(redis_url)
+    async with node(redis_url) as (a, _), node(redis_url) as (b, _):
+        first = await a.publish("room", message("room", 1), HISTORY)
+        assert first is not None
+        raw.delete("hub:s:{room}", "hub:m:{room}")  # expired, say
+        second = await b.publish("room", message("room", 2), HISTORY)
+        third = await a.publish("room", message("room", 3), HISTORY)
+        assert second is not None and third is not None
+        assert (second.offset, third.offset) == (1, 2)
+        assert second.epoch == third.epoch != first.epoch
+        assert raw.hgetall("hub:m:{room}") == {second.epoch.encode(): b"3"}
+        page = await a.history("room", HISTORY)
+        assert [m.offset for m in page.messages] == [1, 2]
+        assert page.position == third
+        raw.delete("hub:m:{room}")  # the meta alone lost: nobody may reuse the epoch
+        fourth = await a.publish("room", message("room", 4), HISTORY)
+        assert fourth is not None and fourth.offset == 1 and fourth.epoch != third.epoch
+    raw.close()
+
+
+async def test_meta_of_the_format_before_is_read_and_rewritten(redis_url: str) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    raw.hset("hub:m:{old}", mapping={"e": "abcd0123", "s": 7})
+    raw.pexpire("hub:m:{old}", 300_000)
+    raw.xadd("hub:s:{old}", {"d": "{}", "t": "0"}, id="7")
+    async with node(redis_url) as (broker, _):
+        position = await broker.publish("old", message("old", 8), HISTORY)
+    assert position == StreamPosition(8, "abcd0123")
+    assert raw.hgetall("hub:m:{old}") == {b"abcd0123": b"9"}
+    assert raw.pttl("hub:m:{old}") > 290_000
+    raw.close()
 
 
 def _calls(commandstats: Mapping[str, Any]) -> dict[str, int]:
@@ -249,3 +320,29 @@ async def test_hubs_on_different_dbs_of_one_server_do_not_hear_each_other(
         await a.publish("room", message("room", 3))
         await seen_a.wait_for(lambda: seen_a.data_on("room") == [b"1", b"3"])
     assert seen_b.data_on("room") == [b"2"]
+
+
+async def test_a_caller_that_gives_up_in_a_crowd_fails_nobody_else(redis_url: str) -> None:
+    """Publications queued behind a round trip go as one batch sent by the first of them:
+    callers cancelled while they wait are not sent, and one cancelled while its batch is on
+    its way leaves the others' answers (and the next batches) alone."""
+    async with node(redis_url) as (broker, seen):
+        await subscribe(broker, seen, "crowd")
+        await broker.publish("crowd", message("crowd", 0), HISTORY)
+        tasks = [asyncio.create_task(broker.publish("crowd", message("crowd", n), HISTORY))
+                 for n in range(1, 31)]
+        await asyncio.sleep(0)  # all submitted: the first on its way, the rest queued
+        for n in (2, 3):  # queued: not sent
+            tasks[n - 1].cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        sent = [n for n, r in zip(range(1, 31), results, strict=True)
+                if isinstance(r, StreamPosition)]
+        cancelled = [n for n, r in zip(range(1, 31), results, strict=True)
+                     if isinstance(r, asyncio.CancelledError)]
+        assert cancelled == [2, 3] and len(sent) == 28
+        after = await broker.publish("crowd", message("crowd", 99), HISTORY)
+        assert after is not None and after.offset == 30
+        await seen.wait_for(lambda: len(seen.data_on("crowd")) == 30)
+    assert sorted(int(d) for d in seen.data_on("crowd")) == [0, *sent, 99]

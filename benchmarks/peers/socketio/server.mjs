@@ -5,7 +5,8 @@
 // `421["subscribe","<channel>"]` is answered `431[]` once joined, so a client knows it will
 // get what is published from then on); `POST /api/publish {"channel", "data"}` emits
 // `message` with `data` to the room, on every node through the adapter (Redis pub/sub), and
-// answers `{}` with a Content-Length (a keep-alive client then needs no chunked parsing).
+// answers `{}` with a Content-Length (a keep-alive client then needs no chunked parsing);
+// `POST /api/send {"user", "data"}` does the same to the room `@<user>`.
 // Prints `listening PORT` once it serves.
 import http from "node:http";
 import { Server } from "socket.io";
@@ -22,6 +23,18 @@ const server = http.createServer((request, response) => {
     request.on("end", () => {
       const { channel, data } = JSON.parse(Buffer.concat(chunks).toString());
       io.to(channel).emit("message", data);
+      response.writeHead(200, { "content-type": "application/json", "content-length": 2 });
+      response.end("{}");
+    });
+    return;
+  }
+  if (request.method === "POST" && request.url === "/api/send") {
+    // a user's personal room, `@<user>` (the benchmark's --personal: a client joins its own)
+    const chunks = [];
+    request.on("data", (chunk) => chunks.push(chunk));
+    request.on("end", () => {
+      const { user, data } = JSON.parse(Buffer.concat(chunks).toString());
+      io.to(`@${user}`).emit("message", data);
       response.writeHead(200, { "content-type": "application/json", "content-length": 2 });
       response.end("{}");
     });
