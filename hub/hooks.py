@@ -451,11 +451,16 @@ class HookRunner:
             for name, value in scope.get("headers", ())
             if name.decode("latin-1") in wanted
         ] if wanted else []
-        # A copy: the node lets go of the upgrade's headers once the connection is in.
         wire = WEBSOCKET_PROTOBUF if binary else WEBSOCKET_JSON
         if transport != wire["transport"]:
             wire = {**wire, "transport": transport}
-        return Context(headers, dict(scope) if self.needs_scope else None, wire)
+        kept = None
+        if self.needs_scope:
+            # A copy, its headers too: the node lets go of the request's once the connection
+            # is in (a stream's response clears their list in place).
+            kept = dict(scope)
+            kept["headers"] = list(scope.get("headers", ()))
+        return Context(headers, kept, wire)
 
     async def aclose(self) -> None:
         self._failures.close()

@@ -18,7 +18,7 @@ from tests.needs import need
 from tests.support import WAIT, publish
 from tests.test_centrifugo_js import CHROMIUM, HAVE_CHROMIUM, HAVE_SDK
 from tests.test_hooks import Backend, backend_process, closed_with, hooked_node
-from tests.test_streams import uni_stream
+from tests.test_streams import Events, uni_stream
 
 EVIL = "http://evil.example"
 
@@ -82,6 +82,10 @@ async def test_each_stream_transport_refuses_a_hook_error_in_its_own_terms(
                                  content=json.dumps({"id": 1, "connect": {}}))
         assert [json.loads(line) for line in answer.text.splitlines()] == [
             {"id": 1, "error": {"code": 101, "message": "log in first"}}]
+        kicked = await http.post("/connection/http_stream", content=json.dumps(
+            {"id": 1, "connect": {"data": {"refuse": "disconnect"}}}))
+        assert json.loads(kicked.text) == {"push": {"disconnect": {
+            "code": 4501, "reason": "go away"}}}  # reconnect: false, omitted
         # the one-way WebSocket: closed as a client that did not act on the error
         socket = await websockets.connect(running.ws_url.removesuffix("/ws")
                                           + "/connection/uni_websocket", open_timeout=WAIT)
@@ -178,3 +182,29 @@ async def test_centrifuge_js_over_http_stream_connects_by_cookie_with_no_token(
             assert hooked["body"]["transport"] == "http_stream"
         finally:
             await browser.close()
+
+
+async def test_an_embedded_hubs_callables_connect_an_emulated_session_by_the_hosts_session(
+) -> None:
+    from tests.test_hooks_sdk import embedded_site
+
+    async with embedded_site() as host, \
+            httpx.AsyncClient(timeout=httpx.Timeout(WAIT, read=None)) as http:
+        login = await http.get(f"http://{host}/login", params={"user": "jun"})
+        cookie = f"session={login.cookies['session']}"
+        base = f"http://{host}/realtime"
+        request = http.build_request("POST", base + "/connection/http_stream",
+                                     content=json.dumps({"id": 1, "connect": {}}),
+                                     headers={"Cookie": cookie})
+        response = await http.send(request, stream=True)
+        try:
+            events = Events(response, sse=False)
+            reply = (await events.next())["connect"]
+            assert reply["data"] == {"path": "/realtime/connection/http_stream"}
+            posted = await http.post(base + "/emulation", json={
+                "session": reply["session"], "node": reply["node"],
+                "data": json.dumps({"id": 2, "rpc": {"method": "who", "data": {}}})})
+            assert posted.status_code == 204
+            assert (await events.next())["rpc"]["data"] == {"user": "jun", "cookie_user": "jun"}
+        finally:
+            await response.aclose()
