@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -33,7 +34,7 @@ from hub.auth import Identity
 from hub.centrifugo_codecs import centrifugo_personal
 from hub.centrifugo_endpoint import CentrifugoEndpoint, _ConnectError, _Expired, _Refused
 from hub.centrifugo_session import CentrifugoSession
-from hub.channels import personal_channel
+from hub.channels import is_personal, is_valid, personal_channel
 from hub.commands import ClientCommands
 from hub.connection import Gone, close_socket, new_client_id, origin_allowed
 from hub.connections import Origin
@@ -115,15 +116,24 @@ class UniSession(CentrifugoSession):
         return False
 
     async def start(self, channels: dict[str, p.Since | None], ping_interval: float,
-                    data: msgspec.Raw | None = None) -> None:
+                    data: msgspec.Raw | None = None, hooked: Collection[str] = ()) -> None:
         """Subscribe the server-side channels, then write the connect push (with the
-        connect hook's `data`, if any) and what was held behind it."""
+        connect hook's `data`, if any) and what was held behind it. `hooked`: the connect
+        hook's channels, subscribed as the server API subscribes (no permission check, as
+        on /connection/websocket); the token's go through the namespace's rules."""
         commands = self.commands
         for channel, since in channels.items():
             if self.close_code is not None:
                 return
+            started = self._started(channel, since)
             try:
-                await commands.subscribe(self, channel, since, self._started(channel, since))
+                if channel not in hooked:
+                    await commands.subscribe(self, channel, since, started)
+                elif is_valid(channel) and not is_personal(channel):
+                    await commands.server_subscribe(self, channel, since, started)
+                else:
+                    log.warning("connect hook: skipped channel %r (not a client channel)",
+                                channel)
             except BrokerUnavailable:
                 # Its channels cannot be joined now: come back (to another node, maybe).
                 self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
@@ -252,7 +262,8 @@ class UniBase(CentrifugoEndpoint):
             data = None
             if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
                 data = result_payload(hooked.data, hooked.b64data)
-            await session.start(starts, node.settings.ping_interval, data)
+            await session.start(starts, node.settings.ping_interval, data,
+                                hooked.channels if hooked is not None else ())
             code = await session.run(receive)
         finally:
             self.uni_sessions.discard(session)

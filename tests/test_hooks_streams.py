@@ -34,7 +34,8 @@ async def test_a_uni_sse_stream_connects_by_cookie_and_gets_the_hooks_channels(
 ) -> None:
     cookie = backend.login("uma")
     async with hooked_node(backend, allowed_origins="http://127.0.0.1:*") as running:
-        connect = {"data": {"channels": ["news:uni"]}}
+        # "feed" (the default namespace: subscribe by token only) is the hook's to give
+        connect = {"data": {"channels": ["news:uni", "feed"]}}
         headers = {"Cookie": cookie, "Origin": backend.url}
         async with uni_stream(running.url, connect, headers=headers) as events:
             # CORS with credentials: the allowed origin (a glob's match) is echoed
@@ -42,7 +43,7 @@ async def test_a_uni_sse_stream_connects_by_cookie_and_gets_the_hooks_channels(
             assert events.response.headers["access-control-allow-credentials"] == "true"
             first = (await events.next())["connect"]
             assert first["data"] == {"hello": "uma", "client": first["client"]}
-            assert "news:uni" in first["subs"] and "expires" not in first
+            assert {"news:uni", "feed"} <= first["subs"].keys() and "expires" not in first
             hooked = backend.stats()["last"]["connect"]
             assert hooked["cookie"] == cookie
             assert hooked["body"]["transport"] == "uni_sse"
@@ -50,6 +51,9 @@ async def test_a_uni_sse_stream_connects_by_cookie_and_gets_the_hooks_channels(
             await publish(running, "news:uni", {"n": 1})
             push = await events.next()
             assert (push["channel"], push["pub"]["data"]) == ("news:uni", {"n": 1})
+            await publish(running, "feed", {"n": 2})
+            push = await events.next()
+            assert (push["channel"], push["pub"]["data"]) == ("feed", {"n": 2})
 
 
 async def test_a_hooked_stream_is_refreshed_at_its_expire_at(backend: Backend) -> None:
