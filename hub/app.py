@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,6 +32,7 @@ from hub.events import EventsCallable, attach, create_events
 from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
+from hub.origins import OriginCORS
 from hub.presence import MemoryPresence, Presence
 from hub.settings import Settings
 from hub.uni import (
@@ -108,40 +108,24 @@ class HubApp(Starlette):
 WebSocketApp = WebSocketEndpoint | CentrifugoEndpoint | UniWebSocketEndpoint
 
 
-def allowed_origins(settings: Settings) -> tuple[str, ...] | None:
-    """HUB_ALLOWED_ORIGINS, where this build has it (PROTOCOL §11)."""
-    origins = getattr(settings, "allowed_origins", None)
-    if isinstance(origins, str):  # the variable's comma-separated form
-        origins = [origin.strip() for origin in origins.split(",") if origin.strip()]
-    return tuple(origins) if origins else None
-
-
 def stream_routes(node: Node, write_path: WritePath) -> dict[str, ASGIApp]:
     """Centrifugo's HTTP-stream transports (PROTOCOL §15), each behind CORS: the origins
-    of HUB_ALLOWED_ORIGINS with credentials, or any origin without."""
-    origins = allowed_origins(node.settings)
+    of HUB_ALLOWED_ORIGINS (`hub.origins`, the endpoints' own rule) with credentials, or
+    any origin without."""
+    origins = node.hooks.config.allowed_origins
     commands = ClientCommands(node)
     apps: dict[str, Any] = {
-        UNI_SSE_PATH: UniStreamEndpoint(node, commands, write_path, origins, UniSseSession),
-        UNI_HTTP_STREAM_PATH: UniStreamEndpoint(node, commands, write_path, origins,
+        UNI_SSE_PATH: UniStreamEndpoint(node, commands, write_path, UniSseSession),
+        UNI_HTTP_STREAM_PATH: UniStreamEndpoint(node, commands, write_path,
                                                 UniHttpStreamSession),
     }
     if node.settings.emulation:
         router = EmulationRouter(node)
         for path, session_class in ((SSE_PATH, SseSession),
                                     (HTTP_STREAM_PATH, HttpStreamSession)):
-            apps[path] = EmulationEndpoint(node, commands, write_path, router, session_class,
-                                           origins)
-        apps[EMULATION_PATH] = EmulationPost(router, origins)
-    return {path: _cors(app, origins) for path, app in apps.items()}
-
-
-def _cors(app: Any, origins: tuple[str, ...] | None) -> ASGIApp:
-    return CORSMiddleware(
-        cast(ASGIApp, app), allow_origins=list(origins or ("*",)),
-        allow_credentials=origins is not None,
-        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=300,
-    )
+            apps[path] = EmulationEndpoint(node, commands, write_path, router, session_class)
+        apps[EMULATION_PATH] = EmulationPost(router)
+    return {path: OriginCORS(app, origins) for path, app in apps.items()}
 
 
 def create_app(
@@ -174,8 +158,7 @@ def create_app(
     streams: dict[str, ASGIApp] = {}
     if settings.centrifugo:
         streams = stream_routes(node, write_path)
-        sockets[UNI_WEBSOCKET_PATH] = UniWebSocketEndpoint(
-            node, ClientCommands(node), write_path, allowed_origins(settings))
+        sockets[UNI_WEBSOCKET_PATH] = UniWebSocketEndpoint(node, ClientCommands(node), write_path)
     routes = [*endpoints.routes, *user_api.routes, *openapi.routes, *admin.routes,
               *centrifugo_api.routes(settings)]
     app = HubApp(routes=routes, lifespan=lifespan)

@@ -82,19 +82,12 @@ class CentrifugoEndpoint:
         if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
             accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
         await send(accept)
-        hooks = self.node.hooks
-        context = hooks.context(scope, binary=codec.binary) if hooks.active else None
-        hooked: ConnectResult | None = None
+        context = self._hook_context(scope, codec.binary, "websocket")
         client_id = new_client_id()
         try:
             self._check_room()
             command, rest = await self._first_command(receive, codec)
-            assert command.connect is not None
-            if context is not None and hooks.wants_connect(bool(command.connect.token)):
-                hooked = await self._connect_hook(context, command, client_id)
-                identity = identity_of(hooked)
-            else:
-                identity = await self._authenticate(scope, command)
+            identity, hooked = await self._identify(scope, command, context, client_id)
             self._check_room()  # it may have filled up or begun draining meanwhile
         except _Refused as refused:
             self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
@@ -113,6 +106,27 @@ class CentrifugoEndpoint:
             return
         await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope),
                           context, hooked, client_id)
+
+    def _hook_context(self, scope: dict[str, Any], binary: bool, transport: str
+                      ) -> Context | None:
+        """What the connection keeps for its hook calls, when the node has hooks."""
+        hooks = self.node.hooks
+        return hooks.context(scope, binary, transport) if hooks.active else None
+
+    async def _identify(
+        self, scope: dict[str, Any], command: cf.Command, context: Context | None,
+        client_id: str,
+    ) -> tuple[Identity, ConnectResult | None]:
+        """Who connects (PROTOCOL §13): the connect hook's answer where the node has the
+        hook and the connection brings no token (or HUB_HOOK_CONNECT_ALWAYS), else its
+        token's. The same for every Centrifugo transport: the WebSocket, the emulation and
+        the one-way streams. Raises `_Refused`, `_Expired` or `_ConnectError`."""
+        connect = command.connect
+        assert connect is not None
+        if context is not None and self.node.hooks.wants_connect(bool(connect.token)):
+            hooked = await self._connect_hook(context, command, client_id)
+            return identity_of(hooked), hooked
+        return await self._authenticate(scope, command), None
 
     async def _connect_hook(
         self, context: Context, command: cf.Command, client_id: str

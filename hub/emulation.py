@@ -19,7 +19,6 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Collection
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -30,12 +29,19 @@ from hub import centrifugo_frames as cf
 from hub import centrifugo_protobuf as pb
 from hub import protocol as p
 from hub.auth import Identity
-from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
+from hub.centrifugo_endpoint import (
+    CentrifugoEndpoint,
+    _ConnectError,
+    _Expired,
+    _Refused,
+    _told,
+)
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, new_client_id
 from hub.connections import Origin
 from hub.errors import BrokerUnavailable, CloseCode
+from hub.hooks import ConnectResult, Context, result_payload
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -51,7 +57,7 @@ from hub.streams import (
     STREAM_HEADERS,
     StreamInbox,
     StreamOutbound,
-    origin_refused,
+    header,
     plain_response,
     read_body,
 )
@@ -232,16 +238,14 @@ class EmulationPost:
     413 too big; 429 the session has too many batches waiting; 503 the broker is down; 504
     the session's node did not answer in time."""
 
-    def __init__(self, router: EmulationRouter, allowed_origins: Collection[str] | None) -> None:
+    def __init__(self, router: EmulationRouter) -> None:
         self.router = router
-        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["method"] != "POST":
             await _error(send, 405, "method not allowed: POST the commands")
             return
-        if origin_refused(scope, self.allowed_origins):
-            await _error(send, 403, "origin not allowed")
+        if await origin_refused(self.router.node, scope, send):
             return
         settings = self.router.node.settings
         body = await read_body(receive, 2 * settings.max_frame_bytes + 1024)
@@ -302,6 +306,16 @@ async def _error(send: ASGISend, status: int, message: str) -> None:
     await plain_response(send, status, body)
 
 
+async def origin_refused(node: Node, scope: dict[str, Any], send: ASGISend) -> bool:
+    """HUB_ALLOWED_ORIGINS (`hub.origins`): a request from another origin is answered 403,
+    before anything else is read and before any hook call."""
+    if node.hooks.config.origin_allowed(header(scope, b"origin")):
+        return False
+    node.metrics.auth_failed("origin")
+    await _error(send, 403, "origin not allowed")
+    return True
+
+
 async def connect_data(
     scope: dict[str, Any], receive: ASGIReceive, limit: int, *, text: bool = True
 ) -> tuple[bytes | None, str]:
@@ -344,18 +358,15 @@ class EmulationEndpoint(CentrifugoEndpoint):
     commands after it) in `cf_connect` or the body; then the stream."""
 
     def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath,
-                 router: EmulationRouter, session_class: type[EmulatedSession],
-                 allowed_origins: Collection[str] | None) -> None:
+                 router: EmulationRouter, session_class: type[EmulatedSession]) -> None:
         super().__init__(node, commands, write_path)
         self.router = router
         self.session_class = session_class
-        self.allowed_origins = allowed_origins
 
     async def __call__(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> None:
-        if origin_refused(scope, self.allowed_origins):
-            await _error(send, 403, "origin not allowed")
+        if await origin_refused(self.node, scope, send):
             return
         codec = self._codec_for(scope)
         if codec is None:
@@ -407,11 +418,21 @@ class EmulationEndpoint(CentrifugoEndpoint):
                        outbound: StreamOutbound, inbox: StreamInbox, codec: EmulationCodec
                        ) -> None:
         node = self.node
+        context = self._hook_context(scope, codec.binary, codec.framing.name)
+        client_id = new_client_id()
         try:
             self._check_room()
-            identity = await self._authenticate(scope, command)
+            identity, hooked = await self._identify(scope, command, context, client_id)
             self._check_room()
             await self.router.listen()
+        except _ConnectError as refused:
+            # The connect hook's error, or 100 (temporary) for a failed call: the connect
+            # reply's error, then the stream ends (the SDK reconnects, or stops, as the
+            # error says), as on /connection/websocket.
+            node.metrics.disconnections.labels(close_code_label(CloseCode.UNAUTHORIZED)).inc()
+            outbound.write_now(codec.reply(refused.reply))
+            outbound.end()
+            return
         except _Refused as refused:
             node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
             await outbound.close(refused.code, refused.reason)
@@ -429,15 +450,21 @@ class EmulationEndpoint(CentrifugoEndpoint):
         except Gone:
             return
         await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope),
-                                 codec)
+                                 codec, client_id, context, hooked)
 
     async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
                             outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,
-                            codec: EmulationCodec) -> None:
+                            codec: EmulationCodec, client_id: str, context: Context | None,
+                            hooked: ConnectResult | None) -> None:
         node, commands = self.node, self.commands
-        session = self.session_class(commands, outbound, new_client_id(), identity, inbox, codec)
+        session = self.session_class(commands, outbound, client_id, identity, inbox, codec)
         session.origin = origin
-        session.connected(command.id, __version__, node.settings.ping_interval,
+        session.hook = context
+        channels = hooked.channels if hooked is not None else []
+        data = None
+        if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
+            data = result_payload(hooked.data, hooked.b64data)
+        session.connected(command.id, __version__, node.settings.ping_interval, data, channels,
                           session=session.session_id, node=node.node_id)
         code: int = CloseCode.INTERNAL_ERROR
         self.router.add(session)
@@ -445,6 +472,8 @@ class EmulationEndpoint(CentrifugoEndpoint):
         self._start_pinging()
         try:
             await commands.connect(session)
+            if channels:  # listed in the connect reply: nothing more to tell
+                await commands.subscribe_server_side(session, channels, _told)
             await session.handle_messages(rest)
             code = await session.run(inbox)
         finally:

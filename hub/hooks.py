@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fnmatch
 import json
 import logging
 import time
@@ -46,6 +45,7 @@ from hub.abuse import RateLimitedLines
 from hub.auth import Identity
 from hub.errors import ErrorCode, HubError
 from hub.events import SIGNATURE_HEADER, sign, verify_signature
+from hub.origins import origin_allowed, parse_origins
 
 log = logging.getLogger("hub.hooks")
 
@@ -306,7 +306,7 @@ class HookConfig:
             static_headers=_object("HUB_HOOK_STATIC_HEADERS", settings.hook_static_headers),
             concurrency=settings.hook_concurrency,
             connect_always=settings.hook_connect_always,
-            allowed_origins=tuple(o.lower() for o in _list(settings.allowed_origins)),
+            allowed_origins=parse_origins(settings.allowed_origins),
         )
         if config.timeout <= 0:
             raise _settings_error("HUB_HOOK_TIMEOUT must be > 0")
@@ -323,12 +323,8 @@ class HookConfig:
         return config
 
     def origin_allowed(self, origin: str | None) -> bool:
-        """No list: any origin. A request without `Origin` is no browser's (browsers always
-        send it on a WebSocket upgrade), so no cross-site hijack: allowed."""
-        if not self.allowed_origins or origin is None:
-            return True
-        origin = origin.lower()
-        return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.allowed_origins)
+        """HUB_ALLOWED_ORIGINS's rule (`hub.origins`), for every endpoint."""
+        return origin_allowed(self.allowed_origins, origin)
 
 
 # Callables of an embedded hub
@@ -443,18 +439,28 @@ class HookRunner:
                         f"(HUB_HOOK_{hook.upper()}_URL)"
                     )
 
-    def context(self, scope: dict[str, Any], binary: bool = False) -> Context:
-        """From the upgrade: the allow-listed headers (and the scope, for callables);
-        `binary`: a Protobuf client."""
+    def context(self, scope: dict[str, Any], binary: bool = False,
+                transport: str = "websocket") -> Context:
+        """From the upgrade (or a stream's request): the allow-listed headers (and the
+        scope, for callables); `binary`: a Protobuf client; `transport`: Centrifugo's name
+        of it (`websocket`, `http_stream`, `sse`, `uni_sse`, `uni_http_stream`,
+        `uni_websocket`)."""
         wanted = self.config.headers
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in scope.get("headers", ())
             if name.decode("latin-1") in wanted
         ] if wanted else []
-        # A copy: the node lets go of the upgrade's headers once the connection is in.
-        return Context(headers, dict(scope) if self.needs_scope else None,
-                       WEBSOCKET_PROTOBUF if binary else WEBSOCKET_JSON)
+        wire = WEBSOCKET_PROTOBUF if binary else WEBSOCKET_JSON
+        if transport != wire["transport"]:
+            wire = {**wire, "transport": transport}
+        kept = None
+        if self.needs_scope:
+            # A copy, its headers too: the node lets go of the request's once the connection
+            # is in (a stream's response clears their list in place).
+            kept = dict(scope)
+            kept["headers"] = list(scope.get("headers", ()))
+        return Context(headers, kept, wire)
 
     async def aclose(self) -> None:
         self._failures.close()
@@ -691,7 +697,7 @@ def payload(data: msgspec.Raw | None, context: Context) -> dict[str, Any]:
     Protobuf client `b64data`, its bytes in base64 (as Centrifugo's proxy sends them)."""
     if data is None or not len(data):
         return {}
-    if context.wire is WEBSOCKET_PROTOBUF:
+    if context.wire["protocol"] == "protobuf":
         return {"b64data": base64.b64encode(bytes(data)).decode()}
     return {"data": msgspec.json.decode(data)}
 

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 from hub.session import ASGIReceive
@@ -398,12 +398,3 @@ async def plain_response(send: ASGISend, status: int, body: bytes,
         (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
     ]})
     await send({"type": "http.response.body", "body": body})
-
-
-def origin_refused(scope: dict[str, Any], allowed: Collection[str] | None) -> bool:
-    """With HUB_ALLOWED_ORIGINS set, a request from a browser of another origin is refused
-    (PROTOCOL §11, §15)."""
-    if not allowed:
-        return False
-    origin = header(scope, b"origin")
-    return origin is not None and origin not in allowed

@@ -32,14 +32,15 @@ from hub import centrifugo_frames as cf
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_codecs import centrifugo_personal
-from hub.centrifugo_endpoint import CentrifugoEndpoint, _Expired, _Refused
+from hub.centrifugo_endpoint import CentrifugoEndpoint, _ConnectError, _Expired, _Refused
 from hub.centrifugo_session import CentrifugoSession
-from hub.channels import personal_channel
+from hub.channels import is_personal, is_valid, personal_channel
 from hub.commands import ClientCommands
-from hub.connection import Gone, close_socket, new_client_id
+from hub.connection import Gone, close_socket, new_client_id, origin_allowed
 from hub.connections import Origin
-from hub.emulation import _error, connect_data
+from hub.emulation import _error, connect_data, origin_refused
 from hub.errors import BrokerUnavailable, CloseCode, HubError
+from hub.hooks import ConnectResult, Context, result_payload
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -56,7 +57,7 @@ from hub.streams import (
     STREAM_HEADERS,
     StreamOutbound,
     header,
-    origin_refused,
+    plain_response,
     until_disconnect,
 )
 from hub.subscriptions import Joined, history_options
@@ -114,15 +115,25 @@ class UniSession(CentrifugoSession):
         self.close(cf.DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
         return False
 
-    async def start(self, channels: dict[str, p.Since | None], ping_interval: float) -> None:
-        """Subscribe the server-side channels, then write the connect push and what was
-        held behind it."""
+    async def start(self, channels: dict[str, p.Since | None], ping_interval: float,
+                    data: msgspec.Raw | None = None, hooked: Collection[str] = ()) -> None:
+        """Subscribe the server-side channels, then write the connect push (with the
+        connect hook's `data`, if any) and what was held behind it. `hooked`: the connect
+        hook's channels, subscribed as the server API subscribes (no permission check, as
+        on /connection/websocket); the token's go through the namespace's rules."""
         commands = self.commands
         for channel, since in channels.items():
             if self.close_code is not None:
                 return
+            started = self._started(channel, since)
             try:
-                await commands.subscribe(self, channel, since, self._started(channel, since))
+                if channel not in hooked:
+                    await commands.subscribe(self, channel, since, started)
+                elif is_valid(channel) and not is_personal(channel):
+                    await commands.server_subscribe(self, channel, since, started)
+                else:
+                    log.warning("connect hook: skipped channel %r (not a client channel)",
+                                channel)
             except BrokerUnavailable:
                 # Its channels cannot be joined now: come back (to another node, maybe).
                 self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
@@ -130,7 +141,10 @@ class UniSession(CentrifugoSession):
             except HubError as exc:
                 log.info("server-side subscription to %s refused: %s", channel, exc.message,
                          extra={"client": self.client_id, "user": self.user})
-        expires, ttl = self._lifetime(self.identity)
+        # A connection the connect hook let in is refreshed by the server (the refresh
+        # hook): its client is told of no expiry.
+        by_hook = self.hook is not None and self.hook.hooked
+        expires, ttl = (False, 0) if by_hook else self._lifetime(self.identity)
         subs: dict[str, UniSubscribe] = {}
         if self.user:  # the personal channel under both its names, as on the WebSocket
             subs[centrifugo_personal(self.user)] = UniSubscribe()
@@ -138,7 +152,7 @@ class UniSession(CentrifugoSession):
         subs.update(self._subs)
         ping = math.ceil(ping_interval) if ping_interval else 0
         connect = UniConnect(client=self.client_id, version=__version__, expires=expires,
-                             ttl=ttl, subs=subs, ping=ping, session=self.client_id)
+                             ttl=ttl, subs=subs, ping=ping, session=self.client_id, data=data)
         held, self._held = self._held or [], None
         super().push(self.codec.push(UniPush(connect=connect)))
         for frame, count in held:
@@ -195,26 +209,32 @@ class UniBase(CentrifugoEndpoint):
 
     session_class: type[UniSession]
 
-    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath,
-                 allowed_origins: Collection[str] | None) -> None:
+    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath) -> None:
         super().__init__(node, commands, write_path)
-        self.allowed_origins = allowed_origins
         self.uni_sessions: set[UniSession] = set()
         self._keeping_alive = False
 
-    async def _identity(self, scope: dict[str, Any], request: cf.ConnectRequest) -> Identity:
+    async def _identity(self, scope: dict[str, Any], request: cf.ConnectRequest,
+                        context: Context | None, client_id: str
+                        ) -> tuple[Identity, ConnectResult | None]:
+        """The token's identity, or the connect hook's (as on /connection/websocket:
+        raises `_Refused`, `_Expired` or `_ConnectError`)."""
         self._check_room()
-        identity = await self._authenticate(scope, cf.Command(id=1, connect=request))
+        identity, hooked = await self._identify(scope, cf.Command(id=1, connect=request),
+                                                context, client_id)
         self._check_room()
-        return identity
+        return identity, hooked
 
     async def starts(self, identity: Identity, request: cf.ConnectRequest,
-                     last_event_id: str | None) -> dict[str, p.Since | None]:
-        """Each server-side channel, and where to recover it from: the connect request's
-        `subs`, else (one history channel only) the EventSource's `Last-Event-ID`, taken in
-        the channel's current epoch."""
+                     last_event_id: str | None, hooked: ConnectResult | None = None
+                     ) -> dict[str, p.Since | None]:
+        """Each server-side channel (the token's, then the connect hook's), and where to
+        recover it from: the connect request's `subs`, else (one history channel only) the
+        EventSource's `Last-Event-ID`, taken in the channel's current epoch."""
         settings = self.node.settings
         channels = server_side_channels(identity)
+        if hooked is not None:
+            channels.extend(c for c in dict.fromkeys(hooked.channels) if c not in channels)
         asked = request.subs or {}
         starts: dict[str, p.Since | None] = {c: asked[c].since if c in asked else None
                                              for c in channels}
@@ -230,15 +250,20 @@ class UniBase(CentrifugoEndpoint):
         return starts
 
     async def serve_session(self, session: UniSession, request: cf.ConnectRequest,
-                            last_event_id: str | None, receive: ASGIReceive) -> int:
+                            last_event_id: str | None, receive: ASGIReceive,
+                            hooked: ConnectResult | None = None) -> int:
         node, commands = self.node, self.commands
         code: int = CloseCode.INTERNAL_ERROR
         self.uni_sessions.add(session)
         self._keep_alive()
         try:
             await commands.connect(session)
-            starts = await self.starts(session.identity, request, last_event_id)
-            await session.start(starts, node.settings.ping_interval)
+            starts = await self.starts(session.identity, request, last_event_id, hooked)
+            data = None
+            if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
+                data = result_payload(hooked.data, hooked.b64data)
+            await session.start(starts, node.settings.ping_interval, data,
+                                hooked.channels if hooked is not None else ())
             code = await session.run(receive)
         finally:
             self.uni_sessions.discard(session)
@@ -273,21 +298,21 @@ def _event_offset(value: str | None) -> int | None:
 
 class UniStreamEndpoint(UniBase):
     """`/connection/uni_sse` and `/connection/uni_http_stream`. Refusals before the
-    stream: 400 malformed connect request, 401 invalid or expired token (the body says
-    which, as Centrifugo's disconnect), 403 origin; a node full or draining streams one
+    stream: 400 malformed connect request, 401 invalid or expired token or the connect
+    hook's `disconnect` (the body says which, as Centrifugo's disconnect), 403 origin or
+    the connect hook's non-temporary `error` (the body: that error); a node full or
+    draining, or the connect hook failed or answered a temporary error, streams one
     disconnect push with `reconnect: true` (an EventSource comes back)."""
 
     def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath,
-                 allowed_origins: Collection[str] | None,
                  session_class: type[UniSession]) -> None:
-        super().__init__(node, commands, write_path, allowed_origins)
+        super().__init__(node, commands, write_path)
         self.session_class = session_class
 
     async def __call__(
         self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
     ) -> None:
-        if origin_refused(scope, self.allowed_origins):
-            await _error(send, 403, "origin not allowed")
+        if await origin_refused(self.node, scope, send):
             return
         data, why = await connect_data(scope, receive, 2 * self.node.settings.max_frame_bytes)
         if data is None:
@@ -297,9 +322,11 @@ class UniStreamEndpoint(UniBase):
         codec = self.session_class.stream_codec
         outbound = StreamOutbound(send, codec.disconnect)
         headers = [(b"content-type", codec.framing.content_type), *STREAM_HEADERS]
+        context = self._hook_context(scope, False, "uni_" + codec.framing.name)
+        client_id = new_client_id()
         try:
             request = decode_connect(data)
-            identity = await self._identity(scope, request)
+            identity, hooked = await self._identity(scope, request, context, client_id)
         except _BadConnect as exc:
             await _disconnect_response(send, 400, cf.DisconnectCode.BAD_REQUEST, str(exc))
             return
@@ -317,14 +344,29 @@ class UniStreamEndpoint(UniBase):
                 close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
             await _disconnect_response(send, 401, cf.DisconnectCode.EXPIRED, "token expired")
             return
+        except _ConnectError as refused:
+            self.node.metrics.disconnections.labels(
+                close_code_label(CloseCode.UNAUTHORIZED)).inc()
+            error = refused.reply.error
+            assert error is not None
+            if error.temporary:  # a failed hook call (100) or a temporary error: come back
+                await outbound.start(200, headers, codec.framing.prelude)
+                await outbound.close(cf.DisconnectCode.SERVER_ERROR,
+                                     cf.reason_for(cf.DisconnectCode.SERVER_ERROR))
+                await outbound.finish()
+                return
+            body = msgspec.json.encode({"error": {"code": error.code, "message": error.message}})
+            await plain_response(send, 403, body)
+            return
         await outbound.start(200, headers, codec.framing.prelude)
         last_event_id = header(scope, b"last-event-id")
         origin = Origin.of_scope(scope)
-        session = self.session_class(self.commands, outbound, new_client_id(), identity)
+        session = self.session_class(self.commands, outbound, client_id, identity)
         session.origin = origin
+        session.hook = context
         reader = functools.partial(until_disconnect, receive)
         try:
-            await self.serve_session(session, request, last_event_id, reader)
+            await self.serve_session(session, request, last_event_id, reader, hooked)
         finally:
             await outbound.finish()
 
@@ -350,14 +392,24 @@ class UniWebSocketEndpoint(UniBase):
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        if origin_refused(scope, self.allowed_origins):
-            await send({"type": "websocket.close", "code": 1008})
+        if not await origin_allowed(self.node, scope, send):
             return
         await send({"type": "websocket.accept"})
         node = self.node
+        context = self._hook_context(scope, False, "uni_websocket")
+        client_id = new_client_id()
         try:
             request = await self._first_request(receive)
-            identity = await self._identity(scope, request)
+            identity, hooked = await self._identity(scope, request, context, client_id)
+        except _ConnectError as refused:
+            # No reply to carry the error: closed as /connection/websocket closes a client
+            # that did not act on it (3004 reconnect if temporary, else 3503).
+            node.metrics.disconnections.labels(close_code_label(CloseCode.UNAUTHORIZED)).inc()
+            error = refused.reply.error
+            code = cf.DisconnectCode.SERVER_ERROR if error is not None and error.temporary \
+                else cf.DisconnectCode.FORCE_NO_RECONNECT
+            await close_socket(send, code, cf.reason_for(code))
+            return
         except _Refused as refused:
             node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
             await close_socket(send, refused.code, refused.reason)
@@ -371,9 +423,10 @@ class UniWebSocketEndpoint(UniBase):
             return
         origin = Origin.of_scope(scope)
         session = UniWebSocketSession(self.commands, self.write_path.outbound_for(send),
-                                      new_client_id(), identity)
+                                      client_id, identity)
         session.origin = origin
-        await self.serve_session(session, request, None, receive)
+        session.hook = context
+        await self.serve_session(session, request, None, receive, hooked)
 
     async def _first_request(self, receive: ASGIReceive) -> cf.ConnectRequest:
         node = self.node

@@ -216,8 +216,14 @@ PAGE = """<!doctype html>
 <script src="/centrifuge.js"></script>
 <script>
 const log = (line) => { document.getElementById("log").textContent += line + "\\n"; };
-const hub = new URLSearchParams(location.search).get("hub");
-const client = new Centrifuge(hub);  // no token: the hub asks this app, by cookie
+const params = new URLSearchParams(location.search);
+const hub = params.get("hub"), transport = params.get("transport");
+// No token: the hub asks this app, by cookie. With `transport` (http_stream), the SDK uses
+// only that emulated transport, its fetches sending the cookie to the hub's other origin.
+const client = transport ? new Centrifuge([{transport, endpoint: hub}], {
+  emulationEndpoint: params.get("emulation"),
+  fetch: (url, options) => fetch(url, {...options, credentials: "include"}),
+}) : new Centrifuge(hub);
 client.on("connected", async (ctx) => {
   log("connected " + JSON.stringify(ctx.data));
   const sub = client.newSubscription("hooked:room");
