@@ -10,6 +10,7 @@ parser takes the flags shown, each `helm ... --set` names a key of the chart's v
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import itertools
@@ -30,6 +31,7 @@ import uvicorn
 import websockets
 import yaml
 
+from hub.api import HubClient
 from hub.cli import build_parser
 from hub.client import CommandError, Message, connect
 from tests.support import (
@@ -37,6 +39,7 @@ from tests.support import (
     SECRET,
     WAIT,
     RunningNode,
+    eventually,
     make_settings,
     publish,
     running_node,
@@ -81,6 +84,39 @@ async def test_the_consumer_service_prints_what_is_published() -> None:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+class Handled(Exception):
+    pass
+
+
+async def test_the_heart_of_the_consumer_as_the_guide_prints_it() -> None:
+    """The guide's `hub.client` block (top-level `async with`), run with what it leaves to
+    the service: `urls`, `token`, `handle` (here: stop after two) and `reload_state`."""
+    handled: list[Any] = []
+    resets: list[str] = []
+
+    def handle(data: Any) -> None:
+        handled.append(data)
+        if len(handled) == 2:
+            raise Handled
+
+    code = compile(code_block("guide.md", "The heart of it:"), "guide_consumer", "exec",
+                   flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    async with running_node(make_settings(namespaces=RECIPE_NAMESPACES)) as node:
+        given = {"urls": [node.ws_url], "handle": handle,
+                 "token": hub_token("billing", secret=SECRET, channels=["orders:*"]),
+                 "reload_state": lambda: resets.append("reset")}
+        running = asyncio.ensure_future(eval(code, given))
+        async with HubClient(node.url, api_key=API_KEY) as api:
+            await eventually(lambda: api.channels("orders:"),
+                             lambda reply: "orders:eu" in reply.channels, within=WAIT,
+                             what="the consumer subscribed")
+            for n in (1, 2):
+                await api.publish("orders:eu", {"n": n})
+        with pytest.raises(Handled):
+            await asyncio.wait_for(running, WAIT)
+    assert handled == [{"n": 1}, {"n": 2}] and resets == []
 
 
 def anchors_of(markdown: str) -> set[str]:
