@@ -157,11 +157,9 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
                            CloseCode.TRY_AGAIN_LATER)
 
-    async def _first_command(
-        self, receive: ASGIReceive, codec: CentrifugoCodec
-    ) -> tuple[cf.Command, list[bytes]]:
-        """The `connect` command, and the commands that came in its frame after it, in
-        the connection's encoding (text frames for JSON, binary for Protobuf)."""
+    async def _first_message(self, receive: ASGIReceive) -> Any:
+        """The client's first WebSocket message, within HUB_AUTH_TIMEOUT: a connection that
+        sends none is refused as stale, one that left is Gone."""
         node = self.node
         try:
             async with asyncio.timeout(node.settings.auth_timeout):
@@ -171,6 +169,15 @@ class CentrifugoEndpoint:
             raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
         if message["type"] == "websocket.disconnect":
             raise Gone(message.get("code"))
+        return message
+
+    async def _first_command(
+        self, receive: ASGIReceive, codec: CentrifugoCodec
+    ) -> tuple[cf.Command, list[bytes]]:
+        """The `connect` command, and the commands that came in its frame after it, in
+        the connection's encoding (text frames for JSON, binary for Protobuf)."""
+        node = self.node
+        message = await self._first_message(receive)
         data = message.get("bytes") if codec.binary else message.get("text")
         messages = codec.split(data.encode() if isinstance(data, str) else data)[0] if data else []
         try:

@@ -15,7 +15,7 @@ import msgspec
 from hub.settings import Settings, variables
 
 # Settings whose value is a secret: shown as set or unset, never as text.
-SECRETS = frozenset({"jwt_secret", "api_key", "hook_static_headers"})
+SECRETS = frozenset({"jwt_secret", "api_key", "hook_static_headers", "events_secret"})
 _MASK = "********"
 
 

@@ -430,14 +430,7 @@ class UniWebSocketEndpoint(UniBase):
 
     async def _first_request(self, receive: ASGIReceive) -> cf.ConnectRequest:
         node = self.node
-        try:
-            async with asyncio.timeout(node.settings.auth_timeout):
-                message = await receive()
-        except TimeoutError:
-            node.metrics.auth_failed("timeout")
-            raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
-        if message["type"] == "websocket.disconnect":
-            raise Gone(message.get("code"))
+        message = await self._first_message(receive)
         text = message.get("text")
         data = text.encode() if text is not None else message.get("bytes") or b""
         try:

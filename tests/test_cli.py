@@ -454,7 +454,8 @@ async def test_second_sigterm_ends_the_drain_sooner() -> None:
 def test_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[namespaces.chat]\nsubscribe = "any"\npresence = true\n')
     result = run_hub("check", "--port", "9001", env={
-        **BASE_ENV, "HUB_CONFIG": path,
+        **BASE_ENV, "HUB_CONFIG": path, "HUB_EVENTS_URL": "http://127.0.0.1:9/events",
+        "HUB_EVENTS_SECRET": "events-secret",
         "HUB_REDIS_URL": "redis+sentinel://:data-pw@s1:26379/mymaster?sentinel_password=s-pw",
     })
     assert result.returncode == 0, result.stderr
@@ -462,7 +463,7 @@ def test_check_prints_the_effective_configuration_with_secrets_masked(tmp_path: 
                  if line.startswith("HUB_"))
     assert shown["HUB_PORT"] == "9001"  # a flag, as `serve` takes it
     assert shown["HUB_JWT_SECRET"] == shown["HUB_API_KEY"] == "********"
-    for secret in (SECRET, API_KEY, "data-pw", "s-pw"):
+    for secret in (SECRET, API_KEY, "data-pw", "s-pw", "events-secret"):
         assert secret not in result.stdout
     assert "[namespaces.chat]" in result.stdout and 'subscribe = "any"' in result.stdout
     assert "no warnings" in result.stdout
