@@ -40,9 +40,9 @@ from hub.hooks import (
     HookDisconnected,
     HookFailed,
     HookRefused,
+    hooked_data,
     identity_of,
     payload,
-    result_payload,
 )
 from hub.metrics import close_code_label
 from hub.node import Node
@@ -258,19 +258,34 @@ class CentrifugoEndpoint:
         hooked: ConnectResult | None = None,
         client_id: str | None = None,
     ) -> None:
-        node, commands = self.node, self.commands
         session = CentrifugoSession(
-            commands, self.write_path.outbound_for(send), client_id or new_client_id(), identity,
-            codec,
+            self.commands, self.write_path.outbound_for(send), client_id or new_client_id(),
+            identity, codec,
         )
+        await self._run_session(session, command, rest, receive, origin, context, hooked)
+
+    async def _run_session(
+        self,
+        session: CentrifugoSession,
+        command: cf.Command,
+        rest: list[bytes],
+        source: Any,
+        origin: Origin,
+        context: Context | None,
+        hooked: ConnectResult | None,
+        reply: dict[str, str] | None = None,
+    ) -> None:
+        """An authenticated session's life on every transport: the connect reply (`reply`:
+        more of its fields, by name), the hook's channels, the commands that came with `connect`,
+        then the session reads `source` until it ends, and is released."""
+        node, commands = self.node, self.commands
         session.origin = origin
         session.hook = context
         channels = hooked.channels if hooked is not None else []
-        data = None
-        if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
-            data = result_payload(hooked.data, hooked.b64data)
-        session.connected(command.id, __version__, node.settings.ping_interval, data, channels)
+        session.connected(command.id, __version__, node.settings.ping_interval,
+                          hooked_data(hooked), channels, **(reply or {}))
         code: int = CloseCode.INTERNAL_ERROR
+        self._opened(session)
         self.sessions.add(session)
         self._start_pinging()
         try:
@@ -278,11 +293,18 @@ class CentrifugoEndpoint:
             if channels:  # listed in the connect reply: nothing more to tell
                 await commands.subscribe_server_side(session, channels, _told)
             await session.handle_messages(rest)
-            code = await session.run(receive)
+            code = await session.run(source)
         finally:
+            self._closed(session)
             self.sessions.discard(session)
             node.metrics.protocol_errors.count_close(code)
             await commands.disconnect(session, code)
+
+    def _opened(self, session: CentrifugoSession) -> None:
+        """A transport's own registration of a session that starts (none here)."""
+
+    def _closed(self, session: CentrifugoSession) -> None:
+        """... and of one that ended."""
 
     def _start_pinging(self) -> None:
         if not self._pinging and self.node.settings.ping_interval:

@@ -24,7 +24,6 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from hub import __version__
 from hub import centrifugo_frames as cf
 from hub import centrifugo_protobuf as pb
 from hub import protocol as p
@@ -34,14 +33,13 @@ from hub.centrifugo_endpoint import (
     _ConnectError,
     _Expired,
     _Refused,
-    _told,
 )
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connection import Gone, new_client_id
 from hub.connections import Origin
 from hub.errors import BrokerUnavailable, CloseCode
-from hub.hooks import ConnectResult, Context, result_payload
+from hub.hooks import ConnectResult, Context
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -456,28 +454,14 @@ class EmulationEndpoint(CentrifugoEndpoint):
                             outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,
                             codec: EmulationCodec, client_id: str, context: Context | None,
                             hooked: ConnectResult | None) -> None:
-        node, commands = self.node, self.commands
-        session = self.session_class(commands, outbound, client_id, identity, inbox, codec)
-        session.origin = origin
-        session.hook = context
-        channels = hooked.channels if hooked is not None else []
-        data = None
-        if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
-            data = result_payload(hooked.data, hooked.b64data)
-        session.connected(command.id, __version__, node.settings.ping_interval, data, channels,
-                          session=session.session_id, node=node.node_id)
-        code: int = CloseCode.INTERNAL_ERROR
-        self.router.add(session)
-        self.sessions.add(session)
-        self._start_pinging()
-        try:
-            await commands.connect(session)
-            if channels:  # listed in the connect reply: nothing more to tell
-                await commands.subscribe_server_side(session, channels, _told)
-            await session.handle_messages(rest)
-            code = await session.run(inbox)
-        finally:
-            self.router.remove(session)
-            self.sessions.discard(session)
-            node.metrics.protocol_errors.count_close(code)
-            await commands.disconnect(session, code)
+        session = self.session_class(self.commands, outbound, client_id, identity, inbox, codec)
+        await self._run_session(session, command, rest, inbox, origin, context, hooked,
+                                {"session": session.session_id, "node": self.node.node_id})
+
+    def _opened(self, session: CentrifugoSession) -> None:
+        assert isinstance(session, EmulatedSession)
+        self.router.add(session)  # POSTs to /emulation find it from now on
+
+    def _closed(self, session: CentrifugoSession) -> None:
+        assert isinstance(session, EmulatedSession)
+        self.router.remove(session)

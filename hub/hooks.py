@@ -713,6 +713,13 @@ def result_payload(data: Any, b64data: str | None) -> msgspec.Raw:
     return raw_json(data)
 
 
+def hooked_data(result: ConnectResult | None) -> msgspec.Raw | None:
+    """The `data` a connect hook's result gives the client (None: none given, or no hook)."""
+    if result is None or (result.data is None and result.b64data is None):
+        return None
+    return result_payload(result.data, result.b64data)
+
+
 def raw_json(value: Any) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(value))
 

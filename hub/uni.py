@@ -40,7 +40,7 @@ from hub.connection import Gone, close_socket, new_client_id, origin_allowed
 from hub.connections import Origin
 from hub.emulation import _error, connect_data, origin_refused
 from hub.errors import BrokerUnavailable, CloseCode, HubError
-from hub.hooks import ConnectResult, Context, result_payload
+from hub.hooks import ConnectResult, Context, hooked_data
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -259,10 +259,7 @@ class UniBase(CentrifugoEndpoint):
         try:
             await commands.connect(session)
             starts = await self.starts(session.identity, request, last_event_id, hooked)
-            data = None
-            if hooked is not None and (hooked.data is not None or hooked.b64data is not None):
-                data = result_payload(hooked.data, hooked.b64data)
-            await session.start(starts, node.settings.ping_interval, data,
+            await session.start(starts, node.settings.ping_interval, hooked_data(hooked),
                                 hooked.channels if hooked is not None else ())
             code = await session.run(receive)
         finally:
