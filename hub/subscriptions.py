@@ -69,8 +69,9 @@ class Frames:
         self.count = count  # frames in the run, for the queue limit
         self._messages = messages or []
         self._base = base
-        self._patches: dict[int, bytes | None] = {}
-        self._built_deltas: dict[tuple[Codec, bool], bytes] = {}
+        # Only for channels with delta subscriptions: made on first need, not per message.
+        self._patches: dict[int, bytes | None] | None = None
+        self._built_deltas: dict[tuple[Codec, bool], bytes] | None = None
 
     @classmethod
     def of_messages(cls, messages: list[Message], base: Message | None = None) -> Frames:
@@ -88,6 +89,8 @@ class Frames:
         """The run for a delta subscription: patches, except a first full payload for one
         that holds no base yet."""
         key = (codec, has_base)
+        if self._built_deltas is None:
+            self._built_deltas = {}
         built = self._built_deltas.get(key)
         if built is None:
             writer = cast(DeltaCodec, codec)
@@ -100,7 +103,9 @@ class Frames:
     def _patch(self, index: int) -> bytes | None:
         """The patch of message `index` against the one before it; None where there is
         none to make (no base) or it would not be smaller than the payload."""
-        if index in self._patches:
+        if self._patches is None:
+            self._patches = {}
+        elif index in self._patches:
             return self._patches[index]
         message = self._messages[index]
         before = self._messages[index - 1] if index else self._base
