@@ -24,8 +24,8 @@ import redis
 
 from hub.broker import HistoryOptions
 from hub.protocol import Message, Relayed
-from hub.redis_broker import RedisBroker
-from hub.redis_topology import create_server_client
+from hub.redis.broker import RedisBroker
+from hub.redis.topology import create_server_client
 
 
 class _Events:

@@ -1,6 +1,6 @@
 """The Redis servers behind `HUB_REDIS_URL` whose `INFO` a run reads: the one server, the
 master a Sentinel names, or every master of a Cluster that holds slots (asked from the
-seeds with `CLUSTER NODES`). The URL is parsed by the hub's own `hub.redis_url`."""
+seeds with `CLUSTER NODES`). The URL is parsed by the hub's own `hub.redis.url`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from benchmarks.common import BenchError
 from benchmarks.resp import redis_command
-from hub.redis_url import Kind, RedisTarget, RedisUrlError, parse_redis_url
+from hub.redis.url import Kind, RedisTarget, RedisUrlError, parse_redis_url
 
 
 @dataclass(frozen=True)

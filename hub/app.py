@@ -4,6 +4,7 @@ carried by the app; the lifespan starts and stops the node."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -28,12 +29,13 @@ from hub.emulation import (
     HttpStreamSession,
     SseSession,
 )
-from hub.events import EventsCallable, attach, create_events
+from hub.events import EventsCallable, LedgerFactory, attach, create_events
 from hub.hooks import Hooks
 from hub.metrics import Metrics
 from hub.node import Node
 from hub.origins import OriginCORS
 from hub.presence import MemoryPresence, Presence
+from hub.redis import create_redis_backends, create_redis_ledger
 from hub.settings import Settings
 from hub.uni import (
     UNI_HTTP_STREAM_PATH,
@@ -50,13 +52,14 @@ log = logging.getLogger("hub.app")
 WEBSOCKET_PATH = "/ws"
 
 
-def create_backends(settings: Settings) -> tuple[Broker, Presence]:
+def create_backends(settings: Settings) -> tuple[Broker, Presence, LedgerFactory | None]:
+    """The in-process broker and presence, or Redis's and the ledger of events that goes
+    with them (None: this node is the cluster)."""
     if settings.redis_url:
-        from hub.redis_broker import create_redis_backends
-
-        backends: tuple[Broker, Presence] = create_redis_backends(settings)
-        return backends
-    return MemoryBroker(), MemoryPresence()
+        broker, presence = create_redis_backends(settings)
+        ledger = functools.partial(create_redis_ledger, broker.topology, settings)
+        return broker, presence, ledger
+    return MemoryBroker(), MemoryPresence(), None
 
 
 def route_path(scope: Scope) -> str:
@@ -133,10 +136,10 @@ def create_app(
 ) -> Starlette:
     """`hooks`: callables for the hooks of PROTOCOL §13; `on_events`: a callable that gets
     the events of PROTOCOL §14 instead of `HUB_EVENTS_URL` (both an embedded hub's)."""
-    broker, presence = create_backends(settings)
+    broker, presence, ledger = create_backends(settings)
     metrics = Metrics(settings.node_id)
     node = Node(settings, broker, presence, metrics, hooks)
-    attach(node, create_events(settings, metrics, broker, on_events))
+    attach(node, create_events(settings, metrics, on_events, ledger=ledger))
     write_path = WritePath()
 
     @contextlib.asynccontextmanager

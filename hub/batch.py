@@ -1,6 +1,6 @@
 """Many commands of one request (a batch, a broadcast) run as a sequence would, but the
 publications among them side by side: the broker then takes them together (one script and
-one round trip to Redis for all that were queued at once: `hub.redis_broker.Batcher`)
+one round trip to Redis for all that were queued at once: `hub.redis.batcher.Batcher`)
 instead of one round trip each.
 
 "As a sequence would" is what a caller can see: a publication waits for the earlier ones of

@@ -1,6 +1,6 @@
 """The broker: how a publication reaches every node that has a subscriber, and where history
 lives. `Broker` is the interface; `MemoryBroker` is the single-node one (and the fast test
-double); `hub.redis_broker.RedisBroker` is the cluster one.
+double); `hub.redis.broker.RedisBroker` is the cluster one.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ its last local one gone, a user's first local connection...); whether that is a 
 of the cluster is a `Ledger`'s decision:
 
 - `MemoryLedger` (the single node of the in-process broker): this node is the cluster.
-- `hub.events_redis.RedisLedger`: decided once, atomically, by a Lua script per subject
+- `hub.redis.events.RedisLedger`: decided once, atomically, by a Lua script per subject
   that keeps which node (or client) holds it, and that records the event in a Redis stream
   in the same step; every node's sender reads those streams as a consumer group.
 
@@ -36,13 +36,13 @@ import httpx
 import msgspec
 
 from hub.channels import is_personal
+from hub.incident import Incident
 from hub.metrics import Metrics
 from hub.settings import Settings
 
 if TYPE_CHECKING:
     from hub.hub import Subscriber
     from hub.node import Node
-from hub.redis_support import Incident
 
 log = logging.getLogger("hub.events")
 
@@ -312,6 +312,10 @@ class Ledger(Protocol):
         """An event that is no transition (`client_publish`), ordered with `route`'s."""
 
 
+# Builds the cluster's ledger from the node's delivery and metrics (`create_events`).
+LedgerFactory = Callable[[Delivery, Metrics], Ledger]
+
+
 class MemoryLedger:
     """One node is the cluster: a subject's holders are counted here, and the events wait
     in a bounded queue for the one sender task."""
@@ -417,11 +421,12 @@ class Events:
 
 
 def create_events(
-    settings: Settings, metrics: Metrics, broker: object, call: EventsCallable | None = None
+    settings: Settings, metrics: Metrics, call: EventsCallable | None = None,
+    *, ledger: LedgerFactory | None = None,
 ) -> Events | None:
     """The node's events, or None when nobody listens (no `HUB_EVENTS_URL`, no callable):
-    then no change of the node costs anything. On the Redis broker the cluster decides;
-    on the in-process one this node is the cluster."""
+    then no change of the node costs anything. `ledger` builds the cluster's ledger (the
+    Redis broker's, `hub.redis.create_redis_ledger`); without it this node is the cluster."""
     if call is None and not settings.events_url:
         return None
     for name in EVENT_NAMES:  # known label values start at 0, so rate() sees the first
@@ -429,17 +434,9 @@ def create_events(
             metrics.events.labels(name, outcome)
     delivery = Delivery(metrics, url=settings.events_url, secret=settings.events_secret or "",
                         call=call, max_age=settings.events_max_age)
-    ledger: Ledger
-    topology = getattr(broker, "topology", None)
-    if topology is not None:
-        from hub.events_redis import RedisLedger
-
-        ledger = RedisLedger(topology, delivery, metrics, settings.node_id,
-                             settings.presence_ttl, settings.events_max_pending,
-                             max_age=settings.events_max_age)
-    else:
-        ledger = MemoryLedger(delivery, metrics, settings.events_max_pending)
-    return Events(ledger, settings.node_id)
+    if ledger is not None:
+        return Events(ledger(delivery, metrics), settings.node_id)
+    return Events(MemoryLedger(delivery, metrics, settings.events_max_pending), settings.node_id)
 
 
 class MembershipEvents:

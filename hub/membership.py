@@ -29,8 +29,8 @@ from hub.broker import Broker
 from hub.channels import is_personal
 from hub.errors import BrokerUnavailable
 from hub.hub import Subscriber
+from hub.incident import Incident
 from hub.presence import Departure, NodeSnapshot, Presence
-from hub.redis_support import Incident
 from hub.settings import Settings
 from hub.subscriptions import Subscriptions
 from hub.tasks import cancel

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from hub.redis_url import RedisUrlError, parse_redis_url
+from hub.redis.url import RedisUrlError, parse_redis_url
 
 SubscribePolicy = Literal["token", "any", "proxy"]
 PublishPolicy = Literal["none", "token", "any", "proxy"]

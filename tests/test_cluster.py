@@ -529,7 +529,7 @@ async def test_recovery_with_a_foreign_epoch_is_not_recovered(
 
 
 def topic_of(channel: str) -> bytes:
-    """The pub/sub topic of a channel: hub/redis_broker.py, prefix `hub:`, db 0."""
+    """The pub/sub topic of a channel: hub/redis/broker.py, prefix `hub:`, db 0."""
     return b"hub:c:0:{" + channel.encode() + b"}"
 
 

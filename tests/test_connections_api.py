@@ -15,8 +15,8 @@ import websockets
 from hub import __version__
 from hub.api import HubClient
 from hub.presence import NodeSnapshot, NodeStats
-from hub.redis_presence import RedisPresence
-from hub.redis_topology import create_server_client
+from hub.redis.presence import RedisPresence
+from hub.redis.topology import create_server_client
 from tests.support import (
     API_KEY,
     WAIT,

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from hub.events_redis import bucket_of
+from hub.redis.events import bucket_of
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 from tests.support import (

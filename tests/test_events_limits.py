@@ -25,8 +25,8 @@ import redis
 import redis.asyncio
 
 from hub.events import Delivery, MemoryLedger
-from hub.events_redis import BUCKETS, GROUP, TRIM_LUA
 from hub.metrics import Metrics
+from hub.redis.events import BUCKETS, GROUP, TRIM_LUA
 from hub.settings import SettingsError, load_settings
 from tests.redis_cluster import RedisSentinel
 from tests.support import (

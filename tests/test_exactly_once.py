@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio
 
 from hub.broker import HistoryOptions
-from hub.redis_broker import RedisBroker
+from hub.redis.broker import RedisBroker
 from tests.conftest import NAMESPACES
 from tests.redis_server import RedisServer
 from tests.support import Client, connect, eventually, make_settings, running_node, token

@@ -16,7 +16,7 @@ import pytest
 from hub.broker import Broker, HistoryOptions, HistoryPage, MemoryBroker, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Disconnect, Join, Message, Relayed
-from hub.redis_broker import RedisBroker
+from hub.redis.broker import RedisBroker
 from tests.broker_events import Recorder, subscribe, unsubscribe
 
 pytest.importorskip("lupa", reason="fakeredis runs Lua scripts only with lupa installed")
@@ -310,7 +310,7 @@ async def test_down_or_not_started_fails_fast(fake_server: fakeredis.FakeServer)
 
 
 def test_expiry_clock_sets_a_long_ttl_now_and_then_and_a_short_one_always() -> None:
-    from hub.redis_broker import ExpiryClock
+    from hub.redis.history import ExpiryClock
 
     clock = ExpiryClock(every=60, grace=4, min_ttl=60)
     # never seen: no epoch to expect, the TTL is set, to the TTL + a tenth of it + grace

@@ -16,8 +16,9 @@ import redis
 from hub.broker import HistoryOptions, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.protocol import Message
-from hub.redis_broker import RedisBroker, create_redis_backends
-from hub.redis_topology import create_server_client
+from hub.redis import create_redis_backends
+from hub.redis.broker import RedisBroker
+from hub.redis.topology import create_server_client
 from hub.settings import Settings
 from tests.broker_events import Recorder, subscribe, unsubscribe
 from tests.redis_server import RedisServer

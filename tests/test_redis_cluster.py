@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from hub.redis_topology import tagged
+from hub.redis.topology import tagged
 from tests.conftest import NAMESPACES
 from tests.redis_cluster import RedisCluster, RedisSentinel
 from tests.support import (

@@ -15,8 +15,8 @@ import pytest
 from hub.errors import BrokerUnavailable
 from hub.presence import NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo
-from hub.redis_presence import RedisPresence
-from hub.redis_topology import create_server_client
+from hub.redis.presence import RedisPresence
+from hub.redis.topology import create_server_client
 from tests.redis_server import free_port
 from tests.support import eventually
 

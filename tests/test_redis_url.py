@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from hub.redis_topology import create_server_client
-from hub.redis_url import Kind, RedisUrlError, parse_redis_url
+from hub.redis.topology import create_server_client
+from hub.redis.url import Kind, RedisUrlError, parse_redis_url
 from hub.settings import SettingsError, load_settings
 from tests.redis_server import RedisServer
 

@@ -32,8 +32,8 @@ from hub.broker import HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
 from hub.node import Node
 from hub.protocol import Message
-from hub.redis_broker import RedisBroker
-from hub.redis_topology import create_server_client
+from hub.redis.broker import RedisBroker
+from hub.redis.topology import create_server_client
 from hub.session import Session
 from hub.subscriptions import Cohort
 from tests.broker_events import Recorder

@@ -1,4 +1,4 @@
-"""Events decided once for the cluster, in Redis (PROTOCOL §14).
+"""`RedisLedger`: events decided once for the cluster, in Redis (PROTOCOL §14).
 
 Subjects (a channel, a user, a user in a presence channel) are spread over `BUCKETS`
 buckets by a CRC32 of the channel (or, for a user, the user name). Each bucket's keys share
@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from hub.events import (
     BATCH_SIZE,
@@ -59,10 +59,10 @@ from hub.events import (
     new_event_id,
     subject_tails,
 )
+from hub.incident import Incident
 from hub.metrics import Metrics
-from hub.redis_presence import ttl_ms
-from hub.redis_support import _NOW, Incident, Script
-from hub.redis_topology import REDIS_ERRORS, Topology
+from hub.redis.scripts import NOW_LUA, Call, Script, run_scripts, ttl_ms
+from hub.redis.topology import REDIS_ERRORS, Topology
 
 log = logging.getLogger("hub.events")
 
@@ -107,7 +107,7 @@ return 1
 
 # KEYS: alive. ARGV: node, ttl_ms. 1 when the node was registered, 0 when it is new (or was
 # counted out meanwhile: it must tell what it holds again).
-TOUCH_LUA = _NOW + """
+TOUCH_LUA = NOW_LUA + """
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 if known then return 1 end
@@ -118,7 +118,7 @@ return 0
 # every node whose entry lapsed), max_len, budget. Releases what those nodes held; a
 # subject left without holders records its last event. Returns {more (0/1), names of the
 # events recorded, names of those dropped (stream full)}, the names comma-separated.
-REAP_LUA = _NOW + """
+REAP_LUA = NOW_LUA + """
 local stream, alive = KEYS[1], KEYS[2]
 local nodes
 if ARGV[2] ~= '' then nodes = {ARGV[2]} else
@@ -174,7 +174,7 @@ return {more, table.concat(recorded, ','), table.concat(dropped, ',')}
 # comma-separated, to be counted); those handed out and no longer pending were delivered
 # (acknowledged, but their XDEL was lost), and go silently. Entries still pending are left
 # to their reader, which drops them for age when it would send them (counted there, once).
-TRIM_LUA = _NOW + """
+TRIM_LUA = NOW_LUA + """
 local stream = KEYS[1]
 local cutoff = now - tonumber(ARGV[1])
 if cutoff <= 0 or redis.call('EXISTS', stream) == 0 then return '' end
@@ -227,7 +227,7 @@ return 0
 """
 
 # KEYS: a bucket's alive. The live nodes there (every node beats in every bucket).
-NODES_LUA = _NOW + """
+NODES_LUA = NOW_LUA + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%d', now), '+inf')
 """
 
@@ -238,7 +238,6 @@ return 0
 """
 
 Hold = tuple[str, str, str, str]  # kind, name, user, holder
-_Call = tuple[Script, list[bytes], list[bytes | str | int]]
 
 
 def bucket_of(kind: str, name: str) -> int:
@@ -401,7 +400,7 @@ class RedisLedger:
         registering = sorted(self._unregistered)
         holds = list(itertools.islice(self._dirty.items(), _APPLY_BATCH))
         emits = [self._emits[i] for i in range(min(_APPLY_BATCH, len(self._emits)))]
-        calls: list[_Call] = [
+        calls: list[Call] = [
             (self._touch, [self._alive(b)], [self._node, self._ttl_ms]) for b in registering
         ]
         for hold, _ in holds:
@@ -430,7 +429,7 @@ class RedisLedger:
             else:
                 self._overflow.dropped(name)
 
-    def _hold_call(self, hold: Hold) -> _Call:
+    def _hold_call(self, hold: Hold) -> Call:
         kind, name, user, holder = hold
         bucket = bucket_of(kind, name)
         subject = self._subject(bucket, hold)
@@ -466,7 +465,7 @@ class RedisLedger:
         told again what the node holds there."""
         interval = self._ttl / 3
         while True:
-            calls: list[_Call] = [
+            calls: list[Call] = [
                 (self._touch, [self._alive(b)], [self._node, self._ttl_ms])
                 for b in range(BUCKETS)
             ]
@@ -491,7 +490,7 @@ class RedisLedger:
     async def _reap_buckets(self, buckets: list[int], node: str = "") -> list[int]:
         """Count out lapsed nodes (or `node`) in `buckets`, one round trip; returns the
         buckets where more is left to do."""
-        calls: list[_Call] = [
+        calls: list[Call] = [
             (self._reap, [self._stream(b), self._alive(b)],
              [self._bases[b] + b"h:", node, self._max_pending, _REAP_BUDGET])
             for b in buckets
@@ -521,7 +520,7 @@ class RedisLedger:
         renewed = time.monotonic()
         while True:
             take = int(sum(self._owned) < self._share)
-            calls: list[_Call] = [
+            calls: list[Call] = [
                 (self._lease, [self._owner(b)], [self._node, self._ttl_ms, take])
                 for b in range(BUCKETS)
             ]
@@ -553,7 +552,7 @@ class RedisLedger:
 
     async def _trim_buckets(self, buckets: list[int]) -> list[int]:
         """One round trip; returns the buckets that may have more to trim."""
-        calls: list[_Call] = [
+        calls: list[Call] = [
             (self._trim, [self._stream(b)], [self._max_age_ms, _TRIM_BUDGET, GROUP])
             for b in buckets
         ]
@@ -740,27 +739,9 @@ class RedisLedger:
 
     # Redis
 
-    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
+    async def _run(self, calls: Sequence[Call]) -> list[Any]:
         """Scripts in one pipelined round trip (loaded once when Redis lacks them)."""
-        if not calls:
-            return []
-        async with self._topology.slots_for(calls[0][1][0]):
-            results = await self._pipeline(calls)
-            if any(isinstance(result, NoScriptError) for result in results):
-                for script in {call[0] for call in calls}:
-                    await self._topology.client.script_load(script.source)
-                results = await self._pipeline(calls)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
-
-    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
-        pipe = self._topology.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        return await run_scripts(self._topology, calls)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

@@ -4,14 +4,13 @@ Redis Cluster, behind one small interface (`Topology`), built by redis-py's own 
 A topology gives the command client (one pool, shared by broker and presence), the shards
 (one for a server or Sentinel; one per master of a Cluster), which shard a pub/sub topic
 lives on, and new pub/sub connections to a shard. Everything here is about *where*; what
-is sent is `hub.redis_broker`'s and `hub.redis_presence`'s business.
+is sent is the business of `hub.redis.broker`, `hub.redis.presence` and `hub.redis.events`;
+how many commands may run at once on a server is `hub.redis.gate`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from types import TracebackType
 from typing import Any, Protocol, TypeAlias, cast
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
@@ -23,7 +22,8 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from hub.redis_url import Kind, RedisTarget, parse_redis_url
+from hub.redis.gate import CommandSlots, command_slots
+from hub.redis.url import Kind, RedisTarget, parse_redis_url
 
 log = logging.getLogger("hub.redis")
 
@@ -41,50 +41,6 @@ REBUILD_AFTER_FAILURES = 3
 # publish is never sent twice.
 COMMAND_TIMEOUT = 0.8
 _TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": COMMAND_TIMEOUT}
-
-
-class CommandSlots:
-    """At most `size` commands (or pipelines) of the command client at once on one Redis
-    server: `async with topology.slots_for(key):` around each. The pools do not wait for a
-    free connection (a Cluster node's and a Sentinel master's cannot; one server's would
-    cost every command an asyncio condition and a timeout): past their size redis-py
-    raises MaxConnectionsError or ConnectionError "Too many connections", and a crowd of
-    subscribes or publishes on one node (thousands of clients reconnecting at once) failed
-    as `unavailable` with Redis idle. Here they wait their turn instead, at most
-    `timeout` seconds (then TimeoutError: Redis is too slow to answer them)."""
-
-    __slots__ = ("_free", "_timeout")
-
-    def __init__(self, size: int, timeout: float = 2.0) -> None:
-        self._free = asyncio.Semaphore(size)
-        self._timeout = timeout
-
-    @property
-    def full(self) -> bool:
-        """Every slot is held: the next command waits."""
-        return self._free.locked()
-
-    async def __aenter__(self) -> None:
-        if self._free.locked():
-            async with asyncio.timeout(self._timeout):
-                await self._free.acquire()
-        else:
-            await self._free.acquire()  # free: no waiting, no timer
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._free.release()
-
-
-# Connections of each server's pool that the slots leave free, for what runs outside them:
-# a Cluster's slot-map refresh, SCRIPT LOAD on every master, a pipeline that spans shards.
-POOL_HEADROOM = 8
-
-
-def command_slots(pool_size: int) -> CommandSlots:
-    return CommandSlots(max(1, pool_size - POOL_HEADROOM))
 
 
 class Topology(Protocol):
@@ -144,7 +100,7 @@ def create_server_client(url: str, *, max_connections: int = 64) -> RedisClient:
     the topology's `CommandSlots` lets no more commands run at once (a waiting pool costs
     each command an asyncio condition and a timeout, about 5% of a node's CPU per publish).
     TLS (`rediss://`), user, password and db number come from the URL, read by
-    `hub.redis_url` as for the other forms (`redis://secret@host` is a password, as for
+    `hub.redis.url` as for the other forms (`redis://secret@host` is a password, as for
     redis-cli; redis-py's own parser would take it for a user name).
 
     RESP2: with redis-py 8's default RESP3 (and hiredis) a pooled connection that Redis

@@ -1,24 +1,25 @@
-"""The cluster broker: Redis pub/sub relays publications between nodes, Redis streams hold
-history (PROTOCOL §5, §6), on one server, a Sentinel master or a Redis Cluster.
+"""`RedisBroker`, the cluster broker: Redis pub/sub relays publications between nodes,
+Redis streams hold history (PROTOCOL §5, §6), on one server, a Sentinel master or a Redis
+Cluster.
 
 Every key of a channel (history stream, offset/epoch meta, presence) and its pub/sub topic
 carry the channel as one hash tag (`hub:s:{news}`), so on a Cluster a publish is one script
 on one shard, and channels spread over all shards. The relay is per shard: one supervised
-pub/sub connection (`hub.redis_link.Link`) to each shard's master, subscribed to the topics
+pub/sub connection (`hub.redis.links.Link`) to each shard's master, subscribed to the topics
 of the channels this node has local subscribers on (SSUBSCRIBE on a Cluster). A shard that
 fails over, or a slot that moves, is an outage of that shard's channels only: the node
 refills those, and the others notice nothing.
 
 Publishing is one Lua script per round trip: on one server (or a Sentinel's master) one round
 trip is in flight per node, and the publications that came meanwhile go together in the next,
-in the order they came (`Batcher`: no added wait when there is no crowd); on a Cluster each
-goes on its own.
+in the order they came (`hub.redis.batcher.Batcher`: no added wait when there is no crowd);
+on a Cluster each goes on its own.
 With history a publication is HINCRBY (offset, on the epoch the node expects), XADD and
-PUBLISH, and the keys' TTL once a minute per channel at most (`ExpiryClock`); without history
-the PUBLISH alone. Each refuses to run past a deadline on the Redis clock, so a publish
-answered `unavailable` (timed out) is never carried out later. With
-`HUB_REDIS_MIN_REPLICAS` a publish also waits for that many replicas (`WAIT`, on the
-connection that ran it) before it is answered.
+PUBLISH, and the keys' TTL once a minute per channel at most
+(`hub.redis.history.ExpiryClock`); without history the PUBLISH alone. Each refuses to run
+past a deadline on the Redis clock, so a publish answered `unavailable` (timed out) is never
+carried out later. With `HUB_REDIS_MIN_REPLICAS` a publish also waits for that many replicas
+(`WAIT`, on the connection that ran it) before it is answered.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -39,212 +38,26 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from hub.broker import BrokerEvents, HistoryOptions, HistoryPage, StreamPosition
 from hub.errors import BrokerUnavailable
+from hub.incident import Incident
 from hub.protocol import Message, Relayed, decode_relayed, encode
-from hub.redis_link import PROBE_INTERVAL, CommandProbe, Link
-from hub.redis_presence import RedisPresence, ttl_ms
-from hub.redis_support import (
+from hub.redis.batcher import Batcher
+from hub.redis.history import (
     HISTORY_LUA,
     PUBLISH_BATCH_LUA,
     RESTART_EPOCH_LUA,
-    Incident,
-    Script,
+    ExpiryClock,
     epoch_candidate,
+    renew_deadlines,
 )
-from hub.redis_topology import (
-    COMMAND_TIMEOUT,
-    REDIS_ERRORS,
-    Topology,
-    as_topology,
-    create_topology,
-    tagged,
-)
-from hub.redis_url import RedisTarget, parse_redis_url
-from hub.settings import Settings
+from hub.redis.links import PROBE_INTERVAL, CommandProbe, Link
+from hub.redis.scripts import Script, ttl_ms
+from hub.redis.topology import COMMAND_TIMEOUT, REDIS_ERRORS, Topology, as_topology, tagged
 from hub.tasks import cancel
 
 log = logging.getLogger("hub.redis")
 
 DEFAULT_PREFIX = "hub:"
 TOPOLOGY_CHECK_SECONDS = 10.0  # a Cluster's slot map is read again at least this often
-BATCH_LIMIT = 256  # publications in one script at most
-
-
-class _Queued(NamedTuple):
-    keys: list[bytes]
-    item: list[Any]
-    answer: asyncio.Future[Any]
-
-
-_LEAD: Any = object()  # a queued publication's turn to send the batch it heads
-
-
-def _leads(entry: _Queued) -> bool:
-    answer = entry.answer
-    return (answer.done() and not answer.cancelled() and answer.exception() is None
-            and answer.result() is _LEAD)
-
-
-class Batcher:
-    """Publications go to Redis `slots` round trips at a time at most (one by default): one
-    that finds a slot free goes at once, from its own task; those that come while every slot
-    is taken queue, and go together, as one script, when a slot frees: the first of them
-    still waiting sends the batch (woken once, as it would be for its answer) and answers the
-    others (as Centrifugo's Redis broker pipelines what comes in a crowd). A crowd of
-    publishes then costs one round trip and one script between them, and a lone publish
-    waits for nothing. With one slot the node's publications run in the order they came; a
-    publication whose caller gave up before it left is not sent."""
-
-    def __init__(
-        self, send: Callable[[list[bytes], list[Any]], Awaitable[list[Any]]],
-        limit: int = BATCH_LIMIT, slots: int = 1,
-    ) -> None:
-        self._send = send
-        self._limit = limit
-        self._slots = slots
-        self._in_flight = 0
-        self._queue: list[_Queued] = []
-        self._closed = False
-
-    async def submit(self, keys: list[bytes], item: list[Any]) -> Any:
-        """The script's answer for this publication; raises what the round trip raised."""
-        if self._in_flight < self._slots and not self._queue:  # go now
-            self._in_flight += 1
-            try:
-                [alone] = await self._send(keys, item)
-            finally:
-                self._release()
-            return alone
-        entry = _Queued(keys, item, asyncio.get_running_loop().create_future())
-        self._queue.append(entry)
-        try:
-            answer = await entry.answer
-        except asyncio.CancelledError:
-            if _leads(entry):
-                self._release()  # it was this one's turn: the next one waiting leads
-            elif entry in self._queue:
-                self._queue.remove(entry)
-            raise
-        if answer is not _LEAD:
-            return answer
-        return await self._lead(entry)
-
-    async def _lead(self, head: _Queued) -> Any:
-        """Send the batch `head` (this task's publication) heads, with what waits behind
-        it; its own answer."""
-        batch = [head]
-        while self._queue and len(batch) < self._limit:
-            entry = self._queue.pop(0)
-            if not entry.answer.done():  # else its caller gave up: not sent
-                batch.append(entry)
-        if len(batch) == 1:  # alone after all: as if it had found the slot free
-            try:
-                [alone] = await self._send(head.keys, head.item)
-            finally:
-                self._release()
-            return alone
-        keys = [key for entry in batch for key in entry.keys]
-        items = [arg for entry in batch for arg in entry.item]
-        # Shielded: the others' publications do not share this caller's fate (one that gives
-        # up does not make theirs fail, or leave the slot taken).
-        sending = asyncio.ensure_future(self._send(keys, items))
-        sending.add_done_callback(functools.partial(self._answer, batch))
-        answers: list[Any] = await asyncio.shield(sending)
-        return answers[0]
-
-    def _answer(self, batch: list[_Queued], sending: asyncio.Future[list[Any]]) -> None:
-        self._release()
-        if sending.cancelled():
-            failure: BaseException | None = BrokerUnavailable("the broker is closing")
-        else:
-            failure = sending.exception()
-        for index, entry in enumerate(batch[1:], 1):
-            if entry.answer.done():
-                continue
-            if failure is not None:
-                entry.answer.set_exception(failure)
-            else:
-                entry.answer.set_result(sending.result()[index])
-
-    def _release(self) -> None:
-        """A round trip is back: the slot passes to the first publication still waiting,
-        or is free."""
-        while self._queue and not self._closed:
-            first = self._queue.pop(0)
-            if not first.answer.done():
-                first.answer.set_result(_LEAD)
-                return
-        self._in_flight -= 1
-
-    async def close(self) -> None:
-        self._closed = True
-        queued, self._queue = self._queue, []
-        for entry in queued:
-            if not entry.answer.done():
-                entry.answer.set_exception(BrokerUnavailable("the broker is closing"))
-
-
-class ExpiryClock:
-    """When this node last set the TTL of a channel's history keys, and the epoch it last
-    saw: a publish sets the TTL only every `every` seconds per channel (a tenth of the TTL,
-    5 s to a minute), to the history's TTL plus that plus the longest a publish may wait for
-    Redis (`grace`), so the keys
-    outlive every publication by at least the TTL whichever node published it, and the
-    script runs no PEXPIRE on most publishes. Short TTLs (under `min_ttl`) are set on every
-    publish, exactly. Bounded: past `limit` channels it starts over (each channel's next
-    publish then sets the TTL and reads the epoch)."""
-
-    def __init__(
-        self, every: float = 60.0, grace: float = 4.0, min_ttl: float = 60.0,
-        limit: int = 65_536,
-    ) -> None:
-        self._every = every  # at most; a tenth of the TTL when that is less (5 s at least)
-        self._grace = grace
-        self._min_ttl = min_ttl
-        self._limit = limit
-        self._seen: dict[str, tuple[str, float]] = {}
-
-    def plan(self, channel: str, ttl: float, now: float) -> tuple[str, int, bool, float]:
-        """(expected epoch or '', TTL to set in ms, set it now, the time to remember if the
-        publish succeeds); `now` is `time.monotonic()` before it is sent."""
-        seen = self._seen.get(channel)
-        if ttl < self._min_ttl:
-            return (seen[0] if seen else "", ttl_ms(ttl), True, now)
-        every = min(self._every, max(5.0, ttl / 10))
-        expire = ttl_ms(ttl) + int((every + self._grace) * 1000)
-        if seen is None:
-            return "", expire, True, now
-        epoch, refreshed = seen
-        if now - refreshed >= every:
-            return epoch, expire, True, now
-        return epoch, expire, False, refreshed
-
-    def saw(self, channel: str, epoch: str, refreshed: float) -> None:
-        if len(self._seen) >= self._limit and channel not in self._seen:
-            self._seen.clear()
-        self._seen[channel] = (epoch, refreshed)
-
-    def learn(self, channel: str, epoch: str) -> None:
-        """An epoch read elsewhere (a history read): the next publish expects it, and sets
-        the TTL (when it was last set is not known)."""
-        if channel not in self._seen:
-            self.saw(channel, epoch, -math.inf)
-
-    def forget(self, channel: str) -> None:
-        self._seen.pop(channel, None)
-
-
-def create_redis_backends(
-    settings: Settings, *, prefix: str = DEFAULT_PREFIX, max_connections: int = 64
-) -> tuple[RedisBroker, RedisPresence]:
-    """Broker and presence sharing one topology (and its command pool); the broker adds its
-    pub/sub connections."""
-    if not settings.redis_url:
-        raise ValueError("create_redis_backends needs settings.redis_url")
-    target: RedisTarget = parse_redis_url(settings.redis_url)
-    topology = create_topology(target, max_connections=max_connections)
-    broker = RedisBroker(topology, prefix=prefix, min_replicas=settings.redis_min_replicas)
-    presence = RedisPresence(topology, settings.node_id, settings.presence_ttl, prefix=prefix)
-    return broker, presence
 
 
 class RedisBroker:
@@ -504,7 +317,7 @@ class RedisBroker:
                 )
             except NoScriptError:
                 await client.script_load(script.source)
-                _renew_deadlines(items, self._deadline_ms())
+                renew_deadlines(items, self._deadline_ms())
                 answers = await client.evalsha(
                     script.sha, len(keys), *keys, self._publish_command, *items
                 )
@@ -548,7 +361,7 @@ class RedisBroker:
             reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError) and attempt == 1:
                 await client.script_load(script.source)
-                _renew_deadlines(item, self._deadline_ms())  # it did not run
+                renew_deadlines(item, self._deadline_ms())  # it did not run
                 continue
             for result in (reply, replicas):
                 if isinstance(result, Exception):
@@ -716,17 +529,3 @@ class RedisBroker:
         arrived = [topic for topic in arrived if topic in link.sent]
         if arrived:
             self.went_up(link, arrived, reconnected=True)
-
-
-# Arguments of one publication in the publish script, by its kind (its first argument):
-# a relayed frame (b"r": kind, deadline, topic, payload) or a message with history (b"h",
-# b"H": kind, deadline, topic, payload, expiry, size, expected epoch, candidate epoch).
-_ITEM_LENGTHS = {b"r": 4, b"h": 8, b"H": 8}
-
-
-def _renew_deadlines(items: list[Any], deadline_ms: int) -> None:
-    """Give every publication of a flat batch `deadline_ms` (the second argument of each)."""
-    at = 0
-    while at < len(items):
-        items[at + 1] = deadline_ms
-        at += _ITEM_LENGTHS[items[at]]

@@ -34,8 +34,8 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from hub.errors import BrokerUnavailable
-from hub.redis_support import Incident
-from hub.redis_topology import REDIS_ERRORS
+from hub.incident import Incident
+from hub.redis.topology import REDIS_ERRORS
 from hub.tasks import cancel
 
 log = logging.getLogger("hub.redis")

@@ -14,18 +14,81 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from hub.errors import BrokerUnavailable
+from hub.incident import Incident
 from hub.presence import Departure, NodeSnapshot, NodeStats
 from hub.protocol import ClientInfo, encode
-from hub.redis_support import FORGET_LUA, LIVE_LUA, TOUCH_LUA, Incident, Script
-from hub.redis_topology import REDIS_ERRORS, Topology, as_topology, tagged
+from hub.redis.scripts import NOW_LUA, Call, Script, run_scripts, ttl_ms
+from hub.redis.topology import REDIS_ERRORS, Topology, as_topology, tagged
 
 log = logging.getLogger("hub.redis")
 
 # Members per script call: keeps each call's argument list well under Lua's stack limit.
 _BATCH = 500
+
+# The scripts: a hash (field -> value) and a zset (field -> expiry, ms on the Redis clock) per
+# key pair, like Centrifuge's presence_redis.go. Entries that nobody refreshes expire one by
+# one; the keys themselves expire when nobody refreshes anything.
+_FORGET_EXPIRED = """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for i = 1, #dead, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(dead, i, math.min(i + 999, #dead)))
+end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+"""
+
+# KEYS: hash, zset. ARGV: ttl_ms, field, value, field, value...
+TOUCH_LUA = (
+    NOW_LUA
+    + _FORGET_EXPIRED
+    + """
+local expire_at = string.format('%d', now + tonumber(ARGV[1]))
+local scored = {}
+for i = 2, #ARGV, 2 do
+  scored[#scored + 1] = expire_at
+  scored[#scored + 1] = ARGV[i]
+end
+if #scored > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  redis.call('ZADD', KEYS[2], unpack(scored))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return #scored / 2
+"""
+)
+
+# KEYS: hash, zset. Returns field, value, field, value... of the live entries.
+LIVE_LUA = (
+    NOW_LUA
+    + _FORGET_EXPIRED
+    + """
+local alive = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%d', now), '+inf')
+local result = {}
+for i = 1, #alive, 1000 do
+  local last = math.min(i + 999, #alive)
+  local values = redis.call('HMGET', KEYS[1], unpack(alive, i, last))
+  for j = 1, #values do
+    if values[j] then
+      result[#result + 1] = alive[i + j - 1]
+      result[#result + 1] = values[j]
+    end
+  end
+end
+return result
+"""
+)
+
+# KEYS: hash, zset. ARGV: fields to drop.
+FORGET_LUA = """
+for i = 1, #ARGV, 1000 do
+  local last = math.min(i + 999, #ARGV)
+  redis.call('HDEL', KEYS[1], unpack(ARGV, i, last))
+  redis.call('ZREM', KEYS[2], unpack(ARGV, i, last))
+end
+return #ARGV
+"""
 
 
 class _StoredMember(msgspec.Struct):
@@ -42,8 +105,6 @@ class _StoredMember(msgspec.Struct):
 
 _member_decoder = msgspec.json.Decoder(_StoredMember)
 _snapshot_decoder = msgspec.json.Decoder(NodeSnapshot)
-
-_Call = tuple[Script, list[bytes], list[bytes | str | int]]
 
 
 class RedisPresence:
@@ -103,21 +164,21 @@ class RedisPresence:
     ) -> None:
         """One round trip: this node's snapshot and every member it has, with a new TTL,
         then the departures Redis missed."""
-        calls: list[_Call] = [
+        calls: list[Call] = [
             (self._touch, self._node_keys(), [self._ttl_ms, self._node_id, encode(local)])
         ]
         await self._run([*calls, *self._touches(members), *self._forgets(removed)])
 
     async def leave(self, removed: Sequence[Departure]) -> None:
         """Never raises: a node that cannot reach Redis at shutdown drops out by the TTL."""
-        calls: list[_Call] = [(self._forget, self._node_keys(), [self._node_id])]
+        calls: list[Call] = [(self._forget, self._node_keys(), [self._node_id])]
         try:
             await self._run([*calls, *self._forgets(removed)])
         except BrokerUnavailable:
             log.warning("could not leave presence; this node's entries expire by their TTL")
 
-    def _touches(self, members: Mapping[str, Sequence[ClientInfo]]) -> list[_Call]:
-        calls: list[_Call] = []
+    def _touches(self, members: Mapping[str, Sequence[ClientInfo]]) -> list[Call]:
+        calls: list[Call] = []
         for channel, listed in members.items():
             pairs: list[bytes | str | int] = []
             for given in listed:
@@ -130,7 +191,7 @@ class RedisPresence:
                 calls.append((self._touch, self._member_keys(channel), args))
         return calls
 
-    def _forgets(self, removed: Sequence[Departure]) -> list[_Call]:
+    def _forgets(self, removed: Sequence[Departure]) -> list[Call]:
         by_channel: dict[str, list[bytes | str | int]] = {}
         for channel, client in removed:
             by_channel.setdefault(channel, []).append(client)
@@ -174,20 +235,12 @@ class RedisPresence:
     def _node_keys(self) -> list[bytes]:
         return [self._prefix + b"{nodes}", self._prefix + b"{nodes}:exp"]
 
-    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
+    async def _run(self, calls: Sequence[Call]) -> list[Any]:
         """Run scripts in one pipelined round trip; load them once if Redis lost them."""
         if not calls:
             return []
         try:
-            async with self._topology.slots_for(calls[0][1][0]):
-                results = await self._pipeline(calls)
-                if any(isinstance(result, NoScriptError) for result in results):
-                    for script in {call[0] for call in calls}:
-                        await self._load(script)
-                    results = await self._pipeline(calls)
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
+            results = await run_scripts(self._topology, calls)
         except REDIS_ERRORS as exc:
             self._incident.failed(exc)
             raise BrokerUnavailable("presence failed: Redis is unreachable") from exc
@@ -196,17 +249,3 @@ class RedisPresence:
 
     async def _load(self, script: Script) -> None:
         await self._topology.client.script_load(script.source)
-
-    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
-        # EVALSHA by name: a Cluster pipeline routes it by its keys (its `evalsha` is
-        # refused by redis-py 8.1).
-        pipe = self._topology.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
-
-
-def ttl_ms(ttl: float) -> int:
-    """A TTL in whole milliseconds, at least 1 (Redis refuses 0)."""
-    return max(1, int(ttl * 1000))

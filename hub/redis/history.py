@@ -1,26 +1,17 @@
-"""What the Redis broker and presence share: their Lua scripts and the incident log.
-
-Kept apart from `hub.redis_broker` and `hub.redis_presence` so neither imports the other;
-nothing here talks to Redis.
-
-Every script reads the clock with Redis `TIME`, so expiry is judged by one clock for the
-whole cluster, not by each node's own.
+"""A channel's history in Redis, and publishing into it (PROTOCOL §5, §6): the Lua scripts
+that publish (HINCRBY the offset, XADD, PUBLISH, in one step), read history and start a new
+epoch, and what a node computes for their arguments: candidate epochs, publish deadlines,
+and when to set the keys' TTL (`ExpiryClock`). Nothing here talks to Redis; the broker
+(`hub.redis.broker`) runs these.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import math
 import random
-import time
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any
 
-_NOW = """
-if redis.replicate_commands then redis.replicate_commands() end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-"""
+from hub.redis.scripts import NOW_LUA, ttl_ms
 
 # The epoch of a channel and its last offset live in its meta hash as one field: the name is
 # the epoch, the value offset + 1 (an epoch at offset 0 is worth 1). A publish names the
@@ -65,8 +56,8 @@ end
 )
 
 # Publications go to Redis in batches: whatever a node queued while its previous round trip
-# was on its way goes as one script, run in queue order (`hub.redis_broker.Batcher`), so a crowd
-# of publishes costs one round trip, one EVALSHA and one TIME between them.
+# was on its way goes as one script, run in queue order (`hub.redis.batcher.Batcher`), so a
+# crowd of publishes costs one round trip, one EVALSHA and one TIME between them.
 #
 # Each carries a deadline on the Redis clock: when Redis runs it later than that (it was
 # frozen, or the command sat in a buffer), the node has already answered `unavailable`, and
@@ -84,12 +75,12 @@ end
 # MemoryBroker. PUBLISH happens here, in offset order, so every node sees offsets ascend.
 # On the common path that is HINCRBY, XADD (NOMKSTREAM: a stream that is gone is noticed
 # by it, not by an EXISTS) and PUBLISH. The keys' TTL is set to `expire_ms` when the node
-# asks (once a minute per channel at most: `hub.redis_broker.ExpiryClock`) and at
+# asks (once a minute per channel at most: `ExpiryClock`) and at
 # every epoch's first message.
 # Returns one entry per publication: {offset, epoch}, 1 for a relay, false past its
 # deadline, or {'err', message} when Redis refused one of its commands (the others ran).
 PUBLISH_BATCH_LUA = (
-    _NOW
+    NOW_LUA
     + _META
     + """
 local command = ARGV[1]
@@ -164,7 +155,7 @@ return results
 # since epoch. Returns {epoch, offset, complete (0/1), payload...}, oldest first, with the
 # semantics of MemoryBroker.history. Position and messages come from one atomic read.
 HISTORY_LUA = (
-    _NOW
+    NOW_LUA
     + _EPOCH
     + """
 local cutoff = now - tonumber(ttl_ms)
@@ -207,70 +198,6 @@ return result
 """
 )
 
-# Presence: a hash (field -> value) and a zset (field -> expiry, ms on the Redis clock) per
-# key pair, like Centrifuge's presence_redis.go. Entries that nobody refreshes expire one by
-# one; the keys themselves expire when nobody refreshes anything.
-_FORGET_EXPIRED = """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for i = 1, #dead, 1000 do
-  redis.call('HDEL', KEYS[1], unpack(dead, i, math.min(i + 999, #dead)))
-end
-if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
-"""
-
-# KEYS: hash, zset. ARGV: ttl_ms, field, value, field, value...
-TOUCH_LUA = (
-    _NOW
-    + _FORGET_EXPIRED
-    + """
-local expire_at = string.format('%d', now + tonumber(ARGV[1]))
-local scored = {}
-for i = 2, #ARGV, 2 do
-  scored[#scored + 1] = expire_at
-  scored[#scored + 1] = ARGV[i]
-end
-if #scored > 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-  redis.call('ZADD', KEYS[2], unpack(scored))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return #scored / 2
-"""
-)
-
-# KEYS: hash, zset. Returns field, value, field, value... of the live entries.
-LIVE_LUA = (
-    _NOW
-    + _FORGET_EXPIRED
-    + """
-local alive = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%d', now), '+inf')
-local result = {}
-for i = 1, #alive, 1000 do
-  local last = math.min(i + 999, #alive)
-  local values = redis.call('HMGET', KEYS[1], unpack(alive, i, last))
-  for j = 1, #values do
-    if values[j] then
-      result[#result + 1] = alive[i + j - 1]
-      result[#result + 1] = values[j]
-    end
-  end
-end
-return result
-"""
-)
-
-# KEYS: hash, zset. ARGV: fields to drop.
-FORGET_LUA = """
-for i = 1, #ARGV, 1000 do
-  local last = math.min(i + 999, #ARGV)
-  redis.call('HDEL', KEYS[1], unpack(ARGV, i, last))
-  redis.call('ZREM', KEYS[2], unpack(ARGV, i, last))
-end
-return #ARGV
-"""
-
-
 # KEYS: stream, meta. ARGV: ttl_ms, candidate epoch, stale epoch. The node found the channel's
 # offset below one it had delivered in `stale` (a failover lost writes): unless another node
 # did it already, the channel starts a new epoch at offset 0. Returns {epoch, offset}.
@@ -295,58 +222,65 @@ def epoch_candidate() -> str:
     return f"{random.getrandbits(32):08x}"
 
 
-class Script(NamedTuple):
-    """A Lua script run by its SHA1, loaded on the server that lacks it (a restarted or
-    promoted one). A script that was not loaded did not run, so running it again is safe."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> Script:
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+# Arguments of one publication in the publish script, by its kind (its first argument):
+# a relayed frame (b"r": kind, deadline, topic, payload) or a message with history (b"h",
+# b"H": kind, deadline, topic, payload, expiry, size, expected epoch, candidate epoch).
+_ITEM_LENGTHS = {b"r": 4, b"h": 8, b"H": 8}
 
 
-class Incident:
-    """Logs when something starts failing and when it works again, with how long it lasted,
-    not every failure between: a Redis outage under load would otherwise write one line per
-    message. It works again once it has not failed for `QUIET_SECONDS` (on a Cluster with
-    one shard down, commands to the others succeed between the failures), or at once when
-    the caller knows (`for_sure`: a connection is up again)."""
+def renew_deadlines(items: list[Any], deadline_ms: int) -> None:
+    """Give every publication of a flat batch `deadline_ms` (the second argument of each)."""
+    at = 0
+    while at < len(items):
+        items[at + 1] = deadline_ms
+        at += _ITEM_LENGTHS[items[at]]
 
-    QUIET_SECONDS = 2.0
+
+class ExpiryClock:
+    """When this node last set the TTL of a channel's history keys, and the epoch it last
+    saw: a publish sets the TTL only every `every` seconds per channel (a tenth of the TTL,
+    5 s to a minute), to the history's TTL plus that plus the longest a publish may wait for
+    Redis (`grace`), so the keys
+    outlive every publication by at least the TTL whichever node published it, and the
+    script runs no PEXPIRE on most publishes. Short TTLs (under `min_ttl`) are set on every
+    publish, exactly. Bounded: past `limit` channels it starts over (each channel's next
+    publish then sets the TTL and reads the epoch)."""
 
     def __init__(
-        self, logger: logging.Logger, what: str, *, clock: Callable[[], float] = time.monotonic
+        self, every: float = 60.0, grace: float = 4.0, min_ttl: float = 60.0,
+        limit: int = 65_536,
     ) -> None:
-        self._logger = logger
-        self._what = what
-        self._clock = clock
-        self._failures = 0
-        self._started_at = 0.0
-        self._failed_at = 0.0
+        self._every = every  # at most; a tenth of the TTL when that is less (5 s at least)
+        self._grace = grace
+        self._min_ttl = min_ttl
+        self._limit = limit
+        self._seen: dict[str, tuple[str, float]] = {}
 
-    @property
-    def ongoing(self) -> bool:
-        return self._failures > 0
+    def plan(self, channel: str, ttl: float, now: float) -> tuple[str, int, bool, float]:
+        """(expected epoch or '', TTL to set in ms, set it now, the time to remember if the
+        publish succeeds); `now` is `time.monotonic()` before it is sent."""
+        seen = self._seen.get(channel)
+        if ttl < self._min_ttl:
+            return (seen[0] if seen else "", ttl_ms(ttl), True, now)
+        every = min(self._every, max(5.0, ttl / 10))
+        expire = ttl_ms(ttl) + int((every + self._grace) * 1000)
+        if seen is None:
+            return "", expire, True, now
+        epoch, refreshed = seen
+        if now - refreshed >= every:
+            return epoch, expire, True, now
+        return epoch, expire, False, refreshed
 
-    def failed(self, exc: BaseException) -> None:
-        self._failures += 1
-        self._failed_at = self._clock()
-        if self._failures == 1:
-            self._started_at = self._failed_at
-            self._logger.warning("%s failing: %s: %s", self._what, type(exc).__name__, exc)
-        else:
-            self._logger.debug("%s still failing: %s", self._what, exc)
+    def saw(self, channel: str, epoch: str, refreshed: float) -> None:
+        if len(self._seen) >= self._limit and channel not in self._seen:
+            self._seen.clear()
+        self._seen[channel] = (epoch, refreshed)
 
-    def recovered(self, *, for_sure: bool = False) -> None:
-        if not self._failures:
-            return
-        now = self._clock()
-        if for_sure or now - self._failed_at >= self.QUIET_SECONDS:
-            # Without `for_sure` the end is only known to lie between the last failure and
-            # now: the last failure is what is said.
-            ended = now if for_sure else self._failed_at
-            self._logger.info("%s works again after %.2f s (%d failures)", self._what,
-                              ended - self._started_at, self._failures)
-            self._failures = 0
+    def learn(self, channel: str, epoch: str) -> None:
+        """An epoch read elsewhere (a history read): the next publish expects it, and sets
+        the TTL (when it was last set is not known)."""
+        if channel not in self._seen:
+            self.saw(channel, epoch, -math.inf)
+
+    def forget(self, channel: str) -> None:
+        self._seen.pop(channel, None)
