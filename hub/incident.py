@@ -1,7 +1,6 @@
-"""One line when something starts failing and one when it works again, not one per failure
-(STYLE: "one line when an incident starts and one when it ends, not one per retry"). Used
-by whatever may fail in a crowd: the Redis links, probes, broker, presence and events, the
-events receiver, membership's writes.
+"""An incident in the logs: one line when something starts failing and one when it works
+again, not one per failure. Shared by whatever may fail in a crowd: the Redis links,
+probes, broker, presence and events ledger, the events receiver, membership's writes.
 """
 
 from __future__ import annotations

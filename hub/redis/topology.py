@@ -1,11 +1,12 @@
 """Where the hub's Redis is: one server, the master that Sentinels name, or the masters of a
 Redis Cluster, behind one small interface (`Topology`), built by redis-py's own clients.
 
-A topology gives the command client (one pool, shared by broker and presence), the shards
-(one for a server or Sentinel; one per master of a Cluster), which shard a pub/sub topic
-lives on, and new pub/sub connections to a shard. Everything here is about *where*; what
-is sent is the business of `hub.redis.broker`, `hub.redis.presence` and `hub.redis.events`;
-how many commands may run at once on a server is `hub.redis.gate`'s.
+A topology gives the command client (one pool, shared by broker, presence and the events
+ledger), the shards (one for a server or Sentinel; one per master of a Cluster), which
+shard a pub/sub topic lives on, and new pub/sub connections to a shard. Everything here is
+about *where*; what is sent is the business of `hub.redis.broker`, `hub.redis.presence`
+and `hub.redis.events`; how many commands may run at once on a server is
+`hub.redis.gate`'s.
 """
 
 from __future__ import annotations
