@@ -32,6 +32,7 @@ from tests.support import (
     NodeProcess,
     RunningNode,
     connect,
+    eventually_sync,
     make_settings,
     metric,
     next_message,
@@ -66,6 +67,16 @@ class Backend:
         httpx.post(f"{self.url}/stats", timeout=WAIT)
 
 
+def answering(process: subprocess.Popen[Any], url: str, what: str) -> None:
+    """Until `url` answers 200 (within 15 s); a process that exited fails at once."""
+    def ok() -> bool:
+        assert process.poll() is None, f"{what} exited"
+        return httpx.get(url, timeout=1).status_code == 200
+
+    eventually_sync(ok, within=15, what=f"{what} started", ignoring=(httpx.HTTPError,),
+                    every=0.05)
+
+
 @contextlib.contextmanager
 def backend_process() -> Iterator[Backend]:
     port = free_port()
@@ -76,14 +87,7 @@ def backend_process() -> Iterator[Backend]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            assert process.poll() is None, "the backend exited"
-            assert time.monotonic() < deadline, "the backend did not start"
-            time.sleep(0.05)
+        answering(process, url + "/healthz", "the backend")
         yield Backend(url)
     finally:
         process.terminate()
@@ -507,13 +511,7 @@ def example(script: str, *args: str, port: int) -> Iterator[str]:
                                 str(port), *args], cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/", timeout=1).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "did not start"
-            time.sleep(0.05)
+        answering(process, url + "/", script)
         yield url
     finally:
         process.terminate()

@@ -17,6 +17,7 @@ from tests.support import (
     FakeClock,
     RunningNode,
     connect,
+    eventually,
     make_settings,
     running_node,
     token,
@@ -153,10 +154,11 @@ async def test_rate_limit_zero_means_no_limit() -> None:
 
 
 async def wait_connections(api: httpx.AsyncClient, n: int) -> None:
-    async with asyncio.timeout(WAIT):
-        # polling from outside: the server offers no event to await
-        while (await api.get("/api/stats")).json()["total"]["connections"] != n:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    """Polling from outside: the server offers no event to await."""
+    async def connections() -> int:
+        return int((await api.get("/api/stats")).json()["total"]["connections"])
+
+    await eventually(connections, lambda got: got == n, WAIT, f"{n} connections")
 
 
 async def test_connection_past_the_limit_is_accepted_then_closed_1013() -> None:
