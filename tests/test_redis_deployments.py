@@ -218,6 +218,7 @@ async def test_killed_master_is_replaced_within_seconds(
     pubsub = client.pubsub()
     stop = asyncio.Event()
     failures: dict[str, list[str]] = {tag: [], other_tag: []}
+    written = {tag: 0, other_tag: 0}
 
     async def write(key_tag: str) -> None:
         while not stop.is_set():
@@ -225,12 +226,14 @@ async def test_killed_master_is_replaced_within_seconds(
                 await client.set(f"w{key_tag}", "x")
             except redis.RedisError as error:
                 failures[key_tag].append(type(error).__name__)
+            else:
+                written[key_tag] += 1
             await asyncio.sleep(0.02)
 
     try:
         await pubsub.ssubscribe(f"chan{tag}")
         writers = [asyncio.create_task(write(t)) for t in (tag, other_tag)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: all(written.values()), what="each writer writing")
         cluster.kill(victim)
         seconds = await asyncio.to_thread(cluster.wait_for_failover, victim)
         failover = cluster.last_failover
