@@ -419,14 +419,21 @@ async def test_sigterm_drains_then_exits_0() -> None:
             assert max(gaps) < seconds / 2, times  # and roughly evenly
 
             answered = 0
-            while process.process is not None and process.process.poll() is None:
+
+            async def gone() -> bool:
+                nonlocal answered
+                if process.process is None or process.process.poll() is not None:
+                    return True
                 try:
                     stats = await api.get("/api/stats")
                 except httpx.TransportError:
-                    break  # the process is going away
+                    return True  # the process is going away
                 assert stats.status_code == 200
                 answered += 1
-                await asyncio.sleep(0.05)
+                return False
+
+            await eventually(gone, within=delay + seconds + 5, what="the process gone",
+                             every=0.05)
             assert answered or process.process is None or process.process.poll() is not None
 
         code = await asyncio.to_thread(process.wait, delay + seconds + 5)

@@ -409,7 +409,11 @@ async def test_the_connect_hooks_channels_are_server_side_subscriptions(
         assert "news:a" in reply["connect"]["subs"]
         async with connect(running.ws_url, token("watcher")) as ws_client:
             await ws_client.subscribe("news:a")
-            await asyncio.sleep(0.1)  # the server-side join follows the reply
+            async def subscribers() -> Any:  # the server-side join follows the reply
+                return (await running.http.get("/api/channels",
+                                                params={"prefix": "news:a"})).json()
+            await eventually(subscribers, lambda got: got == {"channels": {"news:a": 2}},
+                             WAIT, "news:a held by both")
             await publish(running, "news:a", {"n": 1})
             assert (await frame(raw))["push"]["pub"]["data"] == {"n": 1}
             assert (await next_message(ws_client, "news:a"))["data"] == {"n": 1}
