@@ -1,5 +1,7 @@
 """Real nodes for tests: in-process uvicorn on a free port, or `python -m hub serve`
-subprocesses; and a small WebSocket client that reads JSON frames with bounded waits."""
+subprocesses; a small WebSocket client that reads JSON frames with bounded waits; the one
+polling loop of the tests (`eventually`, and `eventually_sync` for code without an event
+loop); and `FakeClock`, for the clocks a test moves instead of sleeping."""
 
 from __future__ import annotations
 
