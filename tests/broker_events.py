@@ -3,12 +3,11 @@ waits (always bounded) for what a test expects."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable, Collection
 
 from hub.broker import Broker
 from hub.protocol import Message, Relayed
+from tests.support import eventually, took
 
 WAIT = 10.0
 
@@ -25,7 +24,6 @@ class Recorder:
         self.downs = 0
         self.readies = 0
         self.events: list[str] = []
-        self._changed = asyncio.Event()
 
     def on_relayed(self, channel: str, relayed: list[Relayed]) -> None:
         for item in relayed:
@@ -43,7 +41,6 @@ class Recorder:
 
     def on_broker_ready(self) -> None:
         self.readies += 1
-        self._changed.set()  # a wait_for on `broker.up` looks again (not an event of its own)
 
     def data_on(self, channel: str) -> list[bytes]:
         """Payloads of the messages relayed on `channel`, in arrival order."""
@@ -55,16 +52,10 @@ class Recorder:
 
     async def wait_for(self, condition: Callable[[], bool], within: float = WAIT) -> float:
         """Seconds it took for `condition` to hold; fails the test past `within`."""
-        started = time.monotonic()
-        async with asyncio.timeout(within):
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
-        return time.monotonic() - started
+        return await took(eventually(condition, within=within, what="broker events"))
 
     def _record(self, event: str) -> None:
         self.events.append(event)
-        self._changed.set()
 
 
 async def subscribe(broker: Broker, recorder: Recorder, *channels: str) -> None:

@@ -58,6 +58,7 @@ from redis.retry import Retry
 
 from tests.needs import need
 from tests.redis_server import free_port, require_redis_server, write_tls_files
+from tests.support import eventually_sync
 
 REDIS_CLI = shutil.which("redis-cli")
 HOST = "127.0.0.1"
@@ -95,21 +96,16 @@ def slot_of(key_or_slot: str | bytes | int) -> int:
 
 
 def until(condition: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll `condition` until it returns something other than None/False, or fail after
-    `timeout` seconds. Redis and socket errors count as "not yet"."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = condition()
-            if result is not None and result is not False:
-                return result
-        except (redis.RedisError, OSError) as error:
-            last_error = error
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise TimeoutError(f"{what}: not within {timeout:.1f} s{detail}")
-        time.sleep(POLL)
+    """`condition`'s first result other than None/False (0 and [] count), within `timeout`
+    seconds; Redis and socket errors count as "not yet"."""
+    found = eventually_sync(condition, _found, timeout, what,
+                            ignoring=(redis.RedisError, OSError), every=POLL)
+    assert found is not None and found is not False
+    return found
+
+
+def _found(result: object) -> bool:
+    return result is not None and result is not False
 
 
 def _pdeathsig_safe() -> bool:
@@ -161,19 +157,19 @@ class RedisProcess:
                 preexec_fn=_die_with_parent if _pdeathsig_safe() else None,  # noqa: PLW1509
             )
         self.paused = False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running:
-                break
-            try:
-                if self._ping().startswith((b"+PONG", b"-NOAUTH")):
-                    return
-            except OSError:
-                pass
-            time.sleep(POLL)
+        with contextlib.suppress(AssertionError):
+            if eventually_sync(self._serving_or_gone, within=timeout, what="redis started",
+                               ignoring=(OSError,), every=POLL) == "serving":
+                return
         tail = self.log_tail()
         self.kill()
         raise RuntimeError(f"redis on port {self.port} did not start:\n{tail}")
+
+    def _serving_or_gone(self) -> str | None:
+        """Ready when it answers PING (NOAUTH counts: it is serving); "gone" if it exited."""
+        if not self.running:
+            return "gone"
+        return "serving" if self._ping().startswith((b"+PONG", b"-NOAUTH")) else None
 
     def kill(self) -> None:
         """SIGKILL: gone without a word."""
@@ -466,7 +462,7 @@ class RedisCluster(_Deployment):
             raise RuntimeError(f"redis-cli --cluster create failed:\n{out}")
         try:
             self.wait_healthy(max(1.0, deadline - time.monotonic()))
-        except TimeoutError as error:
+        except AssertionError as error:
             raise RuntimeError(f"{error}\n{self.logs()}") from None
 
     def wait_healthy(self, timeout: float = 30.0) -> None:

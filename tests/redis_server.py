@@ -8,6 +8,7 @@ by its pid. The machine's own Redis (6379) is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,12 +16,12 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.needs import need
+from tests.support import eventually_sync
 
 REDIS_SERVER = shutil.which("redis-server")
 _MACHINE_REDIS_PORT = 6379
@@ -150,16 +151,15 @@ class RedisServer:
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready when it answers PING (NOAUTH counts: it is serving)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def serving_or_gone() -> str | None:
             if self._process is not None and self._process.poll() is not None:
-                break
-            try:
-                if self._ping().startswith((b"+PONG", b"-NOAUTH")):
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
+                return "gone"
+            return "serving" if self._ping().startswith((b"+PONG", b"-NOAUTH")) else None
+
+        with contextlib.suppress(AssertionError):
+            if eventually_sync(serving_or_gone, within=timeout, what="redis started",
+                               ignoring=(OSError,), every=0.05) == "serving":
+                return
         log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
         self._end(signal.SIGKILL, 5.0)
         pytest.fail(f"redis-server on port {self.port} did not start:\n{log}")

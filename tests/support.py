@@ -1,5 +1,7 @@
 """Real nodes for tests: in-process uvicorn on a free port, or `python -m hub serve`
-subprocesses; and a small WebSocket client that reads JSON frames with bounded waits."""
+subprocesses; a small WebSocket client that reads JSON frames with bounded waits; the one
+polling loop of the tests (`eventually`, and `eventually_sync` for code without an event
+loop); and `FakeClock`, for the clocks a test moves instead of sleeping."""
 
 from __future__ import annotations
 
@@ -68,12 +70,7 @@ async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
     server = uvicorn.Server(uvicorn_config(app, settings))
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(WAIT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("server stopped during start-up")
-                await asyncio.sleep(0.01)
+        await started(server, task)
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         running = RunningNode(url, f"ws://127.0.0.1:{port}/ws", node_of(app), server,
@@ -86,6 +83,19 @@ async def running_node(settings: Settings) -> AsyncIterator[RunningNode]:
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
+
+
+async def started(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+    """Until uvicorn has bound its sockets (it offers no event for it); a server that
+    stopped during start-up fails the wait with its own error."""
+
+    def up() -> bool:
+        if serving.done():
+            serving.result()
+            raise RuntimeError("server stopped during start-up")
+        return server.started
+
+    await eventually(up, within=WAIT, what="uvicorn started")
 
 
 class FakeClock:
@@ -215,27 +225,28 @@ class NodeProcess:
                 env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True,
             )
         deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
+        process, stdout = self.process, self.process.stdout
+        assert stdout is not None
+
+        def listening() -> re.Match[str] | None:  # one line a try: no sleep between them
+            line = stdout.readline()
             if not line:
-                raise RuntimeError(f"node exited early with {self.process.wait()}")
-            found = _LISTENING.search(line)
-            if found:
-                self.url = "http://" + found.group(1)
-                self.ws_url = self.url.replace("http://", "ws://") + "/ws"
-                self.wait_ready(deadline - time.monotonic())
-                return self
-        raise TimeoutError("node did not start")
+                raise RuntimeError(f"node exited early with {process.wait()}")
+            return _LISTENING.search(line)
+
+        found = eventually_sync(listening, within=timeout, what="node listening", every=0)
+        assert found is not None
+        self.url = "http://" + found.group(1)
+        self.ws_url = self.url.replace("http://", "ws://") + "/ws"
+        self.wait_ready(deadline - time.monotonic())
+        return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError("node never became ready")
+        def status() -> int:
+            return httpx.get(self.url + "/readyz", timeout=1).status_code
+
+        eventually_sync(status, lambda code: code == 200, timeout, "node ready",
+                        ignoring=(httpx.HTTPError,), every=0.05)
 
     def signal(self, sig: int) -> None:
         assert self.process is not None
@@ -313,12 +324,41 @@ async def publish(
     return response.json()
 
 
+class _Attempts:
+    """The bookkeeping of one bounded wait, shared by `eventually` and `eventually_sync`
+    so that both accept, remember and give up alike: only their sleeping differs."""
+
+    def __init__(self, check: Callable[[Any], bool] | None, within: float, what: str) -> None:
+        self.check = check
+        self.within = within
+        self.what = what
+        self.deadline = time.monotonic() + within
+        self.last: object = "<no attempt>"
+
+    def accepts(self, value: object) -> bool:
+        self.last = value
+        return self.check(value) if self.check is not None else bool(value)
+
+    def refused(self, error: BaseException) -> None:
+        self.last = error
+
+    def go_on(self) -> None:
+        """Fails the wait once its time is up, with what was seen last."""
+        if time.monotonic() >= self.deadline:
+            raise AssertionError(
+                f"{self.what} not reached within {self.within} s; last: {self.last!r}"
+            )
+
+
 @overload
 async def eventually(
     probe: Callable[[], Awaitable[T]],
     check: Callable[[T], bool] | None = None,
     within: float = 10.0,
     what: str = "condition",
+    *,
+    ignoring: tuple[type[BaseException], ...] = (),
+    every: float = POLL,
 ) -> T: ...
 
 
@@ -328,6 +368,9 @@ async def eventually(
     check: Callable[[T], bool] | None = None,
     within: float = 10.0,
     what: str = "condition",
+    *,
+    ignoring: tuple[type[BaseException], ...] = (),
+    every: float = POLL,
 ) -> T: ...
 
 
@@ -336,19 +379,59 @@ async def eventually(
     check: Callable[[Any], bool] | None = None,
     within: float = 10.0,
     what: str = "condition",
+    *,
+    ignoring: tuple[type[BaseException], ...] = (),
+    every: float = POLL,
 ) -> Any:
-    """Call `probe` (sync or async) until `check` accepts its value (by default: until it
-    is truthy); returns that value, or fails with the last one after `within` seconds."""
-    deadline = time.monotonic() + within
+    """Call `probe` (sync or async) every `every` seconds until `check` accepts its value
+    (by default: until it is truthy); returns that value, or fails with the last one after
+    `within` seconds. An error of `ignoring` raised by the probe counts as "not yet" (a
+    server still starting, say); any other error fails the test at once. The one polling
+    loop of the tests: a wait with a domain meaning is a thin wrapper around it."""
+    attempts = _Attempts(check, within, what)
     while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if check(value) if check is not None else bool(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} not reached within {within} s; last: {value!r}")
-        await asyncio.sleep(POLL)
+        try:
+            value = probe()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignoring as error:
+            attempts.refused(error)
+        else:
+            if attempts.accepts(value):
+                return value
+        attempts.go_on()
+        await asyncio.sleep(every)
+
+
+def eventually_sync(
+    probe: Callable[[], T],
+    check: Callable[[T], bool] | None = None,
+    within: float = 10.0,
+    what: str = "condition",
+    *,
+    ignoring: tuple[type[BaseException], ...] = (),
+    every: float = POLL,
+) -> T:
+    """`eventually` for code with no event loop (fixtures that start processes, the Redis
+    cluster harness): the same rules, and it blocks its thread between attempts."""
+    attempts = _Attempts(check, within, what)
+    while True:
+        try:
+            value = probe()
+        except ignoring as error:
+            attempts.refused(error)
+        else:
+            if attempts.accepts(value):
+                return value
+        attempts.go_on()
+        time.sleep(every)
+
+
+async def took(waiting: Awaitable[object]) -> float:
+    """Seconds `waiting` took to finish: for a test whose bound is on the time of a wait."""
+    started_at = time.monotonic()
+    await waiting
+    return time.monotonic() - started_at
 
 
 async def next_message(client: Client, channel: str | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tests.support import (
     WAIT,
     RunningNode,
     connect,
+    eventually,
     make_settings,
     metric,
     metric_of,
@@ -427,10 +428,11 @@ async def test_presence_drops_a_disconnected_client(
     async with connect(node.ws_url, token("alice")) as alice:
         await alice.subscribe("chat:gone")
         assert len((await api.get("/api/presence/chat:gone")).json()["clients"]) == 1
-    async with asyncio.timeout(WAIT):
-        # polling from outside: the server offers no event to await
-        while (await api.get("/api/presence/chat:gone")).json()["clients"]:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    async def clients() -> list[Any]:  # polling from outside: the server has no event for it
+        found: list[Any] = (await api.get("/api/presence/chat:gone")).json()["clients"]
+        return found
+
+    await eventually(clients, lambda found: not found, WAIT, "no one present")
 
 
 async def test_presence_on_namespace_without_presence_is_403(api: httpx.AsyncClient) -> None:

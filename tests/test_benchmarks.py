@@ -66,6 +66,7 @@ from hub.cli import main as hub_main
 from hub.settings import load_namespaces
 from hub.wire import text_frame
 from hub.ws_session import WS_CODEC
+from tests.support import eventually
 
 
 def _feed(check: SequenceCheck, seqs: list[int]) -> SequenceCheck:
@@ -450,15 +451,17 @@ async def test_resp_commands_and_replies() -> None:
 
 async def test_cleanup_runs_to_its_end_when_the_run_is_cancelled() -> None:
     steps: list[str] = []
+    released = asyncio.Event()
 
     async def cleanup() -> None:
         steps.append("start")
-        await asyncio.sleep(0.05)
+        await released.wait()  # still at work when the cancel comes
         steps.append("end")
 
     task = asyncio.ensure_future(_to_the_end(cleanup()))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: steps, what="the cleanup started")
     task.cancel()  # SIGTERM while stopping: cleanup still ends, then the cancel goes on
+    released.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert steps == ["start", "end"]

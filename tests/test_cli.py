@@ -29,6 +29,7 @@ from tests.support import (
     Client,
     NodeProcess,
     connect,
+    eventually,
     make_settings,
     running_node,
     token,
@@ -370,11 +371,13 @@ def test_dev_mode_and_json_logs() -> None:
 
 
 async def wait_readyz(url: str, status: int, within: float = WAIT) -> float:
-    """Poll /readyz until it answers `status`; returns when it did."""
-    async with httpx.AsyncClient(timeout=1) as http, asyncio.timeout(within):
-        # polling from outside is what a load balancer does; there is no event to await
-        while (await http.get(url + "/readyz")).status_code != status:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    """Poll /readyz until it answers `status` (from outside, as a load balancer does);
+    returns when it did."""
+    async with httpx.AsyncClient(timeout=1) as http:
+        async def readyz() -> int:
+            return (await http.get(url + "/readyz")).status_code
+
+        await eventually(readyz, lambda code: code == status, within, f"/readyz {status}")
     return time.monotonic()
 
 
@@ -416,14 +419,21 @@ async def test_sigterm_drains_then_exits_0() -> None:
             assert max(gaps) < seconds / 2, times  # and roughly evenly
 
             answered = 0
-            while process.process is not None and process.process.poll() is None:
+
+            async def gone() -> bool:
+                nonlocal answered
+                if process.process is None or process.process.poll() is not None:
+                    return True
                 try:
                     stats = await api.get("/api/stats")
                 except httpx.TransportError:
-                    break  # the process is going away
+                    return True  # the process is going away
                 assert stats.status_code == 200
                 answered += 1
-                await asyncio.sleep(0.05)
+                return False
+
+            await eventually(gone, within=delay + seconds + 5, what="the process gone",
+                             every=0.05)
             assert answered or process.process is None or process.process.poll() is not None
 
         code = await asyncio.to_thread(process.wait, delay + seconds + 5)

@@ -36,6 +36,7 @@ from tests.support import (
     make_settings,
     next_message,
     running_node,
+    started,
     token,
 )
 
@@ -53,12 +54,7 @@ async def serving(app: Starlette) -> AsyncIterator[str]:
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(WAIT):
-            while not server.started:  # uvicorn offers no event for it
-                if task.done():
-                    task.result()
-                    raise RuntimeError("server stopped during start-up")
-                await asyncio.sleep(0.01)
+        await started(server, task)
         port = server.servers[0].sockets[0].getsockname()[1]
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -191,13 +187,15 @@ async def test_lifespan_joins_and_leaves_the_cluster(redis_url: str) -> None:
 
 
 async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(15), httpx.AsyncClient(timeout=1) as http:
-        while process.returncode is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url + "/realtime/readyz")).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)  # polling from outside, as a load balancer does
-    raise RuntimeError(f"the example exited with {process.returncode}")
+    """Polling from outside, as a load balancer does; an example that exited fails it."""
+    async with httpx.AsyncClient(timeout=1) as http:
+        async def ready() -> bool:
+            if process.returncode is not None:
+                raise RuntimeError(f"the example exited with {process.returncode}")
+            return (await http.get(url + "/realtime/readyz")).status_code == 200
+
+        await eventually(ready, within=15, what="the example ready",
+                         ignoring=(httpx.HTTPError,), every=0.05)
 
 
 async def test_the_example_runs_as_documented() -> None:

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from tests.support import (
     RunningNode,
     connect,
     eventually,
+    eventually_sync,
     make_settings,
     running_node,
     token,
@@ -78,11 +78,8 @@ def receiver_process(port: int | None = None) -> Iterator[Receiver]:
         assert process.stdout is not None
         assert process.stdout.readline().startswith(b"receiver on")
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/events", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.02)
+        eventually_sync(lambda: httpx.get(url + "/events", timeout=1).status_code == 200,
+                        within=5, what="the receiver", ignoring=(httpx.HTTPError,))
         yield Receiver(url, process)
     finally:
         process.kill()

@@ -43,6 +43,7 @@ from tests.support import (
     make_settings,
     publish,
     running_node,
+    started,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,11 +305,7 @@ async def serving(app: Any) -> AsyncIterator[str]:
                                            lifespan="off"))
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(WAIT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
+        await started(server, task)
         yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True

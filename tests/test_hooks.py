@@ -32,6 +32,8 @@ from tests.support import (
     NodeProcess,
     RunningNode,
     connect,
+    eventually,
+    eventually_sync,
     make_settings,
     metric,
     next_message,
@@ -66,6 +68,16 @@ class Backend:
         httpx.post(f"{self.url}/stats", timeout=WAIT)
 
 
+def answering(process: subprocess.Popen[Any], url: str, what: str) -> None:
+    """Until `url` answers 200 (within 15 s); a process that exited fails at once."""
+    def ok() -> bool:
+        assert process.poll() is None, f"{what} exited"
+        return httpx.get(url, timeout=1).status_code == 200
+
+    eventually_sync(ok, within=15, what=f"{what} started", ignoring=(httpx.HTTPError,),
+                    every=0.05)
+
+
 @contextlib.contextmanager
 def backend_process() -> Iterator[Backend]:
     port = free_port()
@@ -76,14 +88,7 @@ def backend_process() -> Iterator[Backend]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            assert process.poll() is None, "the backend exited"
-            assert time.monotonic() < deadline, "the backend did not start"
-            time.sleep(0.05)
+        answering(process, url + "/healthz", "the backend")
         yield Backend(url)
     finally:
         process.terminate()
@@ -383,10 +388,13 @@ async def test_refresh_extends_or_ends_a_hooked_connection(backend: Backend) -> 
         assert await closed_with(short, timeout=WAIT) == (3005, "connection expired")
         refreshed = backend.stats()["last"]["refresh"]["body"]
         assert refreshed["meta"] in ({"login": "shorty"}, {"login": "lasting"})
-        await asyncio.sleep(1.5)  # past its first expire_at: refreshed, still open
+        # Past its first expire_at (the shorty's refresh was one, its own the next): refreshed
+        # and still open. Awaited, where a sleep of 1.5 s guessed when it would have been.
+        await eventually(lambda: metric(running, "hub_hook_calls_total", hook="refresh",
+                                        outcome="ok"),
+                         lambda calls: calls >= 2, WAIT, "the lasting connection refreshed")
         await long.send(json.dumps({"id": 2, "presence_stats": {"channel": "news:x"}}))
         assert (await frame(long))["id"] == 2
-        assert await metric(running, "hub_hook_calls_total", hook="refresh", outcome="ok") >= 2
         await long.close()
 
 
@@ -401,7 +409,11 @@ async def test_the_connect_hooks_channels_are_server_side_subscriptions(
         assert "news:a" in reply["connect"]["subs"]
         async with connect(running.ws_url, token("watcher")) as ws_client:
             await ws_client.subscribe("news:a")
-            await asyncio.sleep(0.1)  # the server-side join follows the reply
+            async def subscribers() -> Any:  # the server-side join follows the reply
+                return (await running.http.get("/api/channels",
+                                                params={"prefix": "news:a"})).json()
+            await eventually(subscribers, lambda got: got == {"channels": {"news:a": 2}},
+                             WAIT, "news:a held by both")
             await publish(running, "news:a", {"n": 1})
             assert (await frame(raw))["push"]["pub"]["data"] == {"n": 1}
             assert (await next_message(ws_client, "news:a"))["data"] == {"n": 1}
@@ -507,13 +519,7 @@ def example(script: str, *args: str, port: int) -> Iterator[str]:
                                 str(port), *args], cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/", timeout=1).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "did not start"
-            time.sleep(0.05)
+        answering(process, url + "/", script)
         yield url
     finally:
         process.terminate()

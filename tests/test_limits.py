@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -17,6 +15,7 @@ from tests.support import (
     FakeClock,
     RunningNode,
     connect,
+    eventually,
     make_settings,
     running_node,
     token,
@@ -91,24 +90,24 @@ async def test_rate_limited_commands_are_not_carried_out(limited: RunningNode) -
         assert (await bob.request({"type": "ping"}))["type"] == "pong"  # nothing more came
 
 
+async def commands_until_closed(client: Client, clock: FakeClock, every: float) -> int:
+    """Pings one after another, the node's clock moved `every` seconds after each answer
+    (instead of sleeping between them), until the server closes; returns the close code.
+    Bounded: the grace and 3 s more of the node's time, as the sleeping form allowed."""
+    with contextlib.suppress(websockets.ConnectionClosed):
+        for _ in range(int((GRACE + 3) / every)):
+            await client.request({"type": "ping"})
+            clock.advance(every)
+    return await client.closed()
+
+
 async def test_sustained_abuse_closes_with_4029(limited: RunningNode) -> None:
+    clock = limited.node.clock = FakeClock()
     async with connect(limited.ws_url, token("alice")) as alice:
-        started = time.monotonic()
-
-        async def flood() -> None:
-            with contextlib.suppress(Exception):
-                while True:
-                    await alice.send({"type": "ping"})
-                    await asyncio.sleep(0.005)  # about 40 times the rate
-
-        flooding = asyncio.create_task(flood())
-        try:
-            code = await alice.closed(timeout=GRACE + 3)
-        finally:
-            flooding.cancel()
-            await asyncio.gather(flooding, return_exceptions=True)
+        started = clock()
+        code = await commands_until_closed(alice, clock, 0.005)  # about 40 times the rate
     assert code == 4029
-    assert time.monotonic() - started >= GRACE
+    assert clock() - started >= GRACE
 
 
 async def test_steady_abuse_with_some_commands_let_through_closes_with_4029(
@@ -116,21 +115,10 @@ async def test_steady_abuse_with_some_commands_let_through_closes_with_4029(
 ) -> None:
     """A few times the rate, steadily: a command gets through now and then as tokens come
     back, but the refusals keep on, and that is abuse."""
+    clock = limited.node.clock = FakeClock()
     async with connect(limited.ws_url, token("alice")) as alice:
         await burst(alice, 2 * RATE)  # empty the bucket
-
-        async def steady() -> None:
-            with contextlib.suppress(Exception):
-                while True:
-                    await alice.send({"type": "ping"})
-                    await asyncio.sleep(1 / (4 * RATE))
-
-        sending = asyncio.create_task(steady())
-        try:
-            code = await alice.closed(timeout=GRACE + 3)
-        finally:
-            sending.cancel()
-            await asyncio.gather(sending, return_exceptions=True)
+        code = await commands_until_closed(alice, clock, 1 / (4 * RATE))
     assert code == 4029
 
 
@@ -153,10 +141,11 @@ async def test_rate_limit_zero_means_no_limit() -> None:
 
 
 async def wait_connections(api: httpx.AsyncClient, n: int) -> None:
-    async with asyncio.timeout(WAIT):
-        # polling from outside: the server offers no event to await
-        while (await api.get("/api/stats")).json()["total"]["connections"] != n:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    """Polling from outside: the server offers no event to await."""
+    async def connections() -> int:
+        return int((await api.get("/api/stats")).json()["total"]["connections"])
+
+    await eventually(connections, lambda got: got == n, WAIT, f"{n} connections")
 
 
 async def test_connection_past_the_limit_is_accepted_then_closed_1013() -> None:

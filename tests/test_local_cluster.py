@@ -3,7 +3,6 @@ the balancer, a node killed hard, and its clients failing over to the others."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
@@ -11,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,17 @@ import pytest
 import websockets
 
 from tests.redis_server import free_port
-from tests.support import API_KEY, SECRET, Client, connect, http_client, publish, token
+from tests.support import (
+    API_KEY,
+    SECRET,
+    Client,
+    connect,
+    eventually,
+    eventually_sync,
+    http_client,
+    publish,
+    token,
+)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "local-cluster.sh"
 READY_WAIT = 45.0  # the script's own HUB_CLUSTER_READY_TIMEOUT is 30 s
@@ -95,20 +103,22 @@ def distinct_free_ports(n: int) -> list[int]:
 def wait_for_ready_line(cluster: Cluster, timeout: float) -> str:
     stdout = cluster.process.stdout
     assert stdout is not None
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([stdout], [], [], remaining)
-        if not readable:
-            break
-        line = stdout.readline()
-        if not line:
+
+    def ready_line() -> str | None:  # the select is the wait between lines
+        readable, _, _ = select.select([stdout], [], [], 0.1)
+        line = stdout.readline() if readable else None
+        if line == "":
             raise AssertionError(
-                f"local-cluster.sh exited ({cluster.process.wait(5)}) before it was ready\n"
-                + cluster.log_tail()
-            )
-        if line.startswith("cluster ready:"):
-            return line
-    raise AssertionError(f"no `cluster ready:` line within {timeout} s\n" + cluster.log_tail())
+                f"local-cluster.sh exited ({cluster.process.wait(5)}) before it was ready")
+        return line if line is not None and line.startswith("cluster ready:") else None
+
+    try:
+        found = eventually_sync(ready_line, within=timeout, what="a `cluster ready:` line",
+                                every=0)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{cluster.log_tail()}") from None
+    assert found is not None
+    return found
 
 
 def stop(cluster: Cluster) -> int | None:
@@ -178,18 +188,14 @@ async def join(stack: contextlib.AsyncExitStack, cluster: Cluster, user: str) ->
 async def rejoin(stack: contextlib.AsyncExitStack, cluster: Cluster, user: str,
                  dead: str) -> Client:
     """Reconnect through the balancer, as a client library would: bounded retries."""
-    failures: list[BaseException] = []
-    for _attempt in range(20):
-        try:
-            client = await join(stack, cluster, user)
-        except (OSError, TimeoutError, websockets.InvalidHandshake,
-                websockets.ConnectionClosed) as exc:
-            failures.append(exc)
-            await asyncio.sleep(0.1)
-            continue
-        assert client.welcome["node"] != dead
-        return client
-    raise AssertionError(f"{user} could not reconnect: {failures}")
+    client = await eventually(
+        lambda: join(stack, cluster, user), within=10, what=f"{user} reconnected",
+        ignoring=(OSError, TimeoutError, websockets.InvalidHandshake,
+                  websockets.ConnectionClosed),
+        every=0.1,
+    )
+    assert client.welcome["node"] != dead
+    return client
 
 
 async def test_clients_spread_and_fail_over_through_nginx(cluster: Cluster) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -25,6 +25,7 @@ from tests.redis_cluster import (
     slot_of,
     until,
 )
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,19 +56,10 @@ def tag_per_master(cluster: RedisCluster) -> dict[int, str]:
     raise AssertionError("unreachable")
 
 
-async def eventually(what: str, attempt: Callable[[], object], timeout: float = 10.0) -> None:
+async def succeeds(what: str, attempt: Callable[[], object], timeout: float = 10.0) -> None:
     """Await `attempt()` until it stops raising Redis errors (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = attempt()
-            if asyncio.iscoroutine(result):
-                await result
-            return
-        except (redis.RedisError, OSError):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: still failing after {timeout} s") from None
-            await asyncio.sleep(0.05)
+    await eventually(attempt, lambda _: True, timeout, what,
+                     ignoring=(redis.RedisError, OSError), every=0.05)
 
 
 # -- the shared cluster -------------------------------------------------------------------
@@ -109,23 +101,26 @@ async def test_sharded_pubsub_through_redis_py(redis_cluster: RedisCluster) -> N
                 assert (channel in listed) == (other == port), (port, other, listed)
             assert await client.spublish(channel, f"to {port}") == 1
         received: dict[str, str] = {}
-        deadline = time.monotonic() + 5.0
-        while len(received) < len(channels) and time.monotonic() < deadline:
+
+        async def all_received() -> bool:
             message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=0.1)
             if message is not None:
                 received[message["channel"]] = message["data"]
+            return len(received) == len(channels)
+
+        await eventually(all_received, within=5.0, what="a message from each shard", every=0)
         assert received == {channel: f"to {port}" for port, channel in channels.items()}
         # reading one shard only: get_sharded_message(target_node=...)
         port, channel = next(iter(channels.items()))
         node = client.get_node(host=HOST, port=port)
         assert node is not None
         await client.spublish(channel, "again")
-        message = None
-        deadline = time.monotonic() + 5.0
-        while message is None and time.monotonic() < deadline:
-            message = await pubsub.get_sharded_message(
+        message = await eventually(
+            lambda: pubsub.get_sharded_message(
                 ignore_subscribe_messages=True, timeout=0.1, target_node=node
-            )
+            ),
+            lambda got: got is not None, 5.0, "a message from one shard", every=0,
+        )
         assert message is not None and message["data"] == "again"
     finally:
         await pubsub.aclose()
@@ -223,6 +218,7 @@ async def test_killed_master_is_replaced_within_seconds(
     pubsub = client.pubsub()
     stop = asyncio.Event()
     failures: dict[str, list[str]] = {tag: [], other_tag: []}
+    written = {tag: 0, other_tag: 0}
 
     async def write(key_tag: str) -> None:
         while not stop.is_set():
@@ -230,12 +226,14 @@ async def test_killed_master_is_replaced_within_seconds(
                 await client.set(f"w{key_tag}", "x")
             except redis.RedisError as error:
                 failures[key_tag].append(type(error).__name__)
+            else:
+                written[key_tag] += 1
             await asyncio.sleep(0.02)
 
     try:
         await pubsub.ssubscribe(f"chan{tag}")
         writers = [asyncio.create_task(write(t)) for t in (tag, other_tag)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: all(written.values()), what="each writer writing")
         cluster.kill(victim)
         seconds = await asyncio.to_thread(cluster.wait_for_failover, victim)
         failover = cluster.last_failover
@@ -249,7 +247,7 @@ async def test_killed_master_is_replaced_within_seconds(
         # The writers stop first: one still retrying its "x" could land after the "y".
         stop.set()
         await asyncio.gather(*writers)
-        await eventually("write to the failed-over shard", lambda: client.set(f"w{tag}", "y"))
+        await succeeds("write to the failed-over shard", lambda: client.set(f"w{tag}", "y"))
         # cluster-require-full-coverage no: the other shards never noticed
         assert failures[other_tag] == []
         # The failed shard's writes may fail meanwhile, only in these ways. Whether any does
@@ -263,14 +261,16 @@ async def test_killed_master_is_replaced_within_seconds(
 
         # redis-py's ClusterPubSub moves the shard subscription to the new owner once its
         # slot map has refreshed (the writes above refreshed it), in a background task
-        received = None
-        deadline = time.monotonic() + 5.0
-        while received is None and time.monotonic() < deadline:
+        async def published_and_received() -> Any:
             await client.spublish(f"chan{tag}", "after")
             with contextlib.suppress(redis.ConnectionError):
-                received = await pubsub.get_sharded_message(
+                return await pubsub.get_sharded_message(
                     ignore_subscribe_messages=True, timeout=0.2
                 )
+            return None
+
+        received = await eventually(published_and_received, lambda got: got is not None, 5.0,
+                                    "a message from the new owner", every=0)
         assert received is not None and received["data"] == "after"
         assert cluster.command(replica, "PUBSUB", "SHARDCHANNELS") == [f"chan{tag}"]
 
@@ -375,7 +375,7 @@ async def test_sentinel_failover_is_followed_by_master_for(
         assert new != old and seconds < FAILOVER_BOUND
         assert await sentinel.discover_master("mymaster") == (HOST, new)
         # the same master_for client reconnects to the new master by itself
-        await eventually("write through master_for", lambda: master.set("k2", "after"))
+        await succeeds("write through master_for", lambda: master.set("k2", "after"))
         assert await master.get("k") == "before"
         assert deployment.client(new).get("k2") == "after"
         await asyncio.to_thread(deployment.start_node, old)

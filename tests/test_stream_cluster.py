@@ -8,7 +8,6 @@ gap."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
@@ -162,12 +161,9 @@ async def browser_page(site_dir: Path, html: str, build: Path = SDK_BUILD
 
 async def events_until(page: Any, done: Any, within: float = WAIT) -> list[dict[str, Any]]:
     """The page's events, once `done(events)` holds."""
-    async with asyncio.timeout(within):
-        while True:
-            events: list[dict[str, Any]] = await page.evaluate("window.events")
-            if done(events):
-                return events
-            await asyncio.sleep(0.05)
+    events: list[dict[str, Any]] = await eventually(
+        lambda: page.evaluate("window.events"), done, within, "the page's events", every=0.05)
+    return events
 
 
 def holder(cluster: Balanced, user: str) -> tuple[RunningNode, Any]:

@@ -31,11 +31,10 @@ from tests.support import (
 
 async def wait_for_frame(receiver: Client, kind: str, **fields: Any) -> dict[str, Any]:
     """Skip frames until one of `kind` with these fields (bounded)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            frame = await receiver.recv()
-            if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
-                return frame
+    def wanted(frame: dict[str, Any]) -> bool:
+        return frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items())
+
+    return await eventually(receiver.recv, wanted, WAIT, f"a {kind} frame {fields}", every=0)
 
 
 async def api_get(running: RunningNode, path: str) -> Any:
