@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,13 +35,26 @@ def require_redis_server() -> str:
     return REDIS_SERVER
 
 
+# Ports handed to servers a test starts later: below the kernel's ephemeral range
+# (32768-60999 here), because a port the kernel picks for `bind(0)` may be taken as the
+# source port of any outgoing connection before the server binds it (seen: a Cluster node's
+# "Address already in use"). Random, so that test sessions side by side rarely meet.
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    while True:
+    """A loopback port nothing listens on now, outside the ephemeral range (never 6379)."""
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        if port == _MACHINE_REDIS_PORT:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port != _MACHINE_REDIS_PORT:
-            return port
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 class RedisServer:
