@@ -29,6 +29,7 @@ from hub import centrifugo_protobuf as pb
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_endpoint import (
+    CentrifugoConnect,
     CentrifugoEndpoint,
     _ConnectError,
     _Expired,
@@ -36,10 +37,10 @@ from hub.centrifugo_endpoint import (
 )
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import Gone, new_client_id
 from hub.connections import Origin
 from hub.errors import BrokerUnavailable, CloseCode
 from hub.hooks import ConnectResult, Context
+from hub.lifecycle import Gone, new_client_id
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -419,9 +420,9 @@ class EmulationEndpoint(CentrifugoEndpoint):
         context = self._hook_context(scope, codec.binary, codec.framing.name)
         client_id = new_client_id()
         try:
-            self._check_room()
+            self.check_room()
             identity, hooked = await self._identify(scope, command, context, client_id)
-            self._check_room()
+            self.check_room()
             await self.router.listen()
         except _ConnectError as refused:
             # The connect hook's error, or 100 (temporary) for a failed call: the connect
@@ -454,14 +455,21 @@ class EmulationEndpoint(CentrifugoEndpoint):
                             outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,
                             codec: EmulationCodec, client_id: str, context: Context | None,
                             hooked: ConnectResult | None) -> None:
+        """The session's life as on /connection/websocket (`hub.lifecycle`), its commands
+        read from its inbox; its connect reply names it for the POSTs."""
         session = self.session_class(self.commands, outbound, client_id, identity, inbox, codec)
-        await self._run_session(session, command, rest, inbox, origin, context, hooked,
-                                {"session": session.session_id, "node": self.node.node_id})
+        session.origin = origin
+        session.hook = context
+        reply = {"session": session.session_id, "node": self.node.node_id}
+        await self.live(session, CentrifugoConnect(identity, hooked, context, command, rest,
+                                                   codec, reply), inbox)
 
     def _opened(self, session: CentrifugoSession) -> None:
         assert isinstance(session, EmulatedSession)
         self.router.add(session)  # POSTs to /emulation find it from now on
+        super()._opened(session)
 
     def _closed(self, session: CentrifugoSession) -> None:
         assert isinstance(session, EmulatedSession)
         self.router.remove(session)
+        super()._closed(session)
