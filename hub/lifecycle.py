@@ -198,8 +198,9 @@ class WebSocketLifecycle(Lifecycle[S, A]):
             node.metrics.protocol_errors.count_close(gone.code)
             return
         node.noticed_address(scope)
+        origin = Origin.of_scope(scope)  # before the session: it lets go of the scope's headers
         session = self.session(admitted, self.write_path.outbound_for(send), client_id)
-        session.origin = Origin.of_scope(scope)
+        session.origin = origin
         await self.live(session, admitted, receive)
 
     # what a protocol adds
