@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from hub import __version__
 from hub import centrifugo_frames as cf
@@ -40,6 +40,7 @@ from hub.hooks import (
     payload,
 )
 from hub.lifecycle import (
+    Lifecycle,
     Refused,
     WebSocketLifecycle,
     close_socket,
@@ -96,12 +97,24 @@ class CentrifugoConnect:
     reply: dict[str, str] | None = None
 
 
-class CentrifugoAuth:
+S = TypeVar("S", bound=CentrifugoSession)
+A = TypeVar("A")
+
+
+class CentrifugoAuth(Lifecycle[S, A]):
     """Who connects, the same for every Centrifugo transport (PROTOCOL §11, §13): the
     `connect` command's token, or the connect hook. Raises `_Refused`, `_Expired` or
     `_ConnectError`."""
 
-    node: Node
+    async def _admit(self, scope: dict[str, Any], command: cf.Command, context: Context | None,
+                     client_id: str) -> tuple[Identity, ConnectResult | None]:
+        """`_identify` between two looks at the room, for the transports whose handshake
+        is one request (the streams): the node may fill up or begin draining while the
+        key or the hook answers."""
+        self.check_room()
+        identity, hooked = await self._identify(scope, command, context, client_id)
+        self.check_room()
+        return identity, hooked
 
     def no_room(self, reason: str) -> Refused:
         """Centrifugo's 3001: the SDKs reconnect (elsewhere, behind a load balancer)."""
@@ -185,7 +198,7 @@ class CentrifugoAuth:
         return identity
 
 
-class CentrifugoEndpoint(CentrifugoAuth,
+class CentrifugoEndpoint(CentrifugoAuth[CentrifugoSession, CentrifugoConnect],
                          WebSocketLifecycle[CentrifugoSession, CentrifugoConnect]):
     def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath) -> None:
         super().__init__(node, commands, write_path)

@@ -420,9 +420,7 @@ class EmulationEndpoint(CentrifugoEndpoint):
         context = self._hook_context(scope, codec.binary, codec.framing.name)
         client_id = new_client_id()
         try:
-            self.check_room()
-            identity, hooked = await self._identify(scope, command, context, client_id)
-            self.check_room()
+            identity, hooked = await self._admit(scope, command, context, client_id)
             await self.router.listen()
         except _ConnectError as refused:
             # The connect hook's error, or 100 (temporary) for a failed call: the connect

@@ -41,7 +41,7 @@ from hub.connections import Origin
 from hub.emulation import _error, connect_data, origin_refused
 from hub.errors import BrokerUnavailable, CloseCode, HubError
 from hub.hooks import ConnectResult, Context, hooked_data
-from hub.lifecycle import Lifecycle, Refused, WebSocketLifecycle, close_socket, new_client_id
+from hub.lifecycle import Refused, WebSocketLifecycle, close_socket, new_client_id
 from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
@@ -216,7 +216,7 @@ class UniAdmitted:
     last_event_id: str | None = None
 
 
-class UniBase(CentrifugoAuth, Lifecycle[UniSession, UniAdmitted]):
+class UniBase(CentrifugoAuth[UniSession, UniAdmitted]):
     """What the three one-way endpoints share: authentication, the channels and where
     each starts (`started`, in the life of `hub.lifecycle`), the keepalive."""
 
@@ -226,17 +226,6 @@ class UniBase(CentrifugoAuth, Lifecycle[UniSession, UniAdmitted]):
         super().__init__(node, commands, write_path)
         self.uni_sessions: set[UniSession] = set()
         self._keeping_alive = False
-
-    async def _identity(self, scope: dict[str, Any], request: cf.ConnectRequest,
-                        context: Context | None, client_id: str
-                        ) -> tuple[Identity, ConnectResult | None]:
-        """The token's identity, or the connect hook's (as on /connection/websocket:
-        raises `_Refused`, `_Expired` or `_ConnectError`)."""
-        self.check_room()
-        identity, hooked = await self._identify(scope, cf.Command(id=1, connect=request),
-                                                context, client_id)
-        self.check_room()
-        return identity, hooked
 
     async def starts(self, identity: Identity, request: cf.ConnectRequest,
                      last_event_id: str | None, hooked: ConnectResult | None = None
@@ -332,7 +321,8 @@ class UniStreamEndpoint(UniBase):
         client_id = new_client_id()
         try:
             request = decode_connect(data)
-            identity, hooked = await self._identity(scope, request, context, client_id)
+            identity, hooked = await self._admit(scope, cf.Command(id=1, connect=request),
+                                                 context, client_id)
         except _BadConnect as exc:
             await _disconnect_response(send, 400, cf.DisconnectCode.BAD_REQUEST, str(exc))
             return
