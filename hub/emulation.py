@@ -33,15 +33,13 @@ from hub.centrifugo_endpoint import (
     CentrifugoEndpoint,
     _ConnectError,
     _Expired,
-    _Refused,
 )
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
 from hub.connections import Origin
-from hub.errors import BrokerUnavailable, CloseCode
+from hub.errors import BrokerUnavailable
 from hub.hooks import ConnectResult, Context
-from hub.lifecycle import Gone, new_client_id
-from hub.metrics import close_code_label
+from hub.lifecycle import Gone, Refused, new_client_id
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.stream_codec import (
@@ -416,30 +414,14 @@ class EmulationEndpoint(CentrifugoEndpoint):
     async def _connect(self, scope: dict[str, Any], command: cf.Command, rest: list[bytes],
                        outbound: StreamOutbound, inbox: StreamInbox, codec: EmulationCodec
                        ) -> None:
-        node = self.node
         context = self._hook_context(scope, codec.binary, codec.framing.name)
         client_id = new_client_id()
         try:
             identity, hooked = await self._admit(scope, command, context, client_id)
             await self.router.listen()
-        except _ConnectError as refused:
-            # The connect hook's error, or 100 (temporary) for a failed call: the connect
-            # reply's error, then the stream ends (the SDK reconnects, or stops, as the
-            # error says), as on /connection/websocket.
-            node.metrics.disconnections.labels(close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            outbound.write_now(codec.reply(refused.reply))
-            outbound.end()
-            return
-        except _Refused as refused:
-            node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
-            await outbound.close(refused.code, refused.reason)
-            return
-        except _Expired as expired:
-            # Error 109: the SDK fetches a new token and connects again.
-            node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            outbound.write_now(codec.reply(
-                cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)))
-            outbound.end()
+        except Refused as refused:
+            self.count_refusal(refused)
+            await self._refuse_in_stream(refused, outbound, codec)
             return
         except BrokerUnavailable:
             await outbound.close(cf.DisconnectCode.SHUTDOWN, "try again later")
@@ -448,6 +430,22 @@ class EmulationEndpoint(CentrifugoEndpoint):
             return
         await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope),
                                  codec, client_id, context, hooked)
+
+    async def _refuse_in_stream(self, refused: Refused, outbound: StreamOutbound,
+                                codec: EmulationCodec) -> None:
+        """As on /connection/websocket: the connect hook's error (or 100, temporary, for a
+        failed call) and an expired token's 109 are the connect reply's error, then the
+        stream ends (the SDK reconnects, fetches a token, or stops, as the error says);
+        anything else is the close's disconnect push."""
+        if isinstance(refused, _ConnectError):
+            reply = refused.reply
+        elif isinstance(refused, _Expired):
+            reply = cf.error_reply(refused.command_id, cf.ErrorCode.TOKEN_EXPIRED)
+        else:
+            await outbound.close(refused.code, refused.reason)
+            return
+        outbound.write_now(codec.reply(reply))
+        outbound.end()
 
     async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
                             outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,

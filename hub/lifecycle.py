@@ -142,6 +142,10 @@ class Lifecycle(Generic[S, A]):
             await commands.disconnect(session, code)
         return code
 
+    def count_refusal(self, refused: Refused) -> None:
+        """Every refusal is counted once, under the hub's close code (PROTOCOL §8)."""
+        self.node.metrics.disconnections.labels(close_code_label(refused.counted)).inc()
+
     def check_room(self) -> None:
         """Admission: raises the protocol's refusal when the node is full or draining."""
         reason = room_refusal(self.node)
@@ -191,7 +195,7 @@ class WebSocketLifecycle(Lifecycle[S, A]):
             # the limit holds.
             self.check_room()
         except Refused as refused:
-            node.metrics.disconnections.labels(close_code_label(refused.counted)).inc()
+            self.count_refusal(refused)
             await self.refuse(refused, scope, send, receive)
             return
         except Gone as gone:

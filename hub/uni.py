@@ -33,7 +33,7 @@ from hub import centrifugo_frames as cf
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_codecs import centrifugo_personal
-from hub.centrifugo_endpoint import CentrifugoAuth, _ConnectError, _Expired, _Refused
+from hub.centrifugo_endpoint import CentrifugoAuth, _ConnectError, _Refused
 from hub.centrifugo_session import CentrifugoSession
 from hub.channels import is_personal, is_valid, personal_channel
 from hub.commands import ClientCommands
@@ -42,7 +42,6 @@ from hub.emulation import _error, connect_data, origin_refused
 from hub.errors import BrokerUnavailable, CloseCode, HubError
 from hub.hooks import ConnectResult, Context, hooked_data
 from hub.lifecycle import Refused, WebSocketLifecycle, close_socket, new_client_id
-from hub.metrics import close_code_label
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.stream_codec import (
@@ -326,33 +325,9 @@ class UniStreamEndpoint(UniBase):
         except _BadConnect as exc:
             await _disconnect_response(send, 400, cf.DisconnectCode.BAD_REQUEST, str(exc))
             return
-        except _Refused as refused:
-            self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
-            if refused.hub_code == CloseCode.TRY_AGAIN_LATER:  # full or draining: come back
-                await outbound.start(200, headers, codec.framing.prelude)
-                await outbound.close(refused.code, refused.reason)
-                await outbound.finish()
-                return
-            await _disconnect_response(send, 401, refused.code, refused.reason)
-            return
-        except _Expired:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            await _disconnect_response(send, 401, cf.DisconnectCode.EXPIRED, "token expired")
-            return
-        except _ConnectError as refused:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            error = refused.reply.error
-            assert error is not None
-            if error.temporary:  # a failed hook call (100) or a temporary error: come back
-                await outbound.start(200, headers, codec.framing.prelude)
-                await outbound.close(cf.DisconnectCode.SERVER_ERROR,
-                                     cf.reason_for(cf.DisconnectCode.SERVER_ERROR))
-                await outbound.finish()
-                return
-            body = msgspec.json.encode({"error": {"code": error.code, "message": error.message}})
-            await plain_response(send, 403, body)
+        except Refused as refused:
+            self.count_refusal(refused)
+            await self._refuse(refused, send, outbound, headers, codec)
             return
         await outbound.start(200, headers, codec.framing.prelude)
         last_event_id = header(scope, b"last-event-id")
@@ -366,6 +341,33 @@ class UniStreamEndpoint(UniBase):
                                                 last_event_id), reader)
         finally:
             await outbound.finish()
+
+
+    async def _refuse(self, refused: Refused, send: ASGISend, outbound: StreamOutbound,
+                      headers: list[tuple[bytes, bytes]], codec: StreamCodec) -> None:
+        """Before the stream, where the client should not come back: 401 with Centrifugo's
+        disconnect (a token, the hook's `disconnect`), 403 with the hook's error; a stream
+        of one disconnect push where it should (full or draining, a failed hook call or a
+        temporary error), for an EventSource gives up on anything but 200."""
+        code: int
+        if isinstance(refused, _ConnectError):
+            error = refused.reply.error
+            assert error is not None
+            if not error.temporary:
+                body = msgspec.json.encode({"error": {"code": error.code,
+                                                      "message": error.message}})
+                await plain_response(send, 403, body)
+                return
+            code, reason = cf.DisconnectCode.SERVER_ERROR, cf.reason_for(
+                cf.DisconnectCode.SERVER_ERROR)
+        elif refused.counted == CloseCode.TRY_AGAIN_LATER:
+            code, reason = refused.code, refused.reason
+        else:  # _Refused, or _Expired (3005 "token expired")
+            await _disconnect_response(send, 401, refused.code, refused.reason)
+            return
+        await outbound.start(200, headers, codec.framing.prelude)
+        await outbound.close(code, reason)
+        await outbound.finish()
 
 
 async def _disconnect_response(send: ASGISend, status: int, code: int, reason: str) -> None:
@@ -400,7 +402,7 @@ class UniWebSocketEndpoint(UniBase, WebSocketLifecycle[UniSession, UniAdmitted])
             code = cf.DisconnectCode.SERVER_ERROR if error is not None and error.temporary \
                 else cf.DisconnectCode.FORCE_NO_RECONNECT
             await close_socket(send, code, cf.reason_for(code))
-        else:  # _Expired: 3005, "token expired"
+        else:  # _Refused, or _Expired (3005 "token expired")
             await close_socket(send, refused.code, refused.reason)
 
     def session(self, admitted: UniAdmitted, outbound: Outbound, client_id: str
