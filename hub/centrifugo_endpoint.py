@@ -1,7 +1,10 @@
 """`/connection/websocket` as a plain ASGI app (PROTOCOL §11): the socket is accepted in the
 encoding the client asks for (`hub.centrifugo_codecs.codec_for`: JSON unless Protobuf), the
 first command must be `connect` (within HUB_AUTH_TIMEOUT), its token is the hub's own;
-then a `CentrifugoSession` serves, and one task pings every such connection with `{}`.
+then a `CentrifugoSession` serves, and one task pings every such connection with `{}`. The
+life around it (admission, registration, release) is `hub.lifecycle`'s; `CentrifugoAuth` is
+who connects, the same on every Centrifugo transport (this one, the emulation, the one-way
+streams).
 
 Refusals use Centrifugo's close classes, so the SDKs know whether to come back: an invalid
 token 3500 (they stop), an expired one error 109 (they fetch a new token and reconnect), a
@@ -15,7 +18,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from hub import __version__
 from hub import centrifugo_frames as cf
@@ -23,15 +27,6 @@ from hub.auth import AuthFailed, Identity
 from hub.centrifugo_codecs import PROTOBUF_SUBPROTOCOL, CentrifugoCodec, codec_for
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import (
-    Gone,
-    close_socket,
-    dev_identity,
-    new_client_id,
-    origin_allowed,
-    send_quietly,
-)
-from hub.connections import Origin
 from hub.errors import CloseCode
 from hub.hooks import (
     ConnectRequest,
@@ -44,68 +39,87 @@ from hub.hooks import (
     identity_of,
     payload,
 )
-from hub.metrics import close_code_label
+from hub.lifecycle import (
+    Lifecycle,
+    Refused,
+    WebSocketLifecycle,
+    close_socket,
+    dev_identity,
+    first_message,
+    send_quietly,
+)
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.subscriptions import Joined
-from hub.wire import ASGISend, WritePath, payload_of
+from hub.wire import ASGISend, Outbound, WritePath, payload_of
 
 log = logging.getLogger("hub.centrifugo")
 
 CENTRIFUGO_PATH = "/connection/websocket"
 
 
-class _Refused(Exception):
+class _Refused(Refused):
+    """Close with Centrifugo's `code`, counted under the hub's `hub_code`."""
+
     def __init__(self, code: int, reason: str, hub_code: int) -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.hub_code = code, reason, hub_code
+        super().__init__(code, reason, hub_code)
+        self.hub_code = hub_code
 
 
-class CentrifugoEndpoint:
-    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath) -> None:
-        self.node = node
-        self.commands = commands
-        self.write_path = write_path
-        self.sessions: set[CentrifugoSession] = set()  # whom the pinger pings
-        self._pinging = False
+class _ConnectError(Refused):
+    """Answer `connect` with this error reply."""
 
-    async def __call__(
-        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
-    ) -> None:
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        if not await origin_allowed(self.node, scope, send):
-            return
-        codec = codec_for(scope)
-        accept: dict[str, Any] = {"type": "websocket.accept"}
-        if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
-            accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
-        await send(accept)
-        context = self._hook_context(scope, codec.binary, "websocket")
-        client_id = new_client_id()
-        try:
-            self._check_room()
-            command, rest = await self._first_command(receive, codec)
-            identity, hooked = await self._identify(scope, command, context, client_id)
-            self._check_room()  # it may have filled up or begun draining meanwhile
-        except _Refused as refused:
-            self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
-            await close_socket(send, refused.code, refused.reason)
-            return
-        except _Expired as expired:
-            await self._expired(send, receive, expired.command_id, codec)
-            return
-        except _ConnectError as refused:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            await self._refuse_connect(send, receive, refused.reply, codec)
-            return
-        except Gone as gone:
-            self.node.metrics.protocol_errors.count_close(gone.code)
-            return
-        await self._serve(identity, command, rest, send, receive, codec, Origin.of_scope(scope),
-                          context, hooked, client_id)
+    def __init__(self, reply: cf.Reply) -> None:
+        super().__init__(CloseCode.UNAUTHORIZED, "connect refused")
+        self.reply = reply
+
+
+class _Expired(Refused):
+    """Error 109: the SDK fetches a new token and connects again."""
+
+    def __init__(self, command_id: int) -> None:
+        super().__init__(cf.DisconnectCode.EXPIRED, "token expired", CloseCode.TOKEN_EXPIRED)
+        self.command_id = command_id
+
+
+@dataclass(slots=True)
+class CentrifugoConnect:
+    """An admitted Centrifugo connection: who, the `connect` command and the commands that
+    came with it, its encoding, and `reply`: more fields of the connect reply, by name (an
+    emulated session's `session` and `node`)."""
+
+    identity: Identity
+    hooked: ConnectResult | None
+    context: Context | None
+    command: cf.Command
+    rest: list[bytes]
+    codec: CentrifugoCodec
+    reply: dict[str, str] | None = None
+
+
+S = TypeVar("S", bound=CentrifugoSession)
+A = TypeVar("A")
+
+
+class CentrifugoAuth(Lifecycle[S, A]):
+    """Who connects, the same for every Centrifugo transport (PROTOCOL §11, §13): the
+    `connect` command's token, or the connect hook. Raises `_Refused`, `_Expired` or
+    `_ConnectError`."""
+
+    async def _admit(self, scope: dict[str, Any], command: cf.Command, context: Context | None,
+                     client_id: str) -> tuple[Identity, ConnectResult | None]:
+        """`_identify` between two looks at the room, for the transports whose handshake
+        is one request (the streams): the node may fill up or begin draining while the
+        key or the hook answers."""
+        self.check_room()
+        identity, hooked = await self._identify(scope, command, context, client_id)
+        self.check_room()
+        return identity, hooked
+
+    def no_room(self, reason: str) -> Refused:
+        """Centrifugo's 3001: the SDKs reconnect (elsewhere, behind a load balancer)."""
+        return _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
+                        CloseCode.TRY_AGAIN_LATER)
 
     def _hook_context(self, scope: dict[str, Any], binary: bool, transport: str
                       ) -> Context | None:
@@ -119,8 +133,7 @@ class CentrifugoEndpoint:
     ) -> tuple[Identity, ConnectResult | None]:
         """Who connects (PROTOCOL §13): the connect hook's answer where the node has the
         hook and the connection brings no token (or HUB_HOOK_CONNECT_ALWAYS), else its
-        token's. The same for every Centrifugo transport: the WebSocket, the emulation and
-        the one-way streams. Raises `_Refused`, `_Expired` or `_ConnectError`."""
+        token's."""
         connect = command.connect
         assert connect is not None
         if context is not None and self.node.hooks.wants_connect(bool(connect.token)):
@@ -150,44 +163,15 @@ class CentrifugoEndpoint:
             reply = cf.error_reply(command.id, cf.ErrorCode.INTERNAL, failed.message)
             raise _ConnectError(reply) from None
 
-    def _check_room(self) -> None:
+    async def _first_message(self, receive: ASGIReceive) -> dict[str, Any]:
+        """The client's first WebSocket message (`hub.lifecycle.first_message`): one that
+        sends none in time is refused as stale."""
         node = self.node
-        limit = node.settings.max_connections
-        if node.draining or (limit and len(node.hub.sessions) >= limit):
-            raise _Refused(cf.DisconnectCode.SHUTDOWN, "try again later",
-                           CloseCode.TRY_AGAIN_LATER)
-
-    async def _first_message(self, receive: ASGIReceive) -> Any:
-        """The client's first WebSocket message, within HUB_AUTH_TIMEOUT: a connection that
-        sends none is refused as stale, one that left is Gone."""
-        node = self.node
-        try:
-            async with asyncio.timeout(node.settings.auth_timeout):
-                message = await receive()
-        except TimeoutError:
+        message = await first_message(node, receive)
+        if message is None:
             node.metrics.auth_failed("timeout")
-            raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED) from None
-        if message["type"] == "websocket.disconnect":
-            raise Gone(message.get("code"))
+            raise _Refused(cf.DisconnectCode.STALE, "stale", CloseCode.UNAUTHORIZED)
         return message
-
-    async def _first_command(
-        self, receive: ASGIReceive, codec: CentrifugoCodec
-    ) -> tuple[cf.Command, list[bytes]]:
-        """The `connect` command, and the commands that came in its frame after it, in
-        the connection's encoding (text frames for JSON, binary for Protobuf)."""
-        node = self.node
-        message = await self._first_message(receive)
-        data = message.get("bytes") if codec.binary else message.get("text")
-        messages = codec.split(data.encode() if isinstance(data, str) else data)[0] if data else []
-        try:
-            command = codec.decode(messages[0]) if messages else None
-        except cf.BadCommand:
-            command = None
-        if command is None or command.connect is None or not command.id:
-            node.metrics.auth_failed("missing")
-            raise _Refused(cf.DisconnectCode.BAD_REQUEST, "bad request", CloseCode.UNAUTHORIZED)
-        return command, messages[1:]
 
     async def _authenticate(self, scope: dict[str, Any], command: cf.Command) -> Identity:
         node = self.node
@@ -213,13 +197,57 @@ class CentrifugoEndpoint:
             raise _Expired(command.id)
         return identity
 
-    async def _expired(
-        self, send: ASGISend, receive: ASGIReceive, command_id: int, codec: CentrifugoCodec
-    ) -> None:
-        """Error 109: the SDK closes, fetches a new token and connects again."""
-        self.node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-        reply = cf.error_reply(command_id, cf.ErrorCode.TOKEN_EXPIRED)
-        await self._refuse_connect(send, receive, reply, codec)
+
+class CentrifugoEndpoint(CentrifugoAuth[CentrifugoSession, CentrifugoConnect],
+                         WebSocketLifecycle[CentrifugoSession, CentrifugoConnect]):
+    def __init__(self, node: Node, commands: ClientCommands, write_path: WritePath) -> None:
+        super().__init__(node, commands, write_path)
+        self.sessions: set[CentrifugoSession] = set()  # whom the pinger pings
+        self._pinging = False
+
+    def accept(self, scope: dict[str, Any]) -> dict[str, Any]:
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if PROTOBUF_SUBPROTOCOL in (scope.get("subprotocols") or ()):
+            accept["subprotocol"] = PROTOBUF_SUBPROTOCOL
+        return accept
+
+    async def handshake(self, scope: dict[str, Any], receive: ASGIReceive, client_id: str
+                        ) -> CentrifugoConnect:
+        """The `connect` command (within HUB_AUTH_TIMEOUT), in the encoding the client
+        asked for, and who it says connects."""
+        codec = codec_for(scope)
+        context = self._hook_context(scope, codec.binary, "websocket")
+        command, rest = await self._first_command(receive, codec)
+        identity, hooked = await self._identify(scope, command, context, client_id)
+        return CentrifugoConnect(identity, hooked, context, command, rest, codec)
+
+    async def refuse(self, refused: Refused, scope: dict[str, Any], send: ASGISend,
+                     receive: ASGIReceive) -> None:
+        if isinstance(refused, _Expired):  # error 109: the SDK fetches a new token
+            reply = cf.error_reply(refused.command_id, cf.ErrorCode.TOKEN_EXPIRED)
+            await self._refuse_connect(send, receive, reply, codec_for(scope))
+        elif isinstance(refused, _ConnectError):
+            await self._refuse_connect(send, receive, refused.reply, codec_for(scope))
+        else:
+            await close_socket(send, refused.code, refused.reason)
+
+    async def _first_command(
+        self, receive: ASGIReceive, codec: CentrifugoCodec
+    ) -> tuple[cf.Command, list[bytes]]:
+        """The `connect` command, and the commands that came in its frame after it, in
+        the connection's encoding (text frames for JSON, binary for Protobuf)."""
+        node = self.node
+        message = await self._first_message(receive)
+        data = message.get("bytes") if codec.binary else message.get("text")
+        messages = codec.split(data.encode() if isinstance(data, str) else data)[0] if data else []
+        try:
+            command = codec.decode(messages[0]) if messages else None
+        except cf.BadCommand:
+            command = None
+        if command is None or command.connect is None or not command.id:
+            node.metrics.auth_failed("missing")
+            raise _Refused(cf.DisconnectCode.BAD_REQUEST, "bad request", CloseCode.UNAUTHORIZED)
+        return command, messages[1:]
 
     async def _refuse_connect(
         self, send: ASGISend, receive: ASGIReceive, reply: cf.Reply, codec: CentrifugoCodec
@@ -245,66 +273,34 @@ class CentrifugoEndpoint:
             return
         await close_socket(send, cf.DisconnectCode.EXPIRED, "connection expired")
 
-    async def _serve(
-        self,
-        identity: Identity,
-        command: cf.Command,
-        rest: list[bytes],
-        send: ASGISend,
-        receive: ASGIReceive,
-        codec: CentrifugoCodec,
-        origin: Origin,
-        context: Context | None = None,
-        hooked: ConnectResult | None = None,
-        client_id: str | None = None,
-    ) -> None:
-        session = CentrifugoSession(
-            self.commands, self.write_path.outbound_for(send), client_id or new_client_id(),
-            identity, codec,
-        )
-        await self._run_session(session, command, rest, receive, origin, context, hooked)
+    def session(self, admitted: CentrifugoConnect, outbound: Outbound, client_id: str
+                ) -> CentrifugoSession:
+        session = CentrifugoSession(self.commands, outbound, client_id, admitted.identity,
+                                    admitted.codec)
+        session.hook = admitted.context
+        return session
 
-    async def _run_session(
-        self,
-        session: CentrifugoSession,
-        command: cf.Command,
-        rest: list[bytes],
-        source: Any,
-        origin: Origin,
-        context: Context | None,
-        hooked: ConnectResult | None,
-        reply: dict[str, str] | None = None,
-    ) -> None:
-        """An authenticated session's life on every transport: the connect reply (`reply`:
-        more of its fields, by name), the hook's channels, the commands that came with `connect`,
-        then the session reads `source` until it ends, and is released."""
-        node, commands = self.node, self.commands
-        session.origin = origin
-        session.hook = context
-        channels = hooked.channels if hooked is not None else []
-        session.connected(command.id, __version__, node.settings.ping_interval,
-                          hooked_data(hooked), channels, **(reply or {}))
-        code: int = CloseCode.INTERNAL_ERROR
-        self._opened(session)
-        self.sessions.add(session)
-        self._start_pinging()
-        try:
-            await commands.connect(session)
-            if channels:  # listed in the connect reply: nothing more to tell
-                await commands.subscribe_server_side(session, channels, _told)
-            await session.handle_messages(rest)
-            code = await session.run(source)
-        finally:
-            self._closed(session)
-            self.sessions.discard(session)
-            node.metrics.protocol_errors.count_close(code)
-            await commands.disconnect(session, code)
+    def welcome(self, session: CentrifugoSession, admitted: CentrifugoConnect) -> None:
+        """The connect reply, with the connect hook's `data` and channels."""
+        hooked = admitted.hooked
+        session.connected(admitted.command.id, __version__, self.node.settings.ping_interval,
+                          hooked_data(hooked), hooked.channels if hooked is not None else [],
+                          **(admitted.reply or {}))
+
+    async def started(self, session: CentrifugoSession, admitted: CentrifugoConnect) -> None:
+        """The hook's channels (listed in the connect reply: nothing more to tell), then
+        the commands that came with `connect`."""
+        hooked = admitted.hooked
+        if hooked is not None and hooked.channels:
+            await self.commands.subscribe_server_side(session, hooked.channels, _told)
+        await session.handle_messages(admitted.rest)
 
     def _opened(self, session: CentrifugoSession) -> None:
-        """A transport's own registration of a session that starts (none here)."""
+        self.sessions.add(session)
+        self._start_pinging()
 
     def _closed(self, session: CentrifugoSession) -> None:
-        """... and of one that ended."""
+        self.sessions.discard(session)
 
     def _start_pinging(self) -> None:
         if not self._pinging and self.node.settings.ping_interval:
@@ -336,17 +332,3 @@ def _told(channel: str) -> Callable[[Joined], None]:
 
 def _nothing(start: Joined) -> None:
     pass
-
-
-class _ConnectError(Exception):
-    """Answer `connect` with this error reply."""
-
-    def __init__(self, reply: cf.Reply) -> None:
-        super().__init__("connect refused")
-        self.reply = reply
-
-
-class _Expired(Exception):
-    def __init__(self, command_id: int) -> None:
-        super().__init__("token expired")
-        self.command_id = command_id

@@ -29,18 +29,17 @@ from hub import centrifugo_protobuf as pb
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_endpoint import (
+    CentrifugoConnect,
     CentrifugoEndpoint,
     _ConnectError,
     _Expired,
-    _Refused,
 )
 from hub.centrifugo_session import CentrifugoSession
 from hub.commands import ClientCommands
-from hub.connection import Gone, new_client_id
 from hub.connections import Origin
-from hub.errors import BrokerUnavailable, CloseCode
+from hub.errors import BrokerUnavailable
 from hub.hooks import ConnectResult, Context
-from hub.metrics import close_code_label
+from hub.lifecycle import Gone, Refused, new_client_id
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.stream_codec import (
@@ -415,32 +414,14 @@ class EmulationEndpoint(CentrifugoEndpoint):
     async def _connect(self, scope: dict[str, Any], command: cf.Command, rest: list[bytes],
                        outbound: StreamOutbound, inbox: StreamInbox, codec: EmulationCodec
                        ) -> None:
-        node = self.node
         context = self._hook_context(scope, codec.binary, codec.framing.name)
         client_id = new_client_id()
         try:
-            self._check_room()
-            identity, hooked = await self._identify(scope, command, context, client_id)
-            self._check_room()
+            identity, hooked = await self._admit(scope, command, context, client_id)
             await self.router.listen()
-        except _ConnectError as refused:
-            # The connect hook's error, or 100 (temporary) for a failed call: the connect
-            # reply's error, then the stream ends (the SDK reconnects, or stops, as the
-            # error says), as on /connection/websocket.
-            node.metrics.disconnections.labels(close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            outbound.write_now(codec.reply(refused.reply))
-            outbound.end()
-            return
-        except _Refused as refused:
-            node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
-            await outbound.close(refused.code, refused.reason)
-            return
-        except _Expired as expired:
-            # Error 109: the SDK fetches a new token and connects again.
-            node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            outbound.write_now(codec.reply(
-                cf.error_reply(expired.command_id, cf.ErrorCode.TOKEN_EXPIRED)))
-            outbound.end()
+        except Refused as refused:
+            self.count_refusal(refused)
+            await self._refuse_in_stream(refused, outbound, codec)
             return
         except BrokerUnavailable:
             await outbound.close(cf.DisconnectCode.SHUTDOWN, "try again later")
@@ -450,18 +431,41 @@ class EmulationEndpoint(CentrifugoEndpoint):
         await self._serve_stream(identity, command, rest, outbound, inbox, Origin.of_scope(scope),
                                  codec, client_id, context, hooked)
 
+    async def _refuse_in_stream(self, refused: Refused, outbound: StreamOutbound,
+                                codec: EmulationCodec) -> None:
+        """As on /connection/websocket: the connect hook's error (or 100, temporary, for a
+        failed call) and an expired token's 109 are the connect reply's error, then the
+        stream ends (the SDK reconnects, fetches a token, or stops, as the error says);
+        anything else is the close's disconnect push."""
+        if isinstance(refused, _ConnectError):
+            reply = refused.reply
+        elif isinstance(refused, _Expired):
+            reply = cf.error_reply(refused.command_id, cf.ErrorCode.TOKEN_EXPIRED)
+        else:
+            await outbound.close(refused.code, refused.reason)
+            return
+        outbound.write_now(codec.reply(reply))
+        outbound.end()
+
     async def _serve_stream(self, identity: Identity, command: cf.Command, rest: list[bytes],
                             outbound: StreamOutbound, inbox: StreamInbox, origin: Origin,
                             codec: EmulationCodec, client_id: str, context: Context | None,
                             hooked: ConnectResult | None) -> None:
+        """The session's life as on /connection/websocket (`hub.lifecycle`), its commands
+        read from its inbox; its connect reply names it for the POSTs."""
         session = self.session_class(self.commands, outbound, client_id, identity, inbox, codec)
-        await self._run_session(session, command, rest, inbox, origin, context, hooked,
-                                {"session": session.session_id, "node": self.node.node_id})
+        session.origin = origin
+        session.hook = context
+        reply = {"session": session.session_id, "node": self.node.node_id}
+        await self.live(session, CentrifugoConnect(identity, hooked, context, command, rest,
+                                                   codec, reply), inbox)
 
     def _opened(self, session: CentrifugoSession) -> None:
         assert isinstance(session, EmulatedSession)
         self.router.add(session)  # POSTs to /emulation find it from now on
+        super()._opened(session)
 
     def _closed(self, session: CentrifugoSession) -> None:
         assert isinstance(session, EmulatedSession)
         self.router.remove(session)
+        super()._closed(session)

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -32,16 +33,15 @@ from hub import centrifugo_frames as cf
 from hub import protocol as p
 from hub.auth import Identity
 from hub.centrifugo_codecs import centrifugo_personal
-from hub.centrifugo_endpoint import CentrifugoEndpoint, _ConnectError, _Expired, _Refused
+from hub.centrifugo_endpoint import CentrifugoAuth, _ConnectError, _Refused
 from hub.centrifugo_session import CentrifugoSession
 from hub.channels import is_personal, is_valid, personal_channel
 from hub.commands import ClientCommands
-from hub.connection import Gone, close_socket, new_client_id, origin_allowed
 from hub.connections import Origin
 from hub.emulation import _error, connect_data, origin_refused
 from hub.errors import BrokerUnavailable, CloseCode, HubError
 from hub.hooks import ConnectResult, Context, hooked_data
-from hub.metrics import close_code_label
+from hub.lifecycle import Refused, WebSocketLifecycle, close_socket, new_client_id
 from hub.node import Node
 from hub.session import ASGIReceive
 from hub.stream_codec import (
@@ -203,9 +203,21 @@ def decode_connect(data: bytes) -> cf.ConnectRequest:
     return request
 
 
-class UniBase(CentrifugoEndpoint):
+@dataclass(slots=True)
+class UniAdmitted:
+    """An admitted one-way connection: who, its connect request, and an EventSource's
+    `Last-Event-ID`."""
+
+    identity: Identity
+    hooked: ConnectResult | None
+    context: Context | None
+    request: cf.ConnectRequest
+    last_event_id: str | None = None
+
+
+class UniBase(CentrifugoAuth[UniSession, UniAdmitted]):
     """What the three one-way endpoints share: authentication, the channels and where
-    each starts, the keepalive."""
+    each starts (`started`, in the life of `hub.lifecycle`), the keepalive."""
 
     session_class: type[UniSession]
 
@@ -213,17 +225,6 @@ class UniBase(CentrifugoEndpoint):
         super().__init__(node, commands, write_path)
         self.uni_sessions: set[UniSession] = set()
         self._keeping_alive = False
-
-    async def _identity(self, scope: dict[str, Any], request: cf.ConnectRequest,
-                        context: Context | None, client_id: str
-                        ) -> tuple[Identity, ConnectResult | None]:
-        """The token's identity, or the connect hook's (as on /connection/websocket:
-        raises `_Refused`, `_Expired` or `_ConnectError`)."""
-        self._check_room()
-        identity, hooked = await self._identify(scope, cf.Command(id=1, connect=request),
-                                                context, client_id)
-        self._check_room()
-        return identity, hooked
 
     async def starts(self, identity: Identity, request: cf.ConnectRequest,
                      last_event_id: str | None, hooked: ConnectResult | None = None
@@ -249,24 +250,20 @@ class UniBase(CentrifugoEndpoint):
                     starts[channel] = p.Since(since.offset, top.epoch)
         return starts
 
-    async def serve_session(self, session: UniSession, request: cf.ConnectRequest,
-                            last_event_id: str | None, receive: ASGIReceive,
-                            hooked: ConnectResult | None = None) -> int:
-        node, commands = self.node, self.commands
-        code: int = CloseCode.INTERNAL_ERROR
+    async def started(self, session: UniSession, admitted: UniAdmitted) -> None:
+        """The server-side channels, then the connect push and what they held."""
+        hooked = admitted.hooked
+        starts = await self.starts(admitted.identity, admitted.request, admitted.last_event_id,
+                                   hooked)
+        await session.start(starts, self.node.settings.ping_interval, hooked_data(hooked),
+                            hooked.channels if hooked is not None else ())
+
+    def _opened(self, session: UniSession) -> None:
         self.uni_sessions.add(session)
         self._keep_alive()
-        try:
-            await commands.connect(session)
-            starts = await self.starts(session.identity, request, last_event_id, hooked)
-            await session.start(starts, node.settings.ping_interval, hooked_data(hooked),
-                                hooked.channels if hooked is not None else ())
-            code = await session.run(receive)
-        finally:
-            self.uni_sessions.discard(session)
-            node.metrics.protocol_errors.count_close(code)
-            await commands.disconnect(session, code)
-        return code
+
+    def _closed(self, session: UniSession) -> None:
+        self.uni_sessions.discard(session)
 
     def _keep_alive(self) -> None:
         if not self._keeping_alive and self.node.settings.ping_interval:
@@ -323,37 +320,14 @@ class UniStreamEndpoint(UniBase):
         client_id = new_client_id()
         try:
             request = decode_connect(data)
-            identity, hooked = await self._identity(scope, request, context, client_id)
+            identity, hooked = await self._admit(scope, cf.Command(id=1, connect=request),
+                                                 context, client_id)
         except _BadConnect as exc:
             await _disconnect_response(send, 400, cf.DisconnectCode.BAD_REQUEST, str(exc))
             return
-        except _Refused as refused:
-            self.node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
-            if refused.hub_code == CloseCode.TRY_AGAIN_LATER:  # full or draining: come back
-                await outbound.start(200, headers, codec.framing.prelude)
-                await outbound.close(refused.code, refused.reason)
-                await outbound.finish()
-                return
-            await _disconnect_response(send, 401, refused.code, refused.reason)
-            return
-        except _Expired:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            await _disconnect_response(send, 401, cf.DisconnectCode.EXPIRED, "token expired")
-            return
-        except _ConnectError as refused:
-            self.node.metrics.disconnections.labels(
-                close_code_label(CloseCode.UNAUTHORIZED)).inc()
-            error = refused.reply.error
-            assert error is not None
-            if error.temporary:  # a failed hook call (100) or a temporary error: come back
-                await outbound.start(200, headers, codec.framing.prelude)
-                await outbound.close(cf.DisconnectCode.SERVER_ERROR,
-                                     cf.reason_for(cf.DisconnectCode.SERVER_ERROR))
-                await outbound.finish()
-                return
-            body = msgspec.json.encode({"error": {"code": error.code, "message": error.message}})
-            await plain_response(send, 403, body)
+        except Refused as refused:
+            self.count_refusal(refused)
+            await self._refuse(refused, send, outbound, headers, codec)
             return
         await outbound.start(200, headers, codec.framing.prelude)
         last_event_id = header(scope, b"last-event-id")
@@ -363,9 +337,37 @@ class UniStreamEndpoint(UniBase):
         session.hook = context
         reader = functools.partial(until_disconnect, receive)
         try:
-            await self.serve_session(session, request, last_event_id, reader, hooked)
+            await self.live(session, UniAdmitted(identity, hooked, context, request,
+                                                last_event_id), reader)
         finally:
             await outbound.finish()
+
+
+    async def _refuse(self, refused: Refused, send: ASGISend, outbound: StreamOutbound,
+                      headers: list[tuple[bytes, bytes]], codec: StreamCodec) -> None:
+        """Before the stream, where the client should not come back: 401 with Centrifugo's
+        disconnect (a token, the hook's `disconnect`), 403 with the hook's error; a stream
+        of one disconnect push where it should (full or draining, a failed hook call or a
+        temporary error), for an EventSource gives up on anything but 200."""
+        code: int
+        if isinstance(refused, _ConnectError):
+            error = refused.reply.error
+            assert error is not None
+            if not error.temporary:
+                body = msgspec.json.encode({"error": {"code": error.code,
+                                                      "message": error.message}})
+                await plain_response(send, 403, body)
+                return
+            code, reason = cf.DisconnectCode.SERVER_ERROR, cf.reason_for(
+                cf.DisconnectCode.SERVER_ERROR)
+        elif refused.counted == CloseCode.TRY_AGAIN_LATER:
+            code, reason = refused.code, refused.reason
+        else:  # _Refused, or _Expired (3005 "token expired")
+            await _disconnect_response(send, 401, refused.code, refused.reason)
+            return
+        await outbound.start(200, headers, codec.framing.prelude)
+        await outbound.close(code, reason)
+        await outbound.finish()
 
 
 async def _disconnect_response(send: ASGISend, status: int, code: int, reason: str) -> None:
@@ -376,54 +378,38 @@ async def _disconnect_response(send: ASGISend, status: int, code: int, reason: s
     await send({"type": "http.response.body", "body": body})
 
 
-class UniWebSocketEndpoint(UniBase):
+class UniWebSocketEndpoint(UniBase, WebSocketLifecycle[UniSession, UniAdmitted]):
     """`/connection/uni_websocket`: the connect request as the first message (within
     HUB_AUTH_TIMEOUT); refusals close with Centrifugo's codes, as on
     `/connection/websocket`."""
 
     session_class = UniWebSocketSession
 
-    async def __call__(
-        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
-    ) -> None:
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        if not await origin_allowed(self.node, scope, send):
-            return
-        await send({"type": "websocket.accept"})
-        node = self.node
+    async def handshake(self, scope: dict[str, Any], receive: ASGIReceive, client_id: str
+                        ) -> UniAdmitted:
         context = self._hook_context(scope, False, "uni_websocket")
-        client_id = new_client_id()
-        try:
-            request = await self._first_request(receive)
-            identity, hooked = await self._identity(scope, request, context, client_id)
-        except _ConnectError as refused:
+        request = await self._first_request(receive)
+        identity, hooked = await self._identify(scope, cf.Command(id=1, connect=request),
+                                                context, client_id)
+        return UniAdmitted(identity, hooked, context, request)
+
+    async def refuse(self, refused: Refused, scope: dict[str, Any], send: ASGISend,
+                     receive: ASGIReceive) -> None:
+        if isinstance(refused, _ConnectError):
             # No reply to carry the error: closed as /connection/websocket closes a client
             # that did not act on it (3004 reconnect if temporary, else 3503).
-            node.metrics.disconnections.labels(close_code_label(CloseCode.UNAUTHORIZED)).inc()
             error = refused.reply.error
             code = cf.DisconnectCode.SERVER_ERROR if error is not None and error.temporary \
                 else cf.DisconnectCode.FORCE_NO_RECONNECT
             await close_socket(send, code, cf.reason_for(code))
-            return
-        except _Refused as refused:
-            node.metrics.disconnections.labels(close_code_label(refused.hub_code)).inc()
+        else:  # _Refused, or _Expired (3005 "token expired")
             await close_socket(send, refused.code, refused.reason)
-            return
-        except _Expired:
-            node.metrics.disconnections.labels(close_code_label(CloseCode.TOKEN_EXPIRED)).inc()
-            await close_socket(send, cf.DisconnectCode.EXPIRED, "token expired")
-            return
-        except Gone as gone:
-            node.metrics.protocol_errors.count_close(gone.code)
-            return
-        origin = Origin.of_scope(scope)
-        session = UniWebSocketSession(self.commands, self.write_path.outbound_for(send),
-                                      client_id, identity)
-        session.origin = origin
-        session.hook = context
-        await self.serve_session(session, request, None, receive, hooked)
+
+    def session(self, admitted: UniAdmitted, outbound: Outbound, client_id: str
+                ) -> UniSession:
+        session = UniWebSocketSession(self.commands, outbound, client_id, admitted.identity)
+        session.hook = admitted.context
+        return session
 
     async def _first_request(self, receive: ASGIReceive) -> cf.ConnectRequest:
         node = self.node

@@ -163,6 +163,21 @@ async def test_connection_past_the_limit_is_accepted_then_closed_1013() -> None:
         assert 'hub_disconnections_total{code="1013"} 1.0' in metrics
 
 
+async def test_connection_limit_closes_every_websocket_endpoint_at_once() -> None:
+    """One lifecycle for every WebSocket endpoint: a full node closes a Centrifugo client
+    (/connection/websocket and /connection/uni_websocket) with Centrifugo's 3001 as soon as it
+    is accepted, before its connect request, and counts it as /ws's refusal (1013)."""
+    async with running_node(make_settings(max_connections=1)) as node, node.api() as api, \
+            connect(node.ws_url, token("a")):
+        base = node.url.replace("http://", "ws://")
+        for path in ("/connection/websocket", "/connection/uni_websocket"):
+            async with websockets.connect(base + path, open_timeout=WAIT) as connection:
+                assert await Client(connection).closed() == 3001
+                assert connection.close_reason == "try again later"
+        metrics = (await api.get("/metrics")).text
+        assert 'hub_disconnections_total{code="1013"} 2.0' in metrics
+
+
 async def test_connection_limit_frees_a_place_when_one_leaves() -> None:
     async with running_node(make_settings(max_connections=2)) as node, node.api() as api, \
             connect(node.ws_url, token("a")):

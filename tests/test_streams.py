@@ -720,3 +720,28 @@ async def test_protobuf_emulation_bad_input(history_node: RunningNode) -> None:
             pass
         assert push.disconnect.code == 3501 and not push.disconnect.reconnect
     assert await metric(history_node, "hub_emulation_requests_total", outcome="bad_request") >= 5
+
+
+async def test_a_full_node_sends_every_stream_back_with_a_reconnect_hint() -> None:
+    """The lifecycle's admission on the stream transports: a node full (HUB_MAX_CONNECTIONS)
+    answers 200 with one disconnect push (3001, reconnect) and ends the stream, so an
+    EventSource or an SDK comes back (to another node); counted as /ws's refusal, 1013."""
+    settings = make_settings(namespaces=NAMESPACES, max_connections=1)
+    async with running_node(settings) as node, \
+            uni_stream(node.url, {"token": token("first")}) as first:
+        await first.next()
+        for sse in (True, False):
+            async with uni_stream(node.url, {"token": token("late")}, sse=sse) as late:
+                push = await late.next()
+                assert push["disconnect"] == {"code": 3001, "reason": "try again later",
+                                              "reconnect": True}
+                with pytest.raises(StopAsyncIteration):  # and the stream ends
+                    await late.next_raw()
+        connect = json.dumps({"id": 1, "connect": {"token": token("late")}})
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            emulated_late = await http.post(node.url + "/connection/http_stream",
+                                            content=connect)
+        assert emulated_late.status_code == 200
+        pushes = [json.loads(line) for line in emulated_late.text.splitlines() if line]
+        assert [p["push"]["disconnect"]["code"] for p in pushes] == [3001]
+        assert await metric(node, "hub_disconnections_total", code="1013") == 3
