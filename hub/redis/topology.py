@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeAlias, cast
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -24,6 +24,12 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from hub.redis.gate import CommandSlots, command_slots
+from hub.redis.patience import (
+    PatientConnection,
+    PatientSentinelConnection,
+    PatientSentinelSSLConnection,
+    PatientSSLConnection,
+)
 from hub.redis.url import Kind, RedisTarget, parse_redis_url
 
 log = logging.getLogger("hub.redis")
@@ -111,7 +117,7 @@ def create_server_client(url: str, *, max_connections: int = 64) -> RedisClient:
     target = parse_redis_url(url)
     [(host, port)] = target.nodes
     kwargs = target.connection_kwargs()
-    connection_class = SSLConnection if kwargs.pop("ssl", False) else Connection
+    connection_class = PatientSSLConnection if kwargs.pop("ssl", False) else PatientConnection
     client: RedisClient = Redis(
         connection_pool=ConnectionPool(
             connection_class=connection_class, host=host, port=port, db=target.db,
@@ -184,6 +190,8 @@ class SentinelTopology(ServerTopology):
         client: RedisClient = self._sentinel.master_for(
             target.master, db=target.db, protocol=2, max_connections=max_connections,
             retry=AsyncRetry(NoBackoff(), 0),
+            connection_class=PatientSentinelSSLConnection if target.tls
+            else PatientSentinelConnection,
         )
         super().__init__(client)
         self.db = target.db
