@@ -3,6 +3,7 @@
     url.py       HUB_REDIS_URL in its three forms (server, Cluster, Sentinel), checked once
     topology.py  where Redis is: the command client, the shards, pub/sub connections
     gate.py      how many commands run at once on one server (`CommandSlots`)
+    patience.py  a reply timeout that does not take a late event loop for a silent Redis
     links.py     the supervised pub/sub link to each shard and the command probe
     scripts.py   running Lua by SHA1, many scripts in one round trip
     history.py   a channel's history and publishing: its scripts and their arguments
