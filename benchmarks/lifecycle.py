@@ -108,7 +108,9 @@ async def drain_section(
         client.process.stdin.write(command)
         await client.process.stdin.drain()
     exits = await asyncio.gather(*(_exit_seconds(node, sent, within) for node in nodes))
-    reports = await asyncio.gather(*(client.report() for client in clients))
+    # Each client reports within `within` of the command: a margin for a busy machine.
+    reports = await asyncio.wait_for(
+        asyncio.gather(*(client.report() for client in clients)), within + 10)
     closes: dict[str, int] = {}
     for report in reports:
         for code, count in report["closes"].items():
