@@ -50,11 +50,12 @@ def checks_report(subscribers: list[Subscriber], state: ClientState) -> dict[str
     return report
 
 
-async def _drained(state: ClientState, within: float) -> None:
+async def _drained(state: ClientState, within: float, closes_before: dict[int, int],
+                   began: float) -> None:
     """Report once every connection ended (or `within` seconds passed): when the last one
-    did, how many are still open, and the close codes the server sent meanwhile."""
-    closes_before = dict(state.closes)
-    began = time.time()
+    did, how many are still open, and the close codes the server sent since `began` (when
+    this process reported `done`: the parent's SIGTERM may reach a node, and its first
+    closes this process, before the `drain` command does)."""
     if state.open:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.all_closed.wait(), within)
@@ -130,10 +131,11 @@ async def run_client(config: dict[str, Any]) -> int:
             "closes": {str(k): v for k, v in state.closes.items()}, "errors": state.errors,
             "cpu_seconds": round(time.process_time() - cpu_before, 3),
         })
+        done_at, closes_at_done = time.time(), dict(state.closes)
         # Stay connected while the parent takes its readings; `drain`: it SIGTERMed the nodes.
         command = json.loads(await _read_line() or '{"cmd": "quit"}')
         if command.get("cmd") == "drain":
-            await _drained(state, float(command["within"]))
+            await _drained(state, float(command["within"]), closes_at_done, done_at)
     for subscriber in subscribers:
         if subscriber.transport is not None:
             subscriber.transport.abort()
