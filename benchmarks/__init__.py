@@ -27,6 +27,8 @@ Modules:
   processes, and which hub the nodes run;
 - `redis_cluster`: a private Redis Cluster of N masters, formed without redis-cli;
 - `fdlimit`: RLIMIT_NOFILE, raised for every process a run starts;
+- `lifecycle`: connects/s, the idle window (`--idle`, the keepalive cost) and the drain on
+  SIGTERM (`--drain`), each with the machine's load average;
 - `procfs`: memory and CPU readings from /proc;
 - `httpclient`: the minimal HTTP/1.1 exchange the publisher and readiness checks use;
 - `publisher`: the HTTP publisher (concurrent, or `--ordered`: in `seq` order per channel);

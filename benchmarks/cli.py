@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait after subscribing before measuring RSS (1)")
     parser.add_argument("--hold", type=float, default=0,
                         help="seconds to wait before publishing, e.g. to attach a profiler")
+    parser.add_argument("--idle", type=float, default=0, metavar="SECONDS",
+                        help="hold the connections idle this long before publishing and "
+                        "report the nodes' CPU over it: the keepalive cost (0: skip)")
+    parser.add_argument("--drain", action="store_true",
+                        help="end by SIGTERM to the nodes with their own HUB_DRAIN_DELAY and "
+                        "HUB_DRAIN_SECONDS (defaults 1 and 10, else 0 and 0) and report the "
+                        "time to each node's exit and to the last connection closed")
+    parser.add_argument("--source-addresses", type=int, default=1, metavar="K",
+                        help="connect from 127.0.0.1 .. 127.0.0.K in turn: one source address "
+                        "has ~28,000 ephemeral ports towards a node (1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -88,6 +98,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         args.channels = args.subscribers
     if min(args.nodes, args.subscribers, args.messages, args.client_procs, args.channels) < 1:
         return "--nodes, --subscribers, --channels, --messages and --client-procs must be >= 1"
+    if args.idle < 0 or not 1 <= args.source_addresses <= 254:
+        return "--idle must be >= 0 and --source-addresses 1-254"
     if args.publishers < 1 or args.batch < 1 or args.sample < 0 or args.duration <= 0:
         return "--publishers and --batch must be >= 1, --sample >= 0, --duration > 0"
     if not 0 <= args.redis_cluster <= SLOTS:

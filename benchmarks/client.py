@@ -50,6 +50,22 @@ def checks_report(subscribers: list[Subscriber], state: ClientState) -> dict[str
     return report
 
 
+async def _drained(state: ClientState, within: float, closes_before: dict[int, int],
+                   began: float) -> None:
+    """Report once every connection ended (or `within` seconds passed): when the last one
+    did, how many are still open, and the close codes the server sent since `began` (when
+    this process reported `done`: the parent's SIGTERM may reach a node, and its first
+    closes this process, before the `drain` command does)."""
+    if state.open:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.all_closed.wait(), within)
+    closes = {str(code): count - closes_before.get(code, 0)
+              for code, count in state.closes.items() if count > closes_before.get(code, 0)}
+    last_closed = state.last_closed if state.last_closed >= began else None
+    _emit({"event": "drained", "open": state.open, "last_closed": last_closed,
+           "closes": closes})
+
+
 async def run_client(config: dict[str, Any]) -> int:
     """One client process: connect, subscribe, report `ready`, wait for `go`, count,
     report `done`. Commands come on stdin, reports go to stdout, one JSON line each."""
@@ -68,6 +84,9 @@ async def run_client(config: dict[str, Any]) -> int:
     ttl = float(config.get("ttl", 3600))
     personal = bool(config.get("personal"))
     kind = subscriber_class(str(config.get("protocol", "ws")), personal)
+    # One source address has ~28,000 ephemeral ports towards one node address: beyond that
+    # connection i comes from 127.0.0.(1 + i mod K).
+    sources = int(config.get("sources", 1))
 
     async def connect(index: int) -> None:
         host, port = targets[index % len(targets)]
@@ -78,7 +97,8 @@ async def run_client(config: dict[str, Any]) -> int:
                             messages_on(channel, messages, channels))
             subscribers.append(protocol)
             try:
-                await loop.create_connection(lambda: protocol, host, port)
+                local = (f"127.0.0.{1 + index % sources}", 0) if sources > 1 else None
+                await loop.create_connection(lambda: protocol, host, port, local_addr=local)
                 await asyncio.wait_for(protocol.ready, 30)
             except (OSError, TimeoutError) as exc:
                 state.error(f"{host}:{port}: {exc!r}")
@@ -87,9 +107,11 @@ async def run_client(config: dict[str, Any]) -> int:
 
     started = time.time()
     await asyncio.gather(*(connect(first + k) for k in range(count)))
+    finished = time.time()
     _emit({
         "event": "ready", "subscribed": state.subscribed, "failed": count - state.subscribed,
-        "seconds": round(time.time() - started, 3), "errors": state.errors,
+        "seconds": round(finished - started, 3), "started": started, "finished": finished,
+        "errors": state.errors,
     })
     command = json.loads(await _read_line() or '{"cmd": "quit"}')
     if command.get("cmd") == "go":
@@ -109,7 +131,11 @@ async def run_client(config: dict[str, Any]) -> int:
             "closes": {str(k): v for k, v in state.closes.items()}, "errors": state.errors,
             "cpu_seconds": round(time.process_time() - cpu_before, 3),
         })
-        await _read_line()  # stay connected while the parent takes its readings
+        done_at, closes_at_done = time.time(), dict(state.closes)
+        # Stay connected while the parent takes its readings; `drain`: it SIGTERMed the nodes.
+        command = json.loads(await _read_line() or '{"cmd": "quit"}')
+        if command.get("cmd") == "drain":
+            await _drained(state, float(command["within"]), closes_at_done, done_at)
     for subscriber in subscribers:
         if subscriber.transport is not None:
             subscriber.transport.abort()

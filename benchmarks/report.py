@@ -247,6 +247,7 @@ def human(result: dict[str, Any]) -> str:
         f"            clients {clients}; publisher {result['publisher_cpu_percent']}%; machine "
         f"{result.get('machine_busy_percent')}% busy of {result.get('cpus')} CPUs"
     )
+    lines.extend(_lifecycle_lines(result))
     if result["closes"] or result["client_errors"]:
         lines.append(f"closes      {result['closes']} errors {result['client_errors']}")
     redis = result.get("redis")
@@ -256,6 +257,40 @@ def human(result: dict[str, Any]) -> str:
     problems = result["failures"]
     lines.append(f"result      {'FAILED: ' + '; '.join(problems) if problems else 'OK'}")
     return "\n".join(lines)
+
+
+def _percents(values: list[float]) -> str:
+    return ", ".join(f"{v}%" for v in values)
+
+
+def _lifecycle_lines(result: dict[str, Any]) -> list[str]:
+    """Connects/s, the idle window (`--idle`) and the drain (`--drain`), each with the
+    machine's load average, since the machine may be shared."""
+    lines: list[str] = []
+    connect = result.get("connect")
+    if connect:
+        lines.append(
+            f"connect     {connect['connections']} in {connect['seconds']} s = "
+            f"{connect['per_second']:,.0f}/s; node CPU {connect['node_cpu_ms_per_connect']} "
+            f"ms per connect; machine {connect['window']['machine_busy_percent']}% busy, load "
+            f"{' -> '.join(connect['window']['loadavg'])}")
+    idle = result.get("idle")
+    if idle:
+        rss = ", ".join(f"{(kib or 0) / 1024:.1f} MiB" for kib in idle["node_rss_kib"])
+        lines.append(
+            f"idle        {idle['seconds']} s: nodes {_percents(idle['node_cpu_percent'])} "
+            f"of a core, clients {_percents(idle['client_cpu_percent'])}, machine "
+            f"{idle['machine_busy_percent']}% busy, load {' -> '.join(idle['loadavg'])}; "
+            f"node RSS after {rss}")
+    drain = result.get("drain")
+    if drain:
+        lines.append(
+            f"drain       SIGTERM -> node exit {drain['node_exit_seconds']} s, -> last "
+            f"connection closed {drain['last_closed_seconds']} s; still open "
+            f"{drain['still_open']}; closes {drain['closes']}")
+    if result.get("loadavg"):
+        lines.append(f"load        {result['loadavg']} (1, 5, 15 min) at the end")
+    return lines
 
 
 def _software(software: dict[str, Any]) -> str:

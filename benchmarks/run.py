@@ -23,6 +23,7 @@ from benchmarks.common import BenchError
 from benchmarks.fdlimit import raise_fd_limit, require_fds
 from benchmarks.httpclient import http_request
 from benchmarks.layout import node_of
+from benchmarks.lifecycle import Window, connect_section, drain_section, idle_section, loadavg
 from benchmarks.processes import (
     ClientProcess,
     NodeProcess,
@@ -68,9 +69,9 @@ def _bench_env(
         "HUB_API_KEY": api_key,
         "HUB_CONFIG": str(config),
         "HUB_LOG_LEVEL": env.get("HUB_LOG_LEVEL", "warning"),
-        "HUB_DRAIN_DELAY": "0",
-        "HUB_DRAIN_SECONDS": "0",
     })
+    if not args.drain:  # else the node's own (or the environment's) drain is measured
+        env.update({"HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "0"})
     env.pop("HUB_DEV", None)
     env.pop("HUB_REDIS_URL", None)
     if redis_url:
@@ -164,9 +165,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for index in range(args.subscribers):
             nodes[node_of(index, len(nodes))].connections += 1
 
+        connecting = Window(nodes, [])
         await _start_clients(args, nodes, env, workdir, clients)
         setup_timeout = 30 + args.subscribers / 100
         ready = await _gather_reports(clients, setup_timeout, "ready")
+        connected = connect_section(ready, connecting.stop())
         for client, report in zip(clients, ready, strict=True):
             client.ready = report
         subscribed = sum(int(r["subscribed"]) for r in ready)
@@ -176,6 +179,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.settle)
         for node in nodes:
             node.rss_connected = rss_kib(node.pid)
+        idle = await idle_section(nodes, clients, args.idle) if args.idle else None
         if args.hold:
             pids = " ".join(str(node.pid) for node in nodes)
             print(f"benchmarks: holding {args.hold:.0f} s before publishing; node pids {pids}",
@@ -222,10 +226,23 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         result["software"] = {"python": platform.python_version(), **software}
         result["machine_busy_percent"] = machine_busy
         result["cpus"] = os.cpu_count()
+        result["loadavg"] = loadavg()
+        result["connect"] = connected
+        if idle is not None:
+            result["idle"] = idle
+        if args.drain:
+            result["drain"] = await drain_section(nodes, clients, _drain_bound(env))
         return result
     finally:
         await _to_the_end(_stop_all(publishing, clients, started, redis_processes))
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _drain_bound(env: dict[str, str]) -> float:
+    """How long a drain may take before the run stops waiting: the node's drain deadline
+    (HUB_DRAIN_DELAY + HUB_DRAIN_SECONDS + 5 s, hub/server.py) and 10 s more."""
+    delay = float(env.get("HUB_DRAIN_DELAY", 1))
+    return delay + float(env.get("HUB_DRAIN_SECONDS", 10)) + 15
 
 
 async def _stop_all(
@@ -304,7 +321,7 @@ async def _start_clients(
             "targets": targets, "first": first, "count": count, "channels": args.channels,
             "messages": args.messages, "sample": args.sample, "protocol": client_protocol(args),
             "offsets": checks_offsets(args), "ordered": args.ordered,
-            "personal": args.personal,
+            "personal": args.personal, "sources": args.source_addresses,
             "ttl": 3600 + args.duration + 600,
         }
         clients.append(await start_client(config, env, workdir / f"client-{k}.log", count))

@@ -118,6 +118,8 @@ class ClientState:
         self.closes: dict[int, int] = {}
         self.errors: list[str] = []
         self.finished = asyncio.Event()
+        self.last_closed = 0.0  # when a connection last ended (the drain's end)
+        self.all_closed = asyncio.Event()  # set when the last open connection ended
 
     def check_finished(self) -> None:
         if self.expected is not None and (self.received >= self.expected or self.open == 0):
@@ -188,6 +190,9 @@ class Subscriber(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
         state.open -= 1
+        state.last_closed = time.time()
+        if not state.open:
+            state.all_closed.set()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"connection lost before subscribed: {exc}"))
         state.check_finished()

@@ -12,6 +12,7 @@ import urllib.parse
 
 import msgspec
 
+from hub import fdlimit
 from hub.settings import Settings, variables
 
 # Settings whose value is a secret: shown as set or unset, never as text.
@@ -81,6 +82,9 @@ def warnings(settings: Settings) -> list[str]:
         )
     if not settings.api_key:
         found.append("no HUB_API_KEY: every HTTP API call (/api/*) will be answered 403")
+    limit = fdlimit.problem(fdlimit.reachable(), settings.max_connections)
+    if limit:
+        found.append(limit)
     return found
 
 

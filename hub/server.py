@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from hub import fdlimit
 from hub.app import create_app
 from hub.deadline import http_protocol
 from hub.logs import configure, install_filters
@@ -108,6 +109,7 @@ def serve(settings: Settings) -> int:
         print(f"hub: refusing --dev on non-loopback address {settings.host}", file=sys.stderr)
         return 2
     log_config = configure(settings.log_level, settings.log_format, settings.node_id)
+    fdlimit.apply(settings.max_connections)
     config = uvicorn_config(create_app(settings), settings, log_config)
     server = HubServer(config, settings)
     try:

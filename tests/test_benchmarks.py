@@ -287,6 +287,9 @@ async def test_ordered_claims_wait_for_the_previous_message_of_their_channels() 
     (["--personal"], None),
     (["--personal", "--protocol", "centrifugo"], "no --batch, --protocol"),
     (["--personal", "--channels", "10", "--batch", "2"], "no --batch, --protocol"),
+    (["--idle", "60", "--drain", "--source-addresses", "4"], None),
+    (["--idle", "-1"], "--idle must be >= 0"),
+    (["--source-addresses", "0"], "--source-addresses 1-254"),
 ])
 def test_options(argv: list[str], problem: str | None) -> None:
     found = check_args(build_parser().parse_args(argv))
@@ -773,3 +776,29 @@ def test_every_benchmark_command_in_the_docs_parses() -> None:
             check_args(args)
             found += 1
     assert found >= 5
+
+
+def test_a_run_reports_connects_idle_cost_and_the_drain() -> None:
+    """A real run with `--idle` and `--drain`: the node's own drain (here 0 + 1 s) closes
+    every connection with 1012 and exits; connections come from two source addresses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env.update({"HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "1"})
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--subscribers", "40", "--messages", "3",
+         "--idle", "1", "--drain", "--source-addresses", "2", "--settle", "0", "--json"],
+        env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["received"] == 120 and not result["failures"]
+    assert result["connect"]["connections"] == 40 and result["connect"]["per_second"] > 0
+    assert result["idle"]["seconds"] >= 1 and len(result["idle"]["node_cpu_percent"]) == 1
+    drain = result["drain"]
+    assert drain["closes"] == {"1012": 40} and drain["still_open"] == 0
+    (exit_seconds,) = drain["node_exit_seconds"]
+    assert exit_seconds is not None and 0 < drain["last_closed_seconds"] <= exit_seconds

@@ -547,3 +547,51 @@ async def test_the_readmes_token_posts_in_the_readmes_chat(tmp_path: Path) -> No
             assert posted["type"] in {"published", "message"}, posted
             outside = await client.request({"type": "subscribe", "channel": "news"})
             assert outside["type"] == "error" and outside["code"] == "forbidden"
+
+
+# file descriptors: the node raises its own soft limit
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard) if hard != "unlimited" else -1
+    raise AssertionError("no Max open files line")
+
+
+def test_serve_raises_its_soft_fd_limit_to_the_hard_one_and_says_so() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    env = {**CLEAN_ENV, **BASE_ENV, "HUB_LOG_LEVEL": "info", "HUB_MAX_CONNECTIONS": str(hard),
+           "HUB_DRAIN_DELAY": "0", "HUB_DRAIN_SECONDS": "0"}
+    # Started as a runtime that leaves the soft limit at 1024 would start it.
+    with subprocess.Popen(
+        ["sh", "-c", 'ulimit -Sn 1024 && exec "$0" -m hub serve --port 0', sys.executable],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            assert LISTENING.match(process.stdout.readline().rstrip("\n"))
+            soft_now, hard_now = _open_files_limits(process.pid)
+            assert (soft_now, hard_now) == (hard, hard)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(WAIT + 5) == 0
+            log = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert f"file descriptor limit {hard} (hard {hard})" in log
+    # HUB_MAX_CONNECTIONS at the limit leaves no room for the node's own descriptors
+    assert f"HUB_MAX_CONNECTIONS={hard} but the file descriptor limit ({hard})" in log
+
+
+def test_fd_limit_problems() -> None:
+    from hub.fdlimit import RESERVE, problem
+
+    assert problem(20_000, 0) is None
+    assert problem(20_000, 20_000 - RESERVE) is None
+    assert "leaves room for about" in (problem(20_000, 20_000) or "")
+    assert "HUB_MAX_CONNECTIONS is unset" in (problem(1024, 0) or "")
+    assert problem(1024, 500) is None  # a limit the operator chose below the descriptors
