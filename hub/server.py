@@ -14,6 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from hub.app import create_app
+from hub.collector import tune_collector
 from hub.deadline import http_protocol
 from hub.logs import configure, install_filters
 from hub.node import node_of
@@ -109,6 +110,7 @@ def serve(settings: Settings) -> int:
         return 2
     log_config = configure(settings.log_level, settings.log_format, settings.node_id)
     config = uvicorn_config(create_app(settings), settings, log_config)
+    tune_collector()
     server = HubServer(config, settings)
     try:
         server.run()
