@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hub namespace's history_ttl in seconds (600)")
     parser.add_argument("--batch", type=int, default=1,
                         help="messages per request, on as many consecutive channels; > 1 uses "
-                        "/api/broadcast and needs --channels >= B (1)")
+                        "/api/batch (B publications, or sends with --personal) and needs "
+                        "--channels >= B (1)")
     parser.add_argument("--personal", action="store_true",
                         help="each subscriber on its own personal channel (@bench-i), messages "
                         "sent round-robin over the users with /api/send; --channels is then "
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> str | None:
     if args.personal:
-        if args.batch > 1 or args.protocol != "ws":
-            return "--personal sends one message per request over /ws: no --batch, --protocol"
+        if args.protocol != "ws":
+            return "--personal sends to users over /ws: no --protocol"
         args.channels = args.subscribers
     if min(args.nodes, args.subscribers, args.messages, args.client_procs, args.channels) < 1:
         return "--nodes, --subscribers, --channels, --messages and --client-procs must be >= 1"
@@ -122,9 +123,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         if problem:
             return problem
     if args.batch > args.channels:
-        # One broadcast carries one `data`, so one `seq`: it can serve B channels of one
-        # round, but not B messages of one channel.
-        return "--batch must be <= --channels (a broadcast sends one seq to B channels)"
+        # One batch's publications share one `data`, so one `seq`: it can serve B channels
+        # of one round, but not B messages of one channel.
+        return "--batch must be <= --channels (a batch sends one seq to B channels)"
     return None
 
 
@@ -133,8 +134,6 @@ def _peer_problem(args: argparse.Namespace) -> str | None:
         return f"--peer {args.peer} speaks its own protocol: leave out --protocol"
     if args.redis_cluster or (args.redis_url and not args.redis_url.startswith("redis://")):
         return f"--peer {args.peer} takes one Redis server (--redis-server or a redis:// URL)"
-    if args.batch > 1:
-        return f"--peer {args.peer} has no broadcast: --batch must be 1"
     return None
 
 

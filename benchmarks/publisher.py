@@ -17,9 +17,11 @@ still runs side by side.
 With `personal` (`--personal`) message *g* goes to user `bench-(g mod S)` through
 `/api/send` (S = the channels = the subscribers, each on its own personal channel).
 
-With `--batch B` one `/api/broadcast` carries one message to B consecutive channels of the
-same round (a claim never wraps from the last channel to the first), so the one `data` it
-carries has the right `seq` for each of them.
+With `--batch B` one `POST /api/batch` carries B publications (or, with `personal`, B sends)
+to B consecutive channels of the same round (a claim never wraps from the last channel to the
+first), so the one `data` they share has the right `seq` for each of them. Socket.IO's peer
+serves the same endpoint and body (`benchmarks/peers/socketio/server.mjs`), so both get one
+request and one response for B messages.
 """
 
 from __future__ import annotations
@@ -99,16 +101,25 @@ class Publishing:
 
     def request(self, claim: Claim) -> tuple[str, bytes]:
         data = self.data(claim.seq)
-        if self.personal:
-            user = user_name(claim.channel).encode()
-            return "/api/send", b'{"user":"' + user + b'","data":' + data + b"}"
         if claim.size == 1:
-            channel = channel_name(claim.channel, self.channels).encode()
-            return "/api/publish", b'{"channel":"' + channel + b'","data":' + data + b"}"
-        names = [channel_name(claim.channel + k, self.channels) for k in range(claim.size)]
-        return "/api/broadcast", b'{"channels":' + json.dumps(names).encode() + (
-            b',"data":' + data + b"}"
-        )
+            return self._single(claim.channel, data)
+        commands = b",".join(self._command(claim.channel + k, data) for k in range(claim.size))
+        return "/api/batch", b'{"commands":[' + commands + b"]}"
+
+    def _single(self, channel: int, data: bytes) -> tuple[str, bytes]:
+        if self.personal:
+            user = user_name(channel).encode()
+            return "/api/send", b'{"user":"' + user + b'","data":' + data + b"}"
+        name = channel_name(channel, self.channels).encode()
+        return "/api/publish", b'{"channel":"' + name + b'","data":' + data + b"}"
+
+    def _command(self, channel: int, data: bytes) -> bytes:
+        """One command of `/api/batch`: the body of `_single`'s call under its name."""
+        if self.personal:
+            user = user_name(channel).encode()
+            return b'{"send":{"user":"' + user + b'","data":' + data + b"}}"
+        name = channel_name(channel, self.channels).encode()
+        return b'{"publish":{"channel":"' + name + b'","data":' + data + b"}}"
 
     def record(self, claim: Claim, status: int, reply: bytes) -> None:
         """Count what the answer says was published, per channel."""
@@ -118,14 +129,14 @@ class Publishing:
         if claim.size == 1:
             self.published_on[claim.channel] += 1
             return
-        results: list[dict[str, Any]] = json.loads(reply).get("results", [])
-        for offset, result in enumerate(results[: claim.size]):
+        replies: list[dict[str, Any]] = json.loads(reply).get("replies", [])
+        for offset, result in enumerate(replies[: claim.size]):
             if "error" in result:
                 self.fail(1, f"{status} {json.dumps(result)[:200]}")
             else:
                 self.published_on[claim.channel + offset] += 1
-        if len(results) < claim.size:
-            self.fail(claim.size - len(results), f"{status} {reply[:200]!r}")
+        if len(replies) < claim.size:
+            self.fail(claim.size - len(replies), f"{status} {reply[:200]!r}")
 
     def fail(self, count: int, sample: str) -> None:
         self.errors += count

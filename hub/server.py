@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from hub import fdlimit
 from hub.app import create_app
+from hub.collector import tune_collector
 from hub.deadline import http_protocol
 from hub.logs import configure, install_filters
 from hub.node import node_of
@@ -111,6 +112,7 @@ def serve(settings: Settings) -> int:
     log_config = configure(settings.log_level, settings.log_format, settings.node_id)
     fdlimit.apply(settings.max_connections)
     config = uvicorn_config(create_app(settings), settings, log_config)
+    tune_collector()
     server = HubServer(config, settings)
     try:
         server.run()

@@ -213,6 +213,10 @@ async def test_personal_channels_one_subscriber_each_and_sends_to_users() -> Non
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     path, body = job.request(Claim(3, 3, 1, 0, [], done))
     assert path == "/api/send" and body.startswith(b'{"user":"bench-3","data":{"seq":0,')
+    path, body = job.request(Claim(2, 2, 2, 0, [], done))
+    assert path == "/api/batch"
+    assert [command["send"]["user"] for command in json.loads(body)["commands"]] == [
+        "bench-2", "bench-3"]
 
 
 def test_messages_round_robin_over_channels() -> None:
@@ -249,12 +253,12 @@ async def test_ordered_claims_wait_for_the_previous_message_of_their_channels() 
     assert claims[3].after == [claims[1].done]
     assert claims[4].after == [claims[2].done]
     path, body = job.request(claims[0])
-    assert path == "/api/broadcast"
-    sent = json.loads(body)
-    assert sent["channels"] == ["bench:fanout.0", "bench:fanout.1"]
-    assert sent["data"]["seq"] == 0 and len(json.dumps(sent["data"])) >= 90
-    job.record(claims[0], 200, b'{"results":[{"channel":"bench:fanout.0"},'
-                               b'{"channel":"bench:fanout.1","error":{"code":"x"}}]}')
+    assert path == "/api/batch"
+    sent = [command["publish"] for command in json.loads(body)["commands"]]
+    assert [command["channel"] for command in sent] == ["bench:fanout.0", "bench:fanout.1"]
+    assert sent[0]["data"]["seq"] == 0 and len(json.dumps(sent[0]["data"])) >= 90
+    job.record(claims[0], 200, b'{"replies":[{"publish":{"offset":1}},'
+                               b'{"error":{"code":"x"}}]}')
     assert job.published_on == [1, 0, 0] and job.errors == 1
     for claim in claims:
         claim.done.set_result(None)
@@ -283,10 +287,10 @@ async def test_ordered_claims_wait_for_the_previous_message_of_their_channels() 
     (["--peer", "socketio", "--protocol", "centrifugo"], "leave out --protocol"),
     (["--peer", "socketio", "--nodes", "2", "--redis-cluster", "3"], "one Redis server"),
     (["--peer", "socketio", "--redis-url", "redis+cluster://h:1"], "one Redis server"),
-    (["--peer", "socketio", "--channels", "2", "--batch", "2"], "no broadcast"),
+    (["--peer", "socketio", "--channels", "2", "--batch", "2"], None),
     (["--personal"], None),
-    (["--personal", "--protocol", "centrifugo"], "no --batch, --protocol"),
-    (["--personal", "--channels", "10", "--batch", "2"], "no --batch, --protocol"),
+    (["--personal", "--protocol", "centrifugo"], "no --protocol"),
+    (["--personal", "--channels", "10", "--batch", "2"], None),
     (["--idle", "60", "--drain", "--source-addresses", "4"], None),
     (["--idle", "-1"], "--idle must be >= 0"),
     (["--source-addresses", "0"], "--source-addresses 1-254"),

@@ -6,7 +6,10 @@
 // get what is published from then on); `POST /api/publish {"channel", "data"}` emits
 // `message` with `data` to the room, on every node through the adapter (Redis pub/sub), and
 // answers `{}` with a Content-Length (a keep-alive client then needs no chunked parsing);
-// `POST /api/send {"user", "data"}` does the same to the room `@<user>`.
+// `POST /api/send {"user", "data"}` does the same to the room `@<user>`; `POST /api/batch
+// {"commands": [{"publish": {"channel", "data"}} | {"send": {"user", "data"}}, ...]}` (the
+// hub's body) emits each in order and answers `{"replies": [{}, ...]}`, one per command, so
+// the benchmark's `--batch` costs both one request and one response for B messages.
 // Prints `listening PORT` once it serves.
 import http from "node:http";
 import { Server } from "socket.io";
@@ -37,6 +40,23 @@ const server = http.createServer((request, response) => {
       io.to(`@${user}`).emit("message", data);
       response.writeHead(200, { "content-type": "application/json", "content-length": 2 });
       response.end("{}");
+    });
+    return;
+  }
+  if (request.method === "POST" && request.url === "/api/batch") {
+    const chunks = [];
+    request.on("data", (chunk) => chunks.push(chunk));
+    request.on("end", () => {
+      const { commands } = JSON.parse(Buffer.concat(chunks).toString());
+      for (const { publish, send } of commands) {
+        if (publish) io.to(publish.channel).emit("message", publish.data);
+        else io.to(`@${send.user}`).emit("message", send.data);
+      }
+      const body = `{"replies":[${Array(commands.length).fill("{}").join(",")}]}`;
+      response.writeHead(200, {
+        "content-type": "application/json", "content-length": Buffer.byteLength(body),
+      });
+      response.end(body);
     });
     return;
   }
