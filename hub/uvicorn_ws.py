@@ -5,8 +5,12 @@ with a fourth) for what it hands the app, and an `asyncio.Event` (a fifth deque)
 control: about 3.7 KiB before a single frame. Here both are replaced by objects with the
 same methods that hold a list or a future only while one is in use. Its attributes live in
 slots, and its protocol pings run on one timer per node (`Keepalive`) instead of a timer per
-connection. An empty `Sec-WebSocket-Protocol` header counts as none. Nothing else of uvicorn
-changes. `server.uvicorn_config` uses `lean_protocol`.
+connection: one constant empty ping frame, whose lone pong is read without websockets'
+parser. `receive` is a future rather than a coroutine (no frames of its own in the
+connection's task), and once the connection is accepted and authenticated
+(`release_handshake`) the scope, the address tuples and websockets' handshake parser go.
+An empty `Sec-WebSocket-Protocol` header counts as none. Nothing else of uvicorn changes.
+`server.uvicorn_config` uses `lean_protocol`.
 """
 
 from __future__ import annotations
