@@ -3,11 +3,13 @@ carried by the app; the lifespan starts and stops the node."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -50,6 +52,7 @@ from hub.wire import WritePath
 
 log = logging.getLogger("hub.app")
 WEBSOCKET_PATH = "/ws"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def create_backends(settings: Settings) -> tuple[Broker, Presence, LedgerFactory | None]:
@@ -72,6 +75,14 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def _says_coroutine_function(function: _F) -> _F:
+    mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12
+    if mark is not None:
+        return mark(function)  # type: ignore[no-any-return]
+    function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return function
+
+
 class HubApp(Starlette):
     """The node's Starlette app, which hands its WebSocket paths (`/ws`,
     `/connection/websocket`) straight to their endpoints, before any middleware: they get
@@ -87,9 +98,22 @@ class HubApp(Starlette):
     # every error themselves (`endpoints.api`).
     shortcuts: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+    def __call__(self, scope: Scope, receive: Receive, send: Send
+                 ) -> Coroutine[Any, Any, None]:
+        """A WebSocket endpoint's own coroutine is what the server awaits: no frame of this
+        call stays in each connection's chain for its whole life (memory per connection)."""
+        if scope["type"] == "websocket":
+            endpoint = self.sockets.get(route_path(scope))
+            if endpoint is not None:
+                return endpoint(scope, receive, send)  # type: ignore[arg-type]
+        return self._serve(scope, receive, send)
+
+    # Servers tell ASGI 3 from 2 by "is `__call__` a coroutine function", which this plain
+    # function returning one is not: it says so (`hub.server` names the interface too).
+    __call__ = _says_coroutine_function(__call__)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
             handler = self.shortcuts.get((scope["method"], route_path(scope)))
             if handler is not None:
                 scope["app"] = self
@@ -99,11 +123,6 @@ class HubApp(Starlette):
             stream = self.streams.get(route_path(scope))
             if stream is not None:
                 await stream(scope, receive, send)
-                return
-        elif kind == "websocket":
-            endpoint = self.sockets.get(route_path(scope))
-            if endpoint is not None:
-                await endpoint(scope, receive, send)  # type: ignore[arg-type]
                 return
         await super().__call__(scope, receive, send)
 

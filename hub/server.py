@@ -19,6 +19,7 @@ from hub.collector import tune_collector
 from hub.deadline import http_protocol
 from hub.logs import configure, install_filters
 from hub.node import node_of
+from hub.proxy_headers import LeanConfig
 from hub.settings import Settings
 from hub.uvicorn_ws import lean_protocol
 
@@ -84,7 +85,7 @@ def uvicorn_config(
 ) -> uvicorn.Config:
     """uvicorn's configuration for a node's app; it also puts the filter of client noise on
     uvicorn's logger (after uvicorn set up its logging, which this call makes it do)."""
-    config = uvicorn.Config(
+    config = LeanConfig(
         app,
         host=settings.host,
         port=settings.port,
@@ -100,6 +101,7 @@ def uvicorn_config(
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(EXIT_GRACE_SECONDS),
         server_header=False,
+        interface="asgi3",  # HubApp.__call__ returns its endpoints' coroutines
     )
     install_filters()
     return config

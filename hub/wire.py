@@ -218,6 +218,9 @@ class DirectOutbound:
                 if key in scope:
                     scope[key] = value
             scope.pop("extensions", None)
+        lighten = getattr(protocol, "release_handshake", None)  # hub.uvicorn_ws's: more
+        if callable(lighten):
+            lighten()
 
 
 # What DirectOutbound reads of uvicorn's protocol object, and what it lets go of.

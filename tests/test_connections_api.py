@@ -214,3 +214,26 @@ async def test_history_removal_for_the_page(node: RunningNode) -> None:
     namespaces = (await node.http.get("/api/namespaces")).json()["namespaces"]
     assert namespaces["feed"]["history_size"] == 100 and namespaces["chat"]["presence"]
     assert "default" in namespaces
+
+
+async def test_a_connection_through_a_trusted_proxy_is_listed_with_its_clients_address(
+) -> None:
+    """uvicorn's X-Forwarded-For handling (from 127.0.0.1, trusted by default) runs flat
+    (`hub.proxy_headers`: no frame of its own in each connection's chain) and still gives
+    the connection the client's address."""
+    from hub.proxy_headers import FlatProxyHeaders
+
+    settings = make_settings(namespaces=NAMESPACES, node_id="proxied")
+    async with running_node(settings) as node:
+        assert isinstance(node.server.config.loaded_app, FlatProxyHeaders)
+        connection = await websockets.connect(
+            node.ws_url, additional_headers={"Authorization": f"Bearer {token('carol')}",
+                                             "X-Forwarded-For": "203.0.113.7"},
+            open_timeout=WAIT)
+        try:
+            client = Client(connection)
+            client.welcome = await client.expect("welcome")
+            (listed,) = (await listing(node, user="carol"))["connections"]
+            assert listed["remote"].startswith("203.0.113.7:")
+        finally:
+            await connection.close()

@@ -422,6 +422,25 @@ async def test_protocol_pings_come_every_interval_and_an_answer_keeps_the_connec
         raw.close()
 
 
+async def test_a_pong_read_with_a_command_counts_and_the_command_is_answered() -> None:
+    """The node reads a lone empty pong without websockets' parser; one that shares its read
+    with a frame, or one with a payload the (empty) ping did not carry, goes the long way:
+    the first answers the ping, the second does not."""
+    interval = 0.3
+    async with running_node(make_settings(ping_interval=interval)) as running:
+        raw = await authenticated(running)
+        for number in range(1, 4):
+            opcode, payload = await raw.read_frame()
+            assert (opcode, payload) == (PING, b"")  # the same two bytes for everyone
+            raw.send(frame(PONG) + text(f'{{"type":"ping","id":{number}}}'))
+            assert json.loads(await raw.next_text())["type"] == "pong"
+        assert await raw.read_frame() == (PING, b"")
+        raw.send(frame(PONG, b"late"))  # not this ping's answer
+        started = time.monotonic()
+        assert await raw.closed(timeout=WAIT) == 1011
+        assert time.monotonic() - started < interval + 0.25
+
+
 async def test_a_connection_that_answers_no_ping_is_closed_within_two_intervals() -> None:
     interval = 0.3
     async with running_node(make_settings(ping_interval=interval)) as running:

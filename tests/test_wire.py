@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import websockets.frames
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol
 from websockets.streams import StreamReader
 
 import hub.wire
@@ -80,8 +81,10 @@ async def test_uvicorns_websocket_protocol_keeps_its_state_in_slots(node: Runnin
         # and what it keeps of the handshake is let go (the token in the query string too)
         released: Any = protocol  # uvicorn types them as never None
         assert (released.request, released.response) == (None, None)
-        scope = released.scope
-        assert (scope["headers"], scope["query_string"], "extensions" in scope) == ((), b"", False)
+        assert released.scope == {}  # nothing reads it after the accept
+        assert (released.client, released.server) == (None, None)
+        # websockets' handshake parser (which holds the request) gave way to the frames'
+        assert released.conn.parser.gi_code is Protocol.parse.__code__
 
 
 async def test_a_websocket_lets_go_of_its_http_protocol_once_upgraded(node: RunningNode) -> None:
