@@ -75,6 +75,7 @@ class Hub:
         # A user's one connection, or the set of them: most users have one, and a set costs
         # a connection 216 bytes at least.
         self.sessions_by_user: dict[str, Connection | set[Connection]] = {}
+        self._users: frozenset[str] | None = None  # `users()` until a user comes or goes
         # Told of a user's first connection here (True) and of its last gone (events).
         self.on_user: Callable[[str, bool], None] | None = None
 
@@ -83,6 +84,7 @@ class Hub:
         found = self.sessions_by_user.get(session.user)
         if found is None:
             self.sessions_by_user[session.user] = session
+            self._users = None
             if self.on_user is not None:
                 self.on_user(session.user, True)
         elif isinstance(found, set):
@@ -95,12 +97,20 @@ class Hub:
         found = self.sessions_by_user.get(session.user)
         if found is session:
             del self.sessions_by_user[session.user]
+            self._users = None
             if self.on_user is not None:
                 self.on_user(session.user, False)
         elif isinstance(found, set):
             found.discard(session)
             if len(found) == 1:
                 self.sessions_by_user[session.user] = found.pop()
+
+    def users(self) -> frozenset[str]:
+        """The users connected here; built again only after one came or went (the presence
+        heartbeat asks every few seconds)."""
+        if self._users is None:
+            self._users = frozenset(self.sessions_by_user)
+        return self._users
 
     def count_speaking(self, protocol: str) -> int:
         """Connections whose wire protocol is `protocol` (a scrape's work, not the hot path)."""

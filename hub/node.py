@@ -411,5 +411,5 @@ class Node:
             delivered=self.metrics.delivered_count(),
             accepted=self.metrics.accepted_count(),
         )
-        return NodeSnapshot(stats, subscriptions.channel_counts(), frozenset(hub.sessions_by_user))
+        return NodeSnapshot(stats, subscriptions.channel_counts(), hub.users())
 

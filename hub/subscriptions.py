@@ -289,6 +289,11 @@ class Subscriptions:
         self.refiller: Refiller[Hold] = Refiller(broker, self)
         self.subscription_count = 0  # members, personal channels left out
         self.channel_count = 0  # channels with a member, personal channels left out
+        # `channel_counts()` as last built; None once a shared channel's membership changed.
+        # A heartbeat then walks the channels only when something changed: on an idle node
+        # of 100,000 connections that walk (every personal channel looked at) was a fifth
+        # of its CPU.
+        self._counts: dict[str, int] | None = None
         self.watchers: list[MembershipWatcher] = []
 
     # reading
@@ -330,11 +335,15 @@ class Subscriptions:
                 yield name, channel.members()
 
     def channel_counts(self) -> dict[str, int]:
-        return {
-            name: channel.size
-            for name, channel in self._channels.items()
-            if channel.size and not is_personal(name)
-        }
+        """Members per shared channel (personal channels left out); the same dict until
+        membership changes, so callers must not change it."""
+        if self._counts is None:
+            self._counts = {
+                name: channel.size
+                for name, channel in self._channels.items()
+                if channel.size and not is_personal(name)
+            }
+        return self._counts
 
     # joining and leaving
 
@@ -483,6 +492,7 @@ class Subscriptions:
         """Every change of membership passes here (the one place that counts it)."""
         channel.size += change
         if not is_personal(channel.name):
+            self._counts = None
             self.subscription_count += change
             if channel.size == (1 if change > 0 else 0):
                 self.channel_count += change
