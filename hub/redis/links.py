@@ -35,6 +35,7 @@ from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from hub.errors import BrokerUnavailable
 from hub.incident import Incident
+from hub.redis.patience import LATE, LATE_RETRIES, PatientTimeout
 from hub.redis.topology import REDIS_ERRORS
 from hub.tasks import cancel
 
@@ -44,11 +45,10 @@ PROBE_INTERVAL = 0.25  # a silent link is pinged this often
 PROBE_TIMEOUT = 0.5  # a probe (PING, or connect and TIME) unanswered this long: down
 UNREACHABLE_RETRY = 0.05  # a server that could not be reached is tried again this soon
 STILL_SERVES_SECONDS = 2.5  # how often a silent link asks whether its server is the master
-# A wait that ended this much later than it should have: the event loop was held up (a busy
-# or starved process), and an answer that arrived meanwhile is still unread. Silence then
-# proves nothing: the probe is made again, at most `LATE_RETRIES` times in a row.
-LATE = 0.1
-LATE_RETRIES = 3
+# A wait that ended more than `LATE` later than it should have: the event loop was held up
+# (a busy or starved process), and an answer that arrived meanwhile is still unread. Silence
+# then proves nothing: the probe is made again, at most `LATE_RETRIES` times in a row (the
+# same rule as `hub.redis.patience` for command replies).
 _BATCH = 1000  # topics per (S)SUBSCRIBE command
 _READ_BATCH = 1000  # replies taken at once from what has arrived
 # Answers of a Cluster whose shards are changing under the link.
@@ -160,7 +160,8 @@ class Link:
         if waiter is None:
             return
         try:
-            confirmed = await asyncio.wait_for(asyncio.shield(waiter), self._timeout)
+            async with PatientTimeout(self._timeout):  # a late loop is not a silent Redis
+                confirmed = await asyncio.shield(waiter)
         except TimeoutError:
             confirmed = False
         if not confirmed:
